@@ -1,1 +1,35 @@
-pub fn _x(){}
+#![doc = include_str!("../docs/crate.md")]
+#![warn(missing_docs)]
+
+mod backend;
+mod builder;
+mod builtin;
+pub mod command;
+mod config;
+mod connection;
+mod error;
+mod heartbeat;
+mod layer;
+mod mesh;
+mod metadata;
+mod protocol;
+mod upgrade;
+
+#[cfg(feature = "client")]
+pub mod client;
+
+/// Handler arguments: everything a command handler can ask for.
+pub mod extract {
+    pub use crate::command::{Extension, FromCommandRequest, Payload, State};
+    pub use crate::connection::Connection;
+    pub use crate::mesh::Mesh;
+}
+
+pub use backend::MemoryBackend;
+pub use builder::MeshBuilder;
+pub use command::{from_fn, CommandRequest, CommandService, Next};
+pub use connection::{CloseReason, Connection, SendError};
+pub use error::{BoxError, CommandError, MeshError};
+pub use layer::{MeshBody, MeshFuture, MeshLayer, MeshService};
+pub use mesh::{Mesh, MeshStats};
+pub use metadata::MergeStrategy;

@@ -1,0 +1,307 @@
+//! `MeshBuilder`: commands, layers, hooks and settings, turned into a `(MeshLayer, Mesh)` pair.
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::{watch, OnceCell};
+use tower::util::BoxCloneSyncService;
+use tower::{Layer, Service, ServiceExt};
+
+use crate::backend::{Backend, MemoryBackend};
+use crate::command::{handler_service, CommandRequest, CommandService, Handler};
+use crate::config::MeshConfig;
+use crate::connection::{Connection, Registry};
+use crate::error::BoxError;
+use crate::layer::MeshLayer;
+use crate::mesh::{Mesh, MeshInner, OnConnect, OnDisconnect};
+
+type BoxLayer = Arc<dyn Fn(CommandService) -> CommandService + Send + Sync>;
+
+/// Configures a mesh. Start with [`Mesh::builder`], finish with [`MeshBuilder::build`].
+///
+/// Middleware order: global layers ([`layer`](Self::layer)) run first, in the order they
+/// were added, then the command's own layers ([`command_layer`](Self::command_layer)), then
+/// the handler. Global layers wrap the built-in `mesh/*` commands too; unknown commands
+/// are answered `ENOTFOUND` before any layer runs.
+#[must_use = "a builder does nothing until build() is called"]
+pub struct MeshBuilder {
+    config: MeshConfig,
+    commands: HashMap<String, CommandService>,
+    command_layers: HashMap<String, Vec<BoxLayer>>,
+    global_layers: Vec<BoxLayer>,
+    on_connect: Option<OnConnect>,
+    on_disconnect: Option<OnDisconnect>,
+    state: http::Extensions,
+    backend: Option<Arc<dyn Backend>>,
+}
+
+impl Default for MeshBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for MeshBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshBuilder")
+            .field("config", &self.config)
+            .field("commands", &self.commands.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+fn box_layer<L>(layer: L) -> BoxLayer
+where
+    L: Layer<CommandService> + Send + Sync + 'static,
+    L::Service: Service<CommandRequest, Response = Value> + Clone + Send + Sync + 'static,
+    <L::Service as Service<CommandRequest>>::Error: Into<BoxError>,
+    <L::Service as Service<CommandRequest>>::Future: Send + 'static,
+{
+    Arc::new(move |inner| BoxCloneSyncService::new(layer.layer(inner).map_err(Into::into)))
+}
+
+impl MeshBuilder {
+    /// A builder with the defaults: in-memory backend, path `/`, mesh's timing defaults.
+    pub fn new() -> Self {
+        MeshBuilder {
+            config: MeshConfig::default(),
+            commands: HashMap::new(),
+            command_layers: HashMap::new(),
+            global_layers: Vec::new(),
+            on_connect: None,
+            on_disconnect: None,
+            state: http::Extensions::new(),
+            backend: None,
+        }
+    }
+
+    /// Registers an async function as the handler of `name`. Its arguments are
+    /// extractors ([`Payload`](crate::extract::Payload), [`Connection`],
+    /// [`Extension`](crate::extract::Extension), [`State`](crate::extract::State),
+    /// [`Mesh`]); it returns a [`serde_json::Value`], `()`, or a `Result` of something
+    /// serialisable.
+    pub fn command<H, T>(self, name: impl Into<String>, handler: H) -> Self
+    where
+        H: Handler<T>,
+        T: 'static,
+    {
+        self.command_service(name, handler_service(handler))
+    }
+
+    /// Registers any tower service as the handler of `name`. A later registration of the
+    /// same name replaces the earlier one, built-in `mesh/*` commands included.
+    pub fn command_service<S>(mut self, name: impl Into<String>, service: S) -> Self
+    where
+        S: Service<CommandRequest, Response = Value> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        self.commands.insert(
+            name.into(),
+            BoxCloneSyncService::new(service.map_err(Into::into)),
+        );
+        self
+    }
+
+    /// Adds a global middleware layer: it wraps every command, built-ins included.
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: Layer<CommandService> + Send + Sync + 'static,
+        L::Service: Service<CommandRequest, Response = Value> + Clone + Send + Sync + 'static,
+        <L::Service as Service<CommandRequest>>::Error: Into<BoxError>,
+        <L::Service as Service<CommandRequest>>::Future: Send + 'static,
+    {
+        self.global_layers.push(box_layer(layer));
+        self
+    }
+
+    /// Adds a layer around one command (registered or built-in), inside the global layers.
+    pub fn command_layer<L>(mut self, name: impl Into<String>, layer: L) -> Self
+    where
+        L: Layer<CommandService> + Send + Sync + 'static,
+        L::Service: Service<CommandRequest, Response = Value> + Clone + Send + Sync + 'static,
+        <L::Service as Service<CommandRequest>>::Error: Into<BoxError>,
+        <L::Service as Service<CommandRequest>>::Future: Send + 'static,
+    {
+        self.command_layers
+            .entry(name.into())
+            .or_default()
+            .push(box_layer(layer));
+        self
+    }
+
+    /// Shared state for the [`State`](crate::extract::State) extractor, one value per type.
+    pub fn state<T: Clone + Send + Sync + 'static>(mut self, state: T) -> Self {
+        self.state.insert(state);
+        self
+    }
+
+    /// Runs when a connection is registered, before it gets its id and before any of its
+    /// commands: it sees the upgrade request through the [`Connection`] and may set
+    /// metadata through the `Mesh`. An `Err` refuses the connection: it is closed with code
+    /// 1008 and the error's text as reason, and `on_disconnect` does not run for it.
+    pub fn on_connect<F, Fut, E>(mut self, hook: F) -> Self
+    where
+        F: Fn(Connection) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Display,
+    {
+        self.on_connect = Some(Arc::new(move |connection| {
+            let fut = hook(connection);
+            Box::pin(async move { fut.await.map_err(|err| err.to_string()) })
+        }));
+        self
+    }
+
+    /// Runs once for every accepted connection when it ends, whatever ended it (the
+    /// client, the network, a missed pong, a slow-consumer close, shutdown).
+    pub fn on_disconnect<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: Fn(Connection) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.on_disconnect = Some(Arc::new(move |connection| Box::pin(hook(connection))));
+        self
+    }
+
+    /// Uses this in-memory backend; clones of one `MemoryBackend` given to several
+    /// builders make their meshes one. Default: a private in-memory backend.
+    pub fn memory_backend(mut self, backend: MemoryBackend) -> Self {
+        self.backend = Some(Arc::new(backend));
+        self
+    }
+
+    /// The path the WebSocket endpoint answers on. Default `/`.
+    pub fn path(mut self, path: impl Into<String>) -> Self {
+        self.config.path = path.into();
+        self
+    }
+
+    /// Interval between pings. Default 30 s.
+    pub fn ping_interval(mut self, interval: Duration) -> Self {
+        self.config.ping_interval = interval;
+        self
+    }
+
+    /// Consecutive unanswered pings tolerated; one more closes the connection. Default 1.
+    pub fn max_missed_pongs(mut self, missed: u32) -> Self {
+        self.config.max_missed_pongs = missed;
+        self
+    }
+
+    /// Interval between latency probes. Default 5 s.
+    pub fn latency_interval(mut self, interval: Duration) -> Self {
+        self.config.latency_interval = interval;
+        self
+    }
+
+    /// Largest inbound frame in bytes; a larger one closes the connection with code 1009.
+    /// Default 1 MiB.
+    pub fn max_frame_size(mut self, bytes: usize) -> Self {
+        self.config.max_frame_bytes = bytes;
+        self
+    }
+
+    /// Outbound queue budget per connection in bytes; a connection that lets more pile up
+    /// is closed with code 1008. Default 1 MiB.
+    pub fn max_outbound_bytes(mut self, bytes: usize) -> Self {
+        self.config.max_outbound_bytes = bytes;
+        self
+    }
+
+    /// Commands of one connection that may run at once; beyond it the connection is not
+    /// read until one finishes. Default 64.
+    pub fn max_in_flight(mut self, commands: usize) -> Self {
+        self.config.max_in_flight = commands.max(1);
+        self
+    }
+
+    /// Socket read buffer per connection in bytes. Default 4 KiB (idle connections stay small).
+    pub fn read_buffer_size(mut self, bytes: usize) -> Self {
+        self.config.read_buffer_bytes = bytes;
+        self
+    }
+
+    /// Bytes gathered before a socket write, per connection. Default 16 KiB.
+    pub fn write_buffer_size(mut self, bytes: usize) -> Self {
+        self.config.write_buffer_bytes = bytes;
+        self
+    }
+
+    /// Longest [`Mesh::shutdown`] waits for connections to finish. Default 10 s.
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.config.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Lets any connection read any other's metadata with
+    /// `mesh/get-connection-metadata`, as mesh does. Default `false`: a connection reads
+    /// only its own (PROTOCOL.md §9).
+    pub fn open_connection_metadata(mut self, open: bool) -> Self {
+        self.config.open_connection_metadata = open;
+        self
+    }
+
+    /// Builds the mesh: the layer to mount and the handle for the server-side API.
+    ///
+    /// Nothing is started until the first connection arrives or the handle is first used,
+    /// so this may run outside a Tokio runtime.
+    pub fn build(self) -> (MeshLayer, Mesh) {
+        let MeshBuilder {
+            config,
+            commands: user_commands,
+            mut command_layers,
+            global_layers,
+            on_connect,
+            on_disconnect,
+            state,
+            backend,
+        } = self;
+        let mut commands: HashMap<String, CommandService> = crate::builtin::commands();
+        commands.extend(user_commands);
+        let commands = commands
+            .into_iter()
+            .map(|(name, mut service)| {
+                // First-added layers end up outermost, so they run first.
+                for layer in command_layers
+                    .remove(&name)
+                    .unwrap_or_default()
+                    .iter()
+                    .rev()
+                {
+                    service = layer(service);
+                }
+                for layer in global_layers.iter().rev() {
+                    service = layer(service);
+                }
+                (Arc::<str>::from(name), service)
+            })
+            .collect();
+        for name in command_layers.keys() {
+            tracing::warn!(command = %name, "a command layer was added for a command that does not exist");
+        }
+        let instance_id: Arc<str> = Arc::from(uuid::Uuid::new_v4().simple().to_string());
+        let mesh = Mesh::from_inner(MeshInner {
+            instance_id,
+            config,
+            commands,
+            backend: backend.unwrap_or_else(|| Arc::new(MemoryBackend::new())),
+            registry: Arc::new(Registry::default()),
+            on_connect,
+            on_disconnect,
+            state,
+            attached: OnceCell::new(),
+            heartbeat_started: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
+            live_connections: watch::channel(0).0,
+            next_connection: AtomicU64::new(1),
+            stats: Default::default(),
+        });
+        (MeshLayer::new(mesh.clone()), mesh)
+    }
+}

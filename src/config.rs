@@ -1,0 +1,48 @@
+//! Engine settings, each with its documented default.
+
+use std::time::Duration;
+
+/// Settings of one mesh; set through [`MeshBuilder`](crate::MeshBuilder).
+#[derive(Debug, Clone)]
+pub(crate) struct MeshConfig {
+    /// Path the WebSocket endpoint answers on. Default `/`.
+    pub path: String,
+    /// Interval between pings. Default 30 s (mesh's `pingInterval`).
+    pub ping_interval: Duration,
+    /// Unanswered pings tolerated before closing. Default 1 (mesh's `maxMissedPongs`).
+    pub max_missed_pongs: u32,
+    /// Interval between latency probes. Default 5 s (mesh's `latencyInterval`).
+    pub latency_interval: Duration,
+    /// Largest inbound frame, in bytes. Default 1 MiB.
+    pub max_frame_bytes: usize,
+    /// Outbound queue budget per connection, in bytes. Default 1 MiB.
+    pub max_outbound_bytes: usize,
+    /// Commands of one connection running at once. Default 64.
+    pub max_in_flight: usize,
+    /// Socket read buffer per connection, in bytes. Default 4 KiB.
+    pub read_buffer_bytes: usize,
+    /// Bytes gathered before a socket write, per connection. Default 16 KiB.
+    pub write_buffer_bytes: usize,
+    /// Longest `shutdown` waits for connections to finish. Default 10 s.
+    pub shutdown_timeout: Duration,
+    /// Whether any connection may read any other's metadata. Default `false`.
+    pub open_connection_metadata: bool,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        MeshConfig {
+            path: "/".to_owned(),
+            ping_interval: Duration::from_secs(30),
+            max_missed_pongs: 1,
+            latency_interval: Duration::from_secs(5),
+            max_frame_bytes: 1024 * 1024,
+            max_outbound_bytes: 1024 * 1024,
+            max_in_flight: 64,
+            read_buffer_bytes: 4 * 1024,
+            write_buffer_bytes: 16 * 1024,
+            shutdown_timeout: Duration::from_secs(10),
+            open_connection_metadata: false,
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! The life of one connection: register, assign its id, read and write until it ends,
+//! then clean up exactly once.
+//!
+//! The driver is generic over any `Sink<Message> + Stream<Item = Result<Message, _>>`, so
+//! it runs on a real socket and on an in-process pipe alike.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::{select, Either};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_tungstenite::tungstenite::error::CapacityError;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tracing::Instrument;
+
+use super::outbound::{Batch, CloseReason};
+use super::Connection;
+use crate::command::dispatch;
+use crate::mesh::Mesh;
+use crate::protocol::{self, Frame, Inbound};
+
+/// How long the writer may take to deliver the close frame, and how long we then read
+/// on for the peer's acknowledgement, before the socket is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Serves one upgraded WebSocket until it ends.
+pub(crate) async fn serve<W>(mesh: Mesh, socket: W, parts: http::request::Parts)
+where
+    W: Stream<Item = Result<Message, WsError>>
+        + Sink<Message, Error = WsError>
+        + Unpin
+        + Send
+        + 'static,
+{
+    let id = mesh.next_connection_id();
+    let span = tracing::info_span!("connection", connection = %id);
+    serve_connection(mesh, socket, parts, id)
+        .instrument(span)
+        .await;
+}
+
+async fn serve_connection<W>(mesh: Mesh, socket: W, parts: http::request::Parts, id: Arc<str>)
+where
+    W: Stream<Item = Result<Message, WsError>>
+        + Sink<Message, Error = WsError>
+        + Unpin
+        + Send
+        + 'static,
+{
+    let connection = Connection::new(id, parts, mesh.config().max_outbound_bytes);
+    let (mut sink, mut stream) = socket.split();
+
+    // Register first, then assign the id, then read (PROTOCOL.md §8): no command can run
+    // for a connection the mesh does not know yet.
+    let _live = mesh.connection_started();
+    if let Err(err) = mesh.register(&connection).await {
+        tracing::warn!(%err, "could not register connection");
+        connection.close_with(CloseReason::ProtocolError("server unavailable".into()));
+        finish(&connection, &mut sink, &mut stream, None).await;
+        return;
+    }
+    let accepted = match mesh.run_on_connect(&connection).await {
+        Ok(()) => true,
+        Err(reason) => {
+            tracing::debug!(%reason, "on_connect refused the connection");
+            connection.close_with(CloseReason::Refused(reason));
+            false
+        }
+    };
+    if accepted {
+        let _ = connection.push_frame(Frame::from(protocol::push(
+            protocol::ASSIGN_ID,
+            connection.id(),
+        )));
+        tracing::debug!("connected");
+        {
+            let reader = read_loop(&mesh, &connection, &mut stream);
+            let writer = write_loop(&connection, &mut sink);
+            futures_util::pin_mut!(reader, writer);
+            match select(reader, writer).await {
+                Either::Left((reason, writer)) => {
+                    connection.close_with(reason);
+                    let _ = tokio::time::timeout(CLOSE_GRACE, writer).await;
+                }
+                Either::Right((_, _reader)) => {}
+            }
+        }
+        finish(&connection, &mut sink, &mut stream, Some(())).await;
+    } else {
+        finish(&connection, &mut sink, &mut stream, None).await;
+    }
+    // Whatever ended it, the handle now reports the connection as closed.
+    connection.close_with(CloseReason::PeerClosed);
+    mesh.unregister(&connection).await;
+    if accepted {
+        mesh.run_on_disconnect(&connection).await;
+    }
+    tracing::debug!(reason = ?connection.close_reason(), "disconnected");
+}
+
+/// Sends the close frame if it is still owed, then reads on briefly so the peer sees it
+/// before the socket goes away.
+async fn finish<W, R>(
+    connection: &Connection,
+    sink: &mut W,
+    stream: &mut R,
+    close_already_written: Option<()>,
+) where
+    W: Sink<Message, Error = WsError> + Unpin,
+    R: Stream<Item = Result<Message, WsError>> + Unpin,
+{
+    let reason = connection.close_reason().unwrap_or(CloseReason::PeerClosed);
+    if reason == CloseReason::PeerClosed {
+        return;
+    }
+    if close_already_written.is_none() {
+        let _ = tokio::time::timeout(CLOSE_GRACE, sink.send(close_message(&reason))).await;
+    }
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        while let Some(Ok(message)) = stream.next().await {
+            if message.is_close() {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+fn close_message(reason: &CloseReason) -> Message {
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::from(reason.code()),
+        reason: reason.text().into(),
+    }))
+}
+
+/// Reads frames until the peer goes away or the server starts closing. Returns why the
+/// connection must end.
+async fn read_loop<R>(mesh: &Mesh, connection: &Connection, stream: &mut R) -> CloseReason
+where
+    R: Stream<Item = Result<Message, WsError>> + Unpin,
+{
+    let in_flight = Arc::new(Semaphore::new(mesh.config().max_in_flight));
+    let mut permit: Option<OwnedSemaphorePermit> = None;
+    loop {
+        // Beyond the in-flight limit the connection stops reading: back-pressure reaches
+        // the client through TCP instead of growing our memory.
+        if permit.is_none() {
+            tokio::select! {
+                acquired = Arc::clone(&in_flight).acquire_owned() => match acquired {
+                    Ok(acquired) => permit = Some(acquired),
+                    Err(_) => return CloseReason::ProtocolError("in-flight limiter closed".into()),
+                },
+                () = connection.outbound().closed() => return server_close(connection),
+            }
+        }
+        let message = tokio::select! {
+            message = stream.next() => message,
+            () = connection.outbound().closed() => return server_close(connection),
+        };
+        let text = match message {
+            None => return CloseReason::PeerClosed,
+            Some(Err(err)) => return read_error(mesh, err),
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Binary(bytes))) => match Frame::try_from(bytes) {
+                Ok(text) => text,
+                Err(_) => {
+                    tracing::debug!("dropped a binary frame that is not UTF-8");
+                    continue;
+                }
+            },
+            Some(Ok(Message::Close(_))) => return CloseReason::PeerClosed,
+            Some(Ok(_)) => continue,
+        };
+        match Inbound::parse(&text) {
+            Inbound::Command {
+                id,
+                command,
+                payload,
+            } => {
+                let span = tracing::debug_span!("command", command = %command, id);
+                let mesh = mesh.clone();
+                let connection = connection.clone();
+                let permit = permit.take();
+                tokio::spawn(
+                    async move {
+                        let reply = dispatch(mesh, connection.clone(), id, command, payload).await;
+                        let _ = connection.push_frame(reply);
+                        drop(permit);
+                    }
+                    .instrument(span),
+                );
+            }
+            Inbound::Invalid { id, command, error } => {
+                tracing::debug!(id, error = error.message(), "invalid frame");
+                let _ =
+                    connection.push_frame(Frame::from(protocol::error_reply(id, &command, &error)));
+            }
+            Inbound::Unanswerable { reason } => tracing::debug!(reason, "dropped a frame"),
+            Inbound::Pong => mesh.pong_received(connection),
+            Inbound::LatencyResponse => connection.latency_response_received(),
+        }
+    }
+}
+
+fn server_close(connection: &Connection) -> CloseReason {
+    connection.close_reason().unwrap_or(CloseReason::GoingAway)
+}
+
+fn read_error(mesh: &Mesh, err: WsError) -> CloseReason {
+    match err {
+        WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => {
+            tracing::info!(size, max_size, "closing: inbound frame too large");
+            mesh.stats_record_oversize();
+            CloseReason::FrameTooLarge
+        }
+        WsError::Capacity(other) => {
+            tracing::info!(%other, "closing: inbound frame too large");
+            mesh.stats_record_oversize();
+            CloseReason::FrameTooLarge
+        }
+        WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_) => {
+            CloseReason::PeerClosed
+        }
+        other => {
+            tracing::debug!(%other, "closing: protocol error");
+            CloseReason::ProtocolError(other.to_string())
+        }
+    }
+}
+
+/// Writes queued frames in batches (one flush per batch) until a close is due.
+async fn write_loop<W>(connection: &Connection, sink: &mut W) -> Result<(), WsError>
+where
+    W: Sink<Message, Error = WsError> + Unpin,
+{
+    let mut batch: Vec<Frame> = Vec::new();
+    loop {
+        match connection.outbound().next_batch(&mut batch).await {
+            Batch::Frames => {
+                for frame in batch.drain(..) {
+                    sink.feed(Message::Text(frame)).await?;
+                }
+                sink.flush().await?;
+                if batch.capacity() > 256 {
+                    batch = Vec::new();
+                }
+            }
+            Batch::Close(CloseReason::PeerClosed) => return Ok(()),
+            Batch::Close(reason) => {
+                sink.send(close_message(&reason)).await?;
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! One client connection: its handle, its outbound queue, and the task that drives it.
+
+mod driver;
+mod outbound;
+mod registry;
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::protocol::{self, Frame};
+
+pub(crate) use driver::serve;
+pub(crate) use outbound::Outbound;
+pub use outbound::{CloseReason, SendError};
+pub(crate) use registry::Registry;
+
+/// A handle to one client connection. Cheap to clone.
+///
+/// It keeps the WebSocket upgrade request's parts (headers, URI, extensions such as the
+/// user an auth layer stored), so every command of the connection can see them.
+#[derive(Clone)]
+pub struct Connection {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    id: Arc<str>,
+    parts: http::request::Parts,
+    outbound: Outbound,
+    liveness: Liveness,
+}
+
+/// Ping and latency bookkeeping, driven by the mesh's heartbeat.
+#[derive(Default)]
+struct Liveness {
+    missed_pongs: AtomicU32,
+    latency_probe_sent: Mutex<Option<Instant>>,
+    /// Last round trip in milliseconds; `u64::MAX` until one is measured.
+    latency_ms: AtomicU64,
+}
+
+impl Connection {
+    pub(crate) fn new(
+        id: Arc<str>,
+        parts: http::request::Parts,
+        max_outbound_bytes: usize,
+    ) -> Self {
+        Connection {
+            shared: Arc::new(Shared {
+                id,
+                parts,
+                outbound: Outbound::new(max_outbound_bytes),
+                liveness: Liveness {
+                    latency_ms: AtomicU64::new(u64::MAX),
+                    ..Liveness::default()
+                },
+            }),
+        }
+    }
+
+    /// The connection id, unique across every instance of the mesh.
+    pub fn id(&self) -> &str {
+        &self.shared.id
+    }
+
+    pub(crate) fn shared_id(&self) -> Arc<str> {
+        self.shared.id.clone()
+    }
+
+    /// The upgrade request's method, URI, headers and extensions.
+    pub fn request_parts(&self) -> &http::request::Parts {
+        &self.shared.parts
+    }
+
+    /// The upgrade request's headers.
+    pub fn headers(&self) -> &http::HeaderMap {
+        &self.shared.parts.headers
+    }
+
+    /// The upgrade request's URI (with its query string).
+    pub fn uri(&self) -> &http::Uri {
+        &self.shared.parts.uri
+    }
+
+    /// The upgrade request's extensions: whatever HTTP layers stored there.
+    pub fn extensions(&self) -> &http::Extensions {
+        &self.shared.parts.extensions
+    }
+
+    /// Sends a push `{command, payload}` to this connection. It never waits: the frame is
+    /// queued, or refused when the connection is closing or its queue is full (which
+    /// closes it as a slow consumer).
+    pub fn send<P: Serialize + ?Sized>(&self, command: &str, payload: &P) -> Result<(), SendError> {
+        self.push_frame(Frame::from(protocol::push(command, payload)))
+    }
+
+    pub(crate) fn push_frame(&self, frame: Frame) -> Result<(), SendError> {
+        self.shared.outbound.push(frame)
+    }
+
+    /// Closes the connection with close code 1000 and `reason`, after the frames already
+    /// queued for it are written.
+    pub fn close(&self, reason: impl Into<String>) {
+        self.close_with(CloseReason::Normal(reason.into()));
+    }
+
+    pub(crate) fn close_with(&self, reason: CloseReason) -> bool {
+        self.shared.outbound.close(reason)
+    }
+
+    /// Whether the connection is closed or closing.
+    pub fn is_closed(&self) -> bool {
+        self.shared.outbound.close_reason().is_some()
+    }
+
+    /// Why the connection closed, once it is closing.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.shared.outbound.close_reason()
+    }
+
+    /// The last measured round trip of a latency probe.
+    pub fn latency(&self) -> Option<Duration> {
+        match self.shared.liveness.latency_ms.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    pub(crate) fn outbound(&self) -> &Outbound {
+        &self.shared.outbound
+    }
+
+    /// Counts one more unanswered ping; returns how many are now unanswered.
+    pub(crate) fn ping_sent(&self) -> u32 {
+        self.shared
+            .liveness
+            .missed_pongs
+            .fetch_add(1, Ordering::Relaxed)
+            + 1
+    }
+
+    pub(crate) fn pong_received(&self) {
+        self.shared
+            .liveness
+            .missed_pongs
+            .store(0, Ordering::Relaxed);
+    }
+
+    pub(crate) fn latency_probe_sent(&self) {
+        if let Ok(mut sent) = self.shared.liveness.latency_probe_sent.lock() {
+            *sent = Some(Instant::now());
+        }
+    }
+
+    pub(crate) fn latency_response_received(&self) {
+        let sent = self
+            .shared
+            .liveness
+            .latency_probe_sent
+            .lock()
+            .ok()
+            .and_then(|mut sent| sent.take());
+        if let Some(sent) = sent {
+            let ms = u64::try_from(sent.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+            self.shared.liveness.latency_ms.store(ms, Ordering::Relaxed);
+        }
+    }
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("id", &self.id())
+            .field("closed", &self.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for Connection {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+}
+
+impl Eq for Connection {}

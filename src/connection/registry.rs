@@ -1,0 +1,107 @@
+//! The connections this instance holds, and delivery to them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use super::{CloseReason, Connection, SendError};
+use crate::backend::{Delivery, Inbox};
+use crate::protocol::Frame;
+
+/// Local connections by id. Deliveries from the backend land here.
+#[derive(Default)]
+pub(crate) struct Registry {
+    connections: RwLock<HashMap<Arc<str>, Connection>>,
+    slow_consumer_closes: std::sync::atomic::AtomicU64,
+}
+
+impl Registry {
+    fn read(&self) -> RwLockReadGuard<'_, HashMap<Arc<str>, Connection>> {
+        self.connections
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, HashMap<Arc<str>, Connection>> {
+        self.connections
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn insert(&self, connection: &Connection) {
+        self.write()
+            .insert(connection.shared_id(), connection.clone());
+    }
+
+    pub(crate) fn remove(&self, id: &str) {
+        self.write().remove(id);
+    }
+
+    pub(crate) fn get(&self, id: &str) -> Option<Connection> {
+        self.read().get(id).cloned()
+    }
+
+    pub(crate) fn all(&self) -> Vec<Connection> {
+        self.read().values().cloned().collect()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    /// Queues a frame for one local connection, counting a slow-consumer close.
+    pub(crate) fn send_frame(
+        &self,
+        connection: &Connection,
+        frame: Frame,
+    ) -> Result<(), SendError> {
+        let sent = connection.push_frame(frame);
+        if sent == Err(SendError::QueueFull) {
+            self.slow_consumer_closes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(
+                connection = connection.id(),
+                "closing a slow consumer: outbound queue full"
+            );
+        }
+        sent
+    }
+
+    pub(crate) fn slow_consumer_closes(&self) -> u64 {
+        self.slow_consumer_closes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Calls `f` for every local connection without holding the lock while it runs, so a
+    /// connection that registers or leaves meanwhile never waits on a fan-out.
+    pub(crate) fn for_each(&self, mut f: impl FnMut(&Connection)) {
+        for connection in self.all() {
+            f(&connection);
+        }
+    }
+}
+
+impl Inbox for Registry {
+    fn deliver(&self, delivery: Delivery) {
+        match delivery {
+            Delivery::ToConnection {
+                connection_id,
+                frame,
+            } => {
+                if let Some(connection) = self.get(&connection_id) {
+                    let _ = self.send_frame(&connection, frame);
+                }
+            }
+            Delivery::Broadcast { frame } => self.for_each(|connection| {
+                let _ = self.send_frame(connection, frame.clone());
+            }),
+            Delivery::Close {
+                connection_id,
+                reason,
+            } => {
+                if let Some(connection) = self.get(&connection_id) {
+                    connection.close_with(CloseReason::Normal(reason));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! Merge strategies for metadata (connections now; rooms and records later).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// How a new metadata value combines with the stored one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum MergeStrategy {
+    /// Store the new value as it is (the default).
+    #[default]
+    Replace,
+    /// When both values are objects, overlay the new keys on the old (one level deep);
+    /// otherwise store the new value.
+    Merge,
+    /// Like `Merge`, but nested objects merge recursively; arrays and scalars replace.
+    DeepMerge,
+}
+
+impl MergeStrategy {
+    /// Combines `old` (absent when nothing is stored) with `new`.
+    pub fn apply(self, old: Option<Value>, new: Value) -> Value {
+        match (self, old) {
+            (MergeStrategy::Replace, _) | (_, None) => new,
+            (MergeStrategy::Merge, Some(Value::Object(mut old))) => match new {
+                Value::Object(new) => {
+                    old.extend(new);
+                    Value::Object(old)
+                }
+                new => new,
+            },
+            (MergeStrategy::DeepMerge, Some(old)) => deep_merge(old, new),
+            (MergeStrategy::Merge, Some(_)) => new,
+        }
+    }
+}
+
+fn deep_merge(old: Value, new: Value) -> Value {
+    match (old, new) {
+        (Value::Object(mut old), Value::Object(new)) => {
+            for (key, value) in new {
+                let merged = match old.remove(&key) {
+                    Some(previous) => deep_merge(previous, value),
+                    None => value,
+                };
+                old.insert(key, merged);
+            }
+            Value::Object(old)
+        }
+        (_, new) => new,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn strategies() {
+        let old = json!({"name":"a","preferences":{"notifications":{"email":true},"theme":"dark"}});
+        let new = json!({"preferences":{"notifications":{"push":false}}});
+        assert_eq!(
+            MergeStrategy::Replace.apply(Some(old.clone()), new.clone()),
+            new
+        );
+        assert_eq!(
+            MergeStrategy::Merge.apply(Some(old.clone()), new.clone()),
+            json!({"name":"a","preferences":{"notifications":{"push":false}}})
+        );
+        assert_eq!(
+            MergeStrategy::DeepMerge.apply(Some(old), new),
+            json!({"name":"a","preferences":{"notifications":{"email":true,"push":false},"theme":"dark"}})
+        );
+        assert_eq!(
+            MergeStrategy::Merge.apply(Some(json!("initial-string")), json!({"a":1})),
+            json!({"a":1})
+        );
+        assert_eq!(MergeStrategy::DeepMerge.apply(None, json!([1])), json!([1]));
+    }
+
+    #[test]
+    fn parses_wire_names() {
+        let parsed: MergeStrategy = serde_json::from_value(json!("deepMerge")).unwrap();
+        assert_eq!(parsed, MergeStrategy::DeepMerge);
+    }
+}
+
+mod commands {
+    use serde::Deserialize;
+    use serde_json::{json, Value};
+
+    use super::MergeStrategy;
+    use crate::connection::Connection;
+    use crate::error::CommandError;
+    use crate::extract::Payload;
+    use crate::mesh::Mesh;
+
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub(crate) struct GetConnectionMetadata {
+        connection_id: String,
+    }
+
+    /// `mesh/get-connection-metadata {connectionId}` -> `{metadata}`.
+    ///
+    /// By default a connection reads only its own metadata (PROTOCOL.md §9); another
+    /// connection's reads as `null` unless the mesh was built with
+    /// `open_connection_metadata(true)`.
+    pub(crate) async fn get_connection_metadata(
+        mesh: Mesh,
+        connection: Connection,
+        Payload(request): Payload<GetConnectionMetadata>,
+    ) -> Result<Value, CommandError> {
+        let allowed =
+            request.connection_id == connection.id() || mesh.config().open_connection_metadata;
+        let metadata = if allowed {
+            mesh.connection_metadata(&request.connection_id).await?
+        } else {
+            None
+        };
+        Ok(json!({ "metadata": metadata }))
+    }
+
+    /// `mesh/get-my-connection-metadata` -> `{metadata}`.
+    pub(crate) async fn get_my_connection_metadata(
+        mesh: Mesh,
+        connection: Connection,
+    ) -> Result<Value, CommandError> {
+        let metadata = mesh.connection_metadata(connection.id()).await?;
+        Ok(json!({ "metadata": metadata }))
+    }
+
+    #[derive(Deserialize)]
+    pub(crate) struct SetMetadata {
+        metadata: Value,
+        #[serde(default)]
+        options: Option<SetOptions>,
+    }
+
+    #[derive(Deserialize, Default)]
+    struct SetOptions {
+        #[serde(default)]
+        strategy: MergeStrategy,
+    }
+
+    /// `mesh/set-my-connection-metadata {metadata, options?:{strategy}}` -> `{success}`.
+    pub(crate) async fn set_my_connection_metadata(
+        mesh: Mesh,
+        connection: Connection,
+        Payload(request): Payload<SetMetadata>,
+    ) -> Result<Value, CommandError> {
+        let strategy = request.options.unwrap_or_default().strategy;
+        let success = mesh
+            .set_connection_metadata(connection.id(), request.metadata, strategy)
+            .await?;
+        Ok(json!({ "success": success }))
+    }
+}
+
+pub(crate) use commands::{
+    get_connection_metadata, get_my_connection_metadata, set_my_connection_metadata,
+};

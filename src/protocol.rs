@@ -1,0 +1,282 @@
+//! The mesh wire protocol: frames in and out, as JSON, without I/O.
+//!
+//! Every frame is one JSON object in one WebSocket text frame (see `PROTOCOL.md`):
+//! commands `{"id":N,"command":"name","payload":...}`, replies that repeat `id` and
+//! `command`, and pushes `{"command":"name","payload":...}` without an id. This module
+//! turns client text into an [`Inbound`] frame and builds the exact JSON of every frame
+//! the server sends; golden tests pin those bytes.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::CommandError;
+
+/// One outbound text frame, shared: a broadcast serialises once and every recipient's
+/// queue holds the same bytes.
+pub(crate) type Frame = tokio_tungstenite::tungstenite::Utf8Bytes;
+
+/// The push that tells a client its connection id.
+pub const ASSIGN_ID: &str = "mesh/assign-id";
+/// Liveness probe sent by the server; the client answers [`PONG`].
+pub const PING: &str = "ping";
+/// The client's answer to [`PING`]; never replied to.
+pub const PONG: &str = "pong";
+/// Latency probe sent by the server; the client answers [`LATENCY_RESPONSE`].
+pub const LATENCY_REQUEST: &str = "latency:request";
+/// The client's answer to [`LATENCY_REQUEST`]; never replied to.
+pub const LATENCY_RESPONSE: &str = "latency:response";
+/// The push that reports the last measured round trip in milliseconds.
+pub const LATENCY: &str = "latency";
+
+/// A frame received from a client, classified.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Inbound {
+    /// A well-formed command to run.
+    Command {
+        id: u64,
+        command: String,
+        payload: Value,
+    },
+    /// The client's answer to a ping.
+    Pong,
+    /// The client's answer to a latency request.
+    LatencyResponse,
+    /// A frame with a usable id that cannot run; it gets this error as its reply.
+    Invalid {
+        id: u64,
+        command: Value,
+        error: CommandError,
+    },
+    /// A frame without a usable id: logged and dropped, never answered.
+    Unanswerable { reason: &'static str },
+}
+
+/// The raw shape of a client frame. `Option<Option<Value>>` tells a missing field from an
+/// explicit `null`.
+#[derive(Deserialize)]
+struct RawFrame {
+    #[serde(default, deserialize_with = "present")]
+    id: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    command: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    payload: Option<Value>,
+}
+
+/// Maps a present field (even `null`) to `Some`, so that only a missing field is `None`.
+fn present<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(de).map(Some)
+}
+
+impl Inbound {
+    /// Classifies one text frame from a client.
+    pub(crate) fn parse(text: &str) -> Inbound {
+        // serde would also read a struct from a JSON array; only an object is a frame.
+        if !text.trim_start().starts_with('{') {
+            return Inbound::Unanswerable {
+                reason: "frame is not a JSON object",
+            };
+        }
+        let raw: RawFrame = match serde_json::from_str(text) {
+            Ok(raw) => raw,
+            Err(err) if err.is_data() => {
+                return Inbound::Unanswerable {
+                    reason: "frame is not a JSON object",
+                }
+            }
+            Err(_) => {
+                return Inbound::Unanswerable {
+                    reason: "frame is not valid JSON",
+                }
+            }
+        };
+        let id = match raw.id.as_ref().and_then(Value::as_u64) {
+            Some(id) => id,
+            None => {
+                return Inbound::Unanswerable {
+                    reason: "frame has no usable id (a non-negative integer)",
+                }
+            }
+        };
+        let command = match raw.command {
+            Some(Value::String(command)) => command,
+            other => {
+                return Inbound::Invalid {
+                    id,
+                    command: other.unwrap_or(Value::Null),
+                    error: CommandError::invalid("frame has no string \"command\""),
+                }
+            }
+        };
+        match command.as_str() {
+            PONG => return Inbound::Pong,
+            LATENCY_RESPONSE => return Inbound::LatencyResponse,
+            _ => {}
+        }
+        match raw.payload {
+            Some(payload) => Inbound::Command {
+                id,
+                command,
+                payload,
+            },
+            None => Inbound::Invalid {
+                id,
+                command: Value::String(command),
+                error: CommandError::invalid("frame has no \"payload\""),
+            },
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ReplyFrame<'a, C: Serialize + ?Sized, P: Serialize + ?Sized> {
+    id: u64,
+    command: &'a C,
+    payload: &'a P,
+}
+
+#[derive(Serialize)]
+struct PushFrame<'a, P: Serialize + ?Sized> {
+    command: &'a str,
+    payload: &'a P,
+}
+
+/// The JSON text of a reply to command `id`.
+pub(crate) fn reply<C, P>(id: u64, command: &C, payload: &P) -> String
+where
+    C: Serialize + ?Sized,
+    P: Serialize + ?Sized,
+{
+    to_json(&ReplyFrame {
+        id,
+        command,
+        payload,
+    })
+}
+
+/// The JSON text of an error reply: the error is the payload (`{error, code, name}`).
+pub(crate) fn error_reply<C: Serialize + ?Sized>(
+    id: u64,
+    command: &C,
+    error: &CommandError,
+) -> String {
+    reply(id, command, error)
+}
+
+/// The JSON text of a push (a frame without id).
+pub(crate) fn push<P: Serialize + ?Sized>(command: &str, payload: &P) -> String {
+    to_json(&PushFrame { command, payload })
+}
+
+/// Serialising our own frame types cannot fail: every map key is a string and every
+/// payload is already a `serde_json::Value` or plain data. Should a user type's
+/// `Serialize` impl fail anyway, the frame degrades to an error body rather than a panic.
+fn to_json<T: Serialize>(frame: &T) -> String {
+    serde_json::to_string(frame).unwrap_or_else(|err| {
+        tracing::error!(%err, "a frame failed to serialise");
+        r#"{"command":"mesh/error","payload":{"error":"frame serialisation failed","code":"ESERVER","name":"Error"}}"#
+            .to_owned()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn parses_a_command() {
+        assert_eq!(
+            Inbound::parse(r#"{"id":7,"command":"echo","payload":{"a":1}}"#),
+            Inbound::Command {
+                id: 7,
+                command: "echo".into(),
+                payload: json!({"a":1})
+            }
+        );
+    }
+
+    #[test]
+    fn null_payload_is_a_payload() {
+        assert!(matches!(
+            Inbound::parse(r#"{"id":1,"command":"echo","payload":null}"#),
+            Inbound::Command {
+                payload: Value::Null,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn frames_without_usable_id_are_unanswerable() {
+        for text in [
+            "not json",
+            "[1,2]",
+            "42",
+            r#"{"command":"echo","payload":{}}"#,
+            r#"{"id":"7","command":"echo","payload":{}}"#,
+            r#"{"id":-1,"command":"echo","payload":{}}"#,
+            r#"{"id":1.5,"command":"echo","payload":{}}"#,
+        ] {
+            assert!(
+                matches!(Inbound::parse(text), Inbound::Unanswerable { .. }),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn frames_with_id_but_bad_shape_are_invalid() {
+        for text in [
+            r#"{"id":3,"payload":{}}"#,
+            r#"{"id":3,"command":5,"payload":{}}"#,
+            r#"{"id":3,"command":"echo"}"#,
+        ] {
+            match Inbound::parse(text) {
+                Inbound::Invalid { id, error, .. } => {
+                    assert_eq!(id, 3);
+                    assert_eq!(error.code(), "EINVALID");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn pong_and_latency_response_are_recognised() {
+        assert_eq!(
+            Inbound::parse(r#"{"id":9,"command":"pong","payload":{}}"#),
+            Inbound::Pong
+        );
+        assert_eq!(
+            Inbound::parse(r#"{"id":9,"command":"latency:response","payload":{}}"#),
+            Inbound::LatencyResponse
+        );
+    }
+
+    #[test]
+    fn golden_frames() {
+        assert_eq!(
+            reply(65300001, "echo", &json!({"x":1})),
+            r#"{"id":65300001,"command":"echo","payload":{"x":1}}"#
+        );
+        assert_eq!(
+            error_reply(65320003, "no-such", &CommandError::not_found("no-such")),
+            r#"{"id":65320003,"command":"no-such","payload":{"error":"Command \"no-such\" not found","code":"ENOTFOUND","name":"CommandError"}}"#
+        );
+        assert_eq!(push(PING, &json!({})), r#"{"command":"ping","payload":{}}"#);
+        assert_eq!(
+            push(ASSIGN_ID, "conn-1"),
+            r#"{"command":"mesh/assign-id","payload":"conn-1"}"#
+        );
+        assert_eq!(push(LATENCY, &3), r#"{"command":"latency","payload":3}"#);
+        assert_eq!(
+            push(LATENCY_REQUEST, &json!({})),
+            r#"{"command":"latency:request","payload":{}}"#
+        );
+        assert_eq!(
+            reply(1, "mesh/noop", &Value::Null),
+            r#"{"id":1,"command":"mesh/noop","payload":null}"#
+        );
+    }
+}

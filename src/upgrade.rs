@@ -1,0 +1,141 @@
+//! The WebSocket handshake over hyper's upgrade, keeping the request's parts.
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
+use tracing::Instrument;
+
+use crate::connection;
+use crate::mesh::Mesh;
+
+/// What a request to the mesh path asks for.
+pub(crate) enum Upgrade {
+    /// No WebSocket upgrade: the inner service answers.
+    NotRequested,
+    /// An upgrade to WebSocket that cannot be honoured, with the reason.
+    Malformed(&'static str),
+    /// A valid upgrade; the value is the `Sec-WebSocket-Accept` header to answer with.
+    Valid { accept_key: String },
+}
+
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|value| {
+        value
+            .to_str()
+            .map(|value| {
+                value
+                    .split(',')
+                    .any(|part| part.trim().eq_ignore_ascii_case(token))
+            })
+            .unwrap_or(false)
+    })
+}
+
+pub(crate) fn classify<B>(request: &Request<B>) -> Upgrade {
+    let headers = request.headers();
+    if !header_has_token(headers, header::UPGRADE, "websocket") {
+        return Upgrade::NotRequested;
+    }
+    if request.method() != Method::GET {
+        return Upgrade::Malformed("WebSocket upgrade requires GET");
+    }
+    if request.version() != http::Version::HTTP_11 {
+        return Upgrade::Malformed("WebSocket upgrade requires HTTP/1.1");
+    }
+    if !header_has_token(headers, header::CONNECTION, "upgrade") {
+        return Upgrade::Malformed("missing \"Connection: upgrade\"");
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        return Upgrade::Malformed("\"Sec-WebSocket-Version\" must be 13");
+    }
+    match headers.get(header::SEC_WEBSOCKET_KEY) {
+        Some(key) if !key.is_empty() => Upgrade::Valid {
+            accept_key: derive_accept_key(key.as_bytes()),
+        },
+        _ => Upgrade::Malformed("missing \"Sec-WebSocket-Key\""),
+    }
+}
+
+fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+pub(crate) fn bad_request(reason: &'static str) -> Response<Full<Bytes>> {
+    plain(StatusCode::BAD_REQUEST, reason)
+}
+
+pub(crate) fn server_error(reason: &'static str) -> Response<Full<Bytes>> {
+    plain(StatusCode::INTERNAL_SERVER_ERROR, reason)
+}
+
+/// Answers `101` and spawns the connection once hyper hands over the socket.
+pub(crate) fn accept<B>(
+    mesh: &Mesh,
+    mut request: Request<B>,
+    accept_key: String,
+) -> Response<Full<Bytes>> {
+    if mesh.is_shutting_down() {
+        return plain(StatusCode::SERVICE_UNAVAILABLE, "server shutting down");
+    }
+    let Some(on_upgrade) = request
+        .extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>()
+    else {
+        return plain(
+            StatusCode::UPGRADE_REQUIRED,
+            "this server cannot upgrade the connection (is hyper serving with upgrades?)",
+        );
+    };
+    let (parts, _body) = request.into_parts();
+    let config = websocket_config(mesh);
+    let mesh = mesh.clone();
+    tokio::spawn(
+        async move {
+            match on_upgrade.await {
+                Ok(upgraded) => {
+                    let socket = WebSocketStream::from_raw_socket(
+                        TokioIo::new(upgraded),
+                        Role::Server,
+                        Some(config),
+                    )
+                    .await;
+                    connection::serve(mesh, socket, parts).await;
+                }
+                Err(err) => tracing::debug!(%err, "upgrade failed"),
+            }
+        }
+        .in_current_span(),
+    );
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&accept_key) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    response
+}
+
+fn websocket_config(mesh: &Mesh) -> WebSocketConfig {
+    let config = mesh.config();
+    WebSocketConfig::default()
+        .read_buffer_size(config.read_buffer_bytes)
+        .write_buffer_size(config.write_buffer_bytes)
+        .max_message_size(Some(config.max_frame_bytes))
+        .max_frame_size(Some(config.max_frame_bytes))
+}
