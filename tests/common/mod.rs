@@ -1,0 +1,166 @@
+//! Shared test harness: servers on real sockets, raw WebSocket clients, backends.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::Router;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tower_mesh::{Mesh, MeshBuilder, MemoryBackend};
+
+/// How long a test waits for something that should happen promptly.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+/// A mesh served by axum on 127.0.0.1 with a free port.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub mesh: Mesh,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestServer {
+    /// `ws://` URL of the mesh endpoint at `path`.
+    pub fn ws_url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    pub fn url(&self) -> String {
+        self.ws_url("/")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Serves `builder` at `/` beside `GET /health`, on a free port.
+pub async fn serve(builder: MeshBuilder) -> TestServer {
+    serve_router(builder, Router::new()).await
+}
+
+/// Serves `builder` layered on `router` (which gets `GET /health` added).
+pub async fn serve_router(builder: MeshBuilder, router: Router) -> TestServer {
+    let (layer, mesh) = builder.build();
+    let app = router.route("/health", get(|| async { "ok" })).layer(layer);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.expect("serve");
+    });
+    TestServer { addr, mesh, task }
+}
+
+/// Which backend a conformance test runs on.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    Memory(MemoryBackend),
+}
+
+impl Backend {
+    pub fn memory() -> Self {
+        Backend::Memory(MemoryBackend::new())
+    }
+
+    /// A builder on this backend; builders from one `Backend` value form one mesh.
+    pub fn builder(&self) -> MeshBuilder {
+        match self {
+            Backend::Memory(backend) => Mesh::builder().memory_backend(backend.clone()),
+        }
+    }
+}
+
+/// A WebSocket client that speaks raw frames, for protocol-level assertions.
+pub struct RawClient {
+    pub socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub id: String,
+}
+
+impl RawClient {
+    /// Connects and waits for `mesh/assign-id`.
+    pub async fn connect(url: &str) -> RawClient {
+        let (mut socket, _) = tokio_tungstenite::connect_async(url).await.expect("connect");
+        let first = next_json(&mut socket).await;
+        assert_eq!(first["command"], "mesh/assign-id", "first frame: {first}");
+        let id = first["payload"].as_str().expect("id is a string").to_owned();
+        RawClient { socket, id }
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.socket.send(Message::text(text)).await.expect("send");
+    }
+
+    pub async fn send_json(&mut self, frame: Value) {
+        self.send_text(&frame.to_string()).await;
+    }
+
+    /// Sends a command and waits for the reply with that id, skipping pushes.
+    pub async fn command(&mut self, id: u64, command: &str, payload: Value) -> Value {
+        self.send_json(json!({"id": id, "command": command, "payload": payload})).await;
+        self.reply(id).await
+    }
+
+    /// The next frame whose id is `id` (pushes and other replies are skipped).
+    pub async fn reply(&mut self, id: u64) -> Value {
+        loop {
+            let frame = self.next().await;
+            if frame["id"] == json!(id) {
+                return frame;
+            }
+        }
+    }
+
+    /// The next frame, whatever it is; pings are answered so the connection stays up.
+    pub async fn next(&mut self) -> Value {
+        next_json(&mut self.socket).await
+    }
+
+    /// The next push named `command`, skipping everything else.
+    pub async fn push(&mut self, command: &str) -> Value {
+        loop {
+            let frame = self.next().await;
+            if frame.get("id").is_none() && frame["command"] == command {
+                return frame;
+            }
+        }
+    }
+
+    /// Waits for the close frame and returns (code, reason).
+    pub async fn closed(&mut self) -> (u16, String) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let message = tokio::time::timeout_at(deadline, self.socket.next())
+                .await
+                .expect("timed out waiting for close");
+            match message {
+                Some(Ok(Message::Close(Some(frame)))) => return (frame.code.into(), frame.reason.to_string()),
+                Some(Ok(Message::Close(None))) => return (1005, String::new()),
+                Some(Ok(_)) => continue,
+                Some(Err(err)) => panic!("socket error before close frame: {err}"),
+                None => panic!("socket ended without close frame"),
+            }
+        }
+    }
+}
+
+/// Reads the next text frame as JSON, within [`WAIT`].
+pub async fn next_json(socket: &mut WebSocketStream<MaybeTlsStream<TcpStream>>) -> Value {
+    loop {
+        let message = tokio::time::timeout(WAIT, socket.next())
+            .await
+            .expect("timed out waiting for a frame")
+            .expect("socket ended")
+            .expect("socket error");
+        match message {
+            Message::Text(text) => return serde_json::from_str(&text).expect("server sent invalid JSON"),
+            Message::Close(frame) => panic!("closed while waiting for a frame: {frame:?}"),
+            _ => continue,
+        }
+    }
+}
