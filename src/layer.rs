@@ -67,15 +67,27 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         if request.uri().path() != self.mesh.config().path {
-            return MeshFuture::Inner(self.inner.call(request));
+            return self.call_inner(request);
         }
         match upgrade::classify(&request) {
-            Upgrade::NotRequested => MeshFuture::Inner(self.inner.call(request)),
+            Upgrade::NotRequested => self.call_inner(request),
             Upgrade::Malformed(reason) => MeshFuture::Ready(Some(upgrade::bad_request(reason))),
             Upgrade::Valid { accept_key } => {
                 MeshFuture::Ready(Some(upgrade::accept(&self.mesh, request, accept_key)))
             }
         }
+    }
+}
+
+impl<S> MeshService<S> {
+    /// Passes a request on, with the `Mesh` handle in its extensions so that HTTP handlers
+    /// behind the layer can reach the server-side API.
+    fn call_inner<ReqBody, ResBody>(&mut self, mut request: Request<ReqBody>) -> MeshFuture<S::Future>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    {
+        request.extensions_mut().insert(self.mesh.clone());
+        MeshFuture::Inner(self.inner.call(request))
     }
 }
 

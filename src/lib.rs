@@ -1,6 +1,8 @@
 #![doc = include_str!("../docs/crate.md")]
 #![warn(missing_docs)]
 
+#[cfg(feature = "axum")]
+mod axum_extract;
 mod backend;
 mod builder;
 mod builtin;
