@@ -176,6 +176,21 @@ impl MeshBuilder {
         self
     }
 
+    /// Uses Redis as the backend: instances built on one Redis (and one key prefix) form
+    /// one mesh. See [`RedisBackend`](crate::RedisBackend) for its settings and key layout.
+    #[cfg(feature = "redis")]
+    pub fn redis_backend(mut self, backend: crate::RedisBackend) -> Self {
+        self.backend = Some(Arc::new(backend));
+        self
+    }
+
+    /// Uses the Redis at `url` with default settings (key prefix `mesh:`). Fails only on
+    /// a malformed URL; nothing connects until the mesh needs Redis.
+    #[cfg(feature = "redis")]
+    pub fn redis(self, url: &str) -> Result<Self, crate::MeshError> {
+        Ok(self.redis_backend(crate::RedisBackend::new(url)?))
+    }
+
     /// The path the WebSocket endpoint answers on. Default `/`.
     pub fn path(mut self, path: impl Into<String>) -> Self {
         self.config.path = path.into();

@@ -28,6 +28,8 @@ pub mod extract {
 }
 
 pub use backend::MemoryBackend;
+#[cfg(feature = "redis")]
+pub use backend::{RedisBackend, RedisBackendBuilder};
 pub use builder::MeshBuilder;
 pub use command::{from_fn, CommandRequest, CommandService, Next};
 pub use connection::{CloseReason, Connection, SendError};

@@ -10,6 +10,8 @@
 //! one may be unreachable for a while, and the engine turns that into `EUNAVAILABLE`.
 
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,6 +23,8 @@ use crate::error::MeshError;
 use crate::metadata::MergeStrategy;
 use crate::protocol::Frame;
 
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisBackend, RedisBackendBuilder};
 pub use memory::MemoryBackend;
 
 /// The future every backend operation returns.
@@ -48,6 +52,10 @@ pub(crate) enum Delivery {
 pub(crate) trait Inbox: Send + Sync + 'static {
     /// Delivers to local connections. Must not block: it only enqueues.
     fn deliver(&self, delivery: Delivery);
+
+    /// The ids of the connections this instance holds, to register them again after the
+    /// backend lost them (a restarted Redis).
+    fn local_connection_ids(&self) -> Vec<Arc<str>>;
 }
 
 /// Shared state and cross-instance delivery.

@@ -58,7 +58,7 @@ where
     let _live = mesh.connection_started();
     if let Err(err) = mesh.register(&connection).await {
         tracing::warn!(%err, "could not register connection");
-        connection.close_with(CloseReason::ProtocolError("server unavailable".into()));
+        connection.close_with(CloseReason::Unavailable);
         finish(&connection, &mut sink, &mut stream, None).await;
         return;
     }

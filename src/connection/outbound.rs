@@ -31,6 +31,8 @@ pub enum CloseReason {
     Refused(String),
     /// A protocol or I/O error on the socket (close code 1002).
     ProtocolError(String),
+    /// The backend was unreachable when the connection arrived (close code 1013, try again later).
+    Unavailable,
 }
 
 impl CloseReason {
@@ -42,6 +44,7 @@ impl CloseReason {
             CloseReason::ProtocolError(_) => 1002,
             CloseReason::SlowConsumer | CloseReason::PingTimeout | CloseReason::Refused(_) => 1008,
             CloseReason::FrameTooLarge => 1009,
+            CloseReason::Unavailable => 1013,
         }
     }
 
@@ -56,6 +59,7 @@ impl CloseReason {
             CloseReason::SlowConsumer => "outbound queue full: client too slow",
             CloseReason::PingTimeout => "ping timeout: missed pongs",
             CloseReason::FrameTooLarge => "frame too large",
+            CloseReason::Unavailable => "server unavailable, try again later",
         };
         truncate_utf8(text, 123).to_owned()
     }

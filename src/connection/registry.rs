@@ -81,6 +81,10 @@ impl Registry {
 }
 
 impl Inbox for Registry {
+    fn local_connection_ids(&self) -> Vec<Arc<str>> {
+        self.read().keys().cloned().collect()
+    }
+
     fn deliver(&self, delivery: Delivery) {
         match delivery {
             Delivery::ToConnection {
