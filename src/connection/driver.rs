@@ -26,15 +26,23 @@ use crate::protocol::{self, Frame, Inbound};
 /// on for the peer's acknowledgement, before the socket is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
-/// Serves one upgraded WebSocket until it ends.
-pub(crate) async fn serve<W>(mesh: Mesh, socket: W, parts: http::request::Parts)
-where
-    W: Stream<Item = Result<Message, WsError>>
+/// A WebSocket as the driver needs it: frames in, frames out.
+pub(crate) trait Socket:
+    Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin + Send + 'static
+{
+}
+
+impl<T> Socket for T where
+    T: Stream<Item = Result<Message, WsError>>
         + Sink<Message, Error = WsError>
         + Unpin
         + Send
-        + 'static,
+        + 'static
 {
+}
+
+/// Serves one upgraded WebSocket until it ends.
+pub(crate) async fn serve(mesh: Mesh, socket: impl Socket, parts: http::request::Parts) {
     let id = mesh.next_connection_id();
     let span = tracing::info_span!("connection", connection = %id);
     serve_connection(mesh, socket, parts, id)
@@ -42,14 +50,12 @@ where
         .await;
 }
 
-async fn serve_connection<W>(mesh: Mesh, socket: W, parts: http::request::Parts, id: Arc<str>)
-where
-    W: Stream<Item = Result<Message, WsError>>
-        + Sink<Message, Error = WsError>
-        + Unpin
-        + Send
-        + 'static,
-{
+async fn serve_connection(
+    mesh: Mesh,
+    socket: impl Socket,
+    parts: http::request::Parts,
+    id: Arc<str>,
+) {
     let connection = Connection::new(id, parts, mesh.config().max_outbound_bytes);
     let (mut sink, mut stream) = socket.split();
 
