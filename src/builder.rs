@@ -1,7 +1,6 @@
 //! `MeshBuilder`: commands, layers, hooks and settings, turned into a `(MeshLayer, Mesh)` pair.
 
 use std::collections::HashMap;
-use std::fmt::Display;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
@@ -16,7 +15,7 @@ use crate::backend::{Backend, MemoryBackend};
 use crate::command::{handler_service, CommandRequest, CommandService, Handler};
 use crate::config::MeshConfig;
 use crate::connection::{Connection, Registry};
-use crate::error::BoxError;
+use crate::error::{BoxError, CommandError};
 use crate::layer::MeshLayer;
 use crate::mesh::{Mesh, MeshInner, OnConnect, OnDisconnect};
 
@@ -141,25 +140,23 @@ impl MeshBuilder {
         self
     }
 
-    /// Runs when a connection is registered, before it gets its id and before any of its
-    /// commands: it sees the upgrade request through the [`Connection`] and may set
-    /// metadata through the `Mesh`. An `Err` refuses the connection: it is closed with code
-    /// 1008 and the error's text as reason, and `on_disconnect` does not run for it.
-    pub fn on_connect<F, Fut, E>(mut self, hook: F) -> Self
+    /// Runs when a connection is registered, before any of its frames is written or read:
+    /// it sees the upgrade request through the [`Connection`] and may set its metadata
+    /// ([`Connection::set_metadata`]) or send it pushes (they follow `mesh/assign-id`).
+    /// An `Err` refuses the connection: it is closed with code 1008 and the error's
+    /// message as reason before it ever gets an id, and `on_disconnect` does not run.
+    pub fn on_connect<F, Fut>(mut self, hook: F) -> Self
     where
         F: Fn(Connection) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<(), E>> + Send + 'static,
-        E: Display,
+        Fut: Future<Output = Result<(), CommandError>> + Send + 'static,
     {
-        self.on_connect = Some(Arc::new(move |connection| {
-            let fut = hook(connection);
-            Box::pin(async move { fut.await.map_err(|err| err.to_string()) })
-        }));
+        self.on_connect = Some(Arc::new(move |connection| Box::pin(hook(connection))));
         self
     }
 
     /// Runs once for every accepted connection when it ends, whatever ended it (the
-    /// client, the network, a missed pong, a slow-consumer close, shutdown).
+    /// client, the network, a missed pong, a slow-consumer close, shutdown). The
+    /// connection is still registered while it runs, so its metadata can be read.
     pub fn on_disconnect<F, Fut>(mut self, hook: F) -> Self
     where
         F: Fn(Connection) -> Fut + Send + Sync + 'static,

@@ -31,7 +31,7 @@ pub use backend::MemoryBackend;
 #[cfg(feature = "redis")]
 pub use backend::{RedisBackend, RedisBackendBuilder};
 pub use builder::MeshBuilder;
-pub use command::{from_fn, CommandRequest, CommandService, Next};
+pub use command::{from_fn, CommandRequest, CommandService, Json, Next};
 pub use connection::{CloseReason, Connection, SendError};
 pub use error::{BoxError, CommandError, MeshError};
 pub use layer::{MeshBody, MeshFuture, MeshLayer, MeshService};

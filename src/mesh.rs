@@ -15,13 +15,14 @@ use crate::builder::MeshBuilder;
 use crate::command::CommandService;
 use crate::config::MeshConfig;
 use crate::connection::{CloseReason, Connection, Registry};
-use crate::error::MeshError;
+use crate::error::{CommandError, MeshError};
 use crate::layer::MeshLayer;
 use crate::metadata::MergeStrategy;
 use crate::protocol::{self, Frame};
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-pub(crate) type OnConnect = Arc<dyn Fn(Connection) -> BoxFuture<Result<(), String>> + Send + Sync>;
+pub(crate) type OnConnect =
+    Arc<dyn Fn(Connection) -> BoxFuture<Result<(), CommandError>> + Send + Sync>;
 pub(crate) type OnDisconnect = Arc<dyn Fn(Connection) -> BoxFuture<()> + Send + Sync>;
 
 /// The handle to a running mesh: every server-side operation (pushes, broadcasts,
@@ -301,6 +302,10 @@ impl Mesh {
         Ok(())
     }
 
+        pub(crate) fn downgrade(&self) -> Weak<MeshInner> {
+        Arc::downgrade(&self.inner)
+    }
+
     pub(crate) fn from_weak(inner: &Weak<MeshInner>) -> Option<Mesh> {
         inner.upgrade().map(|inner| Mesh { inner })
     }
@@ -341,10 +346,20 @@ impl Mesh {
         }
     }
 
+    /// Runs `on_connect`; an error (or a panic) refuses the connection with its message.
     pub(crate) async fn run_on_connect(&self, connection: &Connection) -> Result<(), String> {
-        match &self.inner.on_connect {
-            Some(hook) => hook(connection.clone()).await,
-            None => Ok(()),
+        use futures_util::FutureExt;
+        let Some(hook) = &self.inner.on_connect else {
+            return Ok(());
+        };
+        let run = std::panic::AssertUnwindSafe(hook(connection.clone())).catch_unwind();
+        match run.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(err.message().to_owned()),
+            Err(_) => {
+                tracing::error!("on_connect panicked");
+                Err("connection refused".to_owned())
+            }
         }
     }
 

@@ -1,1 +1,169 @@
-fn main() {}
+//! A small chat app: tower-mesh mounted on an axum `Router`, behind an HTTP auth layer.
+//!
+//! What it shows:
+//! - mesh served as a tower `Layer` on `/ws`, next to ordinary routes (`/` serves a chat
+//!   page, `GET /health` answers `ok`);
+//! - HTTP auth reused for WebSockets: an `axum::middleware::from_fn` layer in front of the
+//!   mesh layer requires `?token=...` on `/ws` and answers `401` before any upgrade; a good
+//!   token puts a `User` in the request extensions, which every command then reads with the
+//!   `Extension<User>` extractor;
+//! - commands `say {text}` (broadcast to everyone as a `chat` push) and `whoami`;
+//! - an `on_connect` hook that stores `{"name": user}` as the connection's metadata;
+//! - tower layers as command middleware (`TimeoutLayer` around every command);
+//! - graceful shutdown on Ctrl-C: axum stops accepting, mesh closes every WebSocket with
+//!   a going-away frame.
+//!
+//! The page speaks the mesh wire protocol with the browser's own `WebSocket`, no library.
+//!
+//! ```text
+//! cargo run --example axum
+//! # then open http://127.0.0.1:3000/?token=alice-token
+//! # and, in another window, http://127.0.0.1:3000/?token=bob-token
+//! ```
+//!
+//! `PORT` sets the port (default 3000); `RUST_LOG` the log filter (default `info`).
+
+use std::time::Duration;
+
+use axum::extract::{Query, Request};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tower::timeout::TimeoutLayer;
+use tower_mesh::extract::{Extension, Payload};
+use tower_mesh::{CommandError, Connection, MergeStrategy, Mesh};
+
+/// The chat page: plain HTML and JavaScript, no external scripts.
+const INDEX_HTML: &str = include_str!("index.html");
+
+/// Longest chat message, in characters.
+const MAX_TEXT_CHARS: usize = 500;
+
+/// The demo's users, by token. A real app would look the token up in a session store.
+const TOKENS: &[(&str, &str)] = &[("alice-token", "alice"), ("bob-token", "bob")];
+
+/// Who is connected: put in the upgrade request's extensions by [`auth`].
+#[derive(Clone, Debug)]
+struct User {
+    name: String,
+}
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+/// HTTP auth for the WebSocket endpoint: runs before the mesh layer, so a request without
+/// a valid token never becomes a WebSocket.
+async fn auth(mut request: Request, next: Next) -> Response {
+    if request.uri().path() != "/ws" {
+        return next.run(request).await;
+    }
+    let token = Query::<TokenQuery>::try_from_uri(request.uri())
+        .ok()
+        .and_then(|Query(query)| query.token);
+    let user = token.and_then(|token| {
+        TOKENS
+            .iter()
+            .find(|(known, _)| *known == token)
+            .map(|(_, name)| User {
+                name: (*name).to_owned(),
+            })
+    });
+    match user {
+        Some(user) => {
+            request.extensions_mut().insert(user);
+            next.run(request).await
+        }
+        None => (StatusCode::UNAUTHORIZED, "missing or invalid token\n").into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct Say {
+    text: String,
+}
+
+/// `say {text}`: broadcasts `{"command":"chat","payload":{"from","text"}}` to everyone.
+async fn say(
+    mesh: Mesh,
+    Extension(user): Extension<User>,
+    Payload(say): Payload<Say>,
+) -> Result<Value, CommandError> {
+    if say.text.trim().is_empty() {
+        return Err(CommandError::invalid("text must not be empty"));
+    }
+    if say.text.chars().count() > MAX_TEXT_CHARS {
+        return Err(CommandError::invalid(format!(
+            "text must be at most {MAX_TEXT_CHARS} characters"
+        )));
+    }
+    mesh.broadcast("chat", &json!({ "from": user.name, "text": say.text }))
+        .await?;
+    Ok(json!({ "success": true }))
+}
+
+/// `whoami`: the user the auth layer found for this connection.
+async fn whoami(Extension(user): Extension<User>) -> Value {
+    json!({ "name": user.name })
+}
+
+#[tokio::main]
+async fn main() -> std::io::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let port: u16 = std::env::var("PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(3000);
+
+    let (mesh_layer, mesh) = Mesh::builder()
+        .path("/ws")
+        .command("say", say)
+        .command("whoami", whoami)
+        // Any tower layer works as command middleware; this one wraps every command,
+        // the built-in `mesh/*` ones included, and answers `ETIMEOUT` after 5 s.
+        .layer(TimeoutLayer::new(Duration::from_secs(5)))
+        .on_connect(|connection: Connection| async move {
+            let user = connection
+                .extensions()
+                .get::<User>()
+                .cloned()
+                .ok_or_else(|| CommandError::forbidden("no user on the upgrade request"))?;
+            connection
+                .set_metadata(json!({ "name": user.name }), MergeStrategy::Replace)
+                .await?;
+            tracing::info!(user = %user.name, "joined");
+            Ok(())
+        })
+        .on_disconnect(|connection: Connection| async move {
+            if let Some(user) = connection.extensions().get::<User>() {
+                tracing::info!(user = %user.name, "left");
+            }
+        })
+        .build();
+
+    let app = Router::new()
+        .route("/", get(|| async { Html(INDEX_HTML) }))
+        .route("/health", get(|| async { "ok" }))
+        // Layers added later run first: `auth` sees every request before the mesh layer.
+        .layer(mesh_layer)
+        .layer(middleware::from_fn(auth));
+
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    tracing::info!("chat on http://127.0.0.1:{port}/?token=alice-token (or bob-token)");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutting down");
+            mesh.shutdown().await;
+        })
+        .await
+}

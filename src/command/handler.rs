@@ -46,6 +46,27 @@ impl IntoCommandResponse for String {
     }
 }
 
+/// A reply of any serialisable type: `async fn stats() -> Json<Stats>`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Json<T>(pub T);
+
+impl<T: Serialize> IntoCommandResponse for Json<T> {
+    fn into_command_response(self) -> Result<Value, BoxError> {
+        Ok::<T, BoxError>(self.0).into_command_response()
+    }
+}
+
+macro_rules! number_responses {
+    ($($number:ty),*) => {$(
+        impl IntoCommandResponse for $number {
+            fn into_command_response(self) -> Result<Value, BoxError> {
+                Ok(Value::from(self))
+            }
+        }
+    )*};
+}
+number_responses!(u8, u16, u32, u64, usize, i8, i16, i32, i64, isize, f32, f64);
+
 impl IntoCommandResponse for CommandError {
     fn into_command_response(self) -> Result<Value, BoxError> {
         Err(Box::new(self))

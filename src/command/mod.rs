@@ -22,7 +22,7 @@ use crate::error::BoxError;
 use crate::mesh::Mesh;
 
 pub use extract::{Extension, FromCommandRequest, Payload, State};
-pub use handler::{handler_service, Handler, HandlerService, IntoCommandResponse};
+pub use handler::{handler_service, Handler, HandlerService, IntoCommandResponse, Json};
 pub use middleware::{from_fn, FromFn, FromFnLayer, Next};
 
 /// The type-erased command service every command becomes once its layers are applied.

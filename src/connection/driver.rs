@@ -56,7 +56,12 @@ async fn serve_connection(
     parts: http::request::Parts,
     id: Arc<str>,
 ) {
-    let connection = Connection::new(id, parts, mesh.config().max_outbound_bytes);
+    let connection = Connection::new(
+        id,
+        parts,
+        mesh.config().max_outbound_bytes,
+        mesh.downgrade(),
+    );
     let (mut sink, mut stream) = socket.split();
 
     // Register first, then assign the id, then read (PROTOCOL.md §8): no command can run
@@ -64,10 +69,19 @@ async fn serve_connection(
     let _live = mesh.connection_started();
     if let Err(err) = mesh.register(&connection).await {
         tracing::warn!(%err, "could not register connection");
-        connection.close_with(CloseReason::Unavailable);
-        finish(&connection, &mut sink, &mut stream, None).await;
+        connection.close_with(match err {
+            crate::error::MeshError::ShuttingDown => CloseReason::GoingAway,
+            _ => CloseReason::Unavailable,
+        });
+        finish(&connection, &mut sink, &mut stream, false).await;
         return;
     }
+    // The id is queued before `on_connect` runs, so anything the hook sends follows it;
+    // nothing is written until the hook has accepted the connection.
+    let _ = connection.push_frame(Frame::from(protocol::push(
+        protocol::ASSIGN_ID,
+        connection.id(),
+    )));
     let accepted = match mesh.run_on_connect(&connection).await {
         Ok(()) => true,
         Err(reason) => {
@@ -77,10 +91,6 @@ async fn serve_connection(
         }
     };
     if accepted {
-        let _ = connection.push_frame(Frame::from(protocol::push(
-            protocol::ASSIGN_ID,
-            connection.id(),
-        )));
         tracing::debug!("connected");
         {
             let reader = read_loop(&mesh, &connection, &mut stream);
@@ -94,16 +104,18 @@ async fn serve_connection(
                 Either::Right((_, _reader)) => {}
             }
         }
-        finish(&connection, &mut sink, &mut stream, Some(())).await;
+        finish(&connection, &mut sink, &mut stream, true).await;
     } else {
-        finish(&connection, &mut sink, &mut stream, None).await;
+        finish(&connection, &mut sink, &mut stream, false).await;
     }
     // Whatever ended it, the handle now reports the connection as closed.
     connection.close_with(CloseReason::PeerClosed);
-    mesh.unregister(&connection).await;
+    // The hook runs while the connection is still registered, so it can read the
+    // connection's metadata one last time.
     if accepted {
         mesh.run_on_disconnect(&connection).await;
     }
+    mesh.unregister(&connection).await;
     tracing::debug!(reason = ?connection.close_reason(), "disconnected");
 }
 
@@ -113,7 +125,7 @@ async fn finish<W, R>(
     connection: &Connection,
     sink: &mut W,
     stream: &mut R,
-    close_already_written: Option<()>,
+    close_already_written: bool,
 ) where
     W: Sink<Message, Error = WsError> + Unpin,
     R: Stream<Item = Result<Message, WsError>> + Unpin,
@@ -122,7 +134,7 @@ async fn finish<W, R>(
     if reason == CloseReason::PeerClosed {
         return;
     }
-    if close_already_written.is_none() {
+    if !close_already_written {
         let _ = tokio::time::timeout(CLOSE_GRACE, sink.send(close_message(&reason))).await;
     }
     let _ = tokio::time::timeout(CLOSE_GRACE, async {

@@ -5,11 +5,15 @@ mod outbound;
 mod registry;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use serde_json::Value;
 
+use crate::error::MeshError;
+use crate::mesh::{Mesh, MeshInner};
+use crate::metadata::MergeStrategy;
 use crate::protocol::{self, Frame};
 
 pub(crate) use driver::serve;
@@ -28,6 +32,8 @@ pub struct Connection {
 
 struct Shared {
     id: Arc<str>,
+    /// Weak: a handle kept by user code must not keep a shut-down mesh alive.
+    mesh: Weak<MeshInner>,
     parts: http::request::Parts,
     outbound: Outbound,
     liveness: Liveness,
@@ -43,14 +49,16 @@ struct Liveness {
 }
 
 impl Connection {
-    pub(crate) fn new(
+        pub(crate) fn new(
         id: Arc<str>,
         parts: http::request::Parts,
         max_outbound_bytes: usize,
+        mesh: Weak<MeshInner>,
     ) -> Self {
         Connection {
             shared: Arc::new(Shared {
                 id,
+                mesh,
                 parts,
                 outbound: Outbound::new(max_outbound_bytes),
                 liveness: Liveness {
@@ -88,6 +96,28 @@ impl Connection {
     /// The upgrade request's extensions: whatever HTTP layers stored there.
     pub fn extensions(&self) -> &http::Extensions {
         &self.shared.parts.extensions
+    }
+
+        /// The mesh this connection belongs to; `None` once the mesh is gone.
+    pub fn mesh(&self) -> Option<Mesh> {
+        Mesh::from_weak(&self.shared.mesh)
+    }
+
+    fn require_mesh(&self) -> Result<Mesh, MeshError> {
+        self.mesh().ok_or(MeshError::ShuttingDown)
+    }
+
+    /// This connection's metadata (`None` when none was set), as every instance sees it.
+    pub async fn metadata(&self) -> Result<Option<Value>, MeshError> {
+        self.require_mesh()?.connection_metadata(self.id()).await
+    }
+
+    /// Combines `metadata` into this connection's metadata with `strategy`.
+    pub async fn set_metadata(&self, metadata: Value, strategy: MergeStrategy) -> Result<(), MeshError> {
+        self.require_mesh()?
+            .set_connection_metadata(self.id(), metadata, strategy)
+            .await
+            .map(drop)
     }
 
     /// Sends a push `{command, payload}` to this connection. It never waits: the frame is

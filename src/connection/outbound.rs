@@ -68,7 +68,7 @@ impl CloseReason {
     fn keeps_queued_frames(&self) -> bool {
         matches!(
             self,
-            CloseReason::Normal(_) | CloseReason::GoingAway | CloseReason::Refused(_)
+            CloseReason::Normal(_) | CloseReason::GoingAway
         )
     }
 }
