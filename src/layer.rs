@@ -82,7 +82,10 @@ where
 impl<S> MeshService<S> {
     /// Passes a request on, with the `Mesh` handle in its extensions so that HTTP handlers
     /// behind the layer can reach the server-side API.
-    fn call_inner<ReqBody, ResBody>(&mut self, mut request: Request<ReqBody>) -> MeshFuture<S::Future>
+    fn call_inner<ReqBody, ResBody>(
+        &mut self,
+        mut request: Request<ReqBody>,
+    ) -> MeshFuture<S::Future>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     {

@@ -302,7 +302,7 @@ impl Mesh {
         Ok(())
     }
 
-        pub(crate) fn downgrade(&self) -> Weak<MeshInner> {
+    pub(crate) fn downgrade(&self) -> Weak<MeshInner> {
         Arc::downgrade(&self.inner)
     }
 

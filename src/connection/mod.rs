@@ -49,7 +49,7 @@ struct Liveness {
 }
 
 impl Connection {
-        pub(crate) fn new(
+    pub(crate) fn new(
         id: Arc<str>,
         parts: http::request::Parts,
         max_outbound_bytes: usize,
@@ -98,7 +98,7 @@ impl Connection {
         &self.shared.parts.extensions
     }
 
-        /// The mesh this connection belongs to; `None` once the mesh is gone.
+    /// The mesh this connection belongs to; `None` once the mesh is gone.
     pub fn mesh(&self) -> Option<Mesh> {
         Mesh::from_weak(&self.shared.mesh)
     }
@@ -113,7 +113,11 @@ impl Connection {
     }
 
     /// Combines `metadata` into this connection's metadata with `strategy`.
-    pub async fn set_metadata(&self, metadata: Value, strategy: MergeStrategy) -> Result<(), MeshError> {
+    pub async fn set_metadata(
+        &self,
+        metadata: Value,
+        strategy: MergeStrategy,
+    ) -> Result<(), MeshError> {
         self.require_mesh()?
             .set_connection_metadata(self.id(), metadata, strategy)
             .await

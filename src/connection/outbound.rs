@@ -66,10 +66,7 @@ impl CloseReason {
 
     /// Whether frames already queued should still be written before the close frame.
     fn keeps_queued_frames(&self) -> bool {
-        matches!(
-            self,
-            CloseReason::Normal(_) | CloseReason::GoingAway
-        )
+        matches!(self, CloseReason::Normal(_) | CloseReason::GoingAway)
     }
 }
 

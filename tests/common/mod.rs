@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-use tower_mesh::{Mesh, MeshBuilder, MemoryBackend};
+use tower_mesh::{MemoryBackend, Mesh, MeshBuilder};
 
 /// How long a test waits for something that should happen promptly.
 pub const WAIT: Duration = Duration::from_secs(5);
@@ -49,7 +49,9 @@ pub async fn serve(builder: MeshBuilder) -> TestServer {
 pub async fn serve_router(builder: MeshBuilder, router: Router) -> TestServer {
     let (layer, mesh) = builder.build();
     let app = router.route("/health", get(|| async { "ok" })).layer(layer);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let task = tokio::spawn(async move {
         axum::serve(listener, app).await.expect("serve");
@@ -85,10 +87,15 @@ pub struct RawClient {
 impl RawClient {
     /// Connects and waits for `mesh/assign-id`.
     pub async fn connect(url: &str) -> RawClient {
-        let (mut socket, _) = tokio_tungstenite::connect_async(url).await.expect("connect");
+        let (mut socket, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("connect");
         let first = next_json(&mut socket).await;
         assert_eq!(first["command"], "mesh/assign-id", "first frame: {first}");
-        let id = first["payload"].as_str().expect("id is a string").to_owned();
+        let id = first["payload"]
+            .as_str()
+            .expect("id is a string")
+            .to_owned();
         RawClient { socket, id }
     }
 
@@ -102,7 +109,8 @@ impl RawClient {
 
     /// Sends a command and waits for the reply with that id, skipping pushes.
     pub async fn command(&mut self, id: u64, command: &str, payload: Value) -> Value {
-        self.send_json(json!({"id": id, "command": command, "payload": payload})).await;
+        self.send_json(json!({"id": id, "command": command, "payload": payload}))
+            .await;
         self.reply(id).await
     }
 
@@ -139,7 +147,9 @@ impl RawClient {
                 .await
                 .expect("timed out waiting for close");
             match message {
-                Some(Ok(Message::Close(Some(frame)))) => return (frame.code.into(), frame.reason.to_string()),
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return (frame.code.into(), frame.reason.to_string())
+                }
                 Some(Ok(Message::Close(None))) => return (1005, String::new()),
                 Some(Ok(_)) => continue,
                 Some(Err(err)) => panic!("socket error before close frame: {err}"),
@@ -158,7 +168,9 @@ pub async fn next_json(socket: &mut WebSocketStream<MaybeTlsStream<TcpStream>>) 
             .expect("socket ended")
             .expect("socket error");
         match message {
-            Message::Text(text) => return serde_json::from_str(&text).expect("server sent invalid JSON"),
+            Message::Text(text) => {
+                return serde_json::from_str(&text).expect("server sent invalid JSON")
+            }
             Message::Close(frame) => panic!("closed while waiting for a frame: {frame:?}"),
             _ => continue,
         }
