@@ -339,7 +339,7 @@ impl Mesh {
         if let Err(err) = self
             .inner
             .backend
-            .unregister_connection(connection.id())
+            .unregister_connection(&self.inner.instance_id, connection.id())
             .await
         {
             tracing::warn!(%err, "could not unregister connection from the backend");

@@ -95,7 +95,11 @@ impl Backend for MemoryBackend {
         ready(())
     }
 
-    fn unregister_connection<'a>(&'a self, connection_id: &'a str) -> BackendFuture<'a, ()> {
+    fn unregister_connection<'a>(
+        &'a self,
+        _instance_id: &'a str,
+        connection_id: &'a str,
+    ) -> BackendFuture<'a, ()> {
         self.lock().connections.remove(connection_id);
         ready(())
     }

@@ -74,7 +74,11 @@ pub(crate) trait Backend: Send + Sync + 'static {
     ) -> BackendFuture<'a, ()>;
 
     /// Forgets a connection and everything stored for it.
-    fn unregister_connection<'a>(&'a self, connection_id: &'a str) -> BackendFuture<'a, ()>;
+    fn unregister_connection<'a>(
+        &'a self,
+        instance_id: &'a str,
+        connection_id: &'a str,
+    ) -> BackendFuture<'a, ()>;
 
     /// A connection's metadata; `None` when it has none or is unknown.
     fn connection_metadata<'a>(

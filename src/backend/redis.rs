@@ -41,6 +41,7 @@
 //! Scripts touch keys they compute from the prefix, so this layout targets a single Redis
 //! (or a primary with replicas), not Redis Cluster.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -81,14 +82,14 @@ struct Shared {
     heartbeat_interval: Duration,
     instance_ttl: Duration,
     scripts: Scripts,
-    tasks: Mutex<Vec<JoinHandle<()>>>,
-    instance_id: Mutex<Option<Arc<str>>>,
+    /// Background tasks by instance: one backend value may serve several meshes.
+    tasks: Mutex<HashMap<Arc<str>, Vec<JoinHandle<()>>>>,
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
         if let Ok(tasks) = self.tasks.get_mut() {
-            for task in tasks.drain(..) {
+            for task in tasks.drain().flat_map(|(_, tasks)| tasks) {
                 task.abort();
             }
         }
@@ -258,8 +259,7 @@ impl RedisBackendBuilder {
                 heartbeat_interval: self.heartbeat_interval,
                 instance_ttl: self.instance_ttl,
                 scripts: Scripts::new(),
-                tasks: Mutex::new(Vec::new()),
-                instance_id: Mutex::new(None),
+                tasks: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -298,14 +298,6 @@ impl RedisBackend {
         tokio::time::timeout(OPERATION_TIMEOUT, operation)
             .await
             .unwrap_or_else(|_| Err(MeshError::Unavailable("Redis operation timed out".into())))
-    }
-
-    fn local_instance(&self) -> Option<Arc<str>> {
-        self.shared
-            .instance_id
-            .lock()
-            .ok()
-            .and_then(|id| id.clone())
     }
 
     async fn heartbeat(&self, instance_id: &str) -> Result<bool, MeshError> {
@@ -374,9 +366,9 @@ impl RedisBackend {
         pipe.query_async::<()>(&mut conn).await.map_err(redis_error)
     }
 
-    fn spawn(&self, task: JoinHandle<()>) {
+    fn spawn(&self, instance_id: &Arc<str>, task: JoinHandle<()>) {
         if let Ok(mut tasks) = self.shared.tasks.lock() {
-            tasks.push(task);
+            tasks.entry(instance_id.clone()).or_default().push(task);
         }
     }
 }
@@ -569,25 +561,24 @@ impl Backend for RedisBackend {
                 Ok(Err(err)) => return Err(err),
                 Err(_) => return Err(MeshError::Unavailable("Redis subscriber stopped".into())),
             }
-            self.spawn(subscriber);
-            self.spawn(tokio::spawn(run_heartbeat(
-                self.downgrade(),
-                instance_id.clone(),
-                inbox,
-            )));
-            if let Ok(mut id) = self.shared.instance_id.lock() {
-                *id = Some(instance_id);
-            }
+            let heartbeat =
+                tokio::spawn(run_heartbeat(self.downgrade(), instance_id.clone(), inbox));
+            self.spawn(&instance_id, subscriber);
+            self.spawn(&instance_id, heartbeat);
             Ok(())
         })
     }
 
     fn detach<'a>(&'a self, instance_id: &'a str) -> BackendFuture<'a, ()> {
         Box::pin(async move {
-            if let Ok(mut tasks) = self.shared.tasks.lock() {
-                for task in tasks.drain(..) {
-                    task.abort();
-                }
+            let stopped = self
+                .shared
+                .tasks
+                .lock()
+                .ok()
+                .and_then(|mut tasks| tasks.remove(instance_id));
+            for task in stopped.into_iter().flatten() {
+                task.abort();
             }
             let keys = &self.shared.keys;
             self.run(async {
@@ -620,10 +611,14 @@ impl Backend for RedisBackend {
         })
     }
 
-    fn unregister_connection<'a>(&'a self, connection_id: &'a str) -> BackendFuture<'a, ()> {
+    fn unregister_connection<'a>(
+        &'a self,
+        instance_id: &'a str,
+        connection_id: &'a str,
+    ) -> BackendFuture<'a, ()> {
         Box::pin(self.run(async move {
             let keys = &self.shared.keys;
-            let instance_id = self.local_instance().unwrap_or_else(|| Arc::from(""));
+
             let mut conn = self.connection().await?;
             redis::pipe()
                 .atomic()
@@ -631,7 +626,7 @@ impl Backend for RedisBackend {
                 .arg(keys.connection(connection_id))
                 .ignore()
                 .cmd("SREM")
-                .arg(keys.instance_connections(&instance_id))
+                .arg(keys.instance_connections(instance_id))
                 .arg(connection_id)
                 .ignore()
                 .cmd("ZREM")
