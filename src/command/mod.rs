@@ -3,7 +3,7 @@
 //!
 //! A command handler is any `Service<CommandRequest, Response = Value>` whose error converts
 //! into [`BoxError`]; its error becomes the reply's `{error, code, name}` payload (see
-//! [`CommandError::from_box`]). Middleware is any tower `Layer` over [`CommandService`].
+//! [`CommandError::from_box`](crate::CommandError::from_box)). Middleware is any tower `Layer` over [`CommandService`].
 
 mod dispatch;
 mod extract;
