@@ -104,18 +104,16 @@ async fn serve_connection(
                 Either::Right((_, _reader)) => {}
             }
         }
-        finish(&connection, &mut sink, &mut stream, true).await;
-    } else {
-        finish(&connection, &mut sink, &mut stream, false).await;
-    }
-    // Whatever ended it, the handle now reports the connection as closed.
-    connection.close_with(CloseReason::PeerClosed);
-    // The hook runs while the connection is still registered, so it can read the
-    // connection's metadata one last time.
-    if accepted {
+        // Whatever ended it, the handle now reports the connection as closed.
+        connection.close_with(CloseReason::PeerClosed);
+        // The hook runs while the connection is still registered, so it can read the
+        // connection's metadata one last time.
         mesh.run_on_disconnect(&connection).await;
     }
+    // Clean up before waiting on the peer's close acknowledgement, so that a peer that
+    // never answers cannot keep a dead connection listed.
     mesh.unregister(&connection).await;
+    finish(&connection, &mut sink, &mut stream, accepted).await;
     tracing::debug!(reason = ?connection.close_reason(), "disconnected");
 }
 

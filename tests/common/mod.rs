@@ -63,6 +63,12 @@ pub async fn serve_router(builder: MeshBuilder, router: Router) -> TestServer {
 #[derive(Debug, Clone)]
 pub enum Backend {
     Memory(MemoryBackend),
+    /// The Redis at `REDIS_URL` (default `redis://127.0.0.1:6379`), under a key prefix of
+    /// this test's own so that parallel tests never collide.
+    Redis {
+        url: String,
+        prefix: String,
+    },
 }
 
 impl Backend {
@@ -70,12 +76,56 @@ impl Backend {
         Backend::Memory(MemoryBackend::new())
     }
 
-    /// A builder on this backend; builders from one `Backend` value form one mesh.
+    pub fn redis() -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        Backend::Redis {
+            url: std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+            prefix: format!("mesh-test:{}:{nanos:x}:{n}:", std::process::id()),
+        }
+    }
+
+    /// A builder on this backend; builders from one `Backend` value form one mesh (each
+    /// is a separate instance).
     pub fn builder(&self) -> MeshBuilder {
         match self {
             Backend::Memory(backend) => Mesh::builder().memory_backend(backend.clone()),
+            Backend::Redis { url, prefix } => Mesh::builder().redis_backend(
+                tower_mesh::RedisBackend::builder(url.as_str())
+                    .prefix(prefix.as_str())
+                    .build()
+                    .expect("Redis backend"),
+            ),
         }
     }
+}
+
+/// Instantiates `async fn name(backend: Backend)` tests once per backend:
+/// `conformance!(a, b);` makes `memory::a`, `redis::a`, `memory::b`, `redis::b`.
+#[macro_export]
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::memory()).await
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::redis()).await
+                }
+            )*
+        }
+    };
 }
 
 /// A WebSocket client that speaks raw frames, for protocol-level assertions.
@@ -87,7 +137,14 @@ pub struct RawClient {
 impl RawClient {
     /// Connects and waits for `mesh/assign-id`.
     pub async fn connect(url: &str) -> RawClient {
-        let (mut socket, _) = tokio_tungstenite::connect_async(url)
+        Self::connect_request(url).await
+    }
+
+    /// Connects with a request of your own (headers, query) and waits for `mesh/assign-id`.
+    pub async fn connect_request(
+        request: impl tokio_tungstenite::tungstenite::client::IntoClientRequest + Unpin,
+    ) -> RawClient {
+        let (mut socket, _) = tokio_tungstenite::connect_async(request)
             .await
             .expect("connect");
         let first = next_json(&mut socket).await;
@@ -101,6 +158,33 @@ impl RawClient {
 
     pub async fn send_text(&mut self, text: &str) {
         self.socket.send(Message::text(text)).await.expect("send");
+    }
+
+    pub async fn send_binary(&mut self, bytes: Vec<u8>) {
+        self.socket
+            .send(Message::binary(bytes))
+            .await
+            .expect("send");
+    }
+
+    /// The next text frame exactly as the server wrote it.
+    pub async fn next_text(&mut self) -> String {
+        loop {
+            let message = tokio::time::timeout(WAIT, self.socket.next())
+                .await
+                .expect("timed out waiting for a frame")
+                .expect("socket ended")
+                .expect("socket error");
+            if let Message::Text(text) = message {
+                return text.to_string();
+            }
+        }
+    }
+
+    /// Closes from the client side (code 1000) and waits for the server's answer.
+    pub async fn close(&mut self) {
+        let _ = self.socket.close(None).await;
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, self.socket.next()).await {}
     }
 
     pub async fn send_json(&mut self, frame: Value) {
@@ -174,5 +258,18 @@ pub async fn next_json(socket: &mut WebSocketStream<MaybeTlsStream<TcpStream>>) 
             Message::Close(frame) => panic!("closed while waiting for a frame: {frame:?}"),
             _ => continue,
         }
+    }
+}
+
+/// The first frame on a raw socket must be a close frame: returns (code, reason).
+pub async fn first_close(socket: &mut WebSocketStream<MaybeTlsStream<TcpStream>>) -> (u16, String) {
+    let message = tokio::time::timeout(WAIT, socket.next())
+        .await
+        .expect("timed out waiting for close")
+        .expect("socket ended")
+        .expect("socket error");
+    match message {
+        Message::Close(Some(frame)) => (frame.code.into(), frame.reason.to_string()),
+        other => panic!("expected a close frame first, got {other:?}"),
     }
 }
