@@ -222,8 +222,12 @@ impl ClientBuilder {
             wake: Notify::new(),
             task: Mutex::new(None),
         });
-        let first = open(&inner).await?;
-        let task = tokio::spawn(run(inner.clone(), first));
+        let (socket, id) = open(&inner).await?;
+        let outgoing = install(&inner, &id);
+        let _ = inner.events.send(ClientEvent::Connected {
+            connection_id: id.clone(),
+        });
+        let task = tokio::spawn(run(inner.clone(), (socket, outgoing)));
         *lock(&inner.task) = Some(task);
         Ok(MeshClient {
             handle: Arc::new(Handle { inner, owner: true }),
@@ -348,15 +352,22 @@ fn parse(message: &Message) -> Option<Value> {
     }
 }
 
+/// Makes a freshly opened connection the current one: its id and its outgoing queue.
+fn install(inner: &Inner, id: &str) -> mpsc::UnboundedReceiver<Message> {
+    let (link, outgoing) = mpsc::unbounded_channel();
+    *lock(&inner.link) = Some(link);
+    inner.connection_id.send_replace(Some(id.to_owned()));
+    outgoing
+}
+
 /// Owns the socket for the client's whole life: one connection after another.
-async fn run(inner: Arc<Inner>, first: (Socket, String)) {
+async fn run(inner: Arc<Inner>, first: (Socket, mpsc::UnboundedReceiver<Message>)) {
     let mut current = Some(first);
-    let mut reconnected = false;
     let mut delay = inner.backoff.0;
     loop {
-        if let Some((socket, id)) = current.take() {
+        if let Some((socket, outgoing)) = current.take() {
             delay = inner.backoff.0;
-            serve(&inner, socket, id, reconnected).await;
+            serve(&inner, socket, outgoing).await;
             inner.connection_id.send_replace(None);
             *lock(&inner.link) = None;
             lock(&inner.pending).clear();
@@ -373,9 +384,10 @@ async fn run(inner: Arc<Inner>, first: (Socket, String)) {
             return;
         }
         match open(&inner).await {
-            Ok(opened) => {
-                current = Some(opened);
-                reconnected = true;
+            Ok((socket, id)) => {
+                let outgoing = install(&inner, &id);
+                announce_reconnect(&inner, id);
+                current = Some((socket, outgoing));
             }
             Err(err) => {
                 tracing::debug!(%err, "reconnect failed");
@@ -386,17 +398,11 @@ async fn run(inner: Arc<Inner>, first: (Socket, String)) {
 }
 
 /// Runs one connection until it drops, the client closes, or a reconnect is forced.
-async fn serve(inner: &Arc<Inner>, mut socket: Socket, id: String, reconnected: bool) {
-    let (link, mut outgoing) = mpsc::unbounded_channel();
-    *lock(&inner.link) = Some(link);
-    inner.connection_id.send_replace(Some(id.clone()));
-    if reconnected {
-        announce_reconnect(inner, id);
-    } else {
-        let _ = inner
-            .events
-            .send(ClientEvent::Connected { connection_id: id });
-    }
+async fn serve(
+    inner: &Arc<Inner>,
+    mut socket: Socket,
+    mut outgoing: mpsc::UnboundedReceiver<Message>,
+) {
     let mut ping_deadline = Instant::now() + inner.ping_timeout;
     loop {
         tokio::select! {
