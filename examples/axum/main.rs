@@ -21,7 +21,8 @@
 //! # and, in another window, http://127.0.0.1:3000/?token=bob-token
 //! ```
 //!
-//! `PORT` sets the port (default 3000); `RUST_LOG` the log filter (default `info`).
+//! `PORT` sets the port (default 3000); `RUST_LOG` the log filter (default `info`);
+//! `REDIS_URL` switches to the Redis backend, so several instances serve one chat.
 
 use std::time::Duration;
 
@@ -124,7 +125,13 @@ async fn main() -> std::io::Result<()> {
         .and_then(|p| p.parse().ok())
         .unwrap_or(3000);
 
-    let (mesh_layer, mesh) = Mesh::builder()
+    // In-memory by default; with REDIS_URL set, every instance on that Redis is one mesh.
+    let mut builder = Mesh::builder();
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        builder = builder.redis(&url).map_err(std::io::Error::other)?;
+        tracing::info!("using the Redis backend at {url}");
+    }
+    let (mesh_layer, mesh) = builder
         .path("/ws")
         .command("say", say)
         .command("whoami", whoami)
