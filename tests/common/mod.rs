@@ -47,8 +47,21 @@ pub async fn serve(builder: MeshBuilder) -> TestServer {
 
 /// Serves `builder` layered on `router` (which gets `GET /health` added).
 pub async fn serve_router(builder: MeshBuilder, router: Router) -> TestServer {
+    serve_wrapped(builder, |mesh_layer| {
+        router
+            .route("/health", get(|| async { "ok" }))
+            .layer(mesh_layer)
+    })
+    .await
+}
+
+/// Serves the app `make_app` builds around the mesh layer (so HTTP layers can go outside it).
+pub async fn serve_wrapped(
+    builder: MeshBuilder,
+    make_app: impl FnOnce(tower_mesh::MeshLayer) -> Router,
+) -> TestServer {
     let (layer, mesh) = builder.build();
-    let app = router.route("/health", get(|| async { "ok" })).layer(layer);
+    let app = make_app(layer);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -198,6 +211,18 @@ impl RawClient {
         self.reply(id).await
     }
 
+    /// The next `n` replies, by id (replies may arrive in any order; pushes are skipped).
+    pub async fn replies(&mut self, n: usize) -> std::collections::HashMap<u64, Value> {
+        let mut replies = std::collections::HashMap::new();
+        while replies.len() < n {
+            let frame = self.next().await;
+            if let Some(id) = frame["id"].as_u64() {
+                replies.insert(id, frame);
+            }
+        }
+        replies
+    }
+
     /// The next frame whose id is `id` (pushes and other replies are skipped).
     pub async fn reply(&mut self, id: u64) -> Value {
         loop {
@@ -272,4 +297,146 @@ pub async fn first_close(socket: &mut WebSocketStream<MaybeTlsStream<TcpStream>>
         Message::Close(Some(frame)) => (frame.code.into(), frame.reason.to_string()),
         other => panic!("expected a close frame first, got {other:?}"),
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers for the themed suites (protocol, bad_input, middleware, http, lifecycle,
+// registry, limits).
+
+/// Serves a fully assembled axum app (for example one with HTTP middleware *outside* the
+/// mesh layer) on a free port. `mesh` is the handle from the same `build()`.
+pub async fn serve_app(mesh: Mesh, app: Router) -> TestServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.expect("serve");
+    });
+    TestServer { addr, mesh, task }
+}
+
+/// `echo`: replies with its payload. Most suites register it under the name `echo`.
+pub async fn echo(
+    tower_mesh::extract::Payload(payload): tower_mesh::extract::Payload<Value>,
+) -> Value {
+    payload
+}
+
+/// Sends `echo` with id `id` and asserts that the very next frame is exactly its reply:
+/// nothing else (no reply to an earlier frame, no push) came first.
+pub async fn assert_echo_is_next(client: &mut RawClient, id: u64) {
+    let payload = json!({ "probe": id });
+    client
+        .send_json(json!({"id": id, "command": "echo", "payload": payload}))
+        .await;
+    assert_eq!(
+        client.next().await,
+        json!({"id": id, "command": "echo", "payload": payload}),
+        "the next frame after the probe must be the probe's own reply"
+    );
+}
+
+/// The next message from a hook channel, within [`WAIT`].
+pub async fn recv_within<T>(receiver: &mut tokio::sync::mpsc::UnboundedReceiver<T>) -> T {
+    tokio::time::timeout(WAIT, receiver.recv())
+        .await
+        .expect("timed out waiting for a hook")
+        .expect("hook channel closed")
+}
+
+/// Asserts that nothing more arrives on a hook channel during a short window.
+pub async fn assert_no_more<T: std::fmt::Debug>(
+    receiver: &mut tokio::sync::mpsc::UnboundedReceiver<T>,
+) {
+    if let Ok(Some(extra)) = tokio::time::timeout(Duration::from_millis(200), receiver.recv()).await
+    {
+        panic!("unexpected extra hook call: {extra:?}");
+    }
+}
+
+/// The HTTP status an upgrade attempt got when the server refused it (anything but 101).
+pub async fn refused_upgrade(
+    request: impl tokio_tungstenite::tungstenite::client::IntoClientRequest + Unpin,
+) -> u16 {
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((_, response)) => panic!("upgrade accepted: {response:?}"),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(other) => panic!("upgrade failed without an HTTP answer: {other}"),
+    }
+}
+
+/// A ws:// request with extra headers.
+pub fn ws_request(url: &str, headers: &[(&'static str, &str)]) -> http::Request<()> {
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+            .expect("request");
+    for (name, value) in headers {
+        request
+            .headers_mut()
+            .insert(*name, value.parse().expect("header value"));
+    }
+    request
+}
+
+/// A raw HTTP/1.1 answer: status code, header block, body.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+/// Writes `request` verbatim on a new TCP connection and reads one response (the body by
+/// its `content-length`, or until the server closes).
+pub async fn raw_http(addr: SocketAddr, request: &str) -> RawResponse {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tokio::time::timeout(WAIT, async {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("write request");
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                let length = head.lines().find_map(|line| {
+                    let (name, value) = line.split_once(':')?;
+                    name.trim()
+                        .eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                });
+                if let Some(length) = length {
+                    if buf.len() >= end + 4 + length {
+                        let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + length]);
+                        return parse_head(head, body.to_string());
+                    }
+                }
+            }
+            let n = stream.read(&mut chunk).await.expect("read response");
+            if n == 0 {
+                let end = buf
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .expect("a complete response head");
+                let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                let body = String::from_utf8_lossy(&buf[end + 4..]).to_string();
+                return parse_head(head, body);
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await
+    .expect("timed out waiting for an HTTP response")
+}
+
+fn parse_head(head: String, body: String) -> RawResponse {
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {head:?}"));
+    RawResponse { status, head, body }
 }

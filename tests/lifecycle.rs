@@ -1,0 +1,367 @@
+//! A connection's life: `on_connect` (sees the request, sets metadata, may refuse),
+//! liveness (ping/pong), `on_disconnect` exactly once whatever ended the connection, and
+//! graceful shutdown, on every backend. Hook calls are awaited through channels.
+
+mod common;
+
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::Router;
+use common::*;
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+use tower_mesh::extract::Connection;
+use tower_mesh::{CommandError, MergeStrategy, MeshBuilder};
+
+conformance!(
+    on_connect_sees_the_request_and_sets_metadata,
+    on_connect_refusal_closes_before_assign_id,
+    on_disconnect_once_after_client_close,
+    on_disconnect_once_after_network_drop,
+    on_disconnect_once_after_server_close,
+    missed_pongs_close_only_the_silent_client,
+    shutdown_closes_everyone_and_refuses_new_upgrades,
+    axum_graceful_shutdown_runs_mesh_shutdown,
+);
+
+/// A builder whose `on_disconnect` reports each ended connection's id on a channel.
+fn reporting(builder: MeshBuilder) -> (MeshBuilder, mpsc::UnboundedReceiver<String>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let builder = builder
+        .command("echo", echo)
+        .on_disconnect(move |connection: Connection| {
+            let tx = tx.clone();
+            async move {
+                // Some cleanup work: callers that claim to wait for the hook must really wait.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let _ = tx.send(connection.id().to_owned());
+            }
+        });
+    (builder, rx)
+}
+
+fn ids(server: &TestServer) -> Vec<String> {
+    let mut ids: Vec<String> = server
+        .mesh
+        .connections()
+        .iter()
+        .map(|c| c.id().to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
+async fn on_connect_sees_the_request_and_sets_metadata(backend: Backend) {
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let builder =
+        backend
+            .builder()
+            .command("echo", echo)
+            .on_connect(move |connection: Connection| {
+                let seen_tx = seen_tx.clone();
+                async move {
+                    let user = connection
+                        .headers()
+                        .get("x-user")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("nobody")
+                        .to_owned();
+                    let mesh = connection.mesh().expect("mesh is alive");
+                    let stored = mesh
+                        .set_connection_metadata(
+                            connection.id(),
+                            json!({"user": user, "query": connection.uri().query()}),
+                            MergeStrategy::Replace,
+                        )
+                        .await
+                        .map_err(|err| CommandError::server(err.to_string()))?;
+                    let _ = seen_tx.send((connection.id().to_owned(), stored));
+                    Ok(())
+                }
+            });
+    let server = serve(builder).await;
+    let request = ws_request(&server.ws_url("/?room=lobby"), &[("x-user", "ann")]);
+    let mut client = RawClient::connect_request(request).await;
+    let (hook_id, stored) = recv_within(&mut seen).await;
+    assert_eq!(hook_id, client.id);
+    assert!(stored, "the connection is registered when on_connect runs");
+    // The very first command already sees what the hook stored.
+    assert_eq!(
+        client
+            .command(1, "mesh/get-my-connection-metadata", json!({}))
+            .await,
+        json!({"id": 1, "command": "mesh/get-my-connection-metadata",
+               "payload": {"metadata": {"user": "ann", "query": "room=lobby"}}})
+    );
+    assert_eq!(
+        server
+            .mesh
+            .connection_metadata(&client.id)
+            .await
+            .expect("read"),
+        Some(json!({"user": "ann", "query": "room=lobby"}))
+    );
+    let mut other = RawClient::connect(&server.url()).await;
+    assert_eq!(
+        other
+            .command(2, "mesh/get-my-connection-metadata", json!({}))
+            .await["payload"],
+        json!({"metadata": {"user": "nobody", "query": null}})
+    );
+}
+
+async fn on_connect_refusal_closes_before_assign_id(backend: Backend) {
+    let (builder, mut disconnects) = reporting(backend.builder());
+    let builder = builder.on_connect(|connection: Connection| async move {
+        if connection.headers().contains_key("x-refuse") {
+            return Err(CommandError::new("EREFUSED", "nope"));
+        }
+        Ok(())
+    });
+    let server = serve(builder).await;
+    let (mut socket, response) =
+        tokio_tungstenite::connect_async(ws_request(&server.url(), &[("x-refuse", "1")]))
+            .await
+            .expect("the upgrade itself succeeds");
+    assert_eq!(response.status(), 101);
+    // The very first message is the close: no mesh/assign-id, no other frame.
+    assert_eq!(first_close(&mut socket).await, (1008, "nope".to_owned()));
+    assert!(server.mesh.connections().is_empty());
+    // Others are accepted as usual.
+    let mut accepted = RawClient::connect(&server.url()).await;
+    assert_echo_is_next(&mut accepted, 1).await;
+    assert_eq!(ids(&server), vec![accepted.id.clone()]);
+    // on_disconnect runs only for accepted connections.
+    accepted.close().await;
+    assert_eq!(recv_within(&mut disconnects).await, accepted.id);
+    assert_no_more(&mut disconnects).await;
+}
+
+async fn on_disconnect_once_after_client_close(backend: Backend) {
+    let (builder, mut disconnects) = reporting(backend.builder());
+    let server = serve(builder).await;
+    let mut leaving = RawClient::connect(&server.url()).await;
+    let mut staying = RawClient::connect(&server.url()).await;
+    leaving.close().await;
+    assert_eq!(recv_within(&mut disconnects).await, leaving.id);
+    assert_echo_is_next(&mut staying, 1).await;
+    assert_no_more(&mut disconnects).await;
+    // (The connection leaves the registry right after its hook returned.)
+    assert_eq!(ids(&server), vec![staying.id.clone()]);
+}
+
+async fn on_disconnect_once_after_network_drop(backend: Backend) {
+    let (builder, mut disconnects) = reporting(backend.builder());
+    let server = serve(builder).await;
+    let dropped = RawClient::connect(&server.url()).await;
+    let id = dropped.id.clone();
+    // No close frame: the TCP connection just goes away.
+    drop(dropped);
+    assert_eq!(recv_within(&mut disconnects).await, id);
+    assert_no_more(&mut disconnects).await;
+    assert!(server.mesh.connections().is_empty());
+}
+
+async fn on_disconnect_once_after_server_close(backend: Backend) {
+    let (builder, mut disconnects) = reporting(backend.builder());
+    let server = serve(builder).await;
+    let mut closed = RawClient::connect(&server.url()).await;
+    let mut staying = RawClient::connect(&server.url()).await;
+    server
+        .mesh
+        .close_connection(&closed.id, "bye")
+        .await
+        .expect("close");
+    assert_eq!(closed.closed().await, (1000, "bye".to_owned()));
+    assert_eq!(recv_within(&mut disconnects).await, closed.id);
+    assert_echo_is_next(&mut staying, 1).await;
+    // Closing it again, or closing a connection that never existed, does nothing.
+    server
+        .mesh
+        .close_connection(&closed.id, "again")
+        .await
+        .expect("close again");
+    server
+        .mesh
+        .close_connection("no-such-connection", "bye")
+        .await
+        .expect("close nobody");
+    assert_echo_is_next(&mut staying, 2).await;
+    assert_no_more(&mut disconnects).await;
+    assert_eq!(ids(&server), vec![staying.id.clone()]);
+}
+
+const PING: &str = r#"{"command":"ping","payload":{}}"#;
+
+async fn missed_pongs_close_only_the_silent_client(backend: Backend) {
+    let (builder, mut disconnects) = reporting(
+        backend
+            .builder()
+            .ping_interval(Duration::from_millis(50))
+            .max_missed_pongs(1),
+    );
+    let server = serve(builder).await;
+    let mut silent = RawClient::connect(&server.url()).await;
+    let mut live = RawClient::connect(&server.url()).await;
+    let live_id = live.id.clone();
+    // The live client answers every ping (with an id, as the JS client does) until told
+    // to stop, and reports each one.
+    let (answered_tx, mut answered) = mpsc::unbounded_channel();
+    let (stop, mut stop_signal) = oneshot::channel::<()>();
+    let responder = tokio::spawn(async move {
+        let mut n = 0u64;
+        loop {
+            let frame = tokio::select! {
+                _ = &mut stop_signal => return live,
+                frame = live.next() => frame,
+            };
+            assert_eq!(frame, json!({"command": "ping", "payload": {}}));
+            n += 1;
+            live.send_json(json!({"id": 10_000 + n, "command": "pong", "payload": {}}))
+                .await;
+            let _ = answered_tx.send(n);
+        }
+    });
+    // The silent client reads (so it sees the pings) but never answers.
+    assert_eq!(silent.next_text().await, PING);
+    let (code, reason) = silent.closed().await;
+    assert_eq!(code, 1008);
+    assert!(!reason.is_empty(), "the close frame carries a reason");
+    assert_eq!(recv_within(&mut disconnects).await, silent.id);
+    assert_eq!(server.mesh.stats().ping_timeout_closes, 1);
+    // Eight ping intervals later the live client is still there...
+    while recv_within(&mut answered).await < 8 {}
+    assert_no_more(&mut disconnects).await;
+    assert_eq!(ids(&server), vec![live_id]);
+    assert_eq!(server.mesh.stats().ping_timeout_closes, 1);
+    // ...and served.
+    stop.send(()).expect("responder running");
+    let mut live = tokio::time::timeout(WAIT, responder)
+        .await
+        .expect("responder stops")
+        .expect("responder");
+    live.send_json(json!({"id": 1, "command": "echo", "payload": "still here"}))
+        .await;
+    let reply = loop {
+        let frame = live.next().await;
+        if frame.get("id").is_some() {
+            break frame;
+        }
+        // Pongs got no reply; only pings may come in between.
+        assert_eq!(frame, json!({"command": "ping", "payload": {}}));
+        live.send_json(json!({"id": 2, "command": "pong", "payload": {}}))
+            .await;
+    };
+    assert_eq!(
+        reply,
+        json!({"id": 1, "command": "echo", "payload": "still here"})
+    );
+}
+
+/// Reads until the close frame, answering nothing, in the background.
+fn await_close(mut client: RawClient) -> tokio::task::JoinHandle<(String, u16, String)> {
+    tokio::spawn(async move {
+        let (code, reason) = client.closed().await;
+        (client.id, code, reason)
+    })
+}
+
+async fn shutdown_closes_everyone_and_refuses_new_upgrades(backend: Backend) {
+    let (builder, mut disconnects) = reporting(backend.builder());
+    let server = serve(builder).await;
+    let mut clients = Vec::new();
+    for n in 0..3 {
+        let mut client = RawClient::connect(&server.url()).await;
+        assert_echo_is_next(&mut client, n).await;
+        clients.push(client);
+    }
+    let mut expected: Vec<String> = clients.iter().map(|c| c.id.clone()).collect();
+    expected.sort();
+    let closes: Vec<_> = clients.into_iter().map(await_close).collect();
+
+    let clean = tokio::time::timeout(WAIT, server.mesh.shutdown())
+        .await
+        .expect("shutdown returns within its bound");
+    assert!(clean, "every connection finished in time");
+    // Every on_disconnect ran before shutdown returned: their reports are already there.
+    let mut reported = Vec::new();
+    while let Ok(id) = disconnects.try_recv() {
+        reported.push(id);
+    }
+    reported.sort();
+    assert_eq!(reported, expected);
+    assert!(server.mesh.connections().is_empty());
+    assert!(server.mesh.is_shutting_down());
+
+    for close in closes {
+        let (id, code, reason) = tokio::time::timeout(WAIT, close)
+            .await
+            .expect("close seen")
+            .expect("reader");
+        assert_eq!(code, 1001, "{id}");
+        assert!(!reason.is_empty(), "{id}: the close frame carries a reason");
+    }
+    // No new WebSocket after shutdown; plain HTTP is the app's business and still works.
+    assert_eq!(refused_upgrade(server.url()).await, 503);
+    let health = raw_http(
+        server.addr,
+        "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(health.status, 200);
+    assert_no_more(&mut disconnects).await;
+}
+
+async fn axum_graceful_shutdown_runs_mesh_shutdown(backend: Backend) {
+    let (builder, mut disconnects) = reporting(backend.builder());
+    let (mesh_layer, mesh) = builder.build();
+    let app = Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .layer(mesh_layer);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stop_signal) = oneshot::channel::<()>();
+    let (clean_tx, clean_rx) = oneshot::channel::<bool>();
+    let shutdown_mesh = mesh.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_signal.await;
+                let _ = clean_tx.send(shutdown_mesh.shutdown().await);
+            })
+            .await
+    });
+    let url = format!("ws://{addr}/");
+    let mut a = RawClient::connect(&url).await;
+    let mut b = RawClient::connect(&url).await;
+    assert_echo_is_next(&mut a, 1).await;
+    assert_echo_is_next(&mut b, 2).await;
+    let mut expected = vec![a.id.clone(), b.id.clone()];
+    expected.sort();
+    let closes = [await_close(a), await_close(b)];
+
+    stop.send(()).expect("server is running");
+    let served = tokio::time::timeout(WAIT, server)
+        .await
+        .expect("axum finished its graceful shutdown")
+        .expect("server task");
+    assert!(served.is_ok(), "{served:?}");
+    assert_eq!(clean_rx.await, Ok(true));
+    let mut reported = Vec::new();
+    while let Ok(id) = disconnects.try_recv() {
+        reported.push(id);
+    }
+    reported.sort();
+    assert_eq!(reported, expected);
+    for close in closes {
+        let (_, code, _) = tokio::time::timeout(WAIT, close)
+            .await
+            .expect("close seen")
+            .expect("reader");
+        assert_eq!(code, 1001);
+    }
+    assert!(mesh.connections().is_empty());
+}
