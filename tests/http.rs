@@ -370,3 +370,32 @@ async fn bare_hyper_server() {
     );
     accept.abort();
 }
+
+#[tokio::test]
+async fn browser_style_handshake_headers_are_accepted() {
+    // Firefox sends `Connection: keep-alive, Upgrade`; header values are case-insensitive.
+    let server = serve(Backend::memory().builder()).await;
+    let response = raw_http(
+        server.addr,
+        &upgrade_request(
+            "GET",
+            "/",
+            &[
+                "Connection: keep-alive, Upgrade",
+                "Upgrade: WebSocket",
+                "Sec-WebSocket-Version: 13",
+                &format!("Sec-WebSocket-Key: {KEY}"),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(response.status, 101, "{response:?}");
+    // RFC 6455's sample key and its accept value.
+    assert!(
+        response
+            .head
+            .to_ascii_lowercase()
+            .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{response:?}"
+    );
+}

@@ -23,6 +23,10 @@ conformance!(
     missed_pongs_close_only_the_silent_client,
     shutdown_closes_everyone_and_refuses_new_upgrades,
     axum_graceful_shutdown_runs_mesh_shutdown,
+    commands_sent_early_wait_for_on_connect,
+    on_connect_panic_refuses_the_connection,
+    on_disconnect_panic_does_not_break_the_mesh,
+    on_disconnect_once_after_oversize_close,
 );
 
 /// A builder whose `on_disconnect` reports each ended connection's id on a channel.
@@ -364,4 +368,107 @@ async fn axum_graceful_shutdown_runs_mesh_shutdown(backend: Backend) {
         assert_eq!(code, 1001);
     }
     assert!(mesh.connections().is_empty());
+}
+
+async fn commands_sent_early_wait_for_on_connect(backend: Backend) {
+    // Register, then assign the id, then read (PROTOCOL.md §8): a command sent right after
+    // the upgrade, before mesh/assign-id arrived, runs only after on_connect finished.
+    let (release, release_rx) = mpsc::unbounded_channel::<()>();
+    let release_rx = std::sync::Arc::new(tokio::sync::Mutex::new(release_rx));
+    let builder = backend.builder().on_connect(move |connection: Connection| {
+        let release_rx = release_rx.clone();
+        async move {
+            release_rx.lock().await.recv().await;
+            connection
+                .set_metadata(json!({"ready": true}), MergeStrategy::Replace)
+                .await
+                .map_err(|err| CommandError::server(err.to_string()))
+        }
+    });
+    let server = serve(builder).await;
+    let (mut socket, _) = tokio_tungstenite::connect_async(server.url())
+        .await
+        .expect("upgrade");
+    futures_util::SinkExt::send(
+        &mut socket,
+        tokio_tungstenite::tungstenite::Message::text(
+            r#"{"id":1,"command":"mesh/get-my-connection-metadata","payload":{}}"#,
+        ),
+    )
+    .await
+    .expect("send");
+    release.send(()).expect("hook waiting");
+    let first = next_json(&mut socket).await;
+    assert_eq!(first["command"], "mesh/assign-id", "{first}");
+    assert_eq!(
+        next_json(&mut socket).await,
+        json!({"id": 1, "command": "mesh/get-my-connection-metadata",
+               "payload": {"metadata": {"ready": true}}})
+    );
+}
+
+async fn on_connect_panic_refuses_the_connection(backend: Backend) {
+    let (builder, mut disconnects) = reporting(backend.builder());
+    let builder = builder.on_connect(|connection: Connection| async move {
+        if connection.uri().query() == Some("panic") {
+            panic!("on_connect blew up");
+        }
+        Ok(())
+    });
+    let server = serve(builder).await;
+    let (mut socket, _) = tokio_tungstenite::connect_async(server.ws_url("/?panic"))
+        .await
+        .expect("upgrade");
+    let (code, reason) = first_close(&mut socket).await;
+    assert_eq!(code, 1008);
+    assert!(!reason.is_empty());
+    assert!(
+        !reason.contains("blew up"),
+        "no panic detail on the wire: {reason}"
+    );
+    let mut fine = RawClient::connect(&server.url()).await;
+    assert_echo_is_next(&mut fine, 1).await;
+    assert_eq!(ids(&server), vec![fine.id.clone()]);
+    assert_no_more(&mut disconnects).await;
+}
+
+async fn on_disconnect_panic_does_not_break_the_mesh(backend: Backend) {
+    let (tx, mut ran) = mpsc::unbounded_channel();
+    let builder =
+        backend
+            .builder()
+            .command("echo", echo)
+            .on_disconnect(move |connection: Connection| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send(connection.id().to_owned());
+                    panic!("on_disconnect blew up");
+                }
+            });
+    let server = serve(builder).await;
+    let mut first = RawClient::connect(&server.url()).await;
+    let mut second = RawClient::connect(&server.url()).await;
+    first.close().await;
+    assert_eq!(recv_within(&mut ran).await, first.id);
+    assert_echo_is_next(&mut second, 1).await;
+    let mut third = RawClient::connect(&server.url()).await;
+    assert_echo_is_next(&mut third, 2).await;
+    assert_no_more(&mut ran).await;
+    assert_eq!(ids(&server), {
+        let mut expected = vec![second.id.clone(), third.id.clone()];
+        expected.sort();
+        expected
+    });
+}
+
+async fn on_disconnect_once_after_oversize_close(backend: Backend) {
+    let (builder, mut disconnects) = reporting(backend.builder().max_frame_size(1024));
+    let server = serve(builder).await;
+    let mut big = RawClient::connect(&server.url()).await;
+    big.send_text(&"x".repeat(4096)).await;
+    assert_eq!(big.closed().await.0, 1009);
+    assert_eq!(recv_within(&mut disconnects).await, big.id);
+    assert_no_more(&mut disconnects).await;
+    assert_eq!(server.mesh.stats().oversize_closes, 1);
+    assert!(server.mesh.connections().is_empty());
 }

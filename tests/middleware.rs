@@ -38,6 +38,7 @@ conformance!(
     state_extractor,
     middleware_extension_reaches_the_handler,
     http_middleware_extension_reaches_the_handler,
+    middleware_can_rewrite_payload_and_reply,
 );
 
 async fn timeout_layer_answers_etimeout_and_the_connection_keeps_serving(backend: Backend) {
@@ -605,4 +606,27 @@ async fn http_middleware_extension_reaches_the_handler(backend: Backend) {
     );
     // The extension stays with the connection for every later command.
     assert_eq!(ann.command(4, "whoami", json!({})).await["payload"], "ann");
+}
+
+async fn middleware_can_rewrite_payload_and_reply(backend: Backend) {
+    let builder = backend.builder().command("echo", echo).command_layer(
+        "echo",
+        from_fn(|mut request: CommandRequest, next: Next| async move {
+            if let Some(text) = request.payload().as_str() {
+                *request.payload_mut() = json!(text.trim().to_lowercase());
+            }
+            let reply = next.run(request).await?;
+            Ok(json!({"wrapped": reply}))
+        }),
+    );
+    let server = serve(builder).await;
+    let mut client = RawClient::connect(&server.url()).await;
+    assert_eq!(
+        client.command(1, "echo", json!("  HeLLo ")).await,
+        json!({"id": 1, "command": "echo", "payload": {"wrapped": "hello"}})
+    );
+    assert_eq!(
+        client.command(2, "echo", json!([1])).await["payload"],
+        json!({"wrapped": [1]})
+    );
 }

@@ -247,10 +247,15 @@ async fn metadata_strategies_as_the_reference(backend: Backend) {
         success(24)
     );
     assert_eq!(get_mine(&mut c, 25).await, json!({"a": 1}));
+    // Options without a strategy (or null options) replace.
+    set_mine(&mut c, 26, json!({"metadata": {"b": 2}, "options": {}})).await;
+    assert_eq!(get_mine(&mut c, 27).await, json!({"b": 2}));
+    set_mine(&mut c, 28, json!({"metadata": {"c": 3}, "options": null})).await;
+    assert_eq!(get_mine(&mut c, 29).await, json!({"c": 3}));
     // The server sees what the client stored.
     assert_eq!(
         server.mesh.connection_metadata(&c.id).await.expect("read"),
-        Some(json!({"a": 1}))
+        Some(json!({"c": 3}))
     );
 }
 

@@ -159,19 +159,7 @@ where
     R: Stream<Item = Result<Message, WsError>> + Unpin,
 {
     let in_flight = Arc::new(Semaphore::new(mesh.config().max_in_flight));
-    let mut permit: Option<OwnedSemaphorePermit> = None;
     loop {
-        // Beyond the in-flight limit the connection stops reading: back-pressure reaches
-        // the client through TCP instead of growing our memory.
-        if permit.is_none() {
-            tokio::select! {
-                acquired = Arc::clone(&in_flight).acquire_owned() => match acquired {
-                    Ok(acquired) => permit = Some(acquired),
-                    Err(_) => return CloseReason::ProtocolError("in-flight limiter closed".into()),
-                },
-                () = connection.outbound().closed() => return server_close(connection),
-            }
-        }
         let message = tokio::select! {
             message = stream.next() => message,
             () = connection.outbound().closed() => return server_close(connection),
@@ -196,10 +184,12 @@ where
                 command,
                 payload,
             } => {
+                let Some(permit) = in_flight_slot(&in_flight, connection).await else {
+                    return server_close(connection);
+                };
                 let span = tracing::debug_span!("command", command = %command, id);
                 let mesh = mesh.clone();
                 let connection = connection.clone();
-                let permit = permit.take();
                 tokio::spawn(
                     async move {
                         let reply = dispatch(mesh, connection.clone(), id, command, payload).await;
@@ -219,6 +209,26 @@ where
             Inbound::LatencyResponse => connection.latency_response_received(),
         }
     }
+}
+
+/// A slot for one more running command. When all are busy the connection stops reading
+/// until one frees: back-pressure reaches the client through TCP instead of growing our
+/// memory. Meanwhile its unanswered pings do not count against it, since its pongs are
+/// waiting unread behind the command. `None` when the connection is closing.
+async fn in_flight_slot(
+    in_flight: &Arc<Semaphore>,
+    connection: &Connection,
+) -> Option<OwnedSemaphorePermit> {
+    if let Ok(permit) = Arc::clone(in_flight).try_acquire_owned() {
+        return Some(permit);
+    }
+    connection.set_reading_paused(true);
+    let permit = tokio::select! {
+        acquired = Arc::clone(in_flight).acquire_owned() => acquired.ok(),
+        () = connection.outbound().closed() => None,
+    };
+    connection.set_reading_paused(false);
+    permit
 }
 
 fn server_close(connection: &Connection) -> CloseReason {

@@ -4,7 +4,7 @@ mod driver;
 mod outbound;
 mod registry;
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -43,6 +43,8 @@ struct Shared {
 #[derive(Default)]
 struct Liveness {
     missed_pongs: AtomicU32,
+    /// Set while the reader waits for an in-flight slot and so cannot see pongs.
+    reading_paused: AtomicBool,
     latency_probe_sent: Mutex<Option<Instant>>,
     /// Last round trip in milliseconds; `u64::MAX` until one is measured.
     latency_ms: AtomicU64,
@@ -167,13 +169,21 @@ impl Connection {
         &self.shared.outbound
     }
 
-    /// Counts one more unanswered ping; returns how many are now unanswered.
+    /// Counts one more unanswered ping; returns how many are now unanswered. Pings sent
+    /// while reading is paused by the in-flight limit do not count.
     pub(crate) fn ping_sent(&self) -> u32 {
+        let liveness = &self.shared.liveness;
+        if liveness.reading_paused.load(Ordering::Relaxed) {
+            return liveness.missed_pongs.load(Ordering::Relaxed);
+        }
+        liveness.missed_pongs.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub(crate) fn set_reading_paused(&self, paused: bool) {
         self.shared
             .liveness
-            .missed_pongs
-            .fetch_add(1, Ordering::Relaxed)
-            + 1
+            .reading_paused
+            .store(paused, Ordering::Relaxed);
     }
 
     pub(crate) fn pong_received(&self) {

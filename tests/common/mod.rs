@@ -413,6 +413,9 @@ pub async fn raw_http(addr: SocketAddr, request: &str) -> RawResponse {
                         let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + length]);
                         return parse_head(head, body.to_string());
                     }
+                } else if head.starts_with("HTTP/1.1 101") {
+                    // Switching protocols: no body; the socket now speaks WebSocket.
+                    return parse_head(head, String::new());
                 }
             }
             let n = stream.read(&mut chunk).await.expect("read response");
