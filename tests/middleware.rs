@@ -46,19 +46,21 @@ async fn timeout_layer_answers_etimeout_and_the_connection_keeps_serving(backend
         .builder()
         .command("echo", echo)
         .command("slow", || async { std::future::pending::<Value>().await })
-        .command_layer("slow", TimeoutLayer::new(Duration::from_millis(50)));
+        .command_layer("slow", TimeoutLayer::new(Duration::from_millis(750)));
     let server = serve(builder).await;
     let mut client = RawClient::connect(&server.url()).await;
     client
         .send_json(json!({"id": 1, "command": "slow", "payload": {}}))
         .await;
-    // While `slow` hangs, the connection keeps serving: the echo sent after it answers first.
+    // While `slow` hangs (its timeout is far longer than an echo takes), the connection
+    // keeps serving: the echo sent after it is answered first.
     assert_echo_is_next(&mut client, 2).await;
     assert_eq!(
         client.next().await,
         json!({"id": 1, "command": "slow", "payload": {
             "error": "Command timed out", "code": "ETIMEOUT", "name": "CommandError"}})
     );
+    // The connection keeps serving, and the timed-out handler is gone for good.
     assert_echo_is_next(&mut client, 3).await;
 }
 

@@ -61,15 +61,7 @@ pub async fn serve_wrapped(
     make_app: impl FnOnce(tower_mesh::MeshLayer) -> Router,
 ) -> TestServer {
     let (layer, mesh) = builder.build();
-    let app = make_app(layer);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app).await.expect("serve");
-    });
-    TestServer { addr, mesh, task }
+    serve_app(mesh, make_app(layer)).await
 }
 
 /// Which backend a conformance test runs on.
