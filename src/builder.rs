@@ -11,6 +11,7 @@ use tokio::sync::{watch, OnceCell};
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceExt};
 
+use crate::access::{self, Guard, Pattern, Rules};
 use crate::backend::{Backend, MemoryBackend};
 use crate::command::{handler_service, CommandRequest, CommandService, Handler};
 use crate::config::MeshConfig;
@@ -18,6 +19,7 @@ use crate::connection::{Connection, Registry};
 use crate::error::{BoxError, CommandError};
 use crate::layer::MeshLayer;
 use crate::mesh::{Mesh, MeshInner, OnConnect, OnDisconnect};
+use crate::presence::PresenceOptions;
 
 type BoxLayer = Arc<dyn Fn(CommandService) -> CommandService + Send + Sync>;
 
@@ -37,6 +39,8 @@ pub struct MeshBuilder {
     on_disconnect: Option<OnDisconnect>,
     state: http::Extensions,
     backend: Option<Arc<dyn Backend>>,
+    presence: Vec<(Pattern, PresenceOptions)>,
+    room_guards: Rules<Guard>,
 }
 
 impl Default for MeshBuilder {
@@ -76,6 +80,8 @@ impl MeshBuilder {
             on_disconnect: None,
             state: http::Extensions::new(),
             backend: None,
+            presence: Vec::new(),
+            room_guards: Rules::default(),
         }
     }
 
@@ -251,6 +257,43 @@ impl MeshBuilder {
         self
     }
 
+    /// Tracks presence in the rooms `pattern` matches (an exact name, or a
+    /// [`Regex`](crate::Regex)): members are present while they answer pings, and
+    /// subscribers get `mesh/presence-update` pushes. Tracking the same pattern again
+    /// replaces its options. See [`PresenceOptions`] for the TTL and the guard.
+    pub fn track_presence(mut self, pattern: impl Into<Pattern>, options: PresenceOptions) -> Self {
+        self.presence.push((pattern.into(), options));
+        self
+    }
+
+    /// Decides who may join the rooms `pattern` matches with `mesh/join-room`; a refusal
+    /// answers `{success: false, present: []}`. Joining is open where no guard matches.
+    /// Server-side [`Mesh::add_to_room`] is not guarded. Global layers can refuse joins
+    /// too: a layer sees the `mesh/join-room` command and its payload.
+    pub fn room_guard<F, Fut>(mut self, pattern: impl Into<Pattern>, guard: F) -> Self
+    where
+        F: Fn(Connection, String) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = bool> + Send + 'static,
+    {
+        self.room_guards
+            .insert(pattern.into(), access::guard(guard));
+        self
+    }
+
+    /// Rooms one connection may be in through `mesh/join-room`; one more is an
+    /// `EOVERLOADED` error. Default 1024.
+    pub fn max_rooms_per_connection(mut self, rooms: usize) -> Self {
+        self.config.max_rooms_per_connection = rooms;
+        self
+    }
+
+    /// Subscriptions (presence now; channels, records and collections later) one
+    /// connection may hold; one more is an `EOVERLOADED` error. Default 1024.
+    pub fn max_subscriptions_per_connection(mut self, subscriptions: usize) -> Self {
+        self.config.max_subscriptions_per_connection = subscriptions;
+        self
+    }
+
     /// Lets any connection read any other's metadata with
     /// `mesh/get-connection-metadata`, as mesh does. Default `false`: a connection reads
     /// only its own (PROTOCOL.md §9).
@@ -263,6 +306,11 @@ impl MeshBuilder {
     ///
     /// Nothing is started until the first connection arrives or the handle is first used,
     /// so this may run outside a Tokio runtime.
+    ///
+    /// # Panics
+    ///
+    /// When a presence TTL is shorter than the ping interval: pongs extend presence, so
+    /// such a TTL would lapse between two of them.
     pub fn build(self) -> (MeshLayer, Mesh) {
         let MeshBuilder {
             config,
@@ -273,7 +321,16 @@ impl MeshBuilder {
             on_disconnect,
             state,
             backend,
+            presence: tracked,
+            room_guards,
         } = self;
+        let mut presence = Rules::default();
+        for (pattern, options) in tracked {
+            presence.insert(
+                pattern,
+                options.into_rule(config.ping_interval, config.max_missed_pongs),
+            );
+        }
         let mut commands: HashMap<String, CommandService> = crate::builtin::commands();
         commands.extend(user_commands);
         let commands = commands
@@ -298,7 +355,8 @@ impl MeshBuilder {
             tracing::warn!(command = %name, "a command layer was added for a command that does not exist");
         }
         let instance_id: Arc<str> = Arc::from(uuid::Uuid::new_v4().simple().to_string());
-        let mesh = Mesh::from_inner(MeshInner {
+        let mesh = Mesh::new_cyclic(|this| MeshInner {
+            this,
             instance_id,
             config,
             commands,
@@ -313,6 +371,12 @@ impl MeshBuilder {
             live_connections: watch::channel(0).0,
             next_connection: AtomicU64::new(1),
             stats: Default::default(),
+            topics: Default::default(),
+            presence,
+            room_guards,
+            calls: Default::default(),
+            next_call: AtomicU64::new(1),
+            sweeps: Default::default(),
         });
         (MeshLayer::new(mesh.clone()), mesh)
     }

@@ -36,6 +36,38 @@ pub(crate) fn commands() -> HashMap<String, CommandService> {
         "mesh/set-my-connection-metadata",
         crate::metadata::set_my_connection_metadata,
     );
+    register(&mut commands, "mesh/join-room", crate::rooms::join_room);
+    register(&mut commands, "mesh/leave-room", crate::rooms::leave_room);
+    register(
+        &mut commands,
+        "mesh/get-room-metadata",
+        crate::rooms::get_room_metadata,
+    );
+    register(
+        &mut commands,
+        "mesh/subscribe-presence",
+        crate::presence::subscribe_presence,
+    );
+    register(
+        &mut commands,
+        "mesh/unsubscribe-presence",
+        crate::presence::unsubscribe_presence,
+    );
+    register(
+        &mut commands,
+        "mesh/publish-presence-state",
+        crate::presence::publish_presence_state,
+    );
+    register(
+        &mut commands,
+        "mesh/clear-presence-state",
+        crate::presence::clear_presence_state,
+    );
+    register(
+        &mut commands,
+        "mesh/get-presence-state",
+        crate::presence::get_presence_state,
+    );
     commands
 }
 

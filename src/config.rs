@@ -2,6 +2,10 @@
 
 use std::time::Duration;
 
+/// The longest room (and later channel, record, collection) name a client may use, in
+/// bytes; longer names are `EINVALID`.
+pub const MAX_NAME_BYTES: usize = 1024;
+
 /// Settings of one mesh; set through [`MeshBuilder`](crate::MeshBuilder).
 #[derive(Debug, Clone)]
 pub(crate) struct MeshConfig {
@@ -27,6 +31,11 @@ pub(crate) struct MeshConfig {
     pub shutdown_timeout: Duration,
     /// Whether any connection may read any other's metadata. Default `false`.
     pub open_connection_metadata: bool,
+    /// Rooms one connection may be in through `mesh/join-room`. Default 1024.
+    pub max_rooms_per_connection: usize,
+    /// Subscriptions (presence, channels, records, collections) one connection may hold.
+    /// Default 1024.
+    pub max_subscriptions_per_connection: usize,
 }
 
 impl Default for MeshConfig {
@@ -43,6 +52,8 @@ impl Default for MeshConfig {
             write_buffer_bytes: 16 * 1024,
             shutdown_timeout: Duration::from_secs(10),
             open_connection_metadata: false,
+            max_rooms_per_connection: 1024,
+            max_subscriptions_per_connection: 1024,
         }
     }
 }

@@ -75,6 +75,11 @@ impl CommandError {
         Self::engine("EOVERLOADED", "Server overloaded, try again later")
     }
 
+    /// `EOVERLOADED` with a message naming the per-connection limit that refused.
+    pub fn limit(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::engine("EOVERLOADED", message)
+    }
+
     /// `EUNAVAILABLE`: the backend is unreachable.
     pub fn unavailable(message: impl Into<Cow<'static, str>>) -> Self {
         Self::engine("EUNAVAILABLE", message)

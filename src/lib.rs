@@ -1,6 +1,7 @@
 #![doc = include_str!("../docs/crate.md")]
 #![warn(missing_docs)]
 
+mod access;
 #[cfg(feature = "axum")]
 mod axum_extract;
 mod backend;
@@ -14,7 +15,10 @@ mod heartbeat;
 mod layer;
 mod mesh;
 mod metadata;
+mod presence;
 mod protocol;
+mod rooms;
+mod topics;
 mod upgrade;
 
 #[cfg(feature = "client")]
@@ -27,13 +31,18 @@ pub mod extract {
     pub use crate::mesh::Mesh;
 }
 
+pub use access::Pattern;
 pub use backend::MemoryBackend;
 #[cfg(feature = "redis")]
 pub use backend::{RedisBackend, RedisBackendBuilder};
 pub use builder::MeshBuilder;
 pub use command::{from_fn, CommandRequest, CommandService, Json, Next};
+pub use config::MAX_NAME_BYTES;
 pub use connection::{CloseReason, Connection, SendError};
 pub use error::{BoxError, CommandError, MeshError};
 pub use layer::{MeshBody, MeshFuture, MeshLayer, MeshService};
 pub use mesh::{Mesh, MeshStats};
 pub use metadata::MergeStrategy;
+pub use presence::{PresenceOptions, MAX_STATE_EXPIRY};
+/// Regular expressions for name patterns (`track_presence(Regex::new("^game:")?, ..)`).
+pub use regex::Regex;

@@ -4,13 +4,14 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::{watch, OnceCell};
+use tokio::sync::{oneshot, watch, OnceCell};
 
-use crate::backend::{Backend, Delivery, Inbox};
+use crate::access::{Guard, Rules};
+use crate::backend::{Backend, ConnectionOp, Delivery, Inbox};
 use crate::builder::MeshBuilder;
 use crate::command::CommandService;
 use crate::config::MeshConfig;
@@ -18,7 +19,12 @@ use crate::connection::{CloseReason, Connection, Registry};
 use crate::error::{CommandError, MeshError};
 use crate::layer::MeshLayer;
 use crate::metadata::MergeStrategy;
+use crate::presence::{PresenceRule, SweepSchedule};
 use crate::protocol::{self, Frame};
+use crate::topics::{LocalTopics, Topic};
+
+/// Longest an instance waits for the holder of a connection to apply a change to it.
+const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 pub(crate) type OnConnect =
@@ -35,6 +41,8 @@ pub struct Mesh {
 }
 
 pub(crate) struct MeshInner {
+    /// This instance itself, for the inbox to run calls with.
+    pub(crate) this: Weak<MeshInner>,
     pub(crate) instance_id: Arc<str>,
     pub(crate) config: MeshConfig,
     pub(crate) commands: HashMap<Arc<str>, CommandService>,
@@ -49,6 +57,16 @@ pub(crate) struct MeshInner {
     pub(crate) live_connections: watch::Sender<usize>,
     pub(crate) next_connection: AtomicU64,
     pub(crate) stats: Counters,
+    /// What local connections listen to.
+    pub(crate) topics: LocalTopics,
+    /// Rooms with presence, by pattern.
+    pub(crate) presence: Rules<PresenceRule>,
+    /// Who may join which rooms with `mesh/join-room`.
+    pub(crate) room_guards: Rules<Guard>,
+    /// Calls to other instances awaiting their answer.
+    pub(crate) calls: Mutex<HashMap<u64, oneshot::Sender<Option<bool>>>>,
+    pub(crate) next_call: AtomicU64,
+    pub(crate) sweeps: Arc<SweepSchedule>,
 }
 
 #[derive(Default)]
@@ -106,9 +124,9 @@ impl Mesh {
         MeshBuilder::new()
     }
 
-    pub(crate) fn from_inner(inner: MeshInner) -> Self {
+    pub(crate) fn new_cyclic(inner: impl FnOnce(Weak<MeshInner>) -> MeshInner) -> Self {
         Mesh {
-            inner: Arc::new(inner),
+            inner: Arc::new_cyclic(|this| inner(this.clone())),
         }
     }
 
@@ -179,6 +197,7 @@ impl Mesh {
                 frame,
             })
             .await
+            .map(drop)
     }
 
     /// Sends a push `{command, payload}` to every connection on every instance. The frame
@@ -194,6 +213,7 @@ impl Mesh {
             .backend
             .publish(Delivery::Broadcast { frame })
             .await
+            .map(drop)
     }
 
     /// Closes one connection (close code 1000 with `reason`), on whichever instance holds it.
@@ -214,6 +234,7 @@ impl Mesh {
                 reason: reason.to_owned(),
             })
             .await
+            .map(drop)
     }
 
     /// A connection's metadata (any instance); `None` when it has none or does not exist.
@@ -288,8 +309,7 @@ impl Mesh {
         self.inner
             .attached
             .get_or_try_init(|| async {
-                let registry: Arc<dyn Inbox> = self.inner.registry.clone();
-                let inbox: Weak<dyn Inbox> = Arc::downgrade(&registry);
+                let inbox: Weak<dyn Inbox> = self.inner.this.clone();
                 self.inner
                     .backend
                     .attach(self.inner.instance_id.clone(), inbox)
@@ -298,6 +318,7 @@ impl Mesh {
             .await?;
         if !self.inner.heartbeat_started.swap(true, Ordering::SeqCst) {
             crate::heartbeat::start(Arc::downgrade(&self.inner));
+            crate::presence::start_sweeper(Arc::downgrade(&self.inner));
         }
         Ok(())
     }
@@ -334,15 +355,142 @@ impl Mesh {
         Ok(())
     }
 
+    /// Forgets a connection that ended: locally, then in the backend, announcing a
+    /// presence `leave` for every room where it was present. The connection is already
+    /// closed, and the membership lock makes any change still running finish first.
     pub(crate) async fn unregister(&self, connection: &Connection) {
+        let _membership = connection.lock_membership().await;
         self.inner.registry.remove(connection.id());
-        if let Err(err) = self
+        for (topic, unheard) in self.inner.topics.remove_connection(connection.id()) {
+            if unheard {
+                self.inner
+                    .backend
+                    .unsubscribe(&self.inner.instance_id, &topic);
+            }
+        }
+        match self
             .inner
             .backend
             .unregister_connection(&self.inner.instance_id, connection.id())
             .await
         {
-            tracing::warn!(%err, "could not unregister connection from the backend");
+            Ok(present_in) => {
+                for room in present_in {
+                    self.announce_presence(&room, connection.id(), crate::presence::Change::Leave)
+                        .await;
+                }
+            }
+            Err(err) => tracing::warn!(%err, "could not unregister connection from the backend"),
+        }
+    }
+
+    /// Starts listening to `topic` (subscribing this instance to it if needed). Returns
+    /// whether the connection was not listening before. The caller holds the
+    /// connection's membership lock and has checked that it is not closed.
+    pub(crate) async fn listen(
+        &self,
+        _membership: &crate::connection::MembershipGuard<'_>,
+        connection: &Connection,
+        topic: Topic,
+    ) -> Result<bool, MeshError> {
+        let added = self.inner.topics.add(topic.clone(), connection);
+        if let Err(err) = self
+            .inner
+            .backend
+            .subscribe(&self.inner.instance_id, &topic)
+            .await
+        {
+            if added {
+                self.stop_listening(connection.id(), &topic);
+            }
+            return Err(err);
+        }
+        Ok(added)
+    }
+
+    /// Stops a connection listening to `topic`; returns whether it was.
+    pub(crate) fn stop_listening(&self, connection_id: &str, topic: &Topic) -> bool {
+        let (was_listening, unheard) = self.inner.topics.remove(topic, connection_id);
+        if unheard {
+            self.inner
+                .backend
+                .unsubscribe(&self.inner.instance_id, topic);
+        }
+        was_listening
+    }
+
+    /// Sends a frame to every listener of a topic on every instance, except `exclude`.
+    pub(crate) async fn publish_topic(
+        &self,
+        topic: Topic,
+        frame: Frame,
+        exclude: Arc<[Arc<str>]>,
+    ) -> Result<(), MeshError> {
+        self.ready().await?;
+        self.inner
+            .backend
+            .publish(Delivery::Topic {
+                topic,
+                frame,
+                exclude,
+            })
+            .await
+            .map(drop)
+    }
+
+    /// Runs a membership change on the instance that holds the connection: here, or by
+    /// a call to its instance, answered once the change is done. `Ok(false)` when no
+    /// instance holds it.
+    pub(crate) async fn on_holder(
+        &self,
+        connection_id: &str,
+        op: ConnectionOp,
+    ) -> Result<bool, MeshError> {
+        self.ready().await?;
+        if let Some(connection) = self.connection(connection_id) {
+            return self.apply(&connection, op).await;
+        }
+        let call_id = self.inner.next_call.fetch_add(1, Ordering::Relaxed);
+        let (answer, answered) = oneshot::channel();
+        lock(&self.inner.calls).insert(call_id, answer);
+        let routed = self
+            .inner
+            .backend
+            .publish(Delivery::Call {
+                connection_id: Arc::from(connection_id),
+                from: self.inner.instance_id.clone(),
+                call_id,
+                op,
+            })
+            .await;
+        let outcome = match routed {
+            Ok(true) => match tokio::time::timeout(CALL_TIMEOUT, answered).await {
+                Ok(Ok(Some(done))) => Ok(done),
+                Ok(Ok(None)) => Err(MeshError::Unavailable(
+                    "the instance holding the connection could not apply the change".into(),
+                )),
+                _ => Err(MeshError::Unavailable(
+                    "the instance holding the connection did not answer".into(),
+                )),
+            },
+            Ok(false) => Ok(false),
+            Err(err) => Err(err),
+        };
+        lock(&self.inner.calls).remove(&call_id);
+        outcome
+    }
+
+    /// Runs a membership change on a local connection.
+    async fn apply(&self, connection: &Connection, op: ConnectionOp) -> Result<bool, MeshError> {
+        match op {
+            ConnectionOp::JoinRoom(room) => Ok(matches!(
+                self.join_local(connection, &room, None).await?,
+                crate::rooms::JoinOutcome::Joined
+            )),
+            ConnectionOp::LeaveRoom(room) => {
+                Ok(self.leave_local(connection, &room).await?.was_member)
+            }
+            ConnectionOp::LeaveAllRooms => self.leave_all_local(connection).await.map(|()| true),
         }
     }
 
@@ -375,6 +523,7 @@ impl Mesh {
 
     pub(crate) fn pong_received(&self, connection: &Connection) {
         connection.pong_received();
+        self.refresh_presence(connection);
     }
 
     pub(crate) fn stats_record_oversize(&self) {
@@ -393,5 +542,85 @@ impl Mesh {
 
     pub(crate) fn registry(&self) -> &Registry {
         &self.inner.registry
+    }
+
+    pub(crate) fn inner(&self) -> &MeshInner {
+        &self.inner
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The mesh is its instance's inbox: connection deliveries go to the registry, topic
+/// deliveries to the topic's local listeners, calls run on their connection.
+impl Inbox for MeshInner {
+    fn deliver(&self, delivery: Delivery) {
+        match delivery {
+            Delivery::Topic {
+                topic,
+                frame,
+                exclude,
+            } => {
+                for connection in self.topics.listeners(&topic) {
+                    if !exclude.iter().any(|id| **id == *connection.id()) {
+                        let _ = self.registry.send_frame(&connection, frame.clone());
+                    }
+                }
+            }
+            Delivery::Call {
+                connection_id,
+                from,
+                call_id,
+                op,
+            } => {
+                let Some(mesh) = Mesh::from_weak(&self.this) else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let outcome = match mesh.connection(&connection_id) {
+                        Some(connection) => match mesh.apply(&connection, op).await {
+                            Ok(done) => Some(done),
+                            Err(err) => {
+                                tracing::warn!(%err, "could not apply a change asked by another instance");
+                                None
+                            }
+                        },
+                        None => Some(false),
+                    };
+                    let answer = Delivery::Answer {
+                        to: from,
+                        call_id,
+                        outcome,
+                    };
+                    if let Err(err) = mesh.inner.backend.publish(answer).await {
+                        tracing::warn!(%err, "could not answer another instance");
+                    }
+                });
+            }
+            Delivery::Answer {
+                call_id, outcome, ..
+            } => {
+                if let Some(waiter) = lock(&self.calls).remove(&call_id) {
+                    let _ = waiter.send(outcome);
+                }
+            }
+            other => self.registry.deliver(other),
+        }
+    }
+
+    fn local_connection_ids(&self) -> Vec<Arc<str>> {
+        self.registry.ids()
+    }
+
+    fn has_listeners(&self, topic: &Topic) -> bool {
+        self.topics.has_listeners(topic)
+    }
+
+    fn topics(&self) -> Vec<Topic> {
+        self.topics.all_topics()
     }
 }

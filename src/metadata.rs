@@ -104,16 +104,19 @@ mod commands {
 
     /// `mesh/get-connection-metadata {connectionId}` -> `{metadata}`.
     ///
-    /// By default a connection reads only its own metadata (PROTOCOL.md §9); another
-    /// connection's reads as `null` unless the mesh was built with
-    /// `open_connection_metadata(true)`.
+    /// By default a connection reads its own metadata and that of connections sharing a
+    /// room with it (PROTOCOL.md §9); any other connection's reads as `null` unless the
+    /// mesh was built with `open_connection_metadata(true)`.
     pub(crate) async fn get_connection_metadata(
         mesh: Mesh,
         connection: Connection,
         Payload(request): Payload<GetConnectionMetadata>,
     ) -> Result<Value, CommandError> {
-        let allowed =
-            request.connection_id == connection.id() || mesh.config().open_connection_metadata;
+        let allowed = request.connection_id == connection.id()
+            || mesh.config().open_connection_metadata
+            || mesh
+                .share_a_room(connection.id(), &request.connection_id)
+                .await?;
         let metadata = if allowed {
             mesh.connection_metadata(&request.connection_id).await?
         } else {

@@ -27,6 +27,8 @@ pub const LATENCY_REQUEST: &str = "latency:request";
 pub const LATENCY_RESPONSE: &str = "latency:response";
 /// The push that reports the last measured round trip in milliseconds.
 pub const LATENCY: &str = "latency";
+/// The push that tells presence subscribers who joined, left, or changed state.
+pub const PRESENCE_UPDATE: &str = "mesh/presence-update";
 
 /// A frame received from a client, classified.
 #[derive(Debug, PartialEq)]
@@ -168,6 +170,47 @@ pub(crate) fn push<P: Serialize + ?Sized>(command: &str, payload: &P) -> String 
     to_json(&PushFrame { command, payload })
 }
 
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PresenceUpdate<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    connection_id: &'a str,
+    room_name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<&'a Value>,
+    timestamp: u64,
+}
+
+/// The JSON text of a `mesh/presence-update` push. `kind` is `join`, `leave` or `state`;
+/// a `state` update always carries `state` (`null` when cleared or expired).
+pub(crate) fn presence_update(
+    kind: &str,
+    connection_id: &str,
+    room_name: &str,
+    state: Option<&Value>,
+    timestamp: u64,
+) -> String {
+    push(
+        PRESENCE_UPDATE,
+        &PresenceUpdate {
+            kind,
+            connection_id,
+            room_name,
+            state,
+            timestamp,
+        },
+    )
+}
+
+/// Milliseconds since the Unix epoch, as mesh timestamps its events.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or_default()
+}
+
 /// Serialising our own frame types cannot fail: every map key is a string and every
 /// payload is already a `serde_json::Value` or plain data. Should a user type's
 /// `Serialize` impl fail anyway, the frame degrades to an error body rather than a panic.
@@ -277,6 +320,18 @@ mod tests {
         assert_eq!(
             reply(1, "mesh/noop", &Value::Null),
             r#"{"id":1,"command":"mesh/noop","payload":null}"#
+        );
+        assert_eq!(
+            presence_update("join", "c1", "smoke-room", None, 1795373456537),
+            r#"{"command":"mesh/presence-update","payload":{"type":"join","connectionId":"c1","roomName":"smoke-room","timestamp":1795373456537}}"#
+        );
+        assert_eq!(
+            presence_update("state", "c1", "r", Some(&json!({"status":"typing"})), 5),
+            r#"{"command":"mesh/presence-update","payload":{"type":"state","connectionId":"c1","roomName":"r","state":{"status":"typing"},"timestamp":5}}"#
+        );
+        assert_eq!(
+            presence_update("state", "c1", "r", Some(&Value::Null), 5),
+            r#"{"command":"mesh/presence-update","payload":{"type":"state","connectionId":"c1","roomName":"r","state":null,"timestamp":5}}"#
         );
     }
 }

@@ -4,13 +4,17 @@
 //! mesh inside a process, exactly as instances sharing a Redis do; the conformance suite
 //! uses that to run its multi-instance tests on both backends.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use serde_json::Value;
 
-use super::{Backend, BackendFuture, Delivery, Inbox};
+use super::{Backend, BackendFuture, Delivery, Inbox, Joined, Left, PresenceView, Swept};
 use crate::metadata::MergeStrategy;
+use crate::topics::Topic;
 
 /// Shared state kept in this process. Cheap to clone; clones share the state.
 #[derive(Clone, Default)]
@@ -24,17 +28,166 @@ impl std::fmt::Debug for MemoryBackend {
     }
 }
 
+/// How often dead instances are looked for when nothing expires sooner.
+const DEAD_INSTANCE_CHECK: Duration = Duration::from_secs(1);
+
 #[derive(Default)]
 struct MemoryState {
+    /// An instance is alive while its inbox is: a mesh dropped without `shutdown` (its
+    /// runtime killed) is swept like a dead Redis instance.
     instances: HashMap<Arc<str>, Weak<dyn Inbox>>,
     connections: HashMap<String, ConnectionEntry>,
     next_sequence: u64,
+    /// Room -> member -> join sequence.
+    rooms: HashMap<String, HashMap<String, u64>>,
+    room_metadata: BTreeMap<String, Value>,
+    /// Room -> present connection -> presence deadline.
+    presence: HashMap<String, HashMap<String, Instant>>,
+    presence_expiry: BTreeSet<(Instant, String, String)>,
+    /// Room -> connection -> (state, expiry).
+    states: HashMap<String, HashMap<String, (Value, Option<Instant>)>>,
+    state_expiry: BTreeSet<(Instant, String, String)>,
 }
 
 struct ConnectionEntry {
     instance_id: Arc<str>,
     metadata: Option<Value>,
     sequence: u64,
+    rooms: BTreeSet<String>,
+}
+
+impl MemoryState {
+    fn sequence(&mut self) -> u64 {
+        self.next_sequence += 1;
+        self.next_sequence
+    }
+
+    fn is_member(&self, connection_id: &str, room: &str) -> bool {
+        self.rooms
+            .get(room)
+            .is_some_and(|members| members.contains_key(connection_id))
+    }
+
+    fn is_present(&self, connection_id: &str, room: &str, now: Instant) -> bool {
+        self.presence
+            .get(room)
+            .and_then(|present| present.get(connection_id))
+            .is_some_and(|deadline| *deadline > now)
+    }
+
+    /// Sets a presence deadline; returns whether the connection was absent before.
+    fn make_present(&mut self, connection_id: &str, room: &str, deadline: Instant) -> bool {
+        let previous = self
+            .presence
+            .entry(room.to_owned())
+            .or_default()
+            .insert(connection_id.to_owned(), deadline);
+        if let Some(previous) = previous {
+            self.presence_expiry
+                .remove(&(previous, room.to_owned(), connection_id.to_owned()));
+        }
+        self.presence_expiry
+            .insert((deadline, room.to_owned(), connection_id.to_owned()));
+        previous.is_none()
+    }
+
+    /// Removes a presence entry and its state; returns whether there was one.
+    fn remove_presence(&mut self, connection_id: &str, room: &str) -> bool {
+        self.remove_state(connection_id, room);
+        let Some(present) = self.presence.get_mut(room) else {
+            return false;
+        };
+        let Some(deadline) = present.remove(connection_id) else {
+            return false;
+        };
+        if present.is_empty() {
+            self.presence.remove(room);
+        }
+        self.presence_expiry
+            .remove(&(deadline, room.to_owned(), connection_id.to_owned()));
+        true
+    }
+
+    /// Removes a presence state; returns whether there was one.
+    fn remove_state(&mut self, connection_id: &str, room: &str) -> bool {
+        let Some(states) = self.states.get_mut(room) else {
+            return false;
+        };
+        let Some((_, expiry)) = states.remove(connection_id) else {
+            return false;
+        };
+        if states.is_empty() {
+            self.states.remove(room);
+        }
+        if let Some(expiry) = expiry {
+            self.state_expiry
+                .remove(&(expiry, room.to_owned(), connection_id.to_owned()));
+        }
+        true
+    }
+
+    fn leave(&mut self, connection_id: &str, room: &str) -> Left {
+        let was_member = match self.rooms.get_mut(room) {
+            Some(members) => {
+                let removed = members.remove(connection_id).is_some();
+                if members.is_empty() {
+                    self.rooms.remove(room);
+                }
+                removed
+            }
+            None => false,
+        };
+        if let Some(entry) = self.connections.get_mut(connection_id) {
+            entry.rooms.remove(room);
+        }
+        let was_present = self.remove_presence(connection_id, room);
+        Left {
+            was_member,
+            was_present,
+        }
+    }
+
+    /// Forgets a connection entirely; returns the rooms where it was present.
+    fn remove_connection(&mut self, connection_id: &str) -> Vec<String> {
+        let Some(entry) = self.connections.remove(connection_id) else {
+            return Vec::new();
+        };
+        entry
+            .rooms
+            .into_iter()
+            .filter(|room| self.leave(connection_id, room).was_present)
+            .collect()
+    }
+
+    fn members_with_metadata(&self, members: Vec<String>) -> Vec<(String, Value)> {
+        members
+            .into_iter()
+            .map(|id| {
+                let metadata = self
+                    .connections
+                    .get(&id)
+                    .and_then(|entry| entry.metadata.clone())
+                    .unwrap_or(Value::Null);
+                (id, metadata)
+            })
+            .collect()
+    }
+
+    fn members(&self, room: &str) -> Vec<String> {
+        let Some(members) = self.rooms.get(room) else {
+            return Vec::new();
+        };
+        let mut members: Vec<_> = members.iter().collect();
+        members.sort_unstable_by_key(|(_, sequence)| **sequence);
+        members.into_iter().map(|(id, _)| id.clone()).collect()
+    }
+
+    fn present(&self, room: &str, now: Instant) -> Vec<String> {
+        self.members(room)
+            .into_iter()
+            .filter(|id| self.is_present(id, room, now))
+            .collect()
+    }
 }
 
 impl MemoryBackend {
@@ -65,9 +218,15 @@ impl Backend for MemoryBackend {
     fn detach<'a>(&'a self, instance_id: &'a str) -> BackendFuture<'a, ()> {
         let mut state = self.lock();
         state.instances.remove(instance_id);
-        state
+        let held: Vec<String> = state
             .connections
-            .retain(|_, entry| &*entry.instance_id != instance_id);
+            .iter()
+            .filter(|(_, entry)| &*entry.instance_id == instance_id)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in held {
+            state.remove_connection(&id);
+        }
         ready(())
     }
 
@@ -82,14 +241,14 @@ impl Backend for MemoryBackend {
             .get_key_value(instance_id)
             .map(|(key, _)| key.clone())
             .unwrap_or_else(|| Arc::from(instance_id));
-        state.next_sequence += 1;
-        let sequence = state.next_sequence;
+        let sequence = state.sequence();
         state.connections.insert(
             connection_id.to_owned(),
             ConnectionEntry {
                 instance_id,
                 metadata: None,
                 sequence,
+                rooms: BTreeSet::new(),
             },
         );
         ready(())
@@ -99,9 +258,8 @@ impl Backend for MemoryBackend {
         &'a self,
         _instance_id: &'a str,
         connection_id: &'a str,
-    ) -> BackendFuture<'a, ()> {
-        self.lock().connections.remove(connection_id);
-        ready(())
+    ) -> BackendFuture<'a, Vec<String>> {
+        ready(self.lock().remove_connection(connection_id))
     }
 
     fn connection_metadata<'a>(
@@ -154,28 +312,276 @@ impl Backend for MemoryBackend {
         )
     }
 
-    fn publish(&self, delivery: Delivery) -> BackendFuture<'_, ()> {
+    fn publish(&self, delivery: Delivery) -> BackendFuture<'_, bool> {
         let targets: Vec<Arc<dyn Inbox>> = {
             let state = self.lock();
+            let holder = |connection_id: &str| {
+                state
+                    .connections
+                    .get(connection_id)
+                    .and_then(|entry| state.instances.get(&entry.instance_id))
+                    .and_then(Weak::upgrade)
+            };
             match &delivery {
                 Delivery::ToConnection { connection_id, .. }
-                | Delivery::Close { connection_id, .. } => state
-                    .connections
-                    .get(&**connection_id)
-                    .and_then(|entry| state.instances.get(&entry.instance_id))
+                | Delivery::Close { connection_id, .. }
+                | Delivery::Call { connection_id, .. } => {
+                    holder(connection_id).into_iter().collect()
+                }
+                Delivery::Answer { to, .. } => state
+                    .instances
+                    .get(to)
                     .and_then(Weak::upgrade)
                     .into_iter()
                     .collect(),
-                Delivery::Broadcast { .. } => {
+                Delivery::Broadcast { .. } | Delivery::Topic { .. } => {
                     state.instances.values().filter_map(Weak::upgrade).collect()
                 }
             }
         };
+        let delivered = !targets.is_empty()
+            || matches!(
+                delivery,
+                Delivery::Broadcast { .. } | Delivery::Topic { .. }
+            );
         // Delivered outside the lock: an inbox only enqueues, but it must never be able
         // to deadlock against a backend call made from a connection task.
         for inbox in targets {
             inbox.deliver(delivery.clone());
         }
+        ready(delivered)
+    }
+
+    fn subscribe<'a>(&'a self, _instance_id: &'a str, _topic: &'a Topic) -> BackendFuture<'a, ()> {
+        // Topic deliveries reach every instance in-process; each filters by its listeners.
         ready(())
+    }
+
+    fn unsubscribe(&self, _instance_id: &str, _topic: &Topic) {}
+
+    fn join_room<'a>(
+        &'a self,
+        connection_id: &'a str,
+        room: &'a str,
+        presence_ttl: Option<Duration>,
+    ) -> BackendFuture<'a, Option<Joined>> {
+        let mut state = self.lock();
+        if !state.connections.contains_key(connection_id) {
+            return ready(None);
+        }
+        let sequence = state.sequence();
+        state
+            .rooms
+            .entry(room.to_owned())
+            .or_default()
+            .entry(connection_id.to_owned())
+            .or_insert(sequence);
+        if let Some(entry) = state.connections.get_mut(connection_id) {
+            entry.rooms.insert(room.to_owned());
+        }
+        let now_present = match presence_ttl {
+            Some(ttl) => state.make_present(connection_id, room, Instant::now() + ttl),
+            None => false,
+        };
+        ready(Some(Joined { now_present }))
+    }
+
+    fn leave_room<'a>(&'a self, connection_id: &'a str, room: &'a str) -> BackendFuture<'a, Left> {
+        ready(self.lock().leave(connection_id, room))
+    }
+
+    fn room_members<'a>(&'a self, room: &'a str) -> BackendFuture<'a, Vec<String>> {
+        ready(self.lock().members(room))
+    }
+
+    fn room_members_with_metadata<'a>(
+        &'a self,
+        room: &'a str,
+    ) -> BackendFuture<'a, Vec<(String, Value)>> {
+        let state = self.lock();
+        ready(state.members_with_metadata(state.members(room)))
+    }
+
+    fn connection_rooms<'a>(&'a self, connection_id: &'a str) -> BackendFuture<'a, Vec<String>> {
+        let rooms = self
+            .lock()
+            .connections
+            .get(connection_id)
+            .map(|entry| entry.rooms.iter().cloned().collect())
+            .unwrap_or_default();
+        ready(rooms)
+    }
+
+    fn rooms(&self) -> BackendFuture<'_, Vec<String>> {
+        let mut rooms: Vec<String> = self.lock().rooms.keys().cloned().collect();
+        rooms.sort_unstable();
+        ready(rooms)
+    }
+
+    fn share_a_room<'a>(&'a self, a: &'a str, b: &'a str) -> BackendFuture<'a, bool> {
+        let state = self.lock();
+        let shared = match (state.connections.get(a), state.connections.get(b)) {
+            (Some(a), Some(b)) => a.rooms.intersection(&b.rooms).next().is_some(),
+            _ => false,
+        };
+        ready(shared)
+    }
+
+    fn room_metadata<'a>(&'a self, room: &'a str) -> BackendFuture<'a, Option<Value>> {
+        ready(self.lock().room_metadata.get(room).cloned())
+    }
+
+    fn set_room_metadata<'a>(
+        &'a self,
+        room: &'a str,
+        metadata: Value,
+        strategy: MergeStrategy,
+    ) -> BackendFuture<'a, ()> {
+        let mut state = self.lock();
+        let old = state.room_metadata.remove(room);
+        state
+            .room_metadata
+            .insert(room.to_owned(), strategy.apply(old, metadata));
+        ready(())
+    }
+
+    fn delete_room_metadata<'a>(&'a self, room: &'a str) -> BackendFuture<'a, ()> {
+        self.lock().room_metadata.remove(room);
+        ready(())
+    }
+
+    fn all_room_metadata(&self) -> BackendFuture<'_, Vec<(String, Value)>> {
+        let all = self
+            .lock()
+            .room_metadata
+            .iter()
+            .map(|(room, metadata)| (room.clone(), metadata.clone()))
+            .collect();
+        ready(all)
+    }
+
+    fn refresh_presence<'a>(
+        &'a self,
+        connection_id: &'a str,
+        rooms: &'a [(Arc<str>, Duration)],
+    ) -> BackendFuture<'a, Vec<String>> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let mut returned = Vec::new();
+        for (room, ttl) in rooms {
+            if state.is_member(connection_id, room)
+                && state.make_present(connection_id, room, now + *ttl)
+            {
+                returned.push(room.to_string());
+            }
+        }
+        ready(returned)
+    }
+
+    fn present_connections<'a>(&'a self, room: &'a str) -> BackendFuture<'a, Vec<String>> {
+        ready(self.lock().present(room, Instant::now()))
+    }
+
+    fn presence<'a>(&'a self, room: &'a str) -> BackendFuture<'a, PresenceView> {
+        let state = self.lock();
+        let present = state.present(room, Instant::now());
+        let states = present
+            .iter()
+            .filter_map(|id| {
+                let (value, _) = state.states.get(room)?.get(id)?;
+                Some((id.clone(), value.clone()))
+            })
+            .collect();
+        ready(PresenceView {
+            present: state.members_with_metadata(present),
+            states,
+        })
+    }
+
+    fn set_presence_state<'a>(
+        &'a self,
+        connection_id: &'a str,
+        room: &'a str,
+        value: &'a Value,
+        expire_after: Option<Duration>,
+    ) -> BackendFuture<'a, bool> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        if !state.is_present(connection_id, room, now) {
+            return ready(false);
+        }
+        state.remove_state(connection_id, room);
+        let expiry = expire_after.map(|after| now + after);
+        if let Some(expiry) = expiry {
+            state
+                .state_expiry
+                .insert((expiry, room.to_owned(), connection_id.to_owned()));
+        }
+        state
+            .states
+            .entry(room.to_owned())
+            .or_default()
+            .insert(connection_id.to_owned(), (value.clone(), expiry));
+        ready(true)
+    }
+
+    fn clear_presence_state<'a>(
+        &'a self,
+        connection_id: &'a str,
+        room: &'a str,
+    ) -> BackendFuture<'a, Option<bool>> {
+        let mut state = self.lock();
+        if !state.is_present(connection_id, room, Instant::now()) {
+            return ready(None);
+        }
+        ready(Some(state.remove_state(connection_id, room)))
+    }
+
+    fn sweep(&self) -> BackendFuture<'_, Swept> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let mut swept = Swept::default();
+        let dead: Vec<Arc<str>> = state
+            .instances
+            .iter()
+            .filter(|(_, inbox)| inbox.strong_count() == 0)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for instance_id in dead {
+            state.instances.remove(&instance_id);
+            let held: Vec<String> = state
+                .connections
+                .iter()
+                .filter(|(_, entry)| entry.instance_id == instance_id)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for connection_id in held {
+                for room in state.remove_connection(&connection_id) {
+                    swept.left.push((room, connection_id.clone()));
+                }
+            }
+        }
+        while let Some((deadline, room, connection_id)) = state.presence_expiry.first().cloned() {
+            if deadline > now {
+                break;
+            }
+            state.remove_presence(&connection_id, &room);
+            swept.left.push((room, connection_id));
+        }
+        while let Some((deadline, room, connection_id)) = state.state_expiry.first().cloned() {
+            if deadline > now {
+                break;
+            }
+            state.remove_state(&connection_id, &room);
+            swept.states_expired.push((room, connection_id));
+        }
+        let next = [state.presence_expiry.first(), state.state_expiry.first()]
+            .into_iter()
+            .flatten()
+            .map(|(deadline, _, _)| deadline.saturating_duration_since(now))
+            .min()
+            .unwrap_or(DEAD_INSTANCE_CHECK);
+        swept.next_due = next.min(DEAD_INSTANCE_CHECK);
+        ready(swept)
     }
 }

@@ -16,12 +16,14 @@ mod redis;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::error::MeshError;
 use crate::metadata::MergeStrategy;
 use crate::protocol::Frame;
+use crate::topics::Topic;
 
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisBackend, RedisBackendBuilder};
@@ -31,7 +33,7 @@ pub use memory::MemoryBackend;
 pub(crate) type BackendFuture<'a, T> =
     Pin<Box<dyn Future<Output = Result<T, MeshError>> + Send + 'a>>;
 
-/// A message for connections that some instance holds.
+/// A message for connections that some instance holds, or for an instance itself.
 #[derive(Debug, Clone)]
 pub(crate) enum Delivery {
     /// One frame for one connection.
@@ -46,19 +48,96 @@ pub(crate) enum Delivery {
         connection_id: Arc<str>,
         reason: String,
     },
+    /// One frame for every listener of a topic, on every instance, except `exclude`.
+    Topic {
+        topic: Topic,
+        frame: Frame,
+        exclude: Arc<[Arc<str>]>,
+    },
+    /// An operation on a connection, for the instance that holds it to run; it answers
+    /// with [`Delivery::Answer`] to instance `from`.
+    Call {
+        connection_id: Arc<str>,
+        from: Arc<str>,
+        call_id: u64,
+        op: ConnectionOp,
+    },
+    /// The outcome of a [`Delivery::Call`], for the instance that made it: `None` when
+    /// the operation failed.
+    Answer {
+        to: Arc<str>,
+        call_id: u64,
+        outcome: Option<bool>,
+    },
+}
+
+/// What one instance can ask the holder of a connection to do: membership changes run on
+/// the connection's own instance, which keeps its topic index in step with the backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ConnectionOp {
+    JoinRoom(Arc<str>),
+    LeaveRoom(Arc<str>),
+    LeaveAllRooms,
 }
 
 /// The receiving end of an instance: it hands deliveries to local connections.
 pub(crate) trait Inbox: Send + Sync + 'static {
-    /// Delivers to local connections. Must not block: it only enqueues.
+    /// Delivers to local connections. Must not block: it only enqueues or spawns.
     fn deliver(&self, delivery: Delivery);
 
     /// The ids of the connections this instance holds, to register them again after the
     /// backend lost them (a restarted Redis).
     fn local_connection_ids(&self) -> Vec<Arc<str>>;
+
+    /// Whether a local connection listens to `topic` (a subscription to it is still needed).
+    fn has_listeners(&self, topic: &Topic) -> bool;
+
+    /// Every topic a local connection listens to (to subscribe again after a reconnect).
+    fn topics(&self) -> Vec<Topic>;
+}
+
+/// What joining a room changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Joined {
+    /// The connection was not present before and is now (tracked rooms only).
+    pub(crate) now_present: bool,
+}
+
+/// What leaving a room changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Left {
+    /// The connection was a member.
+    pub(crate) was_member: bool,
+    /// The connection was present (a presence `leave` is due).
+    pub(crate) was_present: bool,
+}
+
+/// A room's presence as subscribers see it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct PresenceView {
+    /// Present connections in join order, with their metadata (`null` when none).
+    pub(crate) present: Vec<(String, Value)>,
+    /// Present connections' states.
+    pub(crate) states: Vec<(String, Value)>,
+}
+
+/// What a sweep removed, and when the next one is due.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Swept {
+    /// `(room, connection)` presence entries removed: their TTL lapsed or their instance
+    /// died. Each gets a presence `leave`.
+    pub(crate) left: Vec<(String, String)>,
+    /// `(room, connection)` presence states whose `expireAfter` lapsed. Each gets a
+    /// presence `state` update with `state: null`.
+    pub(crate) states_expired: Vec<(String, String)>,
+    /// How long until the backend next needs a sweep.
+    pub(crate) next_due: Duration,
 }
 
 /// Shared state and cross-instance delivery.
+///
+/// Room and presence operations take connection ids; they are called by the instance
+/// that holds the connection (see [`ConnectionOp`]), except the read-only ones.
 pub(crate) trait Backend: Send + Sync + 'static {
     /// Joins the mesh as `instance_id`; from now on deliveries for it reach `inbox`.
     fn attach(&self, instance_id: Arc<str>, inbox: Weak<dyn Inbox>) -> BackendFuture<'_, ()>;
@@ -73,12 +152,13 @@ pub(crate) trait Backend: Send + Sync + 'static {
         connection_id: &'a str,
     ) -> BackendFuture<'a, ()>;
 
-    /// Forgets a connection and everything stored for it.
+    /// Forgets a connection and everything stored for it (metadata, rooms, presence).
+    /// Returns the rooms where it was present, for their presence `leave`.
     fn unregister_connection<'a>(
         &'a self,
         instance_id: &'a str,
         connection_id: &'a str,
-    ) -> BackendFuture<'a, ()>;
+    ) -> BackendFuture<'a, Vec<String>>;
 
     /// A connection's metadata; `None` when it has none or is unknown.
     fn connection_metadata<'a>(
@@ -97,6 +177,102 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// Every live connection with its metadata (`null` when none), in registration order.
     fn all_connection_metadata(&self) -> BackendFuture<'_, Vec<(String, Value)>>;
 
-    /// Routes a delivery to the instance(s) that hold its connections.
-    fn publish(&self, delivery: Delivery) -> BackendFuture<'_, ()>;
+    /// Routes a delivery to the instance(s) that hold its connections. Returns `false`
+    /// when it names a connection or instance nobody holds.
+    fn publish(&self, delivery: Delivery) -> BackendFuture<'_, bool>;
+
+    /// Makes sure topic deliveries reach `instance_id`; resolves once they do.
+    fn subscribe<'a>(&'a self, instance_id: &'a str, topic: &'a Topic) -> BackendFuture<'a, ()>;
+
+    /// Stops topic deliveries to `instance_id` unless its inbox still has listeners
+    /// (checked when the change is applied, so a racing subscribe wins).
+    fn unsubscribe(&self, instance_id: &str, topic: &Topic);
+
+    // Rooms.
+
+    /// Adds a registered connection to a room; with `presence_ttl`, also makes it present
+    /// until now + ttl. `None` when the connection is not registered.
+    fn join_room<'a>(
+        &'a self,
+        connection_id: &'a str,
+        room: &'a str,
+        presence_ttl: Option<Duration>,
+    ) -> BackendFuture<'a, Option<Joined>>;
+
+    /// Removes a connection from a room, with its presence and presence state there.
+    fn leave_room<'a>(&'a self, connection_id: &'a str, room: &'a str) -> BackendFuture<'a, Left>;
+
+    /// The members of a room, in join order.
+    fn room_members<'a>(&'a self, room: &'a str) -> BackendFuture<'a, Vec<String>>;
+
+    /// The members of a room in join order, with their metadata (`null` when none).
+    fn room_members_with_metadata<'a>(
+        &'a self,
+        room: &'a str,
+    ) -> BackendFuture<'a, Vec<(String, Value)>>;
+
+    /// The rooms a connection is in.
+    fn connection_rooms<'a>(&'a self, connection_id: &'a str) -> BackendFuture<'a, Vec<String>>;
+
+    /// Every room with at least one member, sorted by name.
+    fn rooms(&self) -> BackendFuture<'_, Vec<String>>;
+
+    /// Whether two connections are members of at least one common room.
+    fn share_a_room<'a>(&'a self, a: &'a str, b: &'a str) -> BackendFuture<'a, bool>;
+
+    /// A room's metadata; `None` when it has none.
+    fn room_metadata<'a>(&'a self, room: &'a str) -> BackendFuture<'a, Option<Value>>;
+
+    /// Combines `metadata` into a room's metadata with `strategy`.
+    fn set_room_metadata<'a>(
+        &'a self,
+        room: &'a str,
+        metadata: Value,
+        strategy: MergeStrategy,
+    ) -> BackendFuture<'a, ()>;
+
+    /// Removes a room's metadata.
+    fn delete_room_metadata<'a>(&'a self, room: &'a str) -> BackendFuture<'a, ()>;
+
+    /// Every room that has metadata, with it, sorted by room name.
+    fn all_room_metadata(&self) -> BackendFuture<'_, Vec<(String, Value)>>;
+
+    // Presence.
+
+    /// Extends the presence of a connection in each `(room, ttl)` where it is still a
+    /// member; returns the rooms where it was not present and now is again.
+    fn refresh_presence<'a>(
+        &'a self,
+        connection_id: &'a str,
+        rooms: &'a [(Arc<str>, Duration)],
+    ) -> BackendFuture<'a, Vec<String>>;
+
+    /// The present connections of a room, in join order.
+    fn present_connections<'a>(&'a self, room: &'a str) -> BackendFuture<'a, Vec<String>>;
+
+    /// The present connections of a room with their metadata, and their states.
+    fn presence<'a>(&'a self, room: &'a str) -> BackendFuture<'a, PresenceView>;
+
+    /// Stores a present connection's state in a room, replacing the previous one, until
+    /// `expire_after` (if any). `false` when the connection is not present there.
+    fn set_presence_state<'a>(
+        &'a self,
+        connection_id: &'a str,
+        room: &'a str,
+        state: &'a Value,
+        expire_after: Option<Duration>,
+    ) -> BackendFuture<'a, bool>;
+
+    /// Removes a present connection's state. `None` when the connection is not present
+    /// there; otherwise whether a state was removed.
+    fn clear_presence_state<'a>(
+        &'a self,
+        connection_id: &'a str,
+        room: &'a str,
+    ) -> BackendFuture<'a, Option<bool>>;
+
+    /// Removes what expired: the connections of dead instances (with their rooms and
+    /// presence), presence whose TTL lapsed, and states whose `expireAfter` lapsed. Every
+    /// instance may run it at any time; each entry is removed, and reported, exactly once.
+    fn sweep(&self) -> BackendFuture<'_, Swept>;
 }

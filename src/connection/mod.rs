@@ -37,7 +37,13 @@ struct Shared {
     parts: http::request::Parts,
     outbound: Outbound,
     liveness: Liveness,
+    /// Serialises the connection's membership changes (rooms, subscriptions) with each
+    /// other and with its final cleanup, so none can slip in after the cleanup ran.
+    membership: tokio::sync::Mutex<()>,
 }
+
+/// Proof that a connection's membership lock is held.
+pub(crate) type MembershipGuard<'a> = tokio::sync::MutexGuard<'a, ()>;
 
 /// Ping and latency bookkeeping, driven by the mesh's heartbeat.
 #[derive(Default)]
@@ -67,6 +73,7 @@ impl Connection {
                     latency_ms: AtomicU64::new(u64::MAX),
                     ..Liveness::default()
                 },
+                membership: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -163,6 +170,11 @@ impl Connection {
             u64::MAX => None,
             ms => Some(Duration::from_millis(ms)),
         }
+    }
+
+    /// Takes the membership lock; see [`MembershipGuard`].
+    pub(crate) async fn lock_membership(&self) -> MembershipGuard<'_> {
+        self.shared.membership.lock().await
     }
 
     pub(crate) fn outbound(&self) -> &Outbound {

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::{CloseReason, Connection, SendError};
-use crate::backend::{Delivery, Inbox};
+use crate::backend::Delivery;
 use crate::protocol::Frame;
 
 /// Local connections by id. Deliveries from the backend land here.
@@ -80,12 +80,10 @@ impl Registry {
     }
 }
 
-impl Inbox for Registry {
-    fn local_connection_ids(&self) -> Vec<Arc<str>> {
-        self.read().keys().cloned().collect()
-    }
-
-    fn deliver(&self, delivery: Delivery) {
+impl Registry {
+    /// Hands a delivery for local connections to them. Only the kinds addressed to
+    /// connections directly; topics and calls are the mesh's.
+    pub(crate) fn deliver(&self, delivery: Delivery) {
         match delivery {
             Delivery::ToConnection {
                 connection_id,
@@ -106,6 +104,14 @@ impl Inbox for Registry {
                     connection.close_with(CloseReason::Normal(reason));
                 }
             }
+            Delivery::Topic { .. } | Delivery::Call { .. } | Delivery::Answer { .. } => {
+                tracing::error!("a mesh-level delivery reached the registry");
+            }
         }
+    }
+
+    /// The ids of every local connection.
+    pub(crate) fn ids(&self) -> Vec<Arc<str>> {
+        self.read().keys().cloned().collect()
     }
 }

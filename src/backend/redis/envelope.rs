@@ -1,0 +1,279 @@
+//! The pub/sub envelope: a tag byte, then length-prefixed fields (a little-endian `u32`
+//! length, then the bytes). Frames travel verbatim, so an instance parses a delivery once
+//! and every local recipient shares the same bytes.
+
+use std::sync::Arc;
+
+use crate::backend::{ConnectionOp, Delivery};
+use crate::protocol::Frame;
+use crate::topics::Topic;
+
+const TO_CONNECTION: u8 = b'c';
+const BROADCAST: u8 = b'b';
+const CLOSE: u8 = b'x';
+const TOPIC: u8 = b't';
+const CALL: u8 = b'k';
+const ANSWER: u8 = b'a';
+
+const JOIN_ROOM: &str = "join";
+const LEAVE_ROOM: &str = "leave";
+const LEAVE_ALL_ROOMS: &str = "leave-all";
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn new(tag: u8, capacity: usize) -> Self {
+        let mut out = Vec::with_capacity(1 + capacity);
+        out.push(tag);
+        Writer(out)
+    }
+
+    fn field(mut self, bytes: &[u8]) -> Self {
+        // Fields are frames (bounded by the frame limit) and ids: far below 4 GiB.
+        let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+        self.0.extend_from_slice(&len.to_le_bytes());
+        self.0.extend_from_slice(bytes);
+        self
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let (len, rest) = self.0.split_first_chunk::<4>()?;
+        let len = usize::try_from(u32::from_le_bytes(*len)).ok()?;
+        if rest.len() < len {
+            return None;
+        }
+        let (field, rest) = rest.split_at(len);
+        self.0 = rest;
+        Some(field)
+    }
+
+    fn text(&mut self) -> Option<&'a str> {
+        std::str::from_utf8(self.bytes()?).ok()
+    }
+
+    fn id(&mut self) -> Option<Arc<str>> {
+        self.text().map(Arc::from)
+    }
+
+    fn frame(&mut self) -> Option<Frame> {
+        Frame::try_from(bytes::Bytes::copy_from_slice(self.bytes()?)).ok()
+    }
+
+    fn number(&mut self) -> Option<u64> {
+        self.text()?.parse().ok()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+pub(super) fn encode(delivery: &Delivery) -> Vec<u8> {
+    match delivery {
+        Delivery::ToConnection {
+            connection_id,
+            frame,
+        } => Writer::new(TO_CONNECTION, 8 + connection_id.len() + frame.len())
+            .field(connection_id.as_bytes())
+            .field(frame.as_bytes()),
+        Delivery::Broadcast { frame } => {
+            Writer::new(BROADCAST, 4 + frame.len()).field(frame.as_bytes())
+        }
+        Delivery::Close {
+            connection_id,
+            reason,
+        } => Writer::new(CLOSE, 8 + connection_id.len() + reason.len())
+            .field(connection_id.as_bytes())
+            .field(reason.as_bytes()),
+        Delivery::Topic {
+            topic,
+            frame,
+            exclude,
+        } => {
+            let key = topic.key();
+            let excluded: usize = exclude.iter().map(|id| 4 + id.len()).sum();
+            let mut writer = Writer::new(TOPIC, 8 + key.len() + frame.len() + excluded)
+                .field(key.as_bytes())
+                .field(frame.as_bytes());
+            for id in exclude.iter() {
+                writer = writer.field(id.as_bytes());
+            }
+            writer
+        }
+        Delivery::Call {
+            connection_id,
+            from,
+            call_id,
+            op,
+        } => {
+            let (name, argument) = match op {
+                ConnectionOp::JoinRoom(room) => (JOIN_ROOM, &**room),
+                ConnectionOp::LeaveRoom(room) => (LEAVE_ROOM, &**room),
+                ConnectionOp::LeaveAllRooms => (LEAVE_ALL_ROOMS, ""),
+            };
+            Writer::new(CALL, 64 + connection_id.len() + from.len() + argument.len())
+                .field(connection_id.as_bytes())
+                .field(from.as_bytes())
+                .field(call_id.to_string().as_bytes())
+                .field(name.as_bytes())
+                .field(argument.as_bytes())
+        }
+        Delivery::Answer {
+            to,
+            call_id,
+            outcome,
+        } => {
+            let outcome: &[u8] = match outcome {
+                Some(true) => b"1",
+                Some(false) => b"0",
+                None => b"-",
+            };
+            Writer::new(ANSWER, 32 + to.len())
+                .field(to.as_bytes())
+                .field(call_id.to_string().as_bytes())
+                .field(outcome)
+        }
+    }
+    .0
+}
+
+pub(super) fn decode(bytes: &[u8]) -> Option<Delivery> {
+    let (&tag, rest) = bytes.split_first()?;
+    let mut fields = Reader(rest);
+    let delivery = match tag {
+        TO_CONNECTION => Delivery::ToConnection {
+            connection_id: fields.id()?,
+            frame: fields.frame()?,
+        },
+        BROADCAST => Delivery::Broadcast {
+            frame: fields.frame()?,
+        },
+        CLOSE => Delivery::Close {
+            connection_id: fields.id()?,
+            reason: fields.text()?.to_owned(),
+        },
+        TOPIC => {
+            let topic = Topic::from_key(fields.text()?)?;
+            let frame = fields.frame()?;
+            let mut exclude = Vec::new();
+            while !fields.is_empty() {
+                exclude.push(fields.id()?);
+            }
+            Delivery::Topic {
+                topic,
+                frame,
+                exclude: exclude.into(),
+            }
+        }
+        CALL => {
+            let connection_id = fields.id()?;
+            let from = fields.id()?;
+            let call_id = fields.number()?;
+            let op = match (fields.text()?, fields.id()?) {
+                (JOIN_ROOM, room) => ConnectionOp::JoinRoom(room),
+                (LEAVE_ROOM, room) => ConnectionOp::LeaveRoom(room),
+                (LEAVE_ALL_ROOMS, _) => ConnectionOp::LeaveAllRooms,
+                _ => return None,
+            };
+            Delivery::Call {
+                connection_id,
+                from,
+                call_id,
+                op,
+            }
+        }
+        ANSWER => Delivery::Answer {
+            to: fields.id()?,
+            call_id: fields.number()?,
+            outcome: match fields.bytes()? {
+                b"1" => Some(true),
+                b"0" => Some(false),
+                b"-" => None,
+                _ => return None,
+            },
+        },
+        _ => return None,
+    };
+    fields.is_empty().then_some(delivery)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(delivery: Delivery) -> Delivery {
+        decode(&encode(&delivery)).unwrap_or_else(|| panic!("did not decode: {delivery:?}"))
+    }
+
+    #[test]
+    fn every_kind_round_trips() {
+        let frame = Frame::from(r#"{"command":"x","payload":"a\nb"}"#);
+        match round_trip(Delivery::ToConnection {
+            connection_id: Arc::from("abc-1"),
+            frame: frame.clone(),
+        }) {
+            Delivery::ToConnection {
+                connection_id,
+                frame: decoded,
+            } => {
+                assert_eq!(&*connection_id, "abc-1");
+                assert_eq!(decoded, frame);
+            }
+            other => panic!("{other:?}"),
+        }
+        match round_trip(Delivery::Topic {
+            topic: Topic::Room(Arc::from("a\nroom")),
+            frame: frame.clone(),
+            exclude: vec![Arc::from("x"), Arc::from("")].into(),
+        }) {
+            Delivery::Topic {
+                topic,
+                frame: decoded,
+                exclude,
+            } => {
+                assert_eq!(topic, Topic::Room(Arc::from("a\nroom")));
+                assert_eq!(decoded, frame);
+                assert_eq!(exclude.len(), 2);
+            }
+            other => panic!("{other:?}"),
+        }
+        match round_trip(Delivery::Call {
+            connection_id: Arc::from("c"),
+            from: Arc::from("i"),
+            call_id: 42,
+            op: ConnectionOp::JoinRoom(Arc::from("r")),
+        }) {
+            Delivery::Call { call_id, op, .. } => {
+                assert_eq!(call_id, 42);
+                assert_eq!(op, ConnectionOp::JoinRoom(Arc::from("r")));
+            }
+            other => panic!("{other:?}"),
+        }
+        match round_trip(Delivery::Answer {
+            to: Arc::from("i"),
+            call_id: 7,
+            outcome: None,
+        }) {
+            Delivery::Answer {
+                call_id, outcome, ..
+            } => assert_eq!((call_id, outcome), (7, None)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn garbage_does_not_decode() {
+        assert!(decode(b"").is_none());
+        assert!(decode(b"z").is_none());
+        assert!(decode(b"c\x05\x00\x00\x00ab").is_none());
+        let mut trailing = encode(&Delivery::Broadcast {
+            frame: Frame::from("{}"),
+        });
+        trailing.push(0);
+        assert!(decode(&trailing).is_none());
+    }
+}

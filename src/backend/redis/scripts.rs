@@ -1,0 +1,305 @@
+//! The Lua scripts: every change that touches several keys is one atomic script.
+//!
+//! Scripts compute key names from the prefix (`ARGV[1]`), so they target a single Redis
+//! or a primary with replicas, not Redis Cluster. Times are Redis's own clock (`TIME`, in
+//! milliseconds), so instances on skewed hosts agree on every deadline.
+
+use redis::Script;
+
+/// Helpers shared by the scripts, prepended to each.
+const LIBRARY: &str = r"
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- An expiry entry names a connection and a room; connection ids never hold a newline.
+local function split_entry(entry)
+  local i = string.find(entry, '\n', 1, true)
+  return string.sub(entry, 1, i - 1), string.sub(entry, i + 1)
+end
+
+-- Removes a connection from a room with its presence and state there.
+-- Returns (was_member, was_present).
+local function leave(p, cid, room)
+  local member = redis.call('ZREM', p .. 'room:' .. room, cid)
+  if member == 1 and redis.call('EXISTS', p .. 'room:' .. room) == 0 then
+    redis.call('SREM', p .. 'rooms', room)
+  end
+  redis.call('SREM', p .. 'conn:' .. cid .. ':rooms', room)
+  local present = redis.call('ZREM', p .. 'presence:' .. room, cid)
+  local entry = cid .. '\n' .. room
+  redis.call('ZREM', p .. 'presence-expiry', entry)
+  redis.call('HDEL', p .. 'presence-states:' .. room, cid)
+  redis.call('ZREM', p .. 'state-expiry', entry)
+  return member, present
+end
+
+-- Forgets a connection: its rooms, presence, metadata and routing.
+-- Returns the rooms where it was present.
+local function forget(p, cid)
+  local present_in = {}
+  for _, room in ipairs(redis.call('SMEMBERS', p .. 'conn:' .. cid .. ':rooms')) do
+    local _, present = leave(p, cid, room)
+    if present == 1 then present_in[#present_in + 1] = room end
+  end
+  redis.call('DEL', p .. 'conn:' .. cid .. ':rooms', p .. 'conn:' .. cid)
+  redis.call('ZREM', p .. 'connections', cid)
+  return present_in
+end
+
+-- Whether a connection's presence in a room is still live.
+local function is_present(p, cid, room, now)
+  local deadline = redis.call('ZSCORE', p .. 'presence:' .. room, cid)
+  return deadline and tonumber(deadline) > now
+end
+";
+
+fn script(body: &str) -> Script {
+    Script::new(&format!("{LIBRARY}\n{body}"))
+}
+
+/// Every script, loaded once per backend.
+pub(super) struct Scripts {
+    pub(super) heartbeat: Script,
+    pub(super) route: Script,
+    pub(super) detach: Script,
+    pub(super) unregister: Script,
+    pub(super) join: Script,
+    pub(super) leave: Script,
+    pub(super) members_with_metadata: Script,
+    pub(super) all_room_metadata: Script,
+    pub(super) refresh_presence: Script,
+    pub(super) present: Script,
+    pub(super) presence: Script,
+    pub(super) set_state: Script,
+    pub(super) clear_state: Script,
+    pub(super) sweep: Script,
+}
+
+impl Scripts {
+    pub(super) fn new() -> Self {
+        Scripts {
+            // KEYS[1] instances; ARGV[1] instance id; ARGV[2] ttl ms. Returns 1 when the
+            // instance was missing (new, or swept while alive).
+            heartbeat: script(
+                r"
+                return redis.call('ZADD', KEYS[1], now_ms() + tonumber(ARGV[2]), ARGV[1])
+                ",
+            ),
+            // KEYS[1] conn hash; ARGV[1] prefix; ARGV[2] envelope. Publishes on the
+            // holder's channel; returns 0 when the connection is unknown.
+            route: script(
+                r"
+                local iid = redis.call('HGET', KEYS[1], 'instance')
+                if not iid then return 0 end
+                redis.call('PUBLISH', ARGV[1] .. 'instance:' .. iid, ARGV[2])
+                return 1
+                ",
+            ),
+            // KEYS[1] instances, KEYS[2] instance connections; ARGV[1] prefix;
+            // ARGV[2] instance id.
+            detach: script(
+                r"
+                for _, cid in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+                  forget(ARGV[1], cid)
+                end
+                redis.call('DEL', KEYS[2])
+                redis.call('ZREM', KEYS[1], ARGV[2])
+                return 1
+                ",
+            ),
+            // KEYS[1] instance connections; ARGV[1] prefix; ARGV[2] connection id.
+            // Returns the rooms where the connection was present.
+            unregister: script(
+                r"
+                redis.call('SREM', KEYS[1], ARGV[2])
+                return forget(ARGV[1], ARGV[2])
+                ",
+            ),
+            // ARGV[1] prefix, ARGV[2] connection id, ARGV[3] room, ARGV[4] presence ttl ms
+            // (0: not tracked). Returns -1 when the connection is not registered, else
+            // 1 when it became present and 0 when not.
+            join: script(
+                r"
+                local p, cid, room = ARGV[1], ARGV[2], ARGV[3]
+                if redis.call('HEXISTS', p .. 'conn:' .. cid, 'instance') == 0 then return -1 end
+                local order = redis.call('INCR', p .. 'join-order')
+                redis.call('ZADD', p .. 'room:' .. room, 'NX', order, cid)
+                redis.call('SADD', p .. 'conn:' .. cid .. ':rooms', room)
+                redis.call('SADD', p .. 'rooms', room)
+                local present = 0
+                local ttl = tonumber(ARGV[4])
+                if ttl > 0 then
+                  local deadline = now_ms() + ttl
+                  present = redis.call('ZADD', p .. 'presence:' .. room, deadline, cid)
+                  redis.call('ZADD', p .. 'presence-expiry', deadline, cid .. '\n' .. room)
+                end
+                return present
+                ",
+            ),
+            // ARGV[1] prefix, ARGV[2] connection id, ARGV[3] room. Returns
+            // {was_member, was_present}.
+            leave: script(
+                r"
+                local member, present = leave(ARGV[1], ARGV[2], ARGV[3])
+                return {member, present}
+                ",
+            ),
+            // ARGV[1] prefix, ARGV[2] room. Returns {id, metadata or nil, ...} in join order.
+            members_with_metadata: script(
+                r"
+                local p = ARGV[1]
+                local out = {}
+                for _, cid in ipairs(redis.call('ZRANGE', p .. 'room:' .. ARGV[2], 0, -1)) do
+                  out[#out + 1] = cid
+                  out[#out + 1] = redis.call('HGET', p .. 'conn:' .. cid, 'meta')
+                end
+                return out
+                ",
+            ),
+            // ARGV[1] prefix. Returns {room, metadata, ...} for every room with metadata.
+            all_room_metadata: script(
+                r"
+                local p = ARGV[1]
+                local out = {}
+                for _, room in ipairs(redis.call('SMEMBERS', p .. 'rooms-with-meta')) do
+                  local meta = redis.call('HGET', p .. 'room-meta:' .. room, 'meta')
+                  if meta then
+                    out[#out + 1] = room
+                    out[#out + 1] = meta
+                  end
+                end
+                return out
+                ",
+            ),
+            // ARGV[1] prefix, ARGV[2] connection id, then (room, ttl ms) pairs. Returns the
+            // rooms where the connection is present again after a lapse.
+            refresh_presence: script(
+                r"
+                local p, cid = ARGV[1], ARGV[2]
+                local now = now_ms()
+                local returned = {}
+                for i = 3, #ARGV, 2 do
+                  local room = ARGV[i]
+                  if redis.call('ZSCORE', p .. 'room:' .. room, cid) then
+                    local deadline = now + tonumber(ARGV[i + 1])
+                    if redis.call('ZADD', p .. 'presence:' .. room, deadline, cid) == 1 then
+                      returned[#returned + 1] = room
+                    end
+                    redis.call('ZADD', p .. 'presence-expiry', deadline, cid .. '\n' .. room)
+                  end
+                end
+                return returned
+                ",
+            ),
+            // ARGV[1] prefix, ARGV[2] room. Returns the present connections in join order.
+            present: script(
+                r"
+                local p, room = ARGV[1], ARGV[2]
+                local now = now_ms()
+                local out = {}
+                for _, cid in ipairs(redis.call('ZRANGE', p .. 'room:' .. room, 0, -1)) do
+                  if is_present(p, cid, room, now) then out[#out + 1] = cid end
+                end
+                return out
+                ",
+            ),
+            // ARGV[1] prefix, ARGV[2] room. Returns {id, metadata or nil, state or nil, ...}
+            // for the present connections in join order.
+            presence: script(
+                r"
+                local p, room = ARGV[1], ARGV[2]
+                local now = now_ms()
+                local out = {}
+                for _, cid in ipairs(redis.call('ZRANGE', p .. 'room:' .. room, 0, -1)) do
+                  if is_present(p, cid, room, now) then
+                    out[#out + 1] = cid
+                    out[#out + 1] = redis.call('HGET', p .. 'conn:' .. cid, 'meta')
+                    out[#out + 1] = redis.call('HGET', p .. 'presence-states:' .. room, cid)
+                  end
+                end
+                return out
+                ",
+            ),
+            // ARGV[1] prefix, ARGV[2] connection id, ARGV[3] room, ARGV[4] state JSON,
+            // ARGV[5] expiry ms (0: none). Returns 0 when the connection is not present.
+            set_state: script(
+                r"
+                local p, cid, room = ARGV[1], ARGV[2], ARGV[3]
+                local now = now_ms()
+                if not is_present(p, cid, room, now) then return 0 end
+                redis.call('HSET', p .. 'presence-states:' .. room, cid, ARGV[4])
+                local entry = cid .. '\n' .. room
+                local expire = tonumber(ARGV[5])
+                if expire > 0 then
+                  redis.call('ZADD', p .. 'state-expiry', now + expire, entry)
+                else
+                  redis.call('ZREM', p .. 'state-expiry', entry)
+                end
+                return 1
+                ",
+            ),
+            // ARGV[1] prefix, ARGV[2] connection id, ARGV[3] room. Returns -1 when the
+            // connection is not present, else how many states were removed.
+            clear_state: script(
+                r"
+                local p, cid, room = ARGV[1], ARGV[2], ARGV[3]
+                if not is_present(p, cid, room, now_ms()) then return -1 end
+                redis.call('ZREM', p .. 'state-expiry', cid .. '\n' .. room)
+                return redis.call('HDEL', p .. 'presence-states:' .. room, cid)
+                ",
+            ),
+            // ARGV[1] prefix, ARGV[2] most entries of each kind per run. Claims dead
+            // instances and lapsed entries with ZREM, which succeeds for exactly one
+            // sweeper. Returns {left pairs (room, cid), expired state pairs (room, cid),
+            // ms until the next deadline or -1}.
+            sweep: script(
+                r"
+                local p, limit = ARGV[1], tonumber(ARGV[2])
+                local now = now_ms()
+                local left, expired = {}, {}
+                for _, iid in ipairs(redis.call('ZRANGEBYSCORE', p .. 'instances', '-inf', now, 'LIMIT', 0, limit)) do
+                  if redis.call('ZREM', p .. 'instances', iid) == 1 then
+                    local set = p .. 'instance:' .. iid .. ':connections'
+                    for _, cid in ipairs(redis.call('SMEMBERS', set)) do
+                      for _, room in ipairs(forget(p, cid)) do
+                        left[#left + 1] = room
+                        left[#left + 1] = cid
+                      end
+                    end
+                    redis.call('DEL', set)
+                  end
+                end
+                for _, entry in ipairs(redis.call('ZRANGEBYSCORE', p .. 'presence-expiry', '-inf', now, 'LIMIT', 0, limit)) do
+                  if redis.call('ZREM', p .. 'presence-expiry', entry) == 1 then
+                    local cid, room = split_entry(entry)
+                    redis.call('ZREM', p .. 'presence:' .. room, cid)
+                    redis.call('HDEL', p .. 'presence-states:' .. room, cid)
+                    redis.call('ZREM', p .. 'state-expiry', entry)
+                    left[#left + 1] = room
+                    left[#left + 1] = cid
+                  end
+                end
+                for _, entry in ipairs(redis.call('ZRANGEBYSCORE', p .. 'state-expiry', '-inf', now, 'LIMIT', 0, limit)) do
+                  if redis.call('ZREM', p .. 'state-expiry', entry) == 1 then
+                    local cid, room = split_entry(entry)
+                    redis.call('HDEL', p .. 'presence-states:' .. room, cid)
+                    expired[#expired + 1] = room
+                    expired[#expired + 1] = cid
+                  end
+                end
+                local next_due = -1
+                for _, key in ipairs({'instances', 'presence-expiry', 'state-expiry'}) do
+                  local first = redis.call('ZRANGE', p .. key, 0, 0, 'WITHSCORES')
+                  if first[2] then
+                    local due = math.max(0, tonumber(first[2]) - now)
+                    if next_due < 0 or due < next_due then next_due = due end
+                  end
+                end
+                return {left, expired, next_due}
+                ",
+            ),
+        }
+    }
+}

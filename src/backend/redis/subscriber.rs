@@ -1,0 +1,192 @@
+//! One instance's pub/sub connection: its fixed channels (its own, broadcasts) plus one
+//! channel per topic a local connection listens to, re-established with backoff.
+//!
+//! Subscription changes arrive as [`Command`]s and are applied one at a time, in order,
+//! by the task that owns the connection. So a subscribe is acknowledged only once Redis
+//! confirmed it (or an earlier subscribe to the same channel was), and an unsubscribe that
+//! raced a new listener is skipped: it checks the inbox's listeners when it is applied.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{envelope, unavailable, Keys, WeakBackend, OPERATION_TIMEOUT};
+use crate::backend::Inbox;
+use crate::error::MeshError;
+use crate::topics::Topic;
+
+/// A change to an instance's subscriptions.
+pub(super) enum Command {
+    /// Subscribe to a topic's channel; answered once deliveries on it reach the instance.
+    Subscribe(Topic, oneshot::Sender<Result<(), MeshError>>),
+    /// Unsubscribe from a topic's channel, unless a local connection listens to it again.
+    Unsubscribe(Topic),
+}
+
+type Sink = redis::aio::PubSubSink;
+
+/// Keeps the instance's subscriptions alive and hands what arrives to the inbox. `first`
+/// learns whether the first connection and subscription succeeded.
+pub(super) async fn run(
+    backend: WeakBackend,
+    instance_id: Arc<str>,
+    inbox: Weak<dyn Inbox>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    first: oneshot::Sender<Result<(), MeshError>>,
+) {
+    let Some((client, keys)) = backend
+        .upgrade()
+        .map(|backend| (backend.shared.client.clone(), backend.shared.keys.clone()))
+    else {
+        return;
+    };
+    let fixed = [
+        keys.instance_channel(&instance_id),
+        keys.broadcast_channel(),
+    ];
+    let mut first = Some(first);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        // The inbox is the truth about which topics are wanted, after any reconnect.
+        let Some(local) = inbox.upgrade() else { return };
+        let mut channels: HashSet<String> = fixed.iter().cloned().collect();
+        channels.extend(local.topics().iter().map(|topic| keys.topic_channel(topic)));
+        drop(local);
+        let connected = async {
+            let (mut sink, stream) = client
+                .get_async_pubsub()
+                .await
+                .map_err(unavailable)?
+                .split();
+            let all: Vec<&String> = channels.iter().collect();
+            sink.subscribe(all).await.map_err(unavailable)?;
+            Ok::<_, MeshError>((sink, stream))
+        };
+        match tokio::time::timeout(OPERATION_TIMEOUT, connected).await {
+            Ok(Ok((mut sink, mut stream))) => {
+                if let Some(first) = first.take() {
+                    let _ = first.send(Ok(()));
+                } else {
+                    tracing::info!("Redis pub/sub subscription re-established");
+                }
+                backoff = Duration::from_millis(100);
+                loop {
+                    tokio::select! {
+                        message = stream.next() => {
+                            let Some(message) = message else { break };
+                            let Some(inbox) = inbox.upgrade() else { return };
+                            match envelope::decode(message.get_payload_bytes()) {
+                                Some(delivery) => inbox.deliver(delivery),
+                                None => tracing::warn!(
+                                    channel = message.get_channel_name(),
+                                    "dropped a pub/sub message that does not parse"
+                                ),
+                            }
+                        }
+                        command = commands.recv() => {
+                            let Some(command) = command else { return };
+                            if !apply(command, &keys, &inbox, &mut channels, Some(&mut sink)).await {
+                                break;
+                            }
+                        }
+                    }
+                }
+                tracing::warn!("Redis pub/sub connection lost; reconnecting");
+            }
+            Ok(Err(err)) => {
+                if let Some(first) = first.take() {
+                    let _ = first.send(Err(err));
+                    return;
+                }
+                tracing::debug!(%err, "Redis pub/sub reconnect failed");
+            }
+            Err(_) => {
+                if let Some(first) = first.take() {
+                    let _ = first.send(Err(MeshError::Unavailable(
+                        "Redis subscribe timed out".into(),
+                    )));
+                    return;
+                }
+            }
+        }
+        if inbox.strong_count() == 0 || backend.0.strong_count() == 0 {
+            return;
+        }
+        // While reconnecting, changes only update the wanted set; subscribes fail so that
+        // their callers report the backend as unavailable.
+        let pause = tokio::time::sleep(backoff);
+        tokio::pin!(pause);
+        loop {
+            tokio::select! {
+                () = &mut pause => break,
+                command = commands.recv() => {
+                    let Some(command) = command else { return };
+                    apply(command, &keys, &inbox, &mut channels, None).await;
+                }
+            }
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Applies one subscription change. Returns `false` when the connection failed and must
+/// be re-established.
+async fn apply(
+    command: Command,
+    keys: &Keys,
+    inbox: &Weak<dyn Inbox>,
+    channels: &mut HashSet<String>,
+    sink: Option<&mut Sink>,
+) -> bool {
+    match command {
+        Command::Subscribe(topic, done) => {
+            let channel = keys.topic_channel(&topic);
+            let Some(sink) = sink else {
+                let _ = done.send(Err(MeshError::Unavailable(
+                    "Redis pub/sub is reconnecting".into(),
+                )));
+                return true;
+            };
+            if channels.contains(&channel) {
+                let _ = done.send(Ok(()));
+                return true;
+            }
+            match tokio::time::timeout(OPERATION_TIMEOUT, sink.subscribe(&channel)).await {
+                Ok(Ok(())) => {
+                    channels.insert(channel);
+                    let _ = done.send(Ok(()));
+                    true
+                }
+                Ok(Err(err)) => {
+                    let _ = done.send(Err(unavailable(err)));
+                    false
+                }
+                Err(_) => {
+                    let _ = done.send(Err(MeshError::Unavailable(
+                        "Redis subscribe timed out".into(),
+                    )));
+                    false
+                }
+            }
+        }
+        Command::Unsubscribe(topic) => {
+            let wanted = inbox
+                .upgrade()
+                .is_some_and(|inbox| inbox.has_listeners(&topic));
+            let channel = keys.topic_channel(&topic);
+            if wanted || !channels.remove(&channel) {
+                return true;
+            }
+            match sink {
+                Some(sink) => matches!(
+                    tokio::time::timeout(OPERATION_TIMEOUT, sink.unsubscribe(&channel)).await,
+                    Ok(Ok(()))
+                ),
+                None => true,
+            }
+        }
+    }
+}

@@ -1,0 +1,468 @@
+//! Presence: who is in a tracked room right now, with an optional state each, announced
+//! to subscribers as `mesh/presence-update` pushes.
+//!
+//! A room is tracked when a [`track_presence`](crate::MeshBuilder::track_presence) pattern
+//! matches it. Joining a tracked room makes a connection present until now + TTL; every
+//! pong it sends extends that. Presence ends, with exactly one `leave` announced across
+//! the mesh, when the connection leaves the room, ends, is swept with its dead instance,
+//! or lets its TTL lapse. States set with `expireAfter` end with a `state` update whose
+//! state is `null`.
+//!
+//! Lapses are found by a sweeper each instance runs (see the backend's `sweep`): it sleeps
+//! until the backend's next deadline, or until this instance schedules an earlier one.
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::access::{self, Guard};
+use crate::backend::Swept;
+use crate::connection::Connection;
+use crate::error::{CommandError, MeshError};
+use crate::extract::Payload;
+use crate::mesh::{Mesh, MeshInner};
+use crate::protocol::{self, Frame};
+use crate::rooms::{members_json, valid_room_name, RoomRequest};
+use crate::topics::Topic;
+
+/// The longest `expireAfter` a presence state may ask for: one day.
+pub const MAX_STATE_EXPIRY: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The shortest pause between two sweeps, so a backlog is drained without spinning.
+const MIN_SWEEP_PAUSE: Duration = Duration::from_millis(10);
+
+/// How a tracked room's presence behaves; give it to
+/// [`MeshBuilder::track_presence`](crate::MeshBuilder::track_presence).
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_mesh::{Mesh, PresenceOptions};
+///
+/// let (layer, mesh) = Mesh::builder()
+///     .track_presence("lobby", PresenceOptions::new())
+///     .track_presence(
+///         regex::Regex::new("^team:").unwrap(),
+///         PresenceOptions::new()
+///             .ttl(Duration::from_secs(90))
+///             .guard(|connection, room| async move {
+///                 // for example: only members of the team may watch it
+///                 connection.headers().contains_key("x-team")
+///             }),
+///     )
+///     .build();
+/// ```
+#[derive(Clone, Default)]
+#[must_use]
+pub struct PresenceOptions {
+    ttl: Option<Duration>,
+    guard: Option<Guard>,
+}
+
+impl std::fmt::Debug for PresenceOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PresenceOptions")
+            .field("ttl", &self.ttl)
+            .field("guard", &self.guard.is_some())
+            .finish()
+    }
+}
+
+impl PresenceOptions {
+    /// Presence with the default TTL and no guard.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How long a member stays present without a pong. Default: `ping_interval ×
+    /// (max_missed_pongs + 2)`, about when a silent connection is closed anyway. It may
+    /// not be shorter than the ping interval ([`MeshBuilder::build`](crate::MeshBuilder::build)
+    /// panics), since pongs are what extend it.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Decides who may watch the room's presence (`mesh/subscribe-presence`,
+    /// `mesh/get-presence-state`, and the `present` list of `mesh/join-room`). It gets
+    /// the connection and the room name; `false` refuses with `{success: false}`.
+    pub fn guard<F, Fut>(mut self, guard: F) -> Self
+    where
+        F: Fn(Connection, String) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = bool> + Send + 'static,
+    {
+        self.guard = Some(access::guard(guard));
+        self
+    }
+
+    /// The rule these options make, with the TTL resolved against the liveness settings.
+    pub(crate) fn into_rule(self, ping_interval: Duration, max_missed_pongs: u32) -> PresenceRule {
+        let default_ttl = ping_interval.saturating_mul(max_missed_pongs.saturating_add(2));
+        let ttl = self.ttl.unwrap_or(default_ttl);
+        assert!(
+            ttl >= ping_interval,
+            "a presence TTL ({ttl:?}) shorter than the ping interval ({ping_interval:?}) \
+             would lapse between two pongs"
+        );
+        PresenceRule {
+            ttl,
+            guard: self.guard,
+        }
+    }
+}
+
+/// A tracked room pattern's settings.
+pub(crate) struct PresenceRule {
+    pub(crate) ttl: Duration,
+    pub(crate) guard: Option<Guard>,
+}
+
+/// A presence change, as announced to subscribers.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Change {
+    Join,
+    Leave,
+    /// A new state, or `None` when it was cleared or expired.
+    State(Option<Value>),
+}
+
+impl Mesh {
+    /// The connections present in a tracked room, in the order they joined.
+    pub async fn present_connections(&self, room: &str) -> Result<Vec<String>, MeshError> {
+        self.ready().await?;
+        self.inner().backend.present_connections(room).await
+    }
+
+    /// The presence states in a tracked room, by connection id.
+    pub async fn presence_states(&self, room: &str) -> Result<Vec<(String, Value)>, MeshError> {
+        self.ready().await?;
+        Ok(self.inner().backend.presence(room).await?.states)
+    }
+
+    /// The presence TTL of `room`, or `None` when it is not tracked.
+    pub(crate) fn presence_ttl(&self, room: &str) -> Option<Duration> {
+        self.inner().presence.find(room).map(|rule| rule.ttl)
+    }
+
+    /// Whether `connection` may see who is present in `room`: always for an untracked
+    /// room, else as the room's presence guard says.
+    pub(crate) async fn may_watch_presence(&self, connection: &Connection, room: &str) -> bool {
+        match self.inner().presence.find(room) {
+            Some(rule) => access::allows(rule.guard.as_ref(), connection, room).await,
+            None => true,
+        }
+    }
+
+    /// Publishes a presence change to the room's subscribers on every instance. A
+    /// failure is logged: the change itself already happened.
+    pub(crate) async fn announce_presence(&self, room: &str, connection_id: &str, change: Change) {
+        let (kind, state) = match &change {
+            Change::Join => ("join", None),
+            Change::Leave => ("leave", None),
+            Change::State(state) => ("state", Some(state.as_ref().unwrap_or(&Value::Null))),
+        };
+        let frame = Frame::from(protocol::presence_update(
+            kind,
+            connection_id,
+            room,
+            state,
+            protocol::now_ms(),
+        ));
+        if let Err(err) = self
+            .publish_topic(Topic::Presence(Arc::from(room)), frame, Arc::from([]))
+            .await
+        {
+            tracing::warn!(%err, room, "could not announce a presence change");
+        }
+    }
+
+    /// Extends a connection's presence in its tracked rooms after a pong; a connection
+    /// whose presence had lapsed is present (and announced) again.
+    pub(crate) fn refresh_presence(&self, connection: &Connection) {
+        let rooms = self
+            .inner()
+            .topics
+            .topics_of(connection.id(), |topic| match topic {
+                Topic::Room(room) => self.presence_ttl(room).map(|ttl| (room.clone(), ttl)),
+                _ => None,
+            });
+        let Some(shortest) = rooms.iter().map(|(_, ttl)| *ttl).min() else {
+            return;
+        };
+        let mesh = self.clone();
+        let id = connection.shared_id();
+        tokio::spawn(async move {
+            match mesh.inner().backend.refresh_presence(&id, &rooms).await {
+                Ok(returned) => {
+                    for room in returned {
+                        mesh.announce_presence(&room, &id, Change::Join).await;
+                    }
+                }
+                Err(err) => tracing::warn!(%err, connection = %id, "could not refresh presence"),
+            }
+            mesh.inner().sweeps.due_within(shortest);
+        });
+    }
+
+    async fn announce_swept(&self, swept: Swept) {
+        for (room, connection_id) in swept.left {
+            self.announce_presence(&room, &connection_id, Change::Leave)
+                .await;
+        }
+        for (room, connection_id) in swept.states_expired {
+            self.announce_presence(&room, &connection_id, Change::State(None))
+                .await;
+        }
+    }
+}
+
+/// When this instance's sweeper runs next.
+pub(crate) struct SweepSchedule {
+    next: Mutex<Instant>,
+    wake: Notify,
+}
+
+impl Default for SweepSchedule {
+    fn default() -> Self {
+        SweepSchedule {
+            next: Mutex::new(Instant::now()),
+            wake: Notify::new(),
+        }
+    }
+}
+
+impl SweepSchedule {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Instant> {
+        self.next
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Makes the next sweep happen no later than `after` from now.
+    pub(crate) fn due_within(&self, after: Duration) {
+        let at = Instant::now() + after;
+        let mut next = self.lock();
+        if at < *next {
+            *next = at;
+            drop(next);
+            self.wake.notify_one();
+        }
+    }
+
+    async fn wait(&self) {
+        loop {
+            let at = *self.lock();
+            tokio::select! {
+                () = tokio::time::sleep_until(at) => return,
+                () = self.wake.notified() => {}
+            }
+        }
+    }
+}
+
+/// Runs the sweeper of one instance until the mesh is dropped or shut down.
+pub(crate) fn start_sweeper(inner: Weak<MeshInner>) {
+    let Some(schedule) = Mesh::from_weak(&inner).map(|mesh| mesh.inner().sweeps.clone()) else {
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            // Holds the mesh only while sweeping, so a dropped mesh ends the task.
+            let Some(mesh) = Mesh::from_weak(&inner) else {
+                return;
+            };
+            if mesh.is_shutting_down() {
+                return;
+            }
+            *schedule.lock() = Instant::now() + Duration::from_secs(3600);
+            let due = match mesh.inner().backend.sweep().await {
+                Ok(swept) => {
+                    let due = swept.next_due;
+                    mesh.announce_swept(swept).await;
+                    due
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "presence sweep failed");
+                    Duration::from_secs(1)
+                }
+            };
+            drop(mesh);
+            schedule.due_within(due.max(MIN_SWEEP_PAUSE));
+            schedule.wait().await;
+        }
+    });
+}
+
+/// `mesh/subscribe-presence {roomName}` -> `{success, present: [{id, metadata}], states}`,
+/// or `{success: false, present: []}` when the room is not tracked or the guard refuses.
+pub(crate) async fn subscribe_presence(
+    mesh: Mesh,
+    connection: Connection,
+    Payload(request): Payload<RoomRequest>,
+) -> Result<Value, CommandError> {
+    let room = valid_room_name(&request.room_name)?;
+    let refused = json!({ "success": false, "present": [] });
+    if mesh.presence_ttl(room).is_none() || !mesh.may_watch_presence(&connection, room).await {
+        return Ok(refused);
+    }
+    let topic = Topic::Presence(Arc::from(room));
+    {
+        let membership = connection.lock_membership().await;
+        if connection.is_closed() {
+            return Ok(refused);
+        }
+        let limit = mesh.config().max_subscriptions_per_connection;
+        if !mesh.inner().topics.is_listening(&topic, connection.id())
+            && subscriptions_of(&mesh, &connection) >= limit
+        {
+            return Err(CommandError::limit(format!(
+                "a connection may hold at most {limit} subscriptions"
+            )));
+        }
+        // Listening starts before the snapshot is read, so no change falls between them.
+        mesh.listen(&membership, &connection, topic).await?;
+    }
+    let view = mesh.inner().backend.presence(room).await?;
+    Ok(json!({
+        "success": true,
+        "present": members_json(view.present),
+        "states": states_json(view.states),
+    }))
+}
+
+/// How many subscriptions (topics other than rooms) a connection holds.
+pub(crate) fn subscriptions_of(mesh: &Mesh, connection: &Connection) -> usize {
+    mesh.inner()
+        .topics
+        .topics_of(connection.id(), |topic| {
+            (!matches!(topic, Topic::Room(_))).then_some(())
+        })
+        .len()
+}
+
+/// `mesh/unsubscribe-presence {roomName}` -> whether the caller was subscribed.
+pub(crate) async fn unsubscribe_presence(
+    mesh: Mesh,
+    connection: Connection,
+    Payload(request): Payload<RoomRequest>,
+) -> Result<bool, CommandError> {
+    let room = valid_room_name(&request.room_name)?;
+    let _membership = connection.lock_membership().await;
+    Ok(mesh.stop_listening(connection.id(), &Topic::Presence(Arc::from(room))))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct PublishState {
+    room_name: String,
+    #[serde(default)]
+    state: Option<Value>,
+    #[serde(default)]
+    expire_after: Option<u64>,
+    #[serde(default)]
+    silent: Option<bool>,
+}
+
+/// `mesh/publish-presence-state {roomName, state, expireAfter?, silent?}` -> `true`, or
+/// `false` when the room is not tracked, the caller is not present in it, or `state` is
+/// missing. A state that is not an object, or an `expireAfter` that is not a whole number
+/// of milliseconds between 1 and a day, is an `EINVALID` error. Nothing is stored then.
+pub(crate) async fn publish_presence_state(
+    mesh: Mesh,
+    connection: Connection,
+    Payload(request): Payload<PublishState>,
+) -> Result<bool, CommandError> {
+    let room = valid_room_name(&request.room_name)?;
+    let state = match request.state {
+        None | Some(Value::Null) => return Ok(false),
+        Some(state @ Value::Object(_)) => state,
+        Some(_) => return Err(CommandError::invalid("state must be a JSON object")),
+    };
+    let expire_after = match request.expire_after {
+        None => None,
+        Some(ms) if (1..=MAX_STATE_EXPIRY.as_millis()).contains(&u128::from(ms)) => {
+            Some(Duration::from_millis(ms))
+        }
+        Some(_) => {
+            return Err(CommandError::invalid(format!(
+                "expireAfter must be between 1 and {} milliseconds",
+                MAX_STATE_EXPIRY.as_millis()
+            )))
+        }
+    };
+    if mesh.presence_ttl(room).is_none() {
+        return Ok(false);
+    }
+    let stored = mesh
+        .inner()
+        .backend
+        .set_presence_state(connection.id(), room, &state, expire_after)
+        .await?;
+    if !stored {
+        return Ok(false);
+    }
+    if let Some(after) = expire_after {
+        mesh.inner().sweeps.due_within(after);
+    }
+    if !request.silent.unwrap_or(false) {
+        mesh.announce_presence(room, connection.id(), Change::State(Some(state)))
+            .await;
+    }
+    Ok(true)
+}
+
+/// `mesh/clear-presence-state {roomName}` -> `true` when the caller is present in the
+/// tracked room (a `state: null` update is announced if it had a state), else `false`.
+pub(crate) async fn clear_presence_state(
+    mesh: Mesh,
+    connection: Connection,
+    Payload(request): Payload<RoomRequest>,
+) -> Result<bool, CommandError> {
+    let room = valid_room_name(&request.room_name)?;
+    if mesh.presence_ttl(room).is_none() {
+        return Ok(false);
+    }
+    match mesh
+        .inner()
+        .backend
+        .clear_presence_state(connection.id(), room)
+        .await?
+    {
+        None => Ok(false),
+        Some(had_state) => {
+            if had_state {
+                mesh.announce_presence(room, connection.id(), Change::State(None))
+                    .await;
+            }
+            Ok(true)
+        }
+    }
+}
+
+/// `mesh/get-presence-state {roomName}` -> `{success, present: [ids], states}`, or
+/// `{success: false, present: [], states: {}}` when the room is not tracked or the guard
+/// refuses.
+pub(crate) async fn get_presence_state(
+    mesh: Mesh,
+    connection: Connection,
+    Payload(request): Payload<RoomRequest>,
+) -> Result<Value, CommandError> {
+    let room = valid_room_name(&request.room_name)?;
+    if mesh.presence_ttl(room).is_none() || !mesh.may_watch_presence(&connection, room).await {
+        return Ok(json!({ "success": false, "present": [], "states": {} }));
+    }
+    let view = mesh.inner().backend.presence(room).await?;
+    let present: Vec<String> = view.present.into_iter().map(|(id, _)| id).collect();
+    Ok(json!({
+        "success": true,
+        "present": present,
+        "states": states_json(view.states),
+    }))
+}
+
+fn states_json(states: Vec<(String, Value)>) -> Value {
+    Value::Object(states.into_iter().collect::<Map<String, Value>>())
+}

@@ -1,0 +1,368 @@
+//! Rooms: membership, room broadcasts and room metadata, and the built-in commands
+//! `mesh/join-room`, `mesh/leave-room` and `mesh/get-room-metadata`.
+//!
+//! Membership lives in the backend, where every instance sees it. A connection's own
+//! instance also keeps it in its topic index, which is how a room broadcast reaches the
+//! members: it goes to every instance with a member, and each hands it to its own. So
+//! every change to a connection's rooms runs on the instance that holds the connection;
+//! a change asked for elsewhere is forwarded there ([`Mesh::add_to_room`] on a
+//! connection of another instance returns once that instance has applied it).
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::backend::{ConnectionOp, Left};
+use crate::config::MAX_NAME_BYTES;
+use crate::connection::{Connection, MembershipGuard};
+use crate::error::{CommandError, MeshError};
+use crate::extract::Payload;
+use crate::mesh::Mesh;
+use crate::metadata::MergeStrategy;
+use crate::presence::Change;
+use crate::protocol::{self, Frame};
+use crate::topics::Topic;
+
+/// What a local join did.
+pub(crate) enum JoinOutcome {
+    Joined,
+    /// The connection is closing (or gone from the backend): nothing was stored.
+    Closed,
+    /// The connection is already in as many rooms as it may be.
+    OverLimit,
+}
+
+impl Mesh {
+    /// Adds a connection (held by any instance) to a room. Returns `false` when no
+    /// instance holds that connection. A tracked room announces its presence `join`.
+    ///
+    /// Server-side calls are trusted: room guards and the per-connection room limit only
+    /// apply to `mesh/join-room`.
+    pub async fn add_to_room(&self, connection_id: &str, room: &str) -> Result<bool, MeshError> {
+        self.on_holder(connection_id, ConnectionOp::JoinRoom(Arc::from(room)))
+            .await
+    }
+
+    /// Removes a connection (held by any instance) from a room. Returns whether it was a
+    /// member. A tracked room announces its presence `leave`.
+    pub async fn remove_from_room(
+        &self,
+        connection_id: &str,
+        room: &str,
+    ) -> Result<bool, MeshError> {
+        self.on_holder(connection_id, ConnectionOp::LeaveRoom(Arc::from(room)))
+            .await
+    }
+
+    /// Removes a connection (held by any instance) from every room it is in. Returns
+    /// `false` when no instance holds that connection.
+    pub async fn remove_from_all_rooms(&self, connection_id: &str) -> Result<bool, MeshError> {
+        self.on_holder(connection_id, ConnectionOp::LeaveAllRooms)
+            .await
+    }
+
+    /// Removes every member from a room (announcing presence `leave`s) and deletes the
+    /// room's metadata.
+    pub async fn clear_room(&self, room: &str) -> Result<(), MeshError> {
+        self.ready().await?;
+        let members = self.inner().backend.room_members(room).await?;
+        let removals = members
+            .iter()
+            .map(|member| self.remove_from_room(member, room));
+        for (member, removed) in members
+            .iter()
+            .zip(futures_util::future::join_all(removals).await)
+        {
+            if let Err(err) = removed {
+                // Its instance did not answer, so it is presumably dead: the backend
+                // entry is removed here, and the sweep of that instance finds it gone.
+                tracing::warn!(%err, connection = %member, "removing an unanswered member directly");
+                let left = self.inner().backend.leave_room(member, room).await?;
+                if left.was_present {
+                    self.announce_presence(room, member, Change::Leave).await;
+                }
+            }
+        }
+        self.inner().backend.delete_room_metadata(room).await
+    }
+
+    /// Whether a connection is a member of a room.
+    pub async fn is_in_room(&self, connection_id: &str, room: &str) -> Result<bool, MeshError> {
+        Ok(self
+            .connection_rooms(connection_id)
+            .await?
+            .iter()
+            .any(|joined| joined == room))
+    }
+
+    /// Whether two connections are members of at least one common room.
+    pub async fn share_a_room(&self, a: &str, b: &str) -> Result<bool, MeshError> {
+        self.ready().await?;
+        self.inner().backend.share_a_room(a, b).await
+    }
+
+    /// The members of a room, in the order they joined.
+    pub async fn room_members(&self, room: &str) -> Result<Vec<String>, MeshError> {
+        self.ready().await?;
+        self.inner().backend.room_members(room).await
+    }
+
+    /// The members of a room in join order, each with its metadata (`null` when none).
+    pub async fn room_members_with_metadata(
+        &self,
+        room: &str,
+    ) -> Result<Vec<(String, Value)>, MeshError> {
+        self.ready().await?;
+        self.inner().backend.room_members_with_metadata(room).await
+    }
+
+    /// The rooms a connection is in, sorted by name.
+    pub async fn connection_rooms(&self, connection_id: &str) -> Result<Vec<String>, MeshError> {
+        self.ready().await?;
+        self.inner().backend.connection_rooms(connection_id).await
+    }
+
+    /// Every room with at least one member, sorted by name. A room exists while it has
+    /// members; its metadata outlives it until [`Mesh::clear_room`].
+    pub async fn rooms(&self) -> Result<Vec<String>, MeshError> {
+        self.ready().await?;
+        self.inner().backend.rooms().await
+    }
+
+    /// Sends a push `{command, payload}` to every member of a room, on every instance.
+    /// The frame is serialised once and shared by every recipient.
+    pub async fn broadcast_room<P: Serialize + ?Sized>(
+        &self,
+        room: &str,
+        command: &str,
+        payload: &P,
+    ) -> Result<(), MeshError> {
+        self.broadcast_room_excluding(room, command, payload, &[])
+            .await
+    }
+
+    /// Like [`Mesh::broadcast_room`], but not to the connections in `exclude` (for
+    /// example the sender).
+    pub async fn broadcast_room_excluding<P: Serialize + ?Sized>(
+        &self,
+        room: &str,
+        command: &str,
+        payload: &P,
+        exclude: &[&str],
+    ) -> Result<(), MeshError> {
+        let frame = Frame::from(protocol::push(command, payload));
+        let exclude: Arc<[Arc<str>]> = exclude.iter().map(|id| Arc::from(*id)).collect();
+        self.publish_topic(Topic::Room(Arc::from(room)), frame, exclude)
+            .await
+    }
+
+    /// A room's metadata; `None` when it has none.
+    pub async fn room_metadata(&self, room: &str) -> Result<Option<Value>, MeshError> {
+        self.ready().await?;
+        self.inner().backend.room_metadata(room).await
+    }
+
+    /// Combines `metadata` into a room's metadata with `strategy`. A room need not have
+    /// members to have metadata.
+    pub async fn set_room_metadata(
+        &self,
+        room: &str,
+        metadata: Value,
+        strategy: MergeStrategy,
+    ) -> Result<(), MeshError> {
+        self.ready().await?;
+        self.inner()
+            .backend
+            .set_room_metadata(room, metadata, strategy)
+            .await
+    }
+
+    /// Shallow-merges `metadata` into a room's metadata
+    /// ([`MergeStrategy::Merge`]).
+    pub async fn update_room_metadata(&self, room: &str, metadata: Value) -> Result<(), MeshError> {
+        self.set_room_metadata(room, metadata, MergeStrategy::Merge)
+            .await
+    }
+
+    /// Every room that has metadata, with it, sorted by room name. Filter it with
+    /// ordinary iterator adapters.
+    pub async fn all_room_metadata(&self) -> Result<Vec<(String, Value)>, MeshError> {
+        self.ready().await?;
+        self.inner().backend.all_room_metadata().await
+    }
+
+    /// Joins a local connection to a room: its topic index first (so the instance hears
+    /// the room before the join is visible), then the backend. `limit` caps the rooms of
+    /// the connection.
+    pub(crate) async fn join_local(
+        &self,
+        connection: &Connection,
+        room: &str,
+        limit: Option<usize>,
+    ) -> Result<JoinOutcome, MeshError> {
+        let membership = connection.lock_membership().await;
+        if connection.is_closed() {
+            return Ok(JoinOutcome::Closed);
+        }
+        let topic = Topic::Room(Arc::from(room));
+        if let Some(limit) = limit {
+            let inside = self.inner().topics.topics_of(connection.id(), |topic| {
+                matches!(topic, Topic::Room(_)).then_some(())
+            });
+            if inside.len() >= limit && !self.inner().topics.is_listening(&topic, connection.id()) {
+                return Ok(JoinOutcome::OverLimit);
+            }
+        }
+        let new_listener = self.listen(&membership, connection, topic.clone()).await?;
+        let ttl = self.presence_ttl(room);
+        let joined = self
+            .inner()
+            .backend
+            .join_room(connection.id(), room, ttl)
+            .await;
+        let joined = match joined {
+            Ok(Some(joined)) => joined,
+            other => {
+                if new_listener {
+                    self.stop_listening(connection.id(), &topic);
+                }
+                return other.map(|_| JoinOutcome::Closed);
+            }
+        };
+        drop(membership);
+        if let Some(ttl) = ttl {
+            self.inner().sweeps.due_within(ttl);
+        }
+        if joined.now_present {
+            self.announce_presence(room, connection.id(), Change::Join)
+                .await;
+        }
+        Ok(JoinOutcome::Joined)
+    }
+
+    /// Removes a local connection from a room.
+    pub(crate) async fn leave_local(
+        &self,
+        connection: &Connection,
+        room: &str,
+    ) -> Result<Left, MeshError> {
+        let membership = connection.lock_membership().await;
+        self.leave_locked(&membership, connection, room).await
+    }
+
+    /// Removes a local connection from every room it is in.
+    pub(crate) async fn leave_all_local(&self, connection: &Connection) -> Result<(), MeshError> {
+        let membership = connection.lock_membership().await;
+        let rooms = self
+            .inner()
+            .topics
+            .topics_of(connection.id(), |topic| match topic {
+                Topic::Room(room) => Some(room.clone()),
+                _ => None,
+            });
+        for room in rooms {
+            self.leave_locked(&membership, connection, &room).await?;
+        }
+        Ok(())
+    }
+
+    async fn leave_locked(
+        &self,
+        _membership: &MembershipGuard<'_>,
+        connection: &Connection,
+        room: &str,
+    ) -> Result<Left, MeshError> {
+        // The backend first: if it fails, the connection stays a member everywhere.
+        let left = self
+            .inner()
+            .backend
+            .leave_room(connection.id(), room)
+            .await?;
+        self.stop_listening(connection.id(), &Topic::Room(Arc::from(room)));
+        if left.was_present {
+            self.announce_presence(room, connection.id(), Change::Leave)
+                .await;
+        }
+        Ok(left)
+    }
+}
+
+/// The payload of every room and presence command: `{roomName}` (other fields ignored).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct RoomRequest {
+    pub(crate) room_name: String,
+}
+
+/// Refuses an empty or oversized room name before anything is stored under it.
+pub(crate) fn valid_room_name(name: &str) -> Result<&str, CommandError> {
+    if name.is_empty() || name.len() > MAX_NAME_BYTES {
+        return Err(CommandError::invalid(format!(
+            "roomName must be a non-empty string of at most {MAX_NAME_BYTES} bytes"
+        )));
+    }
+    Ok(name)
+}
+
+/// `{id, metadata}` as `mesh/join-room` and `mesh/subscribe-presence` list members.
+pub(crate) fn members_json(members: Vec<(String, Value)>) -> Value {
+    Value::Array(
+        members
+            .into_iter()
+            .map(|(id, metadata)| json!({ "id": id, "metadata": metadata }))
+            .collect(),
+    )
+}
+
+/// `mesh/join-room {roomName}` -> `{success, present: [{id, metadata}]}`. A room guard
+/// that refuses gives `{success: false, present: []}`; `present` is empty too when the
+/// room is tracked and its presence guard refuses the caller (PROTOCOL.md §9).
+pub(crate) async fn join_room(
+    mesh: Mesh,
+    connection: Connection,
+    Payload(request): Payload<RoomRequest>,
+) -> Result<Value, CommandError> {
+    let room = valid_room_name(&request.room_name)?;
+    let refused = json!({ "success": false, "present": [] });
+    let guard = mesh.inner().room_guards.find(room);
+    if !crate::access::allows(guard, &connection, room).await {
+        return Ok(refused);
+    }
+    let limit = mesh.config().max_rooms_per_connection;
+    match mesh.join_local(&connection, room, Some(limit)).await? {
+        JoinOutcome::Joined => {}
+        JoinOutcome::Closed => return Ok(refused),
+        JoinOutcome::OverLimit => {
+            return Err(CommandError::limit(format!(
+                "a connection may be in at most {limit} rooms"
+            )))
+        }
+    }
+    let present = if mesh.may_watch_presence(&connection, room).await {
+        mesh.room_members_with_metadata(room).await?
+    } else {
+        Vec::new()
+    };
+    Ok(json!({ "success": true, "present": members_json(present) }))
+}
+
+/// `mesh/leave-room {roomName}` -> `{success: true}`.
+pub(crate) async fn leave_room(
+    mesh: Mesh,
+    connection: Connection,
+    Payload(request): Payload<RoomRequest>,
+) -> Result<Value, CommandError> {
+    let room = valid_room_name(&request.room_name)?;
+    mesh.leave_local(&connection, room).await?;
+    Ok(json!({ "success": true }))
+}
+
+/// `mesh/get-room-metadata {roomName}` -> `{metadata}` (`null` when none).
+pub(crate) async fn get_room_metadata(
+    mesh: Mesh,
+    Payload(request): Payload<RoomRequest>,
+) -> Result<Value, CommandError> {
+    let room = valid_room_name(&request.room_name)?;
+    Ok(json!({ "metadata": mesh.room_metadata(room).await? }))
+}
