@@ -37,6 +37,12 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
+mod rooms;
+
+pub use rooms::{
+    Member, PresenceKind, PresenceSnapshot, PresenceUpdate, StateKeeper, StateOptions,
+};
+
 /// Why a client call failed.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -51,6 +57,9 @@ pub enum ClientError {
     Command(CommandFailure),
     /// The reply did not deserialise into the requested type.
     Decode(String),
+    /// The server answered `success: false` (a guard refused, or the name is not
+    /// exposed or tracked).
+    Refused(String),
 }
 
 impl fmt::Display for ClientError {
@@ -61,6 +70,7 @@ impl fmt::Display for ClientError {
             ClientError::Closed => f.write_str("connection closed"),
             ClientError::Command(failure) => failure.fmt(f),
             ClientError::Decode(reason) => write!(f, "unexpected reply: {reason}"),
+            ClientError::Refused(what) => write!(f, "refused: {what}"),
         }
     }
 }
@@ -188,7 +198,9 @@ impl ClientBuilder {
     }
 
     /// Runs after every reconnect, once the new id has arrived and before
-    /// [`ClientEvent::Reconnected`]; hooks run in the order added.
+    /// [`ClientEvent::Reconnected`]; hooks run in the order added, after the client has
+    /// re-joined its rooms, renewed its presence subscriptions and re-published its
+    /// presence states.
     pub fn on_reconnect<F, Fut>(mut self, hook: F) -> Self
     where
         F: Fn(MeshClient) -> Fut + Send + Sync + 'static,
@@ -219,6 +231,7 @@ impl ClientBuilder {
             events,
             callbacks: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
+            memberships: Mutex::new(rooms::Memberships::default()),
             wake: Notify::new(),
             task: Mutex::new(None),
         });
@@ -284,6 +297,8 @@ struct Inner {
     events: broadcast::Sender<ClientEvent>,
     callbacks: Mutex<HashMap<String, Vec<PushCallback>>>,
     closed: AtomicBool,
+    /// Rooms, presence subscriptions and states to restore after a reconnect.
+    memberships: Mutex<rooms::Memberships>,
     /// Wakes the connection task for `close` and `force_reconnect`.
     wake: Notify,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -443,15 +458,11 @@ async fn serve(
 
 /// The reconnect hooks call commands, which need this connection served: run them beside it.
 fn announce_reconnect(inner: &Arc<Inner>, id: String) {
-    let client = MeshClient {
-        handle: Arc::new(Handle {
-            inner: inner.clone(),
-            owner: false,
-        }),
-    };
+    let client = MeshClient::observer(inner);
     let hooks = inner.hooks.clone();
     let events = inner.events.clone();
     tokio::spawn(async move {
+        rooms::restore(&client).await;
         for hook in &hooks {
             hook(client.clone()).await;
         }
@@ -485,6 +496,9 @@ fn handle_frame(inner: &Inner, mut frame: Value) -> Option<Message> {
             None
         }
         _ => {
+            if command == rooms::PRESENCE_UPDATE {
+                rooms::dispatch_presence(inner, &payload);
+            }
             let callbacks = lock(&inner.callbacks)
                 .get(&command)
                 .cloned()
@@ -525,6 +539,16 @@ impl MeshClient {
 
     fn inner(&self) -> &Arc<Inner> {
         &self.handle.inner
+    }
+
+    /// A handle for the client's own tasks: it does not keep the client open.
+    fn observer(inner: &Arc<Inner>) -> MeshClient {
+        MeshClient {
+            handle: Arc::new(Handle {
+                inner: inner.clone(),
+                owner: false,
+            }),
+        }
     }
 
     /// The current connection's id (empty while disconnected); it changes after a reconnect.
