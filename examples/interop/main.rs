@@ -3,10 +3,11 @@
 //! Contract: `PORT` (default 8787); `REDIS_URL` selects the Redis backend (key prefix
 //! `MESH_PREFIX`, default `mesh:`), otherwise the in-memory backend runs; `GET /health`
 //! answers `200 ok` through the inner router; mesh is mounted on `/`; command `echo`
-//! replies with its payload. Optional
-//! `PING_INTERVAL_MS`, `LATENCY_INTERVAL_MS` and `MAX_MISSED_PONGS` tune liveness for
-//! protocol tests. Rooms, channels, presence and records arrive with later issues; until
-//! then their commands answer `ENOTFOUND`.
+//! replies with its payload; `broadcast-room {room, message}` pushes `room-message` with
+//! `message` to every member of `room` and replies `{success: true}`; presence is tracked
+//! in every room. Optional `PING_INTERVAL_MS`, `LATENCY_INTERVAL_MS` and
+//! `MAX_MISSED_PONGS` tune liveness for protocol tests. Channels and records arrive with a
+//! later issue; until then their commands answer `ENOTFOUND`.
 //!
 //! ```text
 //! cargo run --example interop
@@ -16,9 +17,10 @@ use std::time::Duration;
 
 use axum::routing::get;
 use axum::Router;
-use serde_json::Value;
+use serde::Deserialize;
+use serde_json::{json, Value};
 use tower_mesh::extract::Payload;
-use tower_mesh::Mesh;
+use tower_mesh::{CommandError, Mesh, PresenceOptions, Regex};
 
 fn env_ms(name: &str) -> Option<Duration> {
     std::env::var(name)
@@ -30,6 +32,21 @@ fn env_ms(name: &str) -> Option<Duration> {
 
 async fn echo(Payload(payload): Payload<Value>) -> Value {
     payload
+}
+
+#[derive(Deserialize)]
+struct RoomMessage {
+    room: String,
+    message: Value,
+}
+
+async fn broadcast_room(
+    mesh: Mesh,
+    Payload(request): Payload<RoomMessage>,
+) -> Result<Value, CommandError> {
+    mesh.broadcast_room(&request.room, "room-message", &request.message)
+        .await?;
+    Ok(json!({ "success": true }))
 }
 
 #[tokio::main]
@@ -44,7 +61,11 @@ async fn main() -> std::io::Result<()> {
         .and_then(|p| p.parse().ok())
         .unwrap_or(8787);
 
-    let mut builder = Mesh::builder().command("echo", echo);
+    let every_room = Regex::new("").expect("the empty regex is valid");
+    let mut builder = Mesh::builder()
+        .command("echo", echo)
+        .command("broadcast-room", broadcast_room)
+        .track_presence(every_room, PresenceOptions::new());
     if let Ok(url) = std::env::var("REDIS_URL") {
         let prefix = std::env::var("MESH_PREFIX").unwrap_or_else(|_| "mesh:".into());
         match tower_mesh::RedisBackend::builder(url.as_str())
