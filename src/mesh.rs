@@ -11,7 +11,7 @@ use serde_json::Value;
 use tokio::sync::{oneshot, watch, OnceCell};
 
 use crate::access::{Guard, Rules};
-use crate::backend::{Backend, ConnectionOp, Delivery, Inbox};
+use crate::backend::{Backend, ConnectionOp, Delivery, Inbox, LocalMembership};
 use crate::builder::MeshBuilder;
 use crate::command::CommandService;
 use crate::config::MeshConfig;
@@ -612,8 +612,20 @@ impl Inbox for MeshInner {
         }
     }
 
-    fn local_connection_ids(&self) -> Vec<Arc<str>> {
-        self.registry.ids()
+    fn local_memberships(&self) -> Vec<LocalMembership> {
+        self.registry
+            .ids()
+            .into_iter()
+            .map(|id| {
+                let rooms = self.topics.topics_of(&id, |topic| match topic {
+                    Topic::Room(room) => {
+                        Some((room.clone(), self.presence.find(room).map(|rule| rule.ttl)))
+                    }
+                    _ => None,
+                });
+                (id, rooms)
+            })
+            .collect()
     }
 
     fn has_listeners(&self, topic: &Topic) -> bool {

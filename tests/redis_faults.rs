@@ -193,8 +193,10 @@ async fn a_killed_instance_is_swept_by_the_survivors() {
 async fn a_restarted_redis_does_not_wedge_an_instance() {
     let mut redis = RedisServer::start();
     let prefix = "mesh:restart:";
-    let a = serve(builder(&redis.url(), prefix)).await;
-    let b = serve(builder(&redis.url(), prefix)).await;
+    let tracked =
+        |url: &str| builder(url, prefix).track_presence("room", tower_mesh::PresenceOptions::new());
+    let a = serve(tracked(&redis.url())).await;
+    let b = serve(tracked(&redis.url())).await;
     let mut on_a = RawClient::connect(&a.url()).await;
     let mut on_b = RawClient::connect(&b.url()).await;
     a.mesh
@@ -202,6 +204,12 @@ async fn a_restarted_redis_does_not_wedge_an_instance() {
         .await
         .expect("send");
     on_b.push("before").await;
+    for client in [&mut on_a, &mut on_b] {
+        let reply = client
+            .command(9, "mesh/join-room", json!({"roomName": "room"}))
+            .await;
+        assert_eq!(reply["payload"]["success"], true);
+    }
 
     redis.kill();
 
@@ -216,21 +224,24 @@ async fn a_restarted_redis_does_not_wedge_an_instance() {
 
     redis.restart();
 
-    // Redis came back empty: the instances register their connections again on their
-    // next heartbeat and re-subscribe; retry until a cross-instance push lands.
+    // Redis came back empty: the instances register their connections (with their
+    // rooms and presence) again on their next heartbeat and re-subscribe; retry until
+    // cross-instance pushes land both ways.
     let restarted_at = Instant::now();
     let mut attempt = 0u64;
-    loop {
-        attempt += 1;
-        let _ = a.mesh.send(&on_b.id, "after", &json!(attempt)).await;
-        let got = tokio::time::timeout(Duration::from_millis(200), on_b.push("after")).await;
-        if got.is_ok() {
-            break;
+    for (from, to) in [(&a, &mut on_b), (&b, &mut on_a)] {
+        loop {
+            attempt += 1;
+            let _ = from.mesh.send(&to.id, "after", &json!(attempt)).await;
+            let got = tokio::time::timeout(Duration::from_millis(200), to.push("after")).await;
+            if got.is_ok() {
+                break;
+            }
+            assert!(
+                restarted_at.elapsed() < Duration::from_secs(15),
+                "delivery did not resume"
+            );
         }
-        assert!(
-            restarted_at.elapsed() < Duration::from_secs(15),
-            "delivery did not resume"
-        );
     }
     eprintln!(
         "cross-instance delivery resumed {:?} after the restart",
@@ -248,4 +259,21 @@ async fn a_restarted_redis_does_not_wedge_an_instance() {
         .command(4, "mesh/get-my-connection-metadata", json!({}))
         .await;
     assert_eq!(reply["payload"], json!({"metadata": {"ok": true}}));
+
+    // Rooms and presence were registered again too: membership, presence, broadcasts.
+    let mut members = a.mesh.room_members("room").await.expect("members");
+    members.sort();
+    let mut both = vec![on_a.id.clone(), on_b.id.clone()];
+    both.sort();
+    assert_eq!(members, both);
+    let mut present = b.mesh.present_connections("room").await.expect("present");
+    present.sort();
+    assert_eq!(present, both);
+    a.mesh
+        .broadcast_room("room", "to-room", &json!("again"))
+        .await
+        .expect("broadcast");
+    for client in [&mut on_a, &mut on_b] {
+        assert_eq!(client.push("to-room").await["payload"], "again");
+    }
 }

@@ -85,9 +85,10 @@ pub(crate) trait Inbox: Send + Sync + 'static {
     /// Delivers to local connections. Must not block: it only enqueues or spawns.
     fn deliver(&self, delivery: Delivery);
 
-    /// The ids of the connections this instance holds, to register them again after the
-    /// backend lost them (a restarted Redis).
-    fn local_connection_ids(&self) -> Vec<Arc<str>>;
+    /// The connections this instance holds with their rooms (and each room's presence
+    /// TTL when tracked), to register them again after the backend lost them (a
+    /// restarted Redis).
+    fn local_memberships(&self) -> Vec<LocalMembership>;
 
     /// Whether a local connection listens to `topic` (a subscription to it is still needed).
     fn has_listeners(&self, topic: &Topic) -> bool;
@@ -95,6 +96,9 @@ pub(crate) trait Inbox: Send + Sync + 'static {
     /// Every topic a local connection listens to (to subscribe again after a reconnect).
     fn topics(&self) -> Vec<Topic>;
 }
+
+/// A local connection and its rooms, each with its presence TTL when tracked.
+pub(crate) type LocalMembership = (Arc<str>, Vec<(Arc<str>, Option<Duration>)>);
 
 /// What joining a room changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -74,7 +74,9 @@ use tokio::task::JoinHandle;
 
 use self::scripts::Scripts;
 use self::subscriber::Command;
-use super::{Backend, BackendFuture, Delivery, Inbox, Joined, Left, PresenceView, Swept};
+use super::{
+    Backend, BackendFuture, Delivery, Inbox, Joined, Left, LocalMembership, PresenceView, Swept,
+};
 use crate::error::MeshError;
 use crate::metadata::MergeStrategy;
 use crate::topics::Topic;
@@ -294,40 +296,28 @@ impl RedisBackend {
         Ok(added == 1)
     }
 
+    /// Registers connections held by `instance_id`, with their rooms and presence.
     async fn register(
         &self,
         instance_id: &str,
-        connection_ids: &[Arc<str>],
+        connections: &[LocalMembership],
     ) -> Result<(), MeshError> {
-        if connection_ids.is_empty() {
+        if connections.is_empty() {
             return Ok(());
         }
-        let keys = &self.shared.keys;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_micros() as f64)
-            .unwrap_or_default();
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for connection_id in connection_ids {
-            let connection_id: &str = connection_id;
-            pipe.cmd("HSET")
-                .arg(keys.connection(connection_id))
-                .arg("instance")
-                .arg(instance_id)
-                .ignore()
-                .cmd("SADD")
-                .arg(keys.instance_connections(instance_id))
-                .arg(connection_id)
-                .ignore()
-                .cmd("ZADD")
-                .arg(keys.connections())
-                .arg(now)
-                .arg(connection_id)
-                .ignore();
+        let mut invocation = self.shared.scripts.register.prepare_invoke();
+        invocation.arg(&self.shared.keys.prefix).arg(instance_id);
+        for (connection_id, rooms) in connections {
+            invocation.arg(&**connection_id).arg(rooms.len());
+            for (room, ttl) in rooms {
+                invocation.arg(&**room).arg(ttl.map_or(0, millis));
+            }
         }
         let mut conn = self.connection().await?;
-        pipe.query_async::<()>(&mut conn).await.map_err(redis_error)
+        invocation
+            .invoke_async::<()>(&mut conn)
+            .await
+            .map_err(redis_error)
     }
 
     fn spawn(&self, instance_id: &Arc<str>, task: JoinHandle<()>) {
@@ -354,14 +344,14 @@ async fn run_heartbeat(backend: WeakBackend, instance_id: Arc<str>, inbox: Weak<
         };
         match backend.run(backend.heartbeat(&instance_id)).await {
             Ok(true) => {
-                let ids = local.local_connection_ids();
-                if !ids.is_empty() {
+                let held = local.local_memberships();
+                if !held.is_empty() {
                     tracing::warn!(
-                        connections = ids.len(),
-                        "instance was missing from Redis; registering its connections again"
+                        connections = held.len(),
+                        "instance was missing from Redis; registering its connections and rooms again"
                     );
                 }
-                if let Err(err) = backend.run(backend.register(&instance_id, &ids)).await {
+                if let Err(err) = backend.run(backend.register(&instance_id, &held)).await {
                     tracing::warn!(%err, "could not register connections again");
                 }
             }
@@ -439,7 +429,7 @@ impl Backend for RedisBackend {
         connection_id: &'a str,
     ) -> BackendFuture<'a, ()> {
         Box::pin(async move {
-            self.run(self.register(instance_id, &[Arc::from(connection_id)]))
+            self.run(self.register(instance_id, &[(Arc::from(connection_id), Vec::new())]))
                 .await
         })
     }

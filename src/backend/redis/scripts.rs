@@ -62,6 +62,7 @@ fn script(body: &str) -> Script {
 /// Every script, loaded once per backend.
 pub(super) struct Scripts {
     pub(super) heartbeat: Script,
+    pub(super) register: Script,
     pub(super) route: Script,
     pub(super) detach: Script,
     pub(super) unregister: Script,
@@ -85,6 +86,38 @@ impl Scripts {
             heartbeat: script(
                 r"
                 return redis.call('ZADD', KEYS[1], now_ms() + tonumber(ARGV[2]), ARGV[1])
+                ",
+            ),
+            // ARGV[1] prefix, ARGV[2] instance id, then for each connection: its id, its
+            // room count n, and n pairs (room, presence ttl ms or 0). Registers the
+            // connections with their rooms and presence (again, after Redis lost them).
+            register: script(
+                r"
+                local p, iid = ARGV[1], ARGV[2]
+                local t = redis.call('TIME')
+                local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+                local now = math.floor(now_us / 1000)
+                local i = 3
+                while i <= #ARGV do
+                  local cid, rooms = ARGV[i], tonumber(ARGV[i + 1])
+                  i = i + 2
+                  redis.call('HSET', p .. 'conn:' .. cid, 'instance', iid)
+                  redis.call('SADD', p .. 'instance:' .. iid .. ':connections', cid)
+                  redis.call('ZADD', p .. 'connections', 'NX', now_us, cid)
+                  for _ = 1, rooms do
+                    local room, ttl = ARGV[i], tonumber(ARGV[i + 1])
+                    i = i + 2
+                    local order = redis.call('INCR', p .. 'join-order')
+                    redis.call('ZADD', p .. 'room:' .. room, 'NX', order, cid)
+                    redis.call('SADD', p .. 'conn:' .. cid .. ':rooms', room)
+                    redis.call('SADD', p .. 'rooms', room)
+                    if ttl > 0 then
+                      redis.call('ZADD', p .. 'presence:' .. room, now + ttl, cid)
+                      redis.call('ZADD', p .. 'presence-expiry', now + ttl, cid .. '\n' .. room)
+                    end
+                  end
+                end
+                return 1
                 ",
             ),
             // KEYS[1] conn hash; ARGV[1] prefix; ARGV[2] envelope. Publishes on the
