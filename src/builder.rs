@@ -377,6 +377,7 @@ impl MeshBuilder {
             calls: Default::default(),
             next_call: AtomicU64::new(1),
             sweeps: Default::default(),
+            unregister_later: Default::default(),
         });
         (MeshLayer::new(mesh.clone()), mesh)
     }

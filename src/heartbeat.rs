@@ -47,7 +47,11 @@ pub(crate) fn start(inner: Weak<MeshInner>) {
 
 fn ping_all(mesh: &Mesh, ping_frame: &Frame) {
     let max_missed = mesh.config().max_missed_pongs;
+    let mut alive = Vec::new();
     mesh.registry().for_each(|connection| {
+        if connection.answered_last_ping() {
+            alive.push(connection.clone());
+        }
         if connection.ping_sent() > max_missed + 1 {
             if connection.close_with(CloseReason::PingTimeout) {
                 mesh.stats_record_ping_timeout();
@@ -57,6 +61,7 @@ fn ping_all(mesh: &Mesh, ping_frame: &Frame) {
         }
         let _ = mesh.registry().send_frame(connection, ping_frame.clone());
     });
+    mesh.refresh_presence(&alive);
 }
 
 fn probe_latency(mesh: &Mesh, request: &Frame) {

@@ -11,7 +11,7 @@ use serde_json::Value;
 use tokio::sync::{oneshot, watch, OnceCell};
 
 use crate::access::{Guard, Rules};
-use crate::backend::{Backend, ConnectionOp, Delivery, Inbox, LocalMembership};
+use crate::backend::{Backend, ConnectionOp, Delivery, Inbox};
 use crate::builder::MeshBuilder;
 use crate::command::CommandService;
 use crate::config::MeshConfig;
@@ -23,8 +23,10 @@ use crate::presence::{PresenceRule, SweepSchedule};
 use crate::protocol::{self, Frame};
 use crate::topics::{LocalTopics, Topic};
 
-/// Longest an instance waits for the holder of a connection to apply a change to it.
-const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Longest an instance waits for the holder of a connection to apply a change to it: above
+/// the holder's worst case (its membership lock, then a subscribe and a script, each
+/// bounded by the backend's 3 s operation timeout).
+const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 pub(crate) type OnConnect =
@@ -64,9 +66,11 @@ pub(crate) struct MeshInner {
     /// Who may join which rooms with `mesh/join-room`.
     pub(crate) room_guards: Rules<Guard>,
     /// Calls to other instances awaiting their answer.
-    pub(crate) calls: Mutex<HashMap<u64, oneshot::Sender<Option<bool>>>>,
+    pub(crate) calls: Calls,
     pub(crate) next_call: AtomicU64,
     pub(crate) sweeps: Arc<SweepSchedule>,
+    /// Connections that ended but whose unregistration failed, for the sweeper to retry.
+    pub(crate) unregister_later: Mutex<Vec<Arc<str>>>,
 }
 
 #[derive(Default)]
@@ -368,19 +372,19 @@ impl Mesh {
                     .unsubscribe(&self.inner.instance_id, &topic);
             }
         }
-        match self
+        if let Err(err) = self
             .inner
             .backend
             .unregister_connection(&self.inner.instance_id, connection.id())
             .await
         {
-            Ok(present_in) => {
-                for room in present_in {
-                    self.announce_presence(&room, connection.id(), crate::presence::Change::Leave)
-                        .await;
-                }
-            }
-            Err(err) => tracing::warn!(%err, "could not unregister connection from the backend"),
+            // Retried by the sweeper: a connection left registered would linger in rooms,
+            // presence and listings until its instance dies.
+            tracing::warn!(%err, "could not unregister connection from the backend; will retry");
+            lock(&self.inner.unregister_later).push(connection.shared_id());
+            self.inner
+                .sweeps
+                .due_within(std::time::Duration::from_secs(1));
         }
     }
 
@@ -453,6 +457,11 @@ impl Mesh {
         let call_id = self.inner.next_call.fetch_add(1, Ordering::Relaxed);
         let (answer, answered) = oneshot::channel();
         lock(&self.inner.calls).insert(call_id, answer);
+        // Forgets the call however this future ends (answered, timed out, or dropped).
+        let _pending = PendingCall {
+            calls: &self.inner.calls,
+            call_id,
+        };
         let routed = self
             .inner
             .backend
@@ -476,7 +485,6 @@ impl Mesh {
             Ok(false) => Ok(false),
             Err(err) => Err(err),
         };
-        lock(&self.inner.calls).remove(&call_id);
         outcome
     }
 
@@ -487,9 +495,7 @@ impl Mesh {
                 self.join_local(connection, &room, None).await?,
                 crate::rooms::JoinOutcome::Joined
             )),
-            ConnectionOp::LeaveRoom(room) => {
-                Ok(self.leave_local(connection, &room).await?.was_member)
-            }
+            ConnectionOp::LeaveRoom(room) => self.leave_local(connection, &room).await,
             ConnectionOp::LeaveAllRooms => self.leave_all_local(connection).await.map(|()| true),
         }
     }
@@ -523,7 +529,22 @@ impl Mesh {
 
     pub(crate) fn pong_received(&self, connection: &Connection) {
         connection.pong_received();
-        self.refresh_presence(connection);
+    }
+
+    /// Retries the unregistrations that failed; called by the sweeper.
+    pub(crate) async fn retry_unregistrations(&self) {
+        let pending = std::mem::take(&mut *lock(&self.inner.unregister_later));
+        for connection_id in pending {
+            if let Err(err) = self
+                .inner
+                .backend
+                .unregister_connection(&self.inner.instance_id, &connection_id)
+                .await
+            {
+                tracing::debug!(%err, "unregistration retry failed");
+                lock(&self.inner.unregister_later).push(connection_id);
+            }
+        }
     }
 
     pub(crate) fn stats_record_oversize(&self) {
@@ -546,6 +567,19 @@ impl Mesh {
 
     pub(crate) fn inner(&self) -> &MeshInner {
         &self.inner
+    }
+}
+
+type Calls = Mutex<HashMap<u64, oneshot::Sender<Option<bool>>>>;
+
+struct PendingCall<'a> {
+    calls: &'a Calls,
+    call_id: u64,
+}
+
+impl Drop for PendingCall<'_> {
+    fn drop(&mut self) {
+        lock(self.calls).remove(&self.call_id);
     }
 }
 
@@ -612,20 +646,17 @@ impl Inbox for MeshInner {
         }
     }
 
-    fn local_memberships(&self) -> Vec<LocalMembership> {
-        self.registry
-            .ids()
-            .into_iter()
-            .map(|id| {
-                let rooms = self.topics.topics_of(&id, |topic| match topic {
-                    Topic::Room(room) => {
-                        Some((room.clone(), self.presence.find(room).map(|rule| rule.ttl)))
-                    }
-                    _ => None,
-                });
-                (id, rooms)
-            })
-            .collect()
+    fn registration_lost(&self) {
+        let connections = self.registry.all();
+        if !connections.is_empty() {
+            tracing::warn!(
+                connections = connections.len(),
+                "the backend lost this instance's connections; closing them so their clients reconnect"
+            );
+        }
+        for connection in connections {
+            connection.close_with(CloseReason::StateLost);
+        }
     }
 
     fn has_listeners(&self, topic: &Topic) -> bool {

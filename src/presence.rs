@@ -2,12 +2,15 @@
 //! to subscribers as `mesh/presence-update` pushes.
 //!
 //! A room is tracked when a [`track_presence`](crate::MeshBuilder::track_presence) pattern
-//! matches it. Joining a tracked room makes a connection present until now + TTL; every
-//! pong it sends extends that. Presence ends, with exactly one `leave` announced across
-//! the mesh, when the connection leaves the room, ends, is swept with its dead instance,
-//! or lets its TTL lapse. States set with `expireAfter` end with a `state` update whose
-//! state is `null`.
+//! matches it. Joining a tracked room makes a connection present until now + TTL; at
+//! every ping tick, the connections that answered the previous ping are extended, in one
+//! backend call per batch (so a flood of pongs costs nothing). Presence ends, with exactly
+//! one `leave` announced across the mesh, when the connection leaves the room, ends, is
+//! swept with its dead instance, or lets its TTL lapse. States set with `expireAfter` end
+//! with a `state` update whose state is `null`.
 //!
+//! The backend announces every change in the same atomic step that makes it, so
+//! subscribers see changes in the order they happened, whichever instances made them.
 //! Lapses are found by a sweeper each instance runs (see the backend's `sweep`): it sleeps
 //! until the backend's next deadline, or until this instance schedules an earlier one.
 
@@ -20,7 +23,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::access::{self, Guard};
-use crate::backend::Swept;
+use crate::backend::{Delivery, PresenceRefresh};
 use crate::connection::Connection;
 use crate::error::{CommandError, MeshError};
 use crate::extract::Payload;
@@ -31,6 +34,9 @@ use crate::topics::Topic;
 
 /// The longest `expireAfter` a presence state may ask for: one day.
 pub const MAX_STATE_EXPIRY: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The longest presence TTL; longer settings are shortened to it.
+const MAX_PRESENCE_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// The shortest pause between two sweeps, so a backlog is drained without spinning.
 const MIN_SWEEP_PAUSE: Duration = Duration::from_millis(10);
@@ -77,10 +83,12 @@ impl PresenceOptions {
         Self::default()
     }
 
-    /// How long a member stays present without a pong. Default: `ping_interval ×
-    /// (max_missed_pongs + 2)`, about when a silent connection is closed anyway. It may
-    /// not be shorter than the ping interval ([`MeshBuilder::build`](crate::MeshBuilder::build)
-    /// panics), since pongs are what extend it.
+    /// How long a member stays present without answering a ping. Default:
+    /// `ping_interval × (max_missed_pongs + 2)`, about when a silent connection is closed
+    /// anyway; at most a day. It must be longer than the ping interval
+    /// ([`MeshBuilder::build`](crate::MeshBuilder::build) panics otherwise): presence is
+    /// extended once per ping, for connections that answered the previous one, so leave
+    /// a margin for the round trip.
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = Some(ttl);
         self
@@ -101,11 +109,11 @@ impl PresenceOptions {
     /// The rule these options make, with the TTL resolved against the liveness settings.
     pub(crate) fn into_rule(self, ping_interval: Duration, max_missed_pongs: u32) -> PresenceRule {
         let default_ttl = ping_interval.saturating_mul(max_missed_pongs.saturating_add(2));
-        let ttl = self.ttl.unwrap_or(default_ttl);
+        let ttl = self.ttl.unwrap_or(default_ttl).min(MAX_PRESENCE_TTL);
         assert!(
-            ttl >= ping_interval,
-            "a presence TTL ({ttl:?}) shorter than the ping interval ({ping_interval:?}) \
-             would lapse between two pongs"
+            ttl > ping_interval,
+            "a presence TTL ({ttl:?}) must be longer than the ping interval \
+             ({ping_interval:?}): presence is extended once per ping"
         );
         PresenceRule {
             ttl,
@@ -128,6 +136,29 @@ pub(crate) enum Change {
     /// A new state, or `None` when it was cleared or expired.
     State(Option<Value>),
 }
+
+/// The delivery that announces a presence change to the room's subscribers.
+pub(crate) fn announcement(room: &str, connection_id: &str, change: &Change) -> Delivery {
+    let (kind, state) = match change {
+        Change::Join => ("join", None),
+        Change::Leave => ("leave", None),
+        Change::State(state) => ("state", Some(state.as_ref().unwrap_or(&Value::Null))),
+    };
+    Delivery::Topic {
+        topic: Topic::Presence(Arc::from(room)),
+        frame: Frame::from(protocol::presence_update(
+            kind,
+            connection_id,
+            room,
+            state,
+            protocol::now_ms(),
+        )),
+        exclude: Arc::from([]),
+    }
+}
+
+/// How many connections one presence refresh call carries, so no single script runs long.
+const REFRESH_BATCH: usize = 256;
 
 impl Mesh {
     /// The connections present in a tracked room, in the order they joined.
@@ -156,66 +187,39 @@ impl Mesh {
         }
     }
 
-    /// Publishes a presence change to the room's subscribers on every instance. A
-    /// failure is logged: the change itself already happened.
-    pub(crate) async fn announce_presence(&self, room: &str, connection_id: &str, change: Change) {
-        let (kind, state) = match &change {
-            Change::Join => ("join", None),
-            Change::Leave => ("leave", None),
-            Change::State(state) => ("state", Some(state.as_ref().unwrap_or(&Value::Null))),
-        };
-        let frame = Frame::from(protocol::presence_update(
-            kind,
-            connection_id,
-            room,
-            state,
-            protocol::now_ms(),
-        ));
-        if let Err(err) = self
-            .publish_topic(Topic::Presence(Arc::from(room)), frame, Arc::from([]))
-            .await
-        {
-            tracing::warn!(%err, room, "could not announce a presence change");
-        }
-    }
-
-    /// Extends a connection's presence in its tracked rooms after a pong; a connection
-    /// whose presence had lapsed is present (and announced) again.
-    pub(crate) fn refresh_presence(&self, connection: &Connection) {
-        let rooms = self
-            .inner()
-            .topics
-            .topics_of(connection.id(), |topic| match topic {
-                Topic::Room(room) => self.presence_ttl(room).map(|ttl| (room.clone(), ttl)),
-                _ => None,
-            });
-        let Some(shortest) = rooms.iter().map(|(_, ttl)| *ttl).min() else {
+    /// Extends the presence of `connections` (those that answered the last ping) in their
+    /// tracked rooms, in batches; a connection whose presence had lapsed is present, and
+    /// announced, again. Runs once per ping tick, so pongs cost nothing on their own.
+    pub(crate) fn refresh_presence(&self, connections: &[Connection]) {
+        let refreshes: Vec<PresenceRefresh> = connections
+            .iter()
+            .filter_map(|connection| {
+                let rooms = self
+                    .inner()
+                    .topics
+                    .topics_of(connection.id(), |topic| match topic {
+                        Topic::Room(room) => self.presence_ttl(room).map(|ttl| (room.clone(), ttl)),
+                        _ => None,
+                    });
+                (!rooms.is_empty()).then(|| (connection.shared_id(), rooms))
+            })
+            .collect();
+        let Some(shortest) = refreshes
+            .iter()
+            .flat_map(|(_, rooms)| rooms.iter().map(|(_, ttl)| *ttl))
+            .min()
+        else {
             return;
         };
         let mesh = self.clone();
-        let id = connection.shared_id();
         tokio::spawn(async move {
-            match mesh.inner().backend.refresh_presence(&id, &rooms).await {
-                Ok(returned) => {
-                    for room in returned {
-                        mesh.announce_presence(&room, &id, Change::Join).await;
-                    }
+            for batch in refreshes.chunks(REFRESH_BATCH) {
+                if let Err(err) = mesh.inner().backend.refresh_presence(batch).await {
+                    tracing::warn!(%err, "could not refresh presence");
                 }
-                Err(err) => tracing::warn!(%err, connection = %id, "could not refresh presence"),
             }
             mesh.inner().sweeps.due_within(shortest);
         });
-    }
-
-    async fn announce_swept(&self, swept: Swept) {
-        for (room, connection_id) in swept.left {
-            self.announce_presence(&room, &connection_id, Change::Leave)
-                .await;
-        }
-        for (room, connection_id) in swept.states_expired {
-            self.announce_presence(&room, &connection_id, Change::State(None))
-                .await;
-        }
     }
 }
 
@@ -243,7 +247,9 @@ impl SweepSchedule {
 
     /// Makes the next sweep happen no later than `after` from now.
     pub(crate) fn due_within(&self, after: Duration) {
-        let at = Instant::now() + after;
+        let Some(at) = Instant::now().checked_add(after) else {
+            return;
+        };
         let mut next = self.lock();
         if at < *next {
             *next = at;
@@ -278,17 +284,11 @@ pub(crate) fn start_sweeper(inner: Weak<MeshInner>) {
                 return;
             }
             *schedule.lock() = Instant::now() + Duration::from_secs(3600);
-            let due = match mesh.inner().backend.sweep().await {
-                Ok(swept) => {
-                    let due = swept.next_due;
-                    mesh.announce_swept(swept).await;
-                    due
-                }
-                Err(err) => {
-                    tracing::warn!(%err, "presence sweep failed");
-                    Duration::from_secs(1)
-                }
-            };
+            mesh.retry_unregistrations().await;
+            let due = mesh.inner().backend.sweep().await.unwrap_or_else(|err| {
+                tracing::warn!(%err, "presence sweep failed");
+                Duration::from_secs(1)
+            });
             drop(mesh);
             schedule.due_within(due.max(MIN_SWEEP_PAUSE));
             schedule.wait().await;
@@ -396,22 +396,16 @@ pub(crate) async fn publish_presence_state(
     if mesh.presence_ttl(room).is_none() {
         return Ok(false);
     }
+    let silent = request.silent.unwrap_or(false);
     let stored = mesh
         .inner()
         .backend
-        .set_presence_state(connection.id(), room, &state, expire_after)
+        .set_presence_state(connection.id(), room, &state, expire_after, silent)
         .await?;
-    if !stored {
-        return Ok(false);
-    }
-    if let Some(after) = expire_after {
+    if let (true, Some(after)) = (stored, expire_after) {
         mesh.inner().sweeps.due_within(after);
     }
-    if !request.silent.unwrap_or(false) {
-        mesh.announce_presence(room, connection.id(), Change::State(Some(state)))
-            .await;
-    }
-    Ok(true)
+    Ok(stored)
 }
 
 /// `mesh/clear-presence-state {roomName}` -> `true` when the caller is present in the
@@ -425,21 +419,11 @@ pub(crate) async fn clear_presence_state(
     if mesh.presence_ttl(room).is_none() {
         return Ok(false);
     }
-    match mesh
+    Ok(mesh
         .inner()
         .backend
         .clear_presence_state(connection.id(), room)
-        .await?
-    {
-        None => Ok(false),
-        Some(had_state) => {
-            if had_state {
-                mesh.announce_presence(room, connection.id(), Change::State(None))
-                    .await;
-            }
-            Ok(true)
-        }
-    }
+        .await?)
 }
 
 /// `mesh/get-presence-state {roomName}` -> `{success, present: [ids], states}`, or

@@ -30,6 +30,16 @@ pub const LATENCY: &str = "latency";
 /// The push that tells presence subscribers who joined, left, or changed state.
 pub const PRESENCE_UPDATE: &str = "mesh/presence-update";
 
+/// Commands whose reply carries a snapshot (members, presence) that later updates build
+/// on: their reply is written before any push queued after the command started, since a
+/// client only places updates once it has the reply.
+const SNAPSHOT_COMMANDS: &[&str] = &["mesh/join-room", "mesh/subscribe-presence"];
+
+/// Whether `command`'s reply must precede the updates published after it ran.
+pub(crate) fn replies_before_updates(command: &str) -> bool {
+    SNAPSHOT_COMMANDS.contains(&command)
+}
+
 /// A frame received from a client, classified.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Inbound {

@@ -13,14 +13,13 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::backend::{ConnectionOp, Left};
+use crate::backend::ConnectionOp;
 use crate::config::MAX_NAME_BYTES;
 use crate::connection::{Connection, MembershipGuard};
 use crate::error::{CommandError, MeshError};
 use crate::extract::Payload;
 use crate::mesh::Mesh;
 use crate::metadata::MergeStrategy;
-use crate::presence::Change;
 use crate::protocol::{self, Frame};
 use crate::topics::Topic;
 
@@ -67,24 +66,31 @@ impl Mesh {
     pub async fn clear_room(&self, room: &str) -> Result<(), MeshError> {
         self.ready().await?;
         let members = self.inner().backend.room_members(room).await?;
-        let removals = members
-            .iter()
-            .map(|member| self.remove_from_room(member, room));
+        let removals = members.iter().map(|member| async move {
+            match self.remove_from_room(member, room).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(MeshError::Unavailable("no instance holds it".into())),
+                Err(err) => Err(err),
+            }
+        });
+        let mut failure = None;
         for (member, removed) in members
             .iter()
             .zip(futures_util::future::join_all(removals).await)
         {
-            if let Err(err) = removed {
-                // Its instance did not answer, so it is presumably dead: the backend
-                // entry is removed here, and the sweep of that instance finds it gone.
-                tracing::warn!(%err, connection = %member, "removing an unanswered member directly");
-                let left = self.inner().backend.leave_room(member, room).await?;
-                if left.was_present {
-                    self.announce_presence(room, member, Change::Leave).await;
-                }
+            if removed.is_ok() {
+                continue;
+            }
+            // Its instance did not answer, or holds no such connection any more (a dead
+            // instance not swept yet, an unregistration that failed): remove the entry
+            // directly, so a cleared room is empty whatever its members' instances do.
+            tracing::warn!(connection = %member, "removing a member its instance did not remove");
+            if let Err(err) = self.inner().backend.leave_room(member, room).await {
+                failure = Some(err);
             }
         }
-        self.inner().backend.delete_room_metadata(room).await
+        self.inner().backend.delete_room_metadata(room).await?;
+        failure.map_or(Ok(()), Err)
     }
 
     /// Whether a connection is a member of a room.
@@ -221,32 +227,24 @@ impl Mesh {
             .backend
             .join_room(connection.id(), room, ttl)
             .await;
-        let joined = match joined {
-            Ok(Some(joined)) => joined,
-            other => {
-                if new_listener {
-                    self.stop_listening(connection.id(), &topic);
-                }
-                return other.map(|_| JoinOutcome::Closed);
-            }
-        };
-        drop(membership);
+        if !matches!(joined, Ok(true)) && new_listener {
+            self.stop_listening(connection.id(), &topic);
+        }
+        if !joined? {
+            return Ok(JoinOutcome::Closed);
+        }
         if let Some(ttl) = ttl {
             self.inner().sweeps.due_within(ttl);
-        }
-        if joined.now_present {
-            self.announce_presence(room, connection.id(), Change::Join)
-                .await;
         }
         Ok(JoinOutcome::Joined)
     }
 
-    /// Removes a local connection from a room.
+    /// Removes a local connection from a room; returns whether it was a member.
     pub(crate) async fn leave_local(
         &self,
         connection: &Connection,
         room: &str,
-    ) -> Result<Left, MeshError> {
+    ) -> Result<bool, MeshError> {
         let membership = connection.lock_membership().await;
         self.leave_locked(&membership, connection, room).await
     }
@@ -272,19 +270,15 @@ impl Mesh {
         _membership: &MembershipGuard<'_>,
         connection: &Connection,
         room: &str,
-    ) -> Result<Left, MeshError> {
+    ) -> Result<bool, MeshError> {
         // The backend first: if it fails, the connection stays a member everywhere.
-        let left = self
+        let was_member = self
             .inner()
             .backend
             .leave_room(connection.id(), room)
             .await?;
         self.stop_listening(connection.id(), &Topic::Room(Arc::from(room)));
-        if left.was_present {
-            self.announce_presence(room, connection.id(), Change::Leave)
-                .await;
-        }
-        Ok(left)
+        Ok(was_member)
     }
 }
 

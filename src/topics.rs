@@ -82,7 +82,7 @@ impl LocalTopics {
             by_connection,
         } = &mut *index;
         let Some(members) = listeners.get_mut(topic) else {
-            return (false, true);
+            return (false, false);
         };
         let removed = members.remove(connection_id).is_some();
         let emptied = members.is_empty();

@@ -12,8 +12,9 @@ use tokio::time::Instant;
 
 use serde_json::Value;
 
-use super::{Backend, BackendFuture, Delivery, Inbox, Joined, Left, PresenceView, Swept};
+use super::{Backend, BackendFuture, Delivery, Inbox, PresenceRefresh, PresenceView};
 use crate::metadata::MergeStrategy;
+use crate::presence::{self, Change};
 use crate::topics::Topic;
 
 /// Shared state kept in this process. Cheap to clone; clones share the state.
@@ -47,6 +48,9 @@ struct MemoryState {
     /// Room -> connection -> (state, expiry).
     states: HashMap<String, HashMap<String, (Value, Option<Instant>)>>,
     state_expiry: BTreeSet<(Instant, String, String)>,
+    /// Presence announcements of the operation in progress, delivered before its lock
+    /// is released so that they are ordered exactly as the changes.
+    announcements: Vec<Delivery>,
 }
 
 struct ConnectionEntry {
@@ -126,7 +130,28 @@ impl MemoryState {
         true
     }
 
-    fn leave(&mut self, connection_id: &str, room: &str) -> Left {
+    fn announce(&mut self, room: &str, connection_id: &str, change: Change) {
+        self.announcements
+            .push(presence::announcement(room, connection_id, &change));
+    }
+
+    /// Delivers the pending announcements to every live instance.
+    fn flush(&mut self) {
+        if self.announcements.is_empty() {
+            return;
+        }
+        let inboxes: Vec<Arc<dyn Inbox>> =
+            self.instances.values().filter_map(Weak::upgrade).collect();
+        for announcement in self.announcements.drain(..) {
+            for inbox in &inboxes {
+                inbox.deliver(announcement.clone());
+            }
+        }
+    }
+
+    /// Removes a connection from a room (and its presence there, announcing `leave`);
+    /// returns whether it was a member.
+    fn leave(&mut self, connection_id: &str, room: &str) -> bool {
         let was_member = match self.rooms.get_mut(room) {
             Some(members) => {
                 let removed = members.remove(connection_id).is_some();
@@ -140,23 +165,34 @@ impl MemoryState {
         if let Some(entry) = self.connections.get_mut(connection_id) {
             entry.rooms.remove(room);
         }
-        let was_present = self.remove_presence(connection_id, room);
-        Left {
-            was_member,
-            was_present,
+        if self.remove_presence(connection_id, room) {
+            self.announce(room, connection_id, Change::Leave);
+        }
+        was_member
+    }
+
+    /// Forgets a connection entirely, announcing its presence `leave`s.
+    fn remove_connection(&mut self, connection_id: &str) {
+        let Some(entry) = self.connections.remove(connection_id) else {
+            return;
+        };
+        for room in entry.rooms {
+            self.leave(connection_id, &room);
         }
     }
 
-    /// Forgets a connection entirely; returns the rooms where it was present.
-    fn remove_connection(&mut self, connection_id: &str) -> Vec<String> {
-        let Some(entry) = self.connections.remove(connection_id) else {
-            return Vec::new();
-        };
-        entry
-            .rooms
-            .into_iter()
-            .filter(|room| self.leave(connection_id, room).was_present)
-            .collect()
+    /// Forgets every connection an instance holds.
+    fn remove_instance(&mut self, instance_id: &str) {
+        self.instances.remove(instance_id);
+        let held: Vec<String> = self
+            .connections
+            .iter()
+            .filter(|(_, entry)| &*entry.instance_id == instance_id)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in held {
+            self.remove_connection(&id);
+        }
     }
 
     fn members_with_metadata(&self, members: Vec<String>) -> Vec<(String, Value)> {
@@ -217,16 +253,8 @@ impl Backend for MemoryBackend {
 
     fn detach<'a>(&'a self, instance_id: &'a str) -> BackendFuture<'a, ()> {
         let mut state = self.lock();
-        state.instances.remove(instance_id);
-        let held: Vec<String> = state
-            .connections
-            .iter()
-            .filter(|(_, entry)| &*entry.instance_id == instance_id)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in held {
-            state.remove_connection(&id);
-        }
+        state.remove_instance(instance_id);
+        state.flush();
         ready(())
     }
 
@@ -258,8 +286,11 @@ impl Backend for MemoryBackend {
         &'a self,
         _instance_id: &'a str,
         connection_id: &'a str,
-    ) -> BackendFuture<'a, Vec<String>> {
-        ready(self.lock().remove_connection(connection_id))
+    ) -> BackendFuture<'a, ()> {
+        let mut state = self.lock();
+        state.remove_connection(connection_id);
+        state.flush();
+        ready(())
     }
 
     fn connection_metadata<'a>(
@@ -364,10 +395,10 @@ impl Backend for MemoryBackend {
         connection_id: &'a str,
         room: &'a str,
         presence_ttl: Option<Duration>,
-    ) -> BackendFuture<'a, Option<Joined>> {
+    ) -> BackendFuture<'a, bool> {
         let mut state = self.lock();
         if !state.connections.contains_key(connection_id) {
-            return ready(None);
+            return ready(false);
         }
         let sequence = state.sequence();
         state
@@ -379,15 +410,20 @@ impl Backend for MemoryBackend {
         if let Some(entry) = state.connections.get_mut(connection_id) {
             entry.rooms.insert(room.to_owned());
         }
-        let now_present = match presence_ttl {
-            Some(ttl) => state.make_present(connection_id, room, Instant::now() + ttl),
-            None => false,
-        };
-        ready(Some(Joined { now_present }))
+        if let Some(ttl) = presence_ttl {
+            if state.make_present(connection_id, room, deadline(ttl)) {
+                state.announce(room, connection_id, Change::Join);
+            }
+        }
+        state.flush();
+        ready(true)
     }
 
-    fn leave_room<'a>(&'a self, connection_id: &'a str, room: &'a str) -> BackendFuture<'a, Left> {
-        ready(self.lock().leave(connection_id, room))
+    fn leave_room<'a>(&'a self, connection_id: &'a str, room: &'a str) -> BackendFuture<'a, bool> {
+        let mut state = self.lock();
+        let was_member = state.leave(connection_id, room);
+        state.flush();
+        ready(was_member)
     }
 
     fn room_members<'a>(&'a self, room: &'a str) -> BackendFuture<'a, Vec<String>> {
@@ -460,22 +496,19 @@ impl Backend for MemoryBackend {
         ready(all)
     }
 
-    fn refresh_presence<'a>(
-        &'a self,
-        connection_id: &'a str,
-        rooms: &'a [(Arc<str>, Duration)],
-    ) -> BackendFuture<'a, Vec<String>> {
+    fn refresh_presence<'a>(&'a self, refreshes: &'a [PresenceRefresh]) -> BackendFuture<'a, ()> {
         let mut state = self.lock();
-        let now = Instant::now();
-        let mut returned = Vec::new();
-        for (room, ttl) in rooms {
-            if state.is_member(connection_id, room)
-                && state.make_present(connection_id, room, now + *ttl)
-            {
-                returned.push(room.to_string());
+        for (connection_id, rooms) in refreshes {
+            for (room, ttl) in rooms {
+                if state.is_member(connection_id, room)
+                    && state.make_present(connection_id, room, deadline(*ttl))
+                {
+                    state.announce(room, connection_id, Change::Join);
+                }
             }
         }
-        ready(returned)
+        state.flush();
+        ready(())
     }
 
     fn present_connections<'a>(&'a self, room: &'a str) -> BackendFuture<'a, Vec<String>> {
@@ -504,14 +537,14 @@ impl Backend for MemoryBackend {
         room: &'a str,
         value: &'a Value,
         expire_after: Option<Duration>,
+        silent: bool,
     ) -> BackendFuture<'a, bool> {
         let mut state = self.lock();
-        let now = Instant::now();
-        if !state.is_present(connection_id, room, now) {
+        if !state.is_present(connection_id, room, Instant::now()) {
             return ready(false);
         }
         state.remove_state(connection_id, room);
-        let expiry = expire_after.map(|after| now + after);
+        let expiry = expire_after.map(deadline);
         if let Some(expiry) = expiry {
             state
                 .state_expiry
@@ -522,6 +555,10 @@ impl Backend for MemoryBackend {
             .entry(room.to_owned())
             .or_default()
             .insert(connection_id.to_owned(), (value.clone(), expiry));
+        if !silent {
+            state.announce(room, connection_id, Change::State(Some(value.clone())));
+        }
+        state.flush();
         ready(true)
     }
 
@@ -529,18 +566,21 @@ impl Backend for MemoryBackend {
         &'a self,
         connection_id: &'a str,
         room: &'a str,
-    ) -> BackendFuture<'a, Option<bool>> {
+    ) -> BackendFuture<'a, bool> {
         let mut state = self.lock();
         if !state.is_present(connection_id, room, Instant::now()) {
-            return ready(None);
+            return ready(false);
         }
-        ready(Some(state.remove_state(connection_id, room)))
+        if state.remove_state(connection_id, room) {
+            state.announce(room, connection_id, Change::State(None));
+        }
+        state.flush();
+        ready(true)
     }
 
-    fn sweep(&self) -> BackendFuture<'_, Swept> {
+    fn sweep(&self) -> BackendFuture<'_, Duration> {
         let mut state = self.lock();
         let now = Instant::now();
-        let mut swept = Swept::default();
         let dead: Vec<Arc<str>> = state
             .instances
             .iter()
@@ -548,40 +588,36 @@ impl Backend for MemoryBackend {
             .map(|(id, _)| id.clone())
             .collect();
         for instance_id in dead {
-            state.instances.remove(&instance_id);
-            let held: Vec<String> = state
-                .connections
-                .iter()
-                .filter(|(_, entry)| entry.instance_id == instance_id)
-                .map(|(id, _)| id.clone())
-                .collect();
-            for connection_id in held {
-                for room in state.remove_connection(&connection_id) {
-                    swept.left.push((room, connection_id.clone()));
-                }
-            }
+            state.remove_instance(&instance_id);
         }
         while let Some((deadline, room, connection_id)) = state.presence_expiry.first().cloned() {
             if deadline > now {
                 break;
             }
             state.remove_presence(&connection_id, &room);
-            swept.left.push((room, connection_id));
+            state.announce(&room, &connection_id, Change::Leave);
         }
         while let Some((deadline, room, connection_id)) = state.state_expiry.first().cloned() {
             if deadline > now {
                 break;
             }
             state.remove_state(&connection_id, &room);
-            swept.states_expired.push((room, connection_id));
+            state.announce(&room, &connection_id, Change::State(None));
         }
+        state.flush();
         let next = [state.presence_expiry.first(), state.state_expiry.first()]
             .into_iter()
             .flatten()
             .map(|(deadline, _, _)| deadline.saturating_duration_since(now))
             .min()
             .unwrap_or(DEAD_INSTANCE_CHECK);
-        swept.next_due = next.min(DEAD_INSTANCE_CHECK);
-        ready(swept)
+        ready(next.min(DEAD_INSTANCE_CHECK))
     }
+}
+
+/// `now + after`, saturating far in the future instead of overflowing.
+fn deadline(after: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(after)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }

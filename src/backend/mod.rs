@@ -85,10 +85,10 @@ pub(crate) trait Inbox: Send + Sync + 'static {
     /// Delivers to local connections. Must not block: it only enqueues or spawns.
     fn deliver(&self, delivery: Delivery);
 
-    /// The connections this instance holds with their rooms (and each room's presence
-    /// TTL when tracked), to register them again after the backend lost them (a
-    /// restarted Redis).
-    fn local_memberships(&self) -> Vec<LocalMembership>;
+    /// The backend lost this instance's registration (a restarted Redis, or a stall long
+    /// enough to be swept as dead): its connections' rooms, presence and metadata are
+    /// gone, so it closes them, and their clients reconnect and set everything up again.
+    fn registration_lost(&self);
 
     /// Whether a local connection listens to `topic` (a subscription to it is still needed).
     fn has_listeners(&self, topic: &Topic) -> bool;
@@ -97,24 +97,9 @@ pub(crate) trait Inbox: Send + Sync + 'static {
     fn topics(&self) -> Vec<Topic>;
 }
 
-/// A local connection and its rooms, each with its presence TTL when tracked.
-pub(crate) type LocalMembership = (Arc<str>, Vec<(Arc<str>, Option<Duration>)>);
-
-/// What joining a room changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Joined {
-    /// The connection was not present before and is now (tracked rooms only).
-    pub(crate) now_present: bool,
-}
-
-/// What leaving a room changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) struct Left {
-    /// The connection was a member.
-    pub(crate) was_member: bool,
-    /// The connection was present (a presence `leave` is due).
-    pub(crate) was_present: bool,
-}
+/// A local connection's tracked rooms, each with its presence TTL: what one presence
+/// refresh extends.
+pub(crate) type PresenceRefresh = (Arc<str>, Vec<(Arc<str>, Duration)>);
 
 /// A room's presence as subscribers see it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -125,23 +110,15 @@ pub(crate) struct PresenceView {
     pub(crate) states: Vec<(String, Value)>,
 }
 
-/// What a sweep removed, and when the next one is due.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub(crate) struct Swept {
-    /// `(room, connection)` presence entries removed: their TTL lapsed or their instance
-    /// died. Each gets a presence `leave`.
-    pub(crate) left: Vec<(String, String)>,
-    /// `(room, connection)` presence states whose `expireAfter` lapsed. Each gets a
-    /// presence `state` update with `state: null`.
-    pub(crate) states_expired: Vec<(String, String)>,
-    /// How long until the backend next needs a sweep.
-    pub(crate) next_due: Duration,
-}
-
 /// Shared state and cross-instance delivery.
 ///
 /// Room and presence operations take connection ids; they are called by the instance
 /// that holds the connection (see [`ConnectionOp`]), except the read-only ones.
+///
+/// Every operation that changes presence announces the change itself, as part of the
+/// same atomic step (a Redis script publishes from inside; the memory backend delivers
+/// under its lock). So announcements are exactly as ordered as the changes, whichever
+/// instances make them, and a change whose reply is lost is still announced.
 pub(crate) trait Backend: Send + Sync + 'static {
     /// Joins the mesh as `instance_id`; from now on deliveries for it reach `inbox`.
     fn attach(&self, instance_id: Arc<str>, inbox: Weak<dyn Inbox>) -> BackendFuture<'_, ()>;
@@ -156,13 +133,13 @@ pub(crate) trait Backend: Send + Sync + 'static {
         connection_id: &'a str,
     ) -> BackendFuture<'a, ()>;
 
-    /// Forgets a connection and everything stored for it (metadata, rooms, presence).
-    /// Returns the rooms where it was present, for their presence `leave`.
+    /// Forgets a connection and everything stored for it (metadata, rooms, presence),
+    /// announcing a presence `leave` in every room where it was present.
     fn unregister_connection<'a>(
         &'a self,
         instance_id: &'a str,
         connection_id: &'a str,
-    ) -> BackendFuture<'a, Vec<String>>;
+    ) -> BackendFuture<'a, ()>;
 
     /// A connection's metadata; `None` when it has none or is unknown.
     fn connection_metadata<'a>(
@@ -195,16 +172,18 @@ pub(crate) trait Backend: Send + Sync + 'static {
     // Rooms.
 
     /// Adds a registered connection to a room; with `presence_ttl`, also makes it present
-    /// until now + ttl. `None` when the connection is not registered.
+    /// until now + ttl, announcing `join` if it was not present. `false` when the
+    /// connection is not registered.
     fn join_room<'a>(
         &'a self,
         connection_id: &'a str,
         room: &'a str,
         presence_ttl: Option<Duration>,
-    ) -> BackendFuture<'a, Option<Joined>>;
+    ) -> BackendFuture<'a, bool>;
 
-    /// Removes a connection from a room, with its presence and presence state there.
-    fn leave_room<'a>(&'a self, connection_id: &'a str, room: &'a str) -> BackendFuture<'a, Left>;
+    /// Removes a connection from a room, with its presence and presence state there
+    /// (announcing `leave` if it was present). Returns whether it was a member.
+    fn leave_room<'a>(&'a self, connection_id: &'a str, room: &'a str) -> BackendFuture<'a, bool>;
 
     /// The members of a room, in join order.
     fn room_members<'a>(&'a self, room: &'a str) -> BackendFuture<'a, Vec<String>>;
@@ -243,13 +222,9 @@ pub(crate) trait Backend: Send + Sync + 'static {
 
     // Presence.
 
-    /// Extends the presence of a connection in each `(room, ttl)` where it is still a
-    /// member; returns the rooms where it was not present and now is again.
-    fn refresh_presence<'a>(
-        &'a self,
-        connection_id: &'a str,
-        rooms: &'a [(Arc<str>, Duration)],
-    ) -> BackendFuture<'a, Vec<String>>;
+    /// Extends the presence of each connection in each of its `(room, ttl)` where it is
+    /// still a member; one whose presence had lapsed is present (and announced) again.
+    fn refresh_presence<'a>(&'a self, refreshes: &'a [PresenceRefresh]) -> BackendFuture<'a, ()>;
 
     /// The present connections of a room, in join order.
     fn present_connections<'a>(&'a self, room: &'a str) -> BackendFuture<'a, Vec<String>>;
@@ -258,25 +233,29 @@ pub(crate) trait Backend: Send + Sync + 'static {
     fn presence<'a>(&'a self, room: &'a str) -> BackendFuture<'a, PresenceView>;
 
     /// Stores a present connection's state in a room, replacing the previous one, until
-    /// `expire_after` (if any). `false` when the connection is not present there.
+    /// `expire_after` (if any), and announces it unless `silent`. `false` when the
+    /// connection is not present there.
     fn set_presence_state<'a>(
         &'a self,
         connection_id: &'a str,
         room: &'a str,
         state: &'a Value,
         expire_after: Option<Duration>,
+        silent: bool,
     ) -> BackendFuture<'a, bool>;
 
-    /// Removes a present connection's state. `None` when the connection is not present
-    /// there; otherwise whether a state was removed.
+    /// Removes a present connection's state, announcing `state: null` if it had one.
+    /// `false` when the connection is not present there.
     fn clear_presence_state<'a>(
         &'a self,
         connection_id: &'a str,
         room: &'a str,
-    ) -> BackendFuture<'a, Option<bool>>;
+    ) -> BackendFuture<'a, bool>;
 
     /// Removes what expired: the connections of dead instances (with their rooms and
-    /// presence), presence whose TTL lapsed, and states whose `expireAfter` lapsed. Every
-    /// instance may run it at any time; each entry is removed, and reported, exactly once.
-    fn sweep(&self) -> BackendFuture<'_, Swept>;
+    /// presence; a bounded batch per run), presence whose TTL lapsed, and states whose
+    /// `expireAfter` lapsed, announcing each `leave` and `state: null`. Every instance may
+    /// run it at any time; each entry is removed, and announced, exactly once. Returns how
+    /// long until the next sweep is due.
+    fn sweep(&self) -> BackendFuture<'_, Duration>;
 }

@@ -188,12 +188,16 @@ where
                     return server_close(connection);
                 };
                 let span = tracing::debug_span!("command", command = %command, id);
+                // A subscription's reply goes before every update published after it ran.
+                let reservation = protocol::replies_before_updates(&command)
+                    .then(|| connection.reserve_reply())
+                    .flatten();
                 let mesh = mesh.clone();
                 let connection = connection.clone();
                 tokio::spawn(
                     async move {
                         let reply = dispatch(mesh, connection.clone(), id, command, payload).await;
-                        let _ = connection.push_frame(reply);
+                        connection.push_reply(reservation, reply);
                         drop(permit);
                     }
                     .instrument(span),

@@ -144,6 +144,22 @@ impl Connection {
         self.shared.outbound.push(frame)
     }
 
+    /// Reserves the place of a reply in the outbound queue: nothing queued later is
+    /// written before it. `None` when the connection is closing.
+    pub(crate) fn reserve_reply(&self) -> Option<u64> {
+        self.shared.outbound.reserve()
+    }
+
+    /// Queues a reply, in its reserved place if it has one.
+    pub(crate) fn push_reply(&self, reservation: Option<u64>, reply: Frame) {
+        match reservation {
+            Some(reservation) => self.shared.outbound.fill(reservation, Some(reply)),
+            None => {
+                let _ = self.shared.outbound.push(reply);
+            }
+        }
+    }
+
     /// Closes the connection with close code 1000 and `reason`, after the frames already
     /// queued for it are written.
     pub fn close(&self, reason: impl Into<String>) {
@@ -189,6 +205,14 @@ impl Connection {
             return liveness.missed_pongs.load(Ordering::Relaxed);
         }
         liveness.missed_pongs.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Whether the connection answered the last ping (or could not: its reading is
+    /// paused by the in-flight limit). Such a connection's presence is extended.
+    pub(crate) fn answered_last_ping(&self) -> bool {
+        let liveness = &self.shared.liveness;
+        liveness.missed_pongs.load(Ordering::Relaxed) == 0
+            || liveness.reading_paused.load(Ordering::Relaxed)
     }
 
     pub(crate) fn set_reading_paused(&self, paused: bool) {

@@ -4,6 +4,11 @@
 //! connection is marked for closing because its client does not drain what it is sent.
 //! The writer takes everything queued in one batch, so frames that arrive together are
 //! written with one flush.
+//!
+//! A subscription command reserves its reply's place in the queue before it runs: frames
+//! queued after the reservation (updates published after the command read its snapshot)
+//! wait behind it, so the client always gets the reply first and never an update it
+//! cannot yet place.
 
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
@@ -33,6 +38,10 @@ pub enum CloseReason {
     ProtocolError(String),
     /// The backend was unreachable when the connection arrived (close code 1013, try again later).
     Unavailable,
+    /// The backend lost the connection's rooms, presence and metadata (a restarted Redis,
+    /// or this instance was swept as dead during a stall); the client should reconnect
+    /// and set them up again (close code 1012, service restart).
+    StateLost,
 }
 
 impl CloseReason {
@@ -44,6 +53,7 @@ impl CloseReason {
             CloseReason::ProtocolError(_) => 1002,
             CloseReason::SlowConsumer | CloseReason::PingTimeout | CloseReason::Refused(_) => 1008,
             CloseReason::FrameTooLarge => 1009,
+            CloseReason::StateLost => 1012,
             CloseReason::Unavailable => 1013,
         }
     }
@@ -60,6 +70,7 @@ impl CloseReason {
             CloseReason::PingTimeout => "ping timeout: missed pongs",
             CloseReason::FrameTooLarge => "frame too large",
             CloseReason::Unavailable => "server unavailable, try again later",
+            CloseReason::StateLost => "server state lost, reconnect",
         };
         truncate_utf8(text, 123).to_owned()
     }
@@ -110,9 +121,16 @@ pub(crate) struct Outbound {
 
 #[derive(Default)]
 struct QueueState {
-    frames: VecDeque<Frame>,
+    slots: VecDeque<Slot>,
     bytes: usize,
     close: Option<CloseReason>,
+    next_reservation: u64,
+}
+
+enum Slot {
+    Frame(Frame),
+    /// The place of a reply not written yet; the writer stops here until it is filled.
+    Reserved(u64),
 }
 
 /// What the writer should do next.
@@ -148,7 +166,7 @@ impl Outbound {
         }
         let len = frame.len();
         if state.bytes > 0 && state.bytes + len > self.max_bytes {
-            state.frames.clear();
+            state.slots.clear();
             state.bytes = 0;
             state.close = Some(CloseReason::SlowConsumer);
             drop(state);
@@ -156,10 +174,47 @@ impl Outbound {
             return Err(SendError::QueueFull);
         }
         state.bytes += len;
-        state.frames.push_back(frame);
+        state.slots.push_back(Slot::Frame(frame));
         drop(state);
         self.wake_writer.notify_one();
         Ok(())
+    }
+
+    /// Reserves the next place in the queue; `None` when the connection is closing.
+    pub(crate) fn reserve(&self) -> Option<u64> {
+        let mut state = self.lock();
+        if state.close.is_some() {
+            return None;
+        }
+        let id = state.next_reservation;
+        state.next_reservation += 1;
+        state.slots.push_back(Slot::Reserved(id));
+        Some(id)
+    }
+
+    /// Puts `frame` in a reserved place (or, with `None`, gives the place up), letting
+    /// the frames behind it go. The frame is not counted against the budget: it is a
+    /// reply already owed.
+    pub(crate) fn fill(&self, reservation: u64, frame: Option<Frame>) {
+        let mut state = self.lock();
+        let Some(index) = state
+            .slots
+            .iter()
+            .position(|slot| matches!(slot, Slot::Reserved(id) if *id == reservation))
+        else {
+            return;
+        };
+        match frame {
+            Some(frame) => {
+                state.bytes += frame.len();
+                state.slots[index] = Slot::Frame(frame);
+            }
+            None => {
+                state.slots.remove(index);
+            }
+        }
+        drop(state);
+        self.wake_writer.notify_one();
     }
 
     /// Starts closing; the first reason wins. Returns whether this call started it.
@@ -168,8 +223,11 @@ impl Outbound {
         if state.close.is_some() {
             return false;
         }
-        if !reason.keeps_queued_frames() {
-            state.frames.clear();
+        if reason.keeps_queued_frames() {
+            // What is queued still goes out; replies never filled must not hold it back.
+            state.slots.retain(|slot| matches!(slot, Slot::Frame(_)));
+        } else {
+            state.slots.clear();
             state.bytes = 0;
         }
         state.close = Some(reason);
@@ -205,17 +263,30 @@ impl Outbound {
         loop {
             {
                 let mut state = self.lock();
-                if !state.frames.is_empty() {
-                    out.extend(state.frames.drain(..));
-                    state.bytes = 0;
-                    if state.frames.capacity() > 64 {
+                let ready = state
+                    .slots
+                    .iter()
+                    .take_while(|slot| matches!(slot, Slot::Frame(_)))
+                    .count();
+                if ready > 0 {
+                    let mut taken = 0;
+                    for slot in state.slots.drain(..ready) {
+                        if let Slot::Frame(frame) = slot {
+                            taken += frame.len();
+                            out.push(frame);
+                        }
+                    }
+                    state.bytes = state.bytes.saturating_sub(taken);
+                    if state.slots.capacity() > 64 && state.slots.len() < 8 {
                         // A burst grew the ring; an idle connection should not keep it.
-                        state.frames.shrink_to(8);
+                        state.slots.shrink_to(8);
                     }
                     return Batch::Frames;
                 }
-                if let Some(reason) = &state.close {
-                    return Batch::Close(reason.clone());
+                if state.slots.is_empty() {
+                    if let Some(reason) = &state.close {
+                        return Batch::Close(reason.clone());
+                    }
                 }
             }
             self.wake_writer.notified().await;
@@ -253,6 +324,39 @@ mod tests {
         let mut out = Vec::new();
         assert!(matches!(queue.next_batch(&mut out).await, Batch::Frames));
         assert_eq!(out.len(), 2);
+        assert!(matches!(
+            queue.next_batch(&mut out).await,
+            Batch::Close(CloseReason::GoingAway)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_reserved_reply_goes_before_what_was_queued_after_it() {
+        let queue = Outbound::new(100);
+        queue.push(Frame::from("before")).unwrap();
+        let reply = queue.reserve().unwrap();
+        let given_up = queue.reserve().unwrap();
+        queue.push(Frame::from("after")).unwrap();
+        let mut out = Vec::new();
+        assert!(matches!(queue.next_batch(&mut out).await, Batch::Frames));
+        assert_eq!(out, [Frame::from("before")]);
+        queue.fill(given_up, None);
+        queue.fill(reply, Some(Frame::from("reply")));
+        out.clear();
+        assert!(matches!(queue.next_batch(&mut out).await, Batch::Frames));
+        assert_eq!(out, [Frame::from("reply"), Frame::from("after")]);
+    }
+
+    #[tokio::test]
+    async fn a_going_away_close_does_not_wait_for_unfilled_replies() {
+        let queue = Outbound::new(100);
+        let _reply = queue.reserve().unwrap();
+        queue.push(Frame::from("queued")).unwrap();
+        queue.close(CloseReason::GoingAway);
+        assert_eq!(queue.reserve(), None);
+        let mut out = Vec::new();
+        assert!(matches!(queue.next_batch(&mut out).await, Batch::Frames));
+        assert_eq!(out, [Frame::from("queued")]);
         assert!(matches!(
             queue.next_batch(&mut out).await,
             Batch::Close(CloseReason::GoingAway)

@@ -109,9 +109,4 @@ impl Registry {
             }
         }
     }
-
-    /// The ids of every local connection.
-    pub(crate) fn ids(&self) -> Vec<Arc<str>> {
-        self.read().keys().cloned().collect()
-    }
 }

@@ -23,6 +23,7 @@
 //! | `P presence-states:{room}` | hash | connection id -> presence state JSON |
 //! | `P presence-expiry` | sorted set | `"{cid}\n{room}"` for every presence entry, scored by its deadline |
 //! | `P state-expiry` | sorted set | `"{cid}\n{room}"` for every state with `expireAfter`, scored by its deadline |
+//! | `P dead-connections` | set | connections of dead instances not forgotten yet |
 //!
 //! Routing and metadata are two fields of one hash, written by different commands, so
 //! setting metadata can never redirect a connection's pushes (mesh's fault, PROTOCOL.md §8).
@@ -43,21 +44,27 @@
 //! Each instance refreshes its deadline in `P instances` every `heartbeat_interval`
 //! (default 2 s) to now + `instance_ttl` (default 10 s), using Redis's clock so that skewed
 //! hosts agree. An instance that finds itself missing from `P instances` (Redis restarted
-//! empty, or it was swept during a long stall) registers its live connections again.
+//! empty, or it was swept during a long stall) has lost its connections' rooms, presence
+//! and metadata: it closes them with 1012 so that their clients reconnect and set them up
+//! again.
 //!
 //! Everything that can lapse is a score in a sorted set: instance deadlines, presence
 //! deadlines (`P presence-expiry`), state expiries (`P state-expiry`). One sweep script,
 //! which any instance may run at any time, claims lapsed entries with `ZREM` (which
-//! succeeds for exactly one sweeper), removes what hangs on them, and returns what it
-//! removed so that exactly one instance announces each `leave` or cleared state. It also
-//! returns when the next entry lapses, so the engine sleeps until then. This is the
+//! succeeds for exactly one sweeper), removes what hangs on them, and publishes each
+//! `leave` or cleared state from inside the script, so each is announced exactly once and
+//! in order with every other presence change (all of which are published by the script
+//! that makes them). It returns when the next entry lapses, so the engine sleeps until
+//! then. A dead instance's connections are moved to `P dead-connections` and forgotten a
+//! bounded batch per sweep, so no script runs long. This is the
 //! layout Centrifugo uses for presence; it needs no keyspace notifications, which Redis
 //! Cluster and many managed services do not deliver reliably, and it still works when
 //! the instance that owned a connection is gone. A dead instance's connections are
 //! removed within `instance_ttl + heartbeat_interval`.
 //!
 //! Scripts touch keys they compute from the prefix, so this layout targets a single Redis
-//! (or a primary with replicas), not Redis Cluster.
+//! (or a primary with replicas), not Redis Cluster. They write after reading `TIME`,
+//! which needs Redis 5 or newer (script effects replication).
 
 mod envelope;
 mod scripts;
@@ -74,9 +81,7 @@ use tokio::task::JoinHandle;
 
 use self::scripts::Scripts;
 use self::subscriber::Command;
-use super::{
-    Backend, BackendFuture, Delivery, Inbox, Joined, Left, LocalMembership, PresenceView, Swept,
-};
+use super::{Backend, BackendFuture, Delivery, Inbox, PresenceRefresh, PresenceView};
 use crate::error::MeshError;
 use crate::metadata::MergeStrategy;
 use crate::topics::Topic;
@@ -296,30 +301,6 @@ impl RedisBackend {
         Ok(added == 1)
     }
 
-    /// Registers connections held by `instance_id`, with their rooms and presence.
-    async fn register(
-        &self,
-        instance_id: &str,
-        connections: &[LocalMembership],
-    ) -> Result<(), MeshError> {
-        if connections.is_empty() {
-            return Ok(());
-        }
-        let mut invocation = self.shared.scripts.register.prepare_invoke();
-        invocation.arg(&self.shared.keys.prefix).arg(instance_id);
-        for (connection_id, rooms) in connections {
-            invocation.arg(&**connection_id).arg(rooms.len());
-            for (room, ttl) in rooms {
-                invocation.arg(&**room).arg(ttl.map_or(0, millis));
-            }
-        }
-        let mut conn = self.connection().await?;
-        invocation
-            .invoke_async::<()>(&mut conn)
-            .await
-            .map_err(redis_error)
-    }
-
     fn spawn(&self, instance_id: &Arc<str>, task: JoinHandle<()>) {
         if let Ok(mut tasks) = self.shared.tasks.lock() {
             tasks.entry(instance_id.clone()).or_default().push(task);
@@ -343,18 +324,7 @@ async fn run_heartbeat(backend: WeakBackend, instance_id: Arc<str>, inbox: Weak<
             return;
         };
         match backend.run(backend.heartbeat(&instance_id)).await {
-            Ok(true) => {
-                let held = local.local_memberships();
-                if !held.is_empty() {
-                    tracing::warn!(
-                        connections = held.len(),
-                        "instance was missing from Redis; registering its connections and rooms again"
-                    );
-                }
-                if let Err(err) = backend.run(backend.register(&instance_id, &held)).await {
-                    tracing::warn!(%err, "could not register connections again");
-                }
-            }
+            Ok(true) => local.registration_lost(),
             Ok(false) => {}
             Err(err) => tracing::warn!(%err, "Redis heartbeat failed"),
         }
@@ -429,8 +399,19 @@ impl Backend for RedisBackend {
         connection_id: &'a str,
     ) -> BackendFuture<'a, ()> {
         Box::pin(async move {
-            self.run(self.register(instance_id, &[(Arc::from(connection_id), Vec::new())]))
-                .await
+            self.run(async {
+                let mut conn = self.connection().await?;
+                self.shared
+                    .scripts
+                    .register
+                    .arg(&self.shared.keys.prefix)
+                    .arg(instance_id)
+                    .arg(connection_id)
+                    .invoke_async::<()>(&mut conn)
+                    .await
+                    .map_err(redis_error)
+            })
+            .await
         })
     }
 
@@ -438,7 +419,7 @@ impl Backend for RedisBackend {
         &'a self,
         instance_id: &'a str,
         connection_id: &'a str,
-    ) -> BackendFuture<'a, Vec<String>> {
+    ) -> BackendFuture<'a, ()> {
         Box::pin(self.run(async move {
             let keys = &self.shared.keys;
             let mut conn = self.connection().await?;
@@ -448,7 +429,7 @@ impl Backend for RedisBackend {
                 .key(keys.instance_connections(instance_id))
                 .arg(&keys.prefix)
                 .arg(connection_id)
-                .invoke_async(&mut conn)
+                .invoke_async::<()>(&mut conn)
                 .await
                 .map_err(redis_error)
         }))
@@ -533,7 +514,7 @@ impl Backend for RedisBackend {
                         .invoke_async(&mut conn)
                         .await
                         .map_err(redis_error)?;
-                    return Ok(routed == 1);
+                    return Ok(routed > 0);
                 }
             };
             let mut conn = self.connection().await?;
@@ -567,10 +548,10 @@ impl Backend for RedisBackend {
         connection_id: &'a str,
         room: &'a str,
         presence_ttl: Option<Duration>,
-    ) -> BackendFuture<'a, Option<Joined>> {
+    ) -> BackendFuture<'a, bool> {
         Box::pin(self.run(async move {
             let mut conn = self.connection().await?;
-            let outcome: i64 = self
+            let registered: i64 = self
                 .shared
                 .scripts
                 .join
@@ -581,16 +562,14 @@ impl Backend for RedisBackend {
                 .invoke_async(&mut conn)
                 .await
                 .map_err(redis_error)?;
-            Ok((outcome >= 0).then_some(Joined {
-                now_present: outcome == 1,
-            }))
+            Ok(registered == 1)
         }))
     }
 
-    fn leave_room<'a>(&'a self, connection_id: &'a str, room: &'a str) -> BackendFuture<'a, Left> {
+    fn leave_room<'a>(&'a self, connection_id: &'a str, room: &'a str) -> BackendFuture<'a, bool> {
         Box::pin(self.run(async move {
             let mut conn = self.connection().await?;
-            let (was_member, was_present): (i64, i64) = self
+            let was_member: i64 = self
                 .shared
                 .scripts
                 .leave
@@ -600,10 +579,7 @@ impl Backend for RedisBackend {
                 .invoke_async(&mut conn)
                 .await
                 .map_err(redis_error)?;
-            Ok(Left {
-                was_member: was_member == 1,
-                was_present: was_present == 1,
-            })
+            Ok(was_member == 1)
         }))
     }
 
@@ -757,20 +733,19 @@ impl Backend for RedisBackend {
         }))
     }
 
-    fn refresh_presence<'a>(
-        &'a self,
-        connection_id: &'a str,
-        rooms: &'a [(Arc<str>, Duration)],
-    ) -> BackendFuture<'a, Vec<String>> {
+    fn refresh_presence<'a>(&'a self, refreshes: &'a [PresenceRefresh]) -> BackendFuture<'a, ()> {
         Box::pin(self.run(async move {
             let mut conn = self.connection().await?;
             let mut invocation = self.shared.scripts.refresh_presence.prepare_invoke();
-            invocation.arg(&self.shared.keys.prefix).arg(connection_id);
-            for (room, ttl) in rooms {
-                invocation.arg(&**room).arg(millis(*ttl));
+            invocation.arg(&self.shared.keys.prefix);
+            for (connection_id, rooms) in refreshes {
+                invocation.arg(&**connection_id).arg(rooms.len());
+                for (room, ttl) in rooms {
+                    invocation.arg(&**room).arg(millis(*ttl));
+                }
             }
             invocation
-                .invoke_async(&mut conn)
+                .invoke_async::<()>(&mut conn)
                 .await
                 .map_err(redis_error)
         }))
@@ -820,6 +795,7 @@ impl Backend for RedisBackend {
         room: &'a str,
         state: &'a Value,
         expire_after: Option<Duration>,
+        silent: bool,
     ) -> BackendFuture<'a, bool> {
         Box::pin(self.run(async move {
             let mut conn = self.connection().await?;
@@ -832,6 +808,7 @@ impl Backend for RedisBackend {
                 .arg(room)
                 .arg(state.to_string())
                 .arg(expire_after.map_or(0, millis))
+                .arg(if silent { 0 } else { 1 })
                 .invoke_async(&mut conn)
                 .await
                 .map_err(redis_error)?;
@@ -843,10 +820,10 @@ impl Backend for RedisBackend {
         &'a self,
         connection_id: &'a str,
         room: &'a str,
-    ) -> BackendFuture<'a, Option<bool>> {
+    ) -> BackendFuture<'a, bool> {
         Box::pin(self.run(async move {
             let mut conn = self.connection().await?;
-            let removed: i64 = self
+            let present: i64 = self
                 .shared
                 .scripts
                 .clear_state
@@ -856,14 +833,14 @@ impl Backend for RedisBackend {
                 .invoke_async(&mut conn)
                 .await
                 .map_err(redis_error)?;
-            Ok((removed >= 0).then_some(removed > 0))
+            Ok(present == 1)
         }))
     }
 
-    fn sweep(&self) -> BackendFuture<'_, Swept> {
+    fn sweep(&self) -> BackendFuture<'_, Duration> {
         Box::pin(self.run(async move {
             let mut conn = self.connection().await?;
-            let (left, states_expired, next_due): (Vec<String>, Vec<String>, i64) = self
+            let next_due: i64 = self
                 .shared
                 .scripts
                 .sweep
@@ -874,15 +851,10 @@ impl Backend for RedisBackend {
                 .map_err(redis_error)?;
             // Entries made by other instances after this sweep are caught by their own
             // sweepers, or by this one within a heartbeat interval if they die.
-            let next_due = u64::try_from(next_due)
+            Ok(u64::try_from(next_due)
                 .map(Duration::from_millis)
                 .unwrap_or(self.shared.heartbeat_interval)
-                .min(self.shared.heartbeat_interval);
-            Ok(Swept {
-                left: pairs(left)?,
-                states_expired: pairs(states_expired)?,
-                next_due,
-            })
+                .min(self.shared.heartbeat_interval))
         }))
     }
 }
@@ -960,19 +932,6 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis())
         .unwrap_or(u64::MAX)
         .max(1)
-}
-
-/// Reads `[room, connection, room, connection, ...]`.
-fn pairs(flat: Vec<String>) -> Result<Vec<(String, String)>, MeshError> {
-    if flat.len() % 2 != 0 {
-        return Err(MeshError::Corrupt("sweep returned an odd list".into()));
-    }
-    let mut flat = flat.into_iter();
-    let mut out = Vec::with_capacity(flat.len() / 2);
-    while let (Some(room), Some(connection)) = (flat.next(), flat.next()) {
-        out.push((room, connection));
-    }
-    Ok(out)
 }
 
 /// What background tasks hold: the backend without keeping it alive, so that dropping

@@ -7,20 +7,40 @@
 use redis::Script;
 
 /// Helpers shared by the scripts, prepended to each.
-const LIBRARY: &str = r"
+const LIBRARY: &str = r#"
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
 -- An expiry entry names a connection and a room; connection ids never hold a newline.
+-- Returns nil for an entry of another shape (only external writes can make one).
 local function split_entry(entry)
   local i = string.find(entry, '\n', 1, true)
+  if not i then return nil end
   return string.sub(entry, 1, i - 1), string.sub(entry, i + 1)
 end
 
--- Removes a connection from a room with its presence and state there.
--- Returns (was_member, was_present).
+local function u32(n)
+  return struct.pack('<I4', n)
+end
+
+-- Publishes a mesh/presence-update push to the room's presence topic, in the envelope
+-- the subscribers parse (src/backend/redis/envelope.rs), from inside the script that made
+-- the change: announcements are ordered exactly as the changes, and a change whose reply
+-- is lost is still announced. `state` is JSON text or nil.
+local function announce(p, kind, cid, room, state)
+  local payload = '{"type":"' .. kind .. '","connectionId":' .. cjson.encode(cid)
+    .. ',"roomName":' .. cjson.encode(room)
+  if state then payload = payload .. ',"state":' .. state end
+  payload = payload .. ',"timestamp":' .. string.format('%.0f', now_ms()) .. '}'
+  local frame = '{"command":"mesh/presence-update","payload":' .. payload .. '}'
+  local topic = 'presence:' .. room
+  redis.call('PUBLISH', p .. 'topic:' .. topic, 't' .. u32(#topic) .. topic .. u32(#frame) .. frame)
+end
+
+-- Removes a connection from a room with its presence and state there, announcing its
+-- leave if it was present. Returns whether it was a member.
 local function leave(p, cid, room)
   local member = redis.call('ZREM', p .. 'room:' .. room, cid)
   if member == 1 and redis.call('EXISTS', p .. 'room:' .. room) == 0 then
@@ -32,20 +52,17 @@ local function leave(p, cid, room)
   redis.call('ZREM', p .. 'presence-expiry', entry)
   redis.call('HDEL', p .. 'presence-states:' .. room, cid)
   redis.call('ZREM', p .. 'state-expiry', entry)
-  return member, present
+  if present == 1 then announce(p, 'leave', cid, room, nil) end
+  return member
 end
 
--- Forgets a connection: its rooms, presence, metadata and routing.
--- Returns the rooms where it was present.
+-- Forgets a connection: its rooms (announcing its leaves), metadata and routing.
 local function forget(p, cid)
-  local present_in = {}
   for _, room in ipairs(redis.call('SMEMBERS', p .. 'conn:' .. cid .. ':rooms')) do
-    local _, present = leave(p, cid, room)
-    if present == 1 then present_in[#present_in + 1] = room end
+    leave(p, cid, room)
   end
   redis.call('DEL', p .. 'conn:' .. cid .. ':rooms', p .. 'conn:' .. cid)
   redis.call('ZREM', p .. 'connections', cid)
-  return present_in
 end
 
 -- Whether a connection's presence in a room is still live.
@@ -53,7 +70,7 @@ local function is_present(p, cid, room, now)
   local deadline = redis.call('ZSCORE', p .. 'presence:' .. room, cid)
   return deadline and tonumber(deadline) > now
 end
-";
+"#;
 
 fn script(body: &str) -> Script {
     Script::new(&format!("{LIBRARY}\n{body}"))
@@ -88,46 +105,26 @@ impl Scripts {
                 return redis.call('ZADD', KEYS[1], now_ms() + tonumber(ARGV[2]), ARGV[1])
                 ",
             ),
-            // ARGV[1] prefix, ARGV[2] instance id, then for each connection: its id, its
-            // room count n, and n pairs (room, presence ttl ms or 0). Registers the
-            // connections with their rooms and presence (again, after Redis lost them).
+            // ARGV[1] prefix, ARGV[2] instance id, ARGV[3] connection id.
             register: script(
                 r"
-                local p, iid = ARGV[1], ARGV[2]
+                local p, iid, cid = ARGV[1], ARGV[2], ARGV[3]
                 local t = redis.call('TIME')
                 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-                local now = math.floor(now_us / 1000)
-                local i = 3
-                while i <= #ARGV do
-                  local cid, rooms = ARGV[i], tonumber(ARGV[i + 1])
-                  i = i + 2
-                  redis.call('HSET', p .. 'conn:' .. cid, 'instance', iid)
-                  redis.call('SADD', p .. 'instance:' .. iid .. ':connections', cid)
-                  redis.call('ZADD', p .. 'connections', 'NX', now_us, cid)
-                  for _ = 1, rooms do
-                    local room, ttl = ARGV[i], tonumber(ARGV[i + 1])
-                    i = i + 2
-                    local order = redis.call('INCR', p .. 'join-order')
-                    redis.call('ZADD', p .. 'room:' .. room, 'NX', order, cid)
-                    redis.call('SADD', p .. 'conn:' .. cid .. ':rooms', room)
-                    redis.call('SADD', p .. 'rooms', room)
-                    if ttl > 0 then
-                      redis.call('ZADD', p .. 'presence:' .. room, now + ttl, cid)
-                      redis.call('ZADD', p .. 'presence-expiry', now + ttl, cid .. '\n' .. room)
-                    end
-                  end
-                end
+                redis.call('HSET', p .. 'conn:' .. cid, 'instance', iid)
+                redis.call('SADD', p .. 'instance:' .. iid .. ':connections', cid)
+                redis.call('ZADD', p .. 'connections', 'NX', now_us, cid)
                 return 1
                 ",
             ),
             // KEYS[1] conn hash; ARGV[1] prefix; ARGV[2] envelope. Publishes on the
-            // holder's channel; returns 0 when the connection is unknown.
+            // holder's channel; returns how many instances received it (0 when the
+            // connection is unknown or its instance no longer listens).
             route: script(
                 r"
                 local iid = redis.call('HGET', KEYS[1], 'instance')
                 if not iid then return 0 end
-                redis.call('PUBLISH', ARGV[1] .. 'instance:' .. iid, ARGV[2])
-                return 1
+                return redis.call('PUBLISH', ARGV[1] .. 'instance:' .. iid, ARGV[2])
                 ",
             ),
             // KEYS[1] instances, KEYS[2] instance connections; ARGV[1] prefix;
@@ -143,40 +140,40 @@ impl Scripts {
                 ",
             ),
             // KEYS[1] instance connections; ARGV[1] prefix; ARGV[2] connection id.
-            // Returns the rooms where the connection was present.
             unregister: script(
                 r"
                 redis.call('SREM', KEYS[1], ARGV[2])
-                return forget(ARGV[1], ARGV[2])
+                forget(ARGV[1], ARGV[2])
+                return 1
                 ",
             ),
             // ARGV[1] prefix, ARGV[2] connection id, ARGV[3] room, ARGV[4] presence ttl ms
-            // (0: not tracked). Returns -1 when the connection is not registered, else
-            // 1 when it became present and 0 when not.
+            // (0: not tracked). Returns 0 when the connection is not registered, else 1;
+            // announces the join when it became present.
             join: script(
                 r"
                 local p, cid, room = ARGV[1], ARGV[2], ARGV[3]
-                if redis.call('HEXISTS', p .. 'conn:' .. cid, 'instance') == 0 then return -1 end
+                if redis.call('HEXISTS', p .. 'conn:' .. cid, 'instance') == 0 then return 0 end
                 local order = redis.call('INCR', p .. 'join-order')
                 redis.call('ZADD', p .. 'room:' .. room, 'NX', order, cid)
                 redis.call('SADD', p .. 'conn:' .. cid .. ':rooms', room)
                 redis.call('SADD', p .. 'rooms', room)
-                local present = 0
                 local ttl = tonumber(ARGV[4])
                 if ttl > 0 then
                   local deadline = now_ms() + ttl
-                  present = redis.call('ZADD', p .. 'presence:' .. room, deadline, cid)
+                  if redis.call('ZADD', p .. 'presence:' .. room, deadline, cid) == 1 then
+                    announce(p, 'join', cid, room, nil)
+                  end
                   redis.call('ZADD', p .. 'presence-expiry', deadline, cid .. '\n' .. room)
                 end
-                return present
+                return 1
                 ",
             ),
-            // ARGV[1] prefix, ARGV[2] connection id, ARGV[3] room. Returns
-            // {was_member, was_present}.
+            // ARGV[1] prefix, ARGV[2] connection id, ARGV[3] room. Returns whether the
+            // connection was a member.
             leave: script(
                 r"
-                local member, present = leave(ARGV[1], ARGV[2], ARGV[3])
-                return {member, present}
+                return leave(ARGV[1], ARGV[2], ARGV[3])
                 ",
             ),
             // ARGV[1] prefix, ARGV[2] room. Returns {id, metadata or nil, ...} in join order.
@@ -206,24 +203,30 @@ impl Scripts {
                 return out
                 ",
             ),
-            // ARGV[1] prefix, ARGV[2] connection id, then (room, ttl ms) pairs. Returns the
-            // rooms where the connection is present again after a lapse.
+            // ARGV[1] prefix, then for each connection: its id, its room count n, and n
+            // pairs (room, ttl ms). Extends presence where the connection is still a
+            // member; announces a join where it had lapsed.
             refresh_presence: script(
                 r"
-                local p, cid = ARGV[1], ARGV[2]
+                local p = ARGV[1]
                 local now = now_ms()
-                local returned = {}
-                for i = 3, #ARGV, 2 do
-                  local room = ARGV[i]
-                  if redis.call('ZSCORE', p .. 'room:' .. room, cid) then
-                    local deadline = now + tonumber(ARGV[i + 1])
-                    if redis.call('ZADD', p .. 'presence:' .. room, deadline, cid) == 1 then
-                      returned[#returned + 1] = room
+                local i = 2
+                while i <= #ARGV do
+                  local cid, rooms = ARGV[i], tonumber(ARGV[i + 1])
+                  i = i + 2
+                  for _ = 1, rooms do
+                    local room, ttl = ARGV[i], tonumber(ARGV[i + 1])
+                    i = i + 2
+                    if redis.call('ZSCORE', p .. 'room:' .. room, cid) then
+                      local deadline = now + ttl
+                      if redis.call('ZADD', p .. 'presence:' .. room, deadline, cid) == 1 then
+                        announce(p, 'join', cid, room, nil)
+                      end
+                      redis.call('ZADD', p .. 'presence-expiry', deadline, cid .. '\n' .. room)
                     end
-                    redis.call('ZADD', p .. 'presence-expiry', deadline, cid .. '\n' .. room)
                   end
                 end
-                return returned
+                return 1
                 ",
             ),
             // ARGV[1] prefix, ARGV[2] room. Returns the present connections in join order.
@@ -256,7 +259,8 @@ impl Scripts {
                 ",
             ),
             // ARGV[1] prefix, ARGV[2] connection id, ARGV[3] room, ARGV[4] state JSON,
-            // ARGV[5] expiry ms (0: none). Returns 0 when the connection is not present.
+            // ARGV[5] expiry ms (0: none), ARGV[6] 1 to announce. Returns 0 when the
+            // connection is not present.
             set_state: script(
                 r"
                 local p, cid, room = ARGV[1], ARGV[2], ARGV[3]
@@ -270,58 +274,65 @@ impl Scripts {
                 else
                   redis.call('ZREM', p .. 'state-expiry', entry)
                 end
+                if ARGV[6] == '1' then announce(p, 'state', cid, room, ARGV[4]) end
                 return 1
                 ",
             ),
-            // ARGV[1] prefix, ARGV[2] connection id, ARGV[3] room. Returns -1 when the
-            // connection is not present, else how many states were removed.
+            // ARGV[1] prefix, ARGV[2] connection id, ARGV[3] room. Returns 0 when the
+            // connection is not present; announces `state: null` when it had a state.
             clear_state: script(
                 r"
                 local p, cid, room = ARGV[1], ARGV[2], ARGV[3]
-                if not is_present(p, cid, room, now_ms()) then return -1 end
+                if not is_present(p, cid, room, now_ms()) then return 0 end
                 redis.call('ZREM', p .. 'state-expiry', cid .. '\n' .. room)
-                return redis.call('HDEL', p .. 'presence-states:' .. room, cid)
+                if redis.call('HDEL', p .. 'presence-states:' .. room, cid) == 1 then
+                  announce(p, 'state', cid, room, 'null')
+                end
+                return 1
                 ",
             ),
             // ARGV[1] prefix, ARGV[2] most entries of each kind per run. Claims dead
-            // instances and lapsed entries with ZREM, which succeeds for exactly one
-            // sweeper. Returns {left pairs (room, cid), expired state pairs (room, cid),
-            // ms until the next deadline or -1}.
+            // instances and lapsed entries with ZREM (or SPOP), which succeeds for
+            // exactly one sweeper, and announces what it removes. A dead instance's
+            // connections go to `P dead-connections` and are forgotten a batch per run.
+            // Returns ms until the next deadline, 0 when work is left, or -1.
             sweep: script(
                 r"
                 local p, limit = ARGV[1], tonumber(ARGV[2])
                 local now = now_ms()
-                local left, expired = {}, {}
+                local dead = p .. 'dead-connections'
                 for _, iid in ipairs(redis.call('ZRANGEBYSCORE', p .. 'instances', '-inf', now, 'LIMIT', 0, limit)) do
                   if redis.call('ZREM', p .. 'instances', iid) == 1 then
                     local set = p .. 'instance:' .. iid .. ':connections'
-                    for _, cid in ipairs(redis.call('SMEMBERS', set)) do
-                      for _, room in ipairs(forget(p, cid)) do
-                        left[#left + 1] = room
-                        left[#left + 1] = cid
-                      end
+                    if redis.call('EXISTS', set) == 1 then
+                      redis.call('SUNIONSTORE', dead, dead, set)
+                      redis.call('DEL', set)
                     end
-                    redis.call('DEL', set)
                   end
+                end
+                for _, cid in ipairs(redis.call('SPOP', dead, limit)) do
+                  forget(p, cid)
                 end
                 for _, entry in ipairs(redis.call('ZRANGEBYSCORE', p .. 'presence-expiry', '-inf', now, 'LIMIT', 0, limit)) do
                   if redis.call('ZREM', p .. 'presence-expiry', entry) == 1 then
                     local cid, room = split_entry(entry)
-                    redis.call('ZREM', p .. 'presence:' .. room, cid)
-                    redis.call('HDEL', p .. 'presence-states:' .. room, cid)
-                    redis.call('ZREM', p .. 'state-expiry', entry)
-                    left[#left + 1] = room
-                    left[#left + 1] = cid
+                    if cid then
+                      redis.call('ZREM', p .. 'presence:' .. room, cid)
+                      redis.call('HDEL', p .. 'presence-states:' .. room, cid)
+                      redis.call('ZREM', p .. 'state-expiry', entry)
+                      announce(p, 'leave', cid, room, nil)
+                    end
                   end
                 end
                 for _, entry in ipairs(redis.call('ZRANGEBYSCORE', p .. 'state-expiry', '-inf', now, 'LIMIT', 0, limit)) do
                   if redis.call('ZREM', p .. 'state-expiry', entry) == 1 then
                     local cid, room = split_entry(entry)
-                    redis.call('HDEL', p .. 'presence-states:' .. room, cid)
-                    expired[#expired + 1] = room
-                    expired[#expired + 1] = cid
+                    if cid and redis.call('HDEL', p .. 'presence-states:' .. room, cid) == 1 then
+                      announce(p, 'state', cid, room, 'null')
+                    end
                   end
                 end
+                if redis.call('EXISTS', dead) == 1 then return 0 end
                 local next_due = -1
                 for _, key in ipairs({'instances', 'presence-expiry', 'state-expiry'}) do
                   local first = redis.call('ZRANGE', p .. key, 0, 0, 'WITHSCORES')
@@ -330,7 +341,7 @@ impl Scripts {
                     if next_due < 0 or due < next_due then next_due = due end
                   end
                 end
-                return {left, expired, next_due}
+                return next_due
                 ",
             ),
         }

@@ -28,6 +28,9 @@ pub(super) enum Command {
 
 type Sink = redis::aio::PubSubSink;
 
+/// How often an idle pub/sub connection is probed.
+const HEALTH_CHECK: Duration = Duration::from_secs(5);
+
 /// Keeps the instance's subscriptions alive and hands what arrives to the inbox. `first`
 /// learns whether the first connection and subscription succeeded.
 pub(super) async fn run(
@@ -73,8 +76,18 @@ pub(super) async fn run(
                     tracing::info!("Redis pub/sub subscription re-established");
                 }
                 backoff = Duration::from_millis(100);
+                // A half-open connection delivers nothing and reports nothing: probe it.
+                let mut health = tokio::time::interval(HEALTH_CHECK);
+                health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                health.tick().await;
                 loop {
                     tokio::select! {
+                        _ = health.tick() => {
+                            let probe = sink.ping::<redis::Value>();
+                            if !matches!(tokio::time::timeout(OPERATION_TIMEOUT, probe).await, Ok(Ok(_))) {
+                                break;
+                            }
+                        }
                         message = stream.next() => {
                             let Some(message) = message else { break };
                             let Some(inbox) = inbox.upgrade() else { return };
