@@ -296,7 +296,7 @@ impl MeshBuilder {
 
     /// Lets any connection read any other's metadata with
     /// `mesh/get-connection-metadata`, as mesh does. Default `false`: a connection reads
-    /// only its own (PROTOCOL.md §9).
+    /// its own and that of connections sharing a room with it (PROTOCOL.md §9).
     pub fn open_connection_metadata(mut self, open: bool) -> Self {
         self.config.open_connection_metadata = open;
         self

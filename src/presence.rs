@@ -164,7 +164,8 @@ impl Mesh {
     /// The connections present in a tracked room, in the order they joined.
     pub async fn present_connections(&self, room: &str) -> Result<Vec<String>, MeshError> {
         self.ready().await?;
-        self.inner().backend.present_connections(room).await
+        let view = self.inner().backend.presence(room).await?;
+        Ok(view.present.into_iter().map(|(id, _)| id).collect())
     }
 
     /// The presence states in a tracked room, by connection id.

@@ -511,10 +511,6 @@ impl Backend for MemoryBackend {
         ready(())
     }
 
-    fn present_connections<'a>(&'a self, room: &'a str) -> BackendFuture<'a, Vec<String>> {
-        ready(self.lock().present(room, Instant::now()))
-    }
-
     fn presence<'a>(&'a self, room: &'a str) -> BackendFuture<'a, PresenceView> {
         let state = self.lock();
         let present = state.present(room, Instant::now());

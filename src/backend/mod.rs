@@ -226,9 +226,6 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// still a member; one whose presence had lapsed is present (and announced) again.
     fn refresh_presence<'a>(&'a self, refreshes: &'a [PresenceRefresh]) -> BackendFuture<'a, ()>;
 
-    /// The present connections of a room, in join order.
-    fn present_connections<'a>(&'a self, room: &'a str) -> BackendFuture<'a, Vec<String>>;
-
     /// The present connections of a room with their metadata, and their states.
     fn presence<'a>(&'a self, room: &'a str) -> BackendFuture<'a, PresenceView>;
 

@@ -751,20 +751,6 @@ impl Backend for RedisBackend {
         }))
     }
 
-    fn present_connections<'a>(&'a self, room: &'a str) -> BackendFuture<'a, Vec<String>> {
-        Box::pin(self.run(async move {
-            let mut conn = self.connection().await?;
-            self.shared
-                .scripts
-                .present
-                .arg(&self.shared.keys.prefix)
-                .arg(room)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(redis_error)
-        }))
-    }
-
     fn presence<'a>(&'a self, room: &'a str) -> BackendFuture<'a, PresenceView> {
         Box::pin(self.run(async move {
             let mut conn = self.connection().await?;

@@ -88,7 +88,6 @@ pub(super) struct Scripts {
     pub(super) members_with_metadata: Script,
     pub(super) all_room_metadata: Script,
     pub(super) refresh_presence: Script,
-    pub(super) present: Script,
     pub(super) presence: Script,
     pub(super) set_state: Script,
     pub(super) clear_state: Script,
@@ -227,18 +226,6 @@ impl Scripts {
                   end
                 end
                 return 1
-                ",
-            ),
-            // ARGV[1] prefix, ARGV[2] room. Returns the present connections in join order.
-            present: script(
-                r"
-                local p, room = ARGV[1], ARGV[2]
-                local now = now_ms()
-                local out = {}
-                for _, cid in ipairs(redis.call('ZRANGE', p .. 'room:' .. room, 0, -1)) do
-                  if is_present(p, cid, room, now) then out[#out + 1] = cid end
-                end
-                return out
                 ",
             ),
             // ARGV[1] prefix, ARGV[2] room. Returns {id, metadata or nil, state or nil, ...}
