@@ -14,8 +14,21 @@ use std::sync::Arc;
 use futures_util::FutureExt;
 use regex::Regex;
 
+use crate::config::MAX_NAME_BYTES;
 use crate::connection::Connection;
+use crate::error::CommandError;
 use crate::mesh::BoxFuture;
+
+/// Refuses an empty or oversized name (of a room, channel, record or collection) before
+/// anything is stored under it; `field` is the payload field, for the message.
+pub(crate) fn valid_name<'a>(field: &str, name: &'a str) -> Result<&'a str, CommandError> {
+    if name.is_empty() || name.len() > MAX_NAME_BYTES {
+        return Err(CommandError::invalid(format!(
+            "{field} must be a non-empty string of at most {MAX_NAME_BYTES} bytes"
+        )));
+    }
+    Ok(name)
+}
 
 /// A name, or a set of names given by a regular expression.
 #[derive(Debug, Clone)]
@@ -27,6 +40,14 @@ pub enum Pattern {
 }
 
 impl Pattern {
+    /// A text that names this pattern on every instance (exact names and regexes apart).
+    pub(crate) fn key(&self) -> String {
+        match self {
+            Pattern::Exact(name) => format!("={name}"),
+            Pattern::Regex(regex) => format!("~{}", regex.as_str()),
+        }
+    }
+
     /// Whether `name` is covered by this pattern.
     pub fn matches(&self, name: &str) -> bool {
         match self {
@@ -62,6 +83,56 @@ impl From<Regex> for Pattern {
 
 /// An async predicate over a connection and the name it asks for.
 pub(crate) type Guard = Arc<dyn Fn(Connection, String) -> BoxFuture<bool> + Send + Sync>;
+
+/// Who may use an exposed name (a channel, a record, a collection): anyone, or whom an
+/// async guard allows. The guard gets the connection (with the upgrade request's headers
+/// and extensions) and the exact name asked for.
+///
+/// ```
+/// use tower_mesh::{Access, Mesh};
+///
+/// let (layer, mesh) = Mesh::builder()
+///     .expose_channel("news", Access::open())
+///     .expose_channel("staff", Access::guarded(|connection, _channel| async move {
+///         connection.headers().contains_key("x-staff")
+///     }))
+///     .build();
+/// ```
+#[derive(Clone, Default)]
+pub struct Access {
+    pub(crate) guard: Option<Guard>,
+}
+
+impl std::fmt::Debug for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Access")
+            .field("guarded", &self.guard.is_some())
+            .finish()
+    }
+}
+
+impl Access {
+    /// Anyone may use it.
+    pub fn open() -> Self {
+        Access::default()
+    }
+
+    /// Whoever `guard` allows.
+    pub fn guarded<F, Fut>(guard: F) -> Self
+    where
+        F: Fn(Connection, String) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = bool> + Send + 'static,
+    {
+        Access {
+            guard: Some(self::guard(guard)),
+        }
+    }
+
+    /// Whether `connection` may use `name`.
+    pub(crate) async fn allows(&self, connection: &Connection, name: &str) -> bool {
+        allows(self.guard.as_ref(), connection, name).await
+    }
+}
 
 /// Wraps a user closure as a [`Guard`].
 pub(crate) fn guard<F, Fut>(guard: F) -> Guard

@@ -11,8 +11,9 @@ use tokio::sync::{watch, OnceCell};
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceExt};
 
-use crate::access::{self, Guard, Pattern, Rules};
+use crate::access::{self, Access, Guard, Pattern, Rules};
 use crate::backend::{Backend, MemoryBackend};
+use crate::collections::{Collection, CollectionExposure};
 use crate::command::{handler_service, CommandRequest, CommandService, Handler};
 use crate::config::MeshConfig;
 use crate::connection::{Connection, Registry};
@@ -20,6 +21,7 @@ use crate::error::{BoxError, CommandError};
 use crate::layer::MeshLayer;
 use crate::mesh::{Mesh, MeshInner, OnConnect, OnDisconnect};
 use crate::presence::PresenceOptions;
+use crate::records::{RecordEvent, RecordRules};
 
 type BoxLayer = Arc<dyn Fn(CommandService) -> CommandService + Send + Sync>;
 
@@ -41,6 +43,9 @@ pub struct MeshBuilder {
     backend: Option<Arc<dyn Backend>>,
     presence: Vec<(Pattern, PresenceOptions)>,
     room_guards: Rules<Guard>,
+    channels: Rules<Access>,
+    records: RecordRules,
+    collections: Vec<(Pattern, Collection)>,
 }
 
 impl Default for MeshBuilder {
@@ -82,6 +87,9 @@ impl MeshBuilder {
             backend: None,
             presence: Vec::new(),
             room_guards: Rules::default(),
+            channels: Rules::default(),
+            records: RecordRules::default(),
+            collections: Vec::new(),
         }
     }
 
@@ -280,6 +288,78 @@ impl MeshBuilder {
         self
     }
 
+    /// Lets clients subscribe to the channels `pattern` matches (an exact name or a
+    /// [`Regex`](crate::Regex)), as `access` allows; the server writes them with
+    /// [`Mesh::write_channel`]. Exposing the same pattern again replaces its access.
+    pub fn expose_channel(mut self, pattern: impl Into<Pattern>, access: Access) -> Self {
+        self.channels.insert(pattern.into(), access);
+        self
+    }
+
+    /// Channel names clients may never use, even where an exposed pattern matches them.
+    /// Default `Some("mesh:")` (PROTOCOL.md §9); `None` opens every name to exposure.
+    pub fn reserved_channel_prefix(mut self, prefix: Option<&str>) -> Self {
+        self.config.reserved_channel_prefix = prefix.map(str::to_owned);
+        self
+    }
+
+    /// Lets clients read (subscribe to) the records `pattern` matches, as `access`
+    /// allows. Where a read pattern matches, it alone decides who may read.
+    pub fn expose_record(mut self, pattern: impl Into<Pattern>, access: Access) -> Self {
+        self.records.readable.insert(pattern.into(), access);
+        self
+    }
+
+    /// Lets clients write (`mesh/publish-record-update`) the records `pattern` matches, as
+    /// `access` allows; where no read pattern matches, the same access lets them read.
+    pub fn expose_writable_record(mut self, pattern: impl Into<Pattern>, access: Access) -> Self {
+        self.records.writable.insert(pattern.into(), access);
+        self
+    }
+
+    /// Lets clients subscribe to the collections `pattern` matches; see [`Collection`].
+    /// Exposing the same pattern again replaces it.
+    pub fn expose_collection(
+        mut self,
+        pattern: impl Into<Pattern>,
+        collection: Collection,
+    ) -> Self {
+        let pattern = pattern.into();
+        let key = pattern.key();
+        self.collections
+            .retain(|(existing, _)| existing.key() != key);
+        self.collections.push((pattern, collection));
+        self
+    }
+
+    /// Runs after every effective record write made through this instance (by
+    /// [`Mesh::write_record`] or a client's `mesh/publish-record-update`), without being
+    /// awaited by the write; hooks run in the order added, and one that panics stops none
+    /// of the others.
+    pub fn on_record_update<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: Fn(RecordEvent) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.records
+            .on_update
+            .push(Arc::new(move |event| Box::pin(hook(event))));
+        self
+    }
+
+    /// Runs after every record deletion made through this instance, with the value and
+    /// version the record had; like [`on_record_update`](Self::on_record_update).
+    pub fn on_record_removed<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: Fn(RecordEvent) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.records
+            .on_removed
+            .push(Arc::new(move |event| Box::pin(hook(event))));
+        self
+    }
+
     /// Rooms one connection may be in through `mesh/join-room`; one more is an
     /// `EOVERLOADED` error. Default 1024.
     pub fn max_rooms_per_connection(mut self, rooms: usize) -> Self {
@@ -323,7 +403,17 @@ impl MeshBuilder {
             backend,
             presence: tracked,
             room_guards,
+            channels,
+            records,
+            collections: exposed_collections,
         } = self;
+        let mut collections = Rules::default();
+        let mut collection_exposures = Vec::new();
+        for (pattern, collection) in exposed_collections {
+            let exposure = Arc::new(CollectionExposure::new(&pattern, collection));
+            collection_exposures.push(exposure.clone());
+            collections.insert(pattern, exposure);
+        }
         let mut presence = Rules::default();
         for (pattern, options) in tracked {
             presence.insert(
@@ -378,6 +468,11 @@ impl MeshBuilder {
             next_call: AtomicU64::new(1),
             sweeps: Default::default(),
             unregister_later: Default::default(),
+            channels,
+            records,
+            collections,
+            collection_exposures,
+            collection_subscriptions: Default::default(),
         });
         (MeshLayer::new(mesh.clone()), mesh)
     }

@@ -68,6 +68,46 @@ pub(crate) fn commands() -> HashMap<String, CommandService> {
         "mesh/get-presence-state",
         crate::presence::get_presence_state,
     );
+    register(
+        &mut commands,
+        "mesh/subscribe-channel",
+        crate::channels::subscribe_channel,
+    );
+    register(
+        &mut commands,
+        "mesh/unsubscribe-channel",
+        crate::channels::unsubscribe_channel,
+    );
+    register(
+        &mut commands,
+        "mesh/get-channel-history",
+        crate::channels::get_channel_history,
+    );
+    register(
+        &mut commands,
+        "mesh/subscribe-record",
+        crate::records::subscribe_record,
+    );
+    register(
+        &mut commands,
+        "mesh/unsubscribe-record",
+        crate::records::unsubscribe_record,
+    );
+    register(
+        &mut commands,
+        "mesh/publish-record-update",
+        crate::records::publish_record_update,
+    );
+    register(
+        &mut commands,
+        "mesh/subscribe-collection",
+        crate::collections::subscribe_collection,
+    );
+    register(
+        &mut commands,
+        "mesh/unsubscribe-collection",
+        crate::collections::unsubscribe_collection,
+    );
     commands
 }
 

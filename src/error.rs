@@ -152,6 +152,8 @@ pub enum MeshError {
     Corrupt(String),
     /// The mesh is shutting down.
     ShuttingDown,
+    /// A value given to the mesh could not be serialised to JSON.
+    Encode(String),
 }
 
 impl fmt::Display for MeshError {
@@ -160,6 +162,7 @@ impl fmt::Display for MeshError {
             MeshError::Unavailable(detail) => write!(f, "backend unavailable: {detail}"),
             MeshError::Corrupt(detail) => write!(f, "backend returned corrupt data: {detail}"),
             MeshError::ShuttingDown => f.write_str("the mesh is shutting down"),
+            MeshError::Encode(detail) => write!(f, "value does not serialise: {detail}"),
         }
     }
 }
@@ -176,6 +179,10 @@ impl From<MeshError> for CommandError {
             MeshError::ShuttingDown => CommandError::unavailable("Server is shutting down"),
             MeshError::Corrupt(detail) => {
                 tracing::error!(%detail, "backend returned corrupt data");
+                CommandError::internal()
+            }
+            MeshError::Encode(detail) => {
+                tracing::error!(%detail, "a value did not serialise");
                 CommandError::internal()
             }
         }

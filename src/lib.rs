@@ -7,6 +7,8 @@ mod axum_extract;
 mod backend;
 mod builder;
 mod builtin;
+mod channels;
+mod collections;
 pub mod command;
 mod config;
 mod connection;
@@ -17,6 +19,7 @@ mod mesh;
 mod metadata;
 mod presence;
 mod protocol;
+mod records;
 mod rooms;
 mod topics;
 mod upgrade;
@@ -31,11 +34,13 @@ pub mod extract {
     pub use crate::mesh::Mesh;
 }
 
-pub use access::Pattern;
+pub use access::{Access, Pattern};
 pub use backend::MemoryBackend;
 #[cfg(feature = "redis")]
 pub use backend::{RedisBackend, RedisBackendBuilder};
 pub use builder::MeshBuilder;
+pub use channels::MAX_HISTORY_LIMIT;
+pub use collections::Collection;
 pub use command::{from_fn, CommandRequest, CommandService, Json, Next};
 pub use config::MAX_NAME_BYTES;
 pub use connection::{CloseReason, Connection, SendError};
@@ -44,5 +49,6 @@ pub use layer::{MeshBody, MeshFuture, MeshLayer, MeshService};
 pub use mesh::{Mesh, MeshStats};
 pub use metadata::MergeStrategy;
 pub use presence::{PresenceOptions, MAX_STATE_EXPIRY};
+pub use records::{Record, RecordEvent};
 /// Regular expressions for name patterns (`track_presence(Regex::new("^game:")?, ..)`).
 pub use regex::Regex;

@@ -10,9 +10,10 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{oneshot, watch, OnceCell};
 
-use crate::access::{Guard, Rules};
+use crate::access::{Access, Guard, Rules};
 use crate::backend::{Backend, ConnectionOp, Delivery, Inbox};
 use crate::builder::MeshBuilder;
+use crate::collections::{CollectionExposure, CollectionSubscriptions};
 use crate::command::CommandService;
 use crate::config::MeshConfig;
 use crate::connection::{CloseReason, Connection, Registry};
@@ -21,7 +22,8 @@ use crate::layer::MeshLayer;
 use crate::metadata::MergeStrategy;
 use crate::presence::{PresenceRule, SweepSchedule};
 use crate::protocol::{self, Frame};
-use crate::topics::{LocalTopics, Topic};
+use crate::records::RecordRules;
+use crate::topics::{Form, LocalTopics, Topic};
 
 /// Longest an instance waits for the holder of a connection to apply a change to it: above
 /// the holder's worst case (its membership lock, then a subscribe and a script, each
@@ -71,6 +73,14 @@ pub(crate) struct MeshInner {
     pub(crate) sweeps: Arc<SweepSchedule>,
     /// Connections that ended but whose unregistration failed, for the sweeper to retry.
     pub(crate) unregister_later: Mutex<Vec<Arc<str>>>,
+    /// Who may subscribe to which channels.
+    pub(crate) channels: Rules<Access>,
+    /// Who may read and write which records, and the record hooks.
+    pub(crate) records: RecordRules,
+    /// Collection exposures by pattern, and all of them (to find those a write concerns).
+    pub(crate) collections: Rules<Arc<CollectionExposure>>,
+    pub(crate) collection_exposures: Vec<Arc<CollectionExposure>>,
+    pub(crate) collection_subscriptions: CollectionSubscriptions,
 }
 
 #[derive(Default)]
@@ -365,6 +375,7 @@ impl Mesh {
     pub(crate) async fn unregister(&self, connection: &Connection) {
         let _membership = connection.lock_membership().await;
         self.inner.registry.remove(connection.id());
+        self.forget_collections(connection.id());
         for (topic, unheard) in self.inner.topics.remove_connection(connection.id()) {
             if unheard {
                 self.inner
@@ -396,8 +407,12 @@ impl Mesh {
         _membership: &crate::connection::MembershipGuard<'_>,
         connection: &Connection,
         topic: Topic,
+        form: Form,
     ) -> Result<bool, MeshError> {
-        let added = self.inner.topics.add(topic.clone(), connection);
+        let added = self
+            .inner
+            .topics
+            .add_with_form(topic.clone(), connection, form);
         if let Err(err) = self
             .inner
             .backend
@@ -410,6 +425,34 @@ impl Mesh {
             return Err(err);
         }
         Ok(added)
+    }
+
+    /// Subscribes a connection to `topic` in `form`, as a subscribe command does: under
+    /// its membership lock, within its subscription limit. Returns `false` when the
+    /// connection is closing (nothing was stored).
+    pub(crate) async fn subscribe(
+        &self,
+        connection: &Connection,
+        topic: Topic,
+        form: Form,
+    ) -> Result<bool, CommandError> {
+        let membership = connection.lock_membership().await;
+        if connection.is_closed() {
+            return Ok(false);
+        }
+        let limit = self.config().max_subscriptions_per_connection;
+        if !self.inner.topics.is_listening(&topic, connection.id()) {
+            let held = self.inner.topics.topics_of(connection.id(), |topic| {
+                (!matches!(topic, Topic::Room(_))).then_some(())
+            });
+            if held.len() >= limit {
+                return Err(CommandError::limit(format!(
+                    "a connection may hold at most {limit} subscriptions"
+                )));
+            }
+        }
+        self.listen(&membership, connection, topic, form).await?;
+        Ok(true)
     }
 
     /// Stops a connection listening to `topic`; returns whether it was.
@@ -599,10 +642,29 @@ impl Inbox for MeshInner {
                 frame,
                 exclude,
             } => {
-                for connection in self.topics.listeners(&topic) {
+                for listener in self.topics.listeners(&topic) {
+                    let connection = &listener.connection;
                     if !exclude.iter().any(|id| **id == *connection.id()) {
-                        let _ = self.registry.send_frame(&connection, frame.clone());
+                        let _ = self.registry.send_frame(connection, frame.clone());
                     }
+                }
+            }
+            Delivery::Record {
+                record_id,
+                full,
+                patch,
+            } => {
+                for listener in self.topics.listeners(&Topic::Record(record_id)) {
+                    let frame = match (listener.form, &patch) {
+                        (Form::Patch, Some(patch)) => patch.clone(),
+                        _ => full.clone(),
+                    };
+                    let _ = self.registry.send_frame(&listener.connection, frame);
+                }
+            }
+            Delivery::RecordsChanged { exposure } => {
+                if let Some(mesh) = Mesh::from_weak(&self.this) {
+                    mesh.collections_changed(&exposure);
                 }
             }
             Delivery::Call {

@@ -30,7 +30,7 @@ use crate::extract::Payload;
 use crate::mesh::{Mesh, MeshInner};
 use crate::protocol::{self, Frame};
 use crate::rooms::{members_json, valid_room_name, RoomRequest};
-use crate::topics::Topic;
+use crate::topics::{Form, Topic};
 
 /// The longest `expireAfter` a presence state may ask for: one day.
 pub const MAX_STATE_EXPIRY: Duration = Duration::from_secs(24 * 60 * 60);
@@ -309,22 +309,10 @@ pub(crate) async fn subscribe_presence(
     if mesh.presence_ttl(room).is_none() || !mesh.may_watch_presence(&connection, room).await {
         return Ok(refused);
     }
+    // Listening starts before the snapshot is read, so no change falls between them.
     let topic = Topic::Presence(Arc::from(room));
-    {
-        let membership = connection.lock_membership().await;
-        if connection.is_closed() {
-            return Ok(refused);
-        }
-        let limit = mesh.config().max_subscriptions_per_connection;
-        if !mesh.inner().topics.is_listening(&topic, connection.id())
-            && subscriptions_of(&mesh, &connection) >= limit
-        {
-            return Err(CommandError::limit(format!(
-                "a connection may hold at most {limit} subscriptions"
-            )));
-        }
-        // Listening starts before the snapshot is read, so no change falls between them.
-        mesh.listen(&membership, &connection, topic).await?;
+    if !mesh.subscribe(&connection, topic, Form::Full).await? {
+        return Ok(refused);
     }
     let view = mesh.inner().backend.presence(room).await?;
     Ok(json!({
@@ -332,16 +320,6 @@ pub(crate) async fn subscribe_presence(
         "present": members_json(view.present),
         "states": states_json(view.states),
     }))
-}
-
-/// How many subscriptions (topics other than rooms) a connection holds.
-pub(crate) fn subscriptions_of(mesh: &Mesh, connection: &Connection) -> usize {
-    mesh.inner()
-        .topics
-        .topics_of(connection.id(), |topic| {
-            (!matches!(topic, Topic::Room(_))).then_some(())
-        })
-        .len()
 }
 
 /// `mesh/unsubscribe-presence {roomName}` -> whether the caller was subscribed.

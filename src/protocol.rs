@@ -29,11 +29,25 @@ pub const LATENCY_RESPONSE: &str = "latency:response";
 pub const LATENCY: &str = "latency";
 /// The push that tells presence subscribers who joined, left, or changed state.
 pub const PRESENCE_UPDATE: &str = "mesh/presence-update";
+/// The push that carries a channel message to its subscribers.
+pub const SUBSCRIPTION_MESSAGE: &str = "mesh/subscription-message";
+/// The push that carries a record's new version, whole or as a patch.
+pub const RECORD_UPDATE: &str = "mesh/record-update";
+/// The push that tells a record's subscribers it was deleted.
+pub const RECORD_DELETED: &str = "mesh/record-deleted";
+/// The push that tells a collection's subscriber which records joined or left it.
+pub const COLLECTION_DIFF: &str = "mesh/collection-diff";
 
 /// Commands whose reply carries a snapshot (members, presence) that later updates build
 /// on: their reply is written before any push queued after the command started, since a
 /// client only places updates once it has the reply.
-const SNAPSHOT_COMMANDS: &[&str] = &["mesh/join-room", "mesh/subscribe-presence"];
+const SNAPSHOT_COMMANDS: &[&str] = &[
+    "mesh/join-room",
+    "mesh/subscribe-presence",
+    "mesh/subscribe-channel",
+    "mesh/subscribe-record",
+    "mesh/subscribe-collection",
+];
 
 /// Whether `command`'s reply must precede the updates published after it ran.
 pub(crate) fn replies_before_updates(command: &str) -> bool {
@@ -213,6 +227,98 @@ pub(crate) fn presence_update(
     )
 }
 
+#[derive(Serialize)]
+struct ChannelMessage<'a> {
+    channel: &'a str,
+    message: &'a str,
+}
+
+/// The JSON text of a `mesh/subscription-message` push.
+pub(crate) fn subscription_message(channel: &str, message: &str) -> String {
+    push(SUBSCRIPTION_MESSAGE, &ChannelMessage { channel, message })
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RecordUpdate<'a, P: Serialize> {
+    record_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    full: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch: Option<&'a P>,
+    version: u64,
+}
+
+/// The JSON text of a `mesh/record-update` push carrying the whole value.
+pub(crate) fn record_update_full(record_id: &str, full: &Value, version: u64) -> String {
+    push(
+        RECORD_UPDATE,
+        &RecordUpdate::<()> {
+            record_id,
+            full: Some(full),
+            patch: None,
+            version,
+        },
+    )
+}
+
+/// The JSON text of a `mesh/record-update` push carrying an RFC 6902 patch.
+pub(crate) fn record_update_patch<P: Serialize>(
+    record_id: &str,
+    patch: &P,
+    version: u64,
+) -> String {
+    push(
+        RECORD_UPDATE,
+        &RecordUpdate {
+            record_id,
+            full: None,
+            patch: Some(patch),
+            version,
+        },
+    )
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RecordDeleted<'a> {
+    record_id: &'a str,
+    version: u64,
+}
+
+/// The JSON text of a `mesh/record-deleted` push.
+pub(crate) fn record_deleted(record_id: &str, version: u64) -> String {
+    push(RECORD_DELETED, &RecordDeleted { record_id, version })
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CollectionDiff<'a> {
+    collection_id: &'a str,
+    added: &'a [Value],
+    removed: &'a [Value],
+    version: u64,
+}
+
+/// The JSON text of a `mesh/collection-diff` push: `added` as `{id, record}`, `removed` as
+/// `{id}`.
+pub(crate) fn collection_diff(
+    collection_id: &str,
+    added: &[Value],
+    removed: &[Value],
+    version: u64,
+) -> String {
+    push(
+        COLLECTION_DIFF,
+        &CollectionDiff {
+            collection_id,
+            added,
+            removed,
+            version,
+        },
+    )
+}
+
 /// Milliseconds since the Unix epoch, as mesh timestamps its events.
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -338,6 +444,39 @@ mod tests {
         assert_eq!(
             presence_update("state", "c1", "r", Some(&json!({"status":"typing"})), 5),
             r#"{"command":"mesh/presence-update","payload":{"type":"state","connectionId":"c1","roomName":"r","state":{"status":"typing"},"timestamp":5}}"#
+        );
+        assert_eq!(
+            subscription_message("smoke-channel", r#"{"text":"hello channel"}"#),
+            r#"{"command":"mesh/subscription-message","payload":{"channel":"smoke-channel","message":"{\"text\":\"hello channel\"}"}}"#
+        );
+        assert_eq!(
+            record_update_full("smoke-record", &json!({"count": 1}), 1),
+            r#"{"command":"mesh/record-update","payload":{"recordId":"smoke-record","full":{"count":1},"version":1}}"#
+        );
+        assert_eq!(
+            record_update_full("r", &Value::Null, 0),
+            r#"{"command":"mesh/record-update","payload":{"recordId":"r","full":null,"version":0}}"#
+        );
+        assert_eq!(
+            record_update_patch(
+                "smoke-record",
+                &json!([{"op": "replace", "path": "/count", "value": 2}]),
+                2
+            ),
+            r#"{"command":"mesh/record-update","payload":{"recordId":"smoke-record","patch":[{"op":"replace","path":"/count","value":2}],"version":2}}"#
+        );
+        assert_eq!(
+            record_deleted("r", 3),
+            r#"{"command":"mesh/record-deleted","payload":{"recordId":"r","version":3}}"#
+        );
+        assert_eq!(
+            collection_diff(
+                "c",
+                &[json!({"id": "t:1", "record": {"a": 1}})],
+                &[json!({"id": "t:2"})],
+                2
+            ),
+            r#"{"command":"mesh/collection-diff","payload":{"collectionId":"c","added":[{"id":"t:1","record":{"a":1}}],"removed":[{"id":"t:2"}],"version":2}}"#
         );
         assert_eq!(
             presence_update("state", "c1", "r", Some(&Value::Null), 5),

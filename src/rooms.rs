@@ -14,14 +14,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::backend::ConnectionOp;
-use crate::config::MAX_NAME_BYTES;
 use crate::connection::{Connection, MembershipGuard};
 use crate::error::{CommandError, MeshError};
 use crate::extract::Payload;
 use crate::mesh::Mesh;
 use crate::metadata::MergeStrategy;
 use crate::protocol::{self, Frame};
-use crate::topics::Topic;
+use crate::topics::{Form, Topic};
 
 /// What a local join did.
 pub(crate) enum JoinOutcome {
@@ -220,7 +219,9 @@ impl Mesh {
                 return Ok(JoinOutcome::OverLimit);
             }
         }
-        let new_listener = self.listen(&membership, connection, topic.clone()).await?;
+        let new_listener = self
+            .listen(&membership, connection, topic.clone(), Form::Full)
+            .await?;
         let ttl = self.presence_ttl(room);
         let joined = self
             .inner()
@@ -291,12 +292,7 @@ pub(crate) struct RoomRequest {
 
 /// Refuses an empty or oversized room name before anything is stored under it.
 pub(crate) fn valid_room_name(name: &str) -> Result<&str, CommandError> {
-    if name.is_empty() || name.len() > MAX_NAME_BYTES {
-        return Err(CommandError::invalid(format!(
-            "roomName must be a non-empty string of at most {MAX_NAME_BYTES} bytes"
-        )));
-    }
-    Ok(name)
+    crate::access::valid_name("roomName", name)
 }
 
 /// `{id, metadata}` as `mesh/join-room` and `mesh/subscribe-presence` list members.

@@ -1,10 +1,15 @@
-//! Topics: what local connections listen to (rooms they are in, rooms whose presence they
-//! watch), and fan-out of a topic's deliveries to them.
+//! Topics: what local connections listen to (rooms they are in, presence they watch,
+//! channels, records and collections they subscribe to), and fan-out of a topic's
+//! deliveries to them.
 //!
 //! Each instance keeps this index for its own connections only. A delivery for a topic
 //! reaches every instance that has a listener (on Redis: the instances subscribed to the
 //! topic's channel), and each instance fans it out to its local listeners. The index also
 //! remembers each connection's topics, so a connection that ends leaves all of them.
+//!
+//! A connection listens to a topic directly (it joined, it subscribed), or because a
+//! collection it subscribes to holds a record: both may be true at once, and the listen
+//! lasts while either is.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -18,14 +23,29 @@ pub(crate) enum Topic {
     Room(Arc<str>),
     /// The presence updates of a room (`mesh/presence-update`).
     Presence(Arc<str>),
+    /// A channel's messages (`mesh/subscription-message`).
+    Channel(Arc<str>),
+    /// A record's updates and deletion (`mesh/record-update`, `mesh/record-deleted`).
+    Record(Arc<str>),
+    /// Changes to the records that the collections of one exposure (named by its
+    /// pattern) may hold: their subscribers re-resolve. Never seen by clients.
+    Collections(Arc<str>),
 }
 
 impl Topic {
     /// A stable text form, used for Redis channel names and envelopes.
     pub(crate) fn key(&self) -> String {
+        let (kind, name) = self.parts();
+        format!("{kind}:{name}")
+    }
+
+    fn parts(&self) -> (&'static str, &str) {
         match self {
-            Topic::Room(name) => format!("room:{name}"),
-            Topic::Presence(name) => format!("presence:{name}"),
+            Topic::Room(name) => ("room", name),
+            Topic::Presence(name) => ("presence", name),
+            Topic::Channel(name) => ("channel", name),
+            Topic::Record(name) => ("record", name),
+            Topic::Collections(name) => ("collections", name),
         }
     }
 
@@ -36,9 +56,33 @@ impl Topic {
         match kind {
             "room" => Some(Topic::Room(name)),
             "presence" => Some(Topic::Presence(name)),
+            "channel" => Some(Topic::Channel(name)),
+            "record" => Some(Topic::Record(name)),
+            "collections" => Some(Topic::Collections(name)),
             _ => None,
         }
     }
+}
+
+/// How a listener wants record updates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) enum Form {
+    /// The whole value (and everything that is not a record update).
+    #[default]
+    Full,
+    /// RFC 6902 patches, where the update has one.
+    Patch,
+}
+
+/// One listener of a topic.
+#[derive(Clone)]
+pub(crate) struct Listener {
+    pub(crate) connection: Connection,
+    pub(crate) form: Form,
+    /// It joined or subscribed itself.
+    direct: bool,
+    /// How many of its collections hold this record.
+    via_collections: u32,
 }
 
 /// Local listeners by topic, and topics by connection.
@@ -49,8 +93,63 @@ pub(crate) struct LocalTopics {
 
 #[derive(Default)]
 struct Index {
-    listeners: HashMap<Topic, HashMap<Arc<str>, Connection>>,
+    listeners: HashMap<Topic, HashMap<Arc<str>, Listener>>,
     by_connection: HashMap<Arc<str>, HashSet<Topic>>,
+}
+
+impl Index {
+    /// Adds to or creates a listener; returns whether the connection was not listening.
+    fn upsert(
+        &mut self,
+        topic: Topic,
+        connection: &Connection,
+        change: impl FnOnce(&mut Listener),
+    ) -> bool {
+        let id = connection.shared_id();
+        let members = self.listeners.entry(topic.clone()).or_default();
+        let new = !members.contains_key(&id);
+        let listener = members.entry(id.clone()).or_insert_with(|| Listener {
+            connection: connection.clone(),
+            form: Form::Full,
+            direct: false,
+            via_collections: 0,
+        });
+        change(listener);
+        self.by_connection.entry(id).or_default().insert(topic);
+        new
+    }
+
+    /// Applies `change` to a listener and drops it when nothing holds it any more.
+    /// Returns `(was_listening, topic_now_has_no_listener)`.
+    fn release(
+        &mut self,
+        topic: &Topic,
+        connection_id: &str,
+        change: impl FnOnce(&mut Listener),
+    ) -> (bool, bool) {
+        let Some(members) = self.listeners.get_mut(topic) else {
+            return (false, false);
+        };
+        let Some(listener) = members.get_mut(connection_id) else {
+            return (false, false);
+        };
+        change(listener);
+        if listener.direct || listener.via_collections > 0 {
+            return (true, false);
+        }
+        members.remove(connection_id);
+        let emptied = members.is_empty();
+        if emptied {
+            self.listeners.remove(topic);
+        }
+        if let Some(topics) = self.by_connection.get_mut(connection_id) {
+            topics.remove(topic);
+            if topics.is_empty() {
+                self.by_connection.remove(connection_id);
+            }
+        }
+        (true, emptied)
+    }
 }
 
 impl LocalTopics {
@@ -60,42 +159,38 @@ impl LocalTopics {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Adds a listener; returns whether it was new.
-    pub(crate) fn add(&self, topic: Topic, connection: &Connection) -> bool {
-        let mut index = self.lock();
-        let id = connection.shared_id();
-        let added = index
-            .listeners
-            .entry(topic.clone())
-            .or_default()
-            .insert(id.clone(), connection.clone())
-            .is_none();
-        index.by_connection.entry(id).or_default().insert(topic);
-        added
+    /// Listens directly in `form`; returns whether the connection was not listening.
+    pub(crate) fn add_with_form(&self, topic: Topic, connection: &Connection, form: Form) -> bool {
+        self.lock().upsert(topic, connection, |listener| {
+            listener.direct = true;
+            listener.form = form;
+        })
     }
 
-    /// Removes a listener. Returns `(was_listening, topic_now_has_no_listener)`.
+    /// Listens because a collection holds the record; the form of a direct listen wins.
+    pub(crate) fn add_for_collection(&self, topic: Topic, connection: &Connection) -> bool {
+        self.lock()
+            .upsert(topic, connection, |listener| listener.via_collections += 1)
+    }
+
+    /// Stops listening directly. Returns `(was_listening_directly, topic_now_has_no_listener)`.
     pub(crate) fn remove(&self, topic: &Topic, connection_id: &str) -> (bool, bool) {
-        let mut index = self.lock();
-        let Index {
-            listeners,
-            by_connection,
-        } = &mut *index;
-        let Some(members) = listeners.get_mut(topic) else {
-            return (false, false);
-        };
-        let removed = members.remove(connection_id).is_some();
-        let emptied = members.is_empty();
-        if emptied {
-            listeners.remove(topic);
-        }
-        if let Some(topics) = by_connection.get_mut(connection_id) {
-            topics.remove(topic);
-            if topics.is_empty() {
-                by_connection.remove(connection_id);
-            }
-        }
-        (removed, emptied)
+        let mut direct = false;
+        let (_, emptied) = self.lock().release(topic, connection_id, |listener| {
+            direct = std::mem::take(&mut listener.direct);
+            listener.form = Form::Full;
+        });
+        (direct, emptied)
+    }
+
+    /// One collection no longer holds the record. Returns whether the topic now has no
+    /// listener.
+    pub(crate) fn remove_for_collection(&self, topic: &Topic, connection_id: &str) -> bool {
+        self.lock()
+            .release(topic, connection_id, |listener| {
+                listener.via_collections = listener.via_collections.saturating_sub(1);
+            })
+            .1
     }
 
     /// Removes a connection from every topic; returns the topics it was in, each with
@@ -128,7 +223,7 @@ impl LocalTopics {
     }
 
     /// The local listeners of a topic, as a snapshot: fan-out runs outside the lock.
-    pub(crate) fn listeners(&self, topic: &Topic) -> Vec<Connection> {
+    pub(crate) fn listeners(&self, topic: &Topic) -> Vec<Listener> {
         self.lock()
             .listeners
             .get(topic)
@@ -141,25 +236,36 @@ impl LocalTopics {
         self.lock().listeners.contains_key(topic)
     }
 
-    /// Whether `connection_id` listens to `topic`.
+    /// Whether `connection_id` listens to `topic` directly.
     pub(crate) fn is_listening(&self, topic: &Topic, connection_id: &str) -> bool {
         self.lock()
-            .by_connection
-            .get(connection_id)
-            .is_some_and(|topics| topics.contains(topic))
+            .listeners
+            .get(topic)
+            .and_then(|members| members.get(connection_id))
+            .is_some_and(|listener| listener.direct)
     }
 
-    /// The topics a connection listens to that `select` picks, mapped by it.
+    /// The topics a connection listens to directly that `select` picks, mapped by it.
     pub(crate) fn topics_of<T>(
         &self,
         connection_id: &str,
         select: impl Fn(&Topic) -> Option<T>,
     ) -> Vec<T> {
-        self.lock()
-            .by_connection
-            .get(connection_id)
-            .map(|topics| topics.iter().filter_map(select).collect())
-            .unwrap_or_default()
+        let index = self.lock();
+        let Some(topics) = index.by_connection.get(connection_id) else {
+            return Vec::new();
+        };
+        topics
+            .iter()
+            .filter(|topic| {
+                index
+                    .listeners
+                    .get(*topic)
+                    .and_then(|members| members.get(connection_id))
+                    .is_some_and(|listener| listener.direct)
+            })
+            .filter_map(select)
+            .collect()
     }
 
     /// Every topic with at least one local listener (to subscribe again after a reconnect).
@@ -177,6 +283,9 @@ mod tests {
         for topic in [
             Topic::Room(Arc::from("a:b")),
             Topic::Presence(Arc::from("")),
+            Topic::Channel(Arc::from("c")),
+            Topic::Record(Arc::from("r:1")),
+            Topic::Collections(Arc::from("^task:")),
         ] {
             assert_eq!(Topic::from_key(&topic.key()), Some(topic));
         }

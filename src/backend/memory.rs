@@ -4,7 +4,7 @@
 //! mesh inside a process, exactly as instances sharing a Redis do; the conformance suite
 //! uses that to run its multi-instance tests on both backends.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -12,7 +12,10 @@ use tokio::time::Instant;
 
 use serde_json::Value;
 
-use super::{Backend, BackendFuture, Delivery, Inbox, PresenceRefresh, PresenceView};
+use super::{
+    Backend, BackendFuture, Delivery, Inbox, PresenceRefresh, PresenceView, RecordRemover,
+    RecordUpdater, StoredRecord,
+};
 use crate::metadata::MergeStrategy;
 use crate::presence::{self, Change};
 use crate::topics::Topic;
@@ -48,8 +51,11 @@ struct MemoryState {
     /// Room -> connection -> (state, expiry).
     states: HashMap<String, HashMap<String, (Value, Option<Instant>)>>,
     state_expiry: BTreeSet<(Instant, String, String)>,
-    /// Presence announcements of the operation in progress, delivered before its lock
-    /// is released so that they are ordered exactly as the changes.
+    /// Channel -> its kept messages, newest first.
+    channel_history: HashMap<String, VecDeque<String>>,
+    records: BTreeMap<String, StoredRecord>,
+    /// Announcements of the operation in progress, delivered before its lock is released
+    /// so that they are ordered exactly as the changes.
     announcements: Vec<Delivery>,
 }
 
@@ -365,7 +371,10 @@ impl Backend for MemoryBackend {
                     .and_then(Weak::upgrade)
                     .into_iter()
                     .collect(),
-                Delivery::Broadcast { .. } | Delivery::Topic { .. } => {
+                Delivery::Broadcast { .. }
+                | Delivery::Topic { .. }
+                | Delivery::Record { .. }
+                | Delivery::RecordsChanged { .. } => {
                     state.instances.values().filter_map(Weak::upgrade).collect()
                 }
             }
@@ -608,6 +617,87 @@ impl Backend for MemoryBackend {
             .min()
             .unwrap_or(DEAD_INSTANCE_CHECK);
         ready(next.min(DEAD_INSTANCE_CHECK))
+    }
+
+    fn write_channel<'a>(
+        &'a self,
+        channel: &'a str,
+        message: &'a str,
+        history: usize,
+        announcement: Delivery,
+    ) -> BackendFuture<'a, ()> {
+        let mut state = self.lock();
+        if history > 0 {
+            let kept = state.channel_history.entry(channel.to_owned()).or_default();
+            kept.push_front(message.to_owned());
+            kept.truncate(history);
+        }
+        state.announcements.push(announcement);
+        state.flush();
+        ready(())
+    }
+
+    fn channel_history<'a>(
+        &'a self,
+        channel: &'a str,
+        limit: usize,
+    ) -> BackendFuture<'a, Vec<String>> {
+        let history = self
+            .lock()
+            .channel_history
+            .get(channel)
+            .map(|kept| kept.iter().take(limit).cloned().collect())
+            .unwrap_or_default();
+        ready(history)
+    }
+
+    fn records<'a>(&'a self, ids: &'a [String]) -> BackendFuture<'a, Vec<Option<StoredRecord>>> {
+        let state = self.lock();
+        ready(
+            ids.iter()
+                .map(|id| state.records.get(id).cloned())
+                .collect(),
+        )
+    }
+
+    fn record_ids(&self) -> BackendFuture<'_, Vec<String>> {
+        ready(self.lock().records.keys().cloned().collect())
+    }
+
+    fn update_record<'a>(
+        &'a self,
+        id: &'a str,
+        update: &'a RecordUpdater,
+    ) -> BackendFuture<'a, Option<StoredRecord>> {
+        let mut state = self.lock();
+        let current = state.records.get(id);
+        let version = current.map_or(0, |record| record.version);
+        let Some(write) = update(current) else {
+            return ready(None);
+        };
+        let stored = StoredRecord {
+            value: write.value,
+            version: version + 1,
+        };
+        state.records.insert(id.to_owned(), stored.clone());
+        state.announcements.extend(write.announcements);
+        state.flush();
+        ready(Some(stored))
+    }
+
+    fn delete_record<'a>(
+        &'a self,
+        id: &'a str,
+        announce: &'a RecordRemover,
+    ) -> BackendFuture<'a, Option<StoredRecord>> {
+        let mut state = self.lock();
+        let Some(removed) = state.records.remove(id) else {
+            return ready(None);
+        };
+        let announcements = announce(&removed);
+        state.announcements.extend(announcements);
+        state.flush();
+        ready(Some(removed))
     }
 }
 

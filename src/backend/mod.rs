@@ -54,6 +54,16 @@ pub(crate) enum Delivery {
         frame: Frame,
         exclude: Arc<[Arc<str>]>,
     },
+    /// A record's new version for its listeners on every instance: `full` for those who
+    /// want whole values, `patch` (when the change has one) for those who want patches.
+    Record {
+        record_id: Arc<str>,
+        full: Frame,
+        patch: Option<Frame>,
+    },
+    /// Records that the collections of one exposure may hold changed: instances with
+    /// subscribers of those collections re-resolve them.
+    RecordsChanged { exposure: Arc<str> },
     /// An operation on a connection, for the instance that holds it to run; it answers
     /// with [`Delivery::Answer`] to instance `from`.
     Call {
@@ -100,6 +110,28 @@ pub(crate) trait Inbox: Send + Sync + 'static {
 /// A local connection's tracked rooms, each with its presence TTL: what one presence
 /// refresh extends.
 pub(crate) type PresenceRefresh = (Arc<str>, Vec<(Arc<str>, Duration)>);
+
+/// A record as stored: its value and version (1 for the first write).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct StoredRecord {
+    pub(crate) value: Value,
+    pub(crate) version: u64,
+}
+
+/// What a record update stores, and the deliveries that announce it (built for the
+/// stored version + 1, published atomically with the write).
+#[derive(Debug, Clone)]
+pub(crate) struct RecordWrite {
+    pub(crate) value: Value,
+    pub(crate) announcements: Vec<Delivery>,
+}
+
+/// Computes a record's next value from the stored one (`None` when there is none), or
+/// `None` when the write changes nothing.
+pub(crate) type RecordUpdater = dyn Fn(Option<&StoredRecord>) -> Option<RecordWrite> + Send + Sync;
+
+/// Builds the deliveries that announce a record's deletion from what was stored.
+pub(crate) type RecordRemover = dyn Fn(&StoredRecord) -> Vec<Delivery> + Send + Sync;
 
 /// A room's presence as subscribers see it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -255,4 +287,50 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// run it at any time; each entry is removed, and announced, exactly once. Returns how
     /// long until the next sweep is due.
     fn sweep(&self) -> BackendFuture<'_, Duration>;
+
+    // Channels.
+
+    /// Keeps `message` as the channel's newest (with at most `history` kept; nothing is
+    /// kept when 0) and publishes `announcement`, in one atomic step.
+    fn write_channel<'a>(
+        &'a self,
+        channel: &'a str,
+        message: &'a str,
+        history: usize,
+        announcement: Delivery,
+    ) -> BackendFuture<'a, ()>;
+
+    /// The newest `limit` messages of a channel, newest first.
+    fn channel_history<'a>(
+        &'a self,
+        channel: &'a str,
+        limit: usize,
+    ) -> BackendFuture<'a, Vec<String>>;
+
+    // Records.
+
+    /// The stored records with these ids, in the same order (`None` for a missing one).
+    fn records<'a>(&'a self, ids: &'a [String]) -> BackendFuture<'a, Vec<Option<StoredRecord>>>;
+
+    /// The ids of every stored record, sorted.
+    fn record_ids(&self) -> BackendFuture<'_, Vec<String>>;
+
+    /// Replaces a record with what `update` computes from the stored one, as version + 1,
+    /// publishing the write's announcements atomically with it. Concurrent writers, on
+    /// any instance, are serialised: `update` runs again on the newer record when another
+    /// write got in first, so no version is used twice and no write is lost. Returns what
+    /// was stored, or `None` when `update` found nothing to change.
+    fn update_record<'a>(
+        &'a self,
+        id: &'a str,
+        update: &'a RecordUpdater,
+    ) -> BackendFuture<'a, Option<StoredRecord>>;
+
+    /// Deletes a record, publishing what `announce` builds from it atomically with the
+    /// deletion. Returns what was stored (`None` when nothing was).
+    fn delete_record<'a>(
+        &'a self,
+        id: &'a str,
+        announce: &'a RecordRemover,
+    ) -> BackendFuture<'a, Option<StoredRecord>>;
 }

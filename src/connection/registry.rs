@@ -104,7 +104,11 @@ impl Registry {
                     connection.close_with(CloseReason::Normal(reason));
                 }
             }
-            Delivery::Topic { .. } | Delivery::Call { .. } | Delivery::Answer { .. } => {
+            Delivery::Topic { .. }
+            | Delivery::Record { .. }
+            | Delivery::RecordsChanged { .. }
+            | Delivery::Call { .. }
+            | Delivery::Answer { .. } => {
                 tracing::error!("a mesh-level delivery reached the registry");
             }
         }

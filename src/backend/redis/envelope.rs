@@ -14,6 +14,8 @@ const CLOSE: u8 = b'x';
 const TOPIC: u8 = b't';
 const CALL: u8 = b'k';
 const ANSWER: u8 = b'a';
+const RECORD: u8 = b'r';
+const RECORDS_CHANGED: u8 = b'm';
 
 const JOIN_ROOM: &str = "join";
 const LEAVE_ROOM: &str = "leave";
@@ -104,6 +106,20 @@ pub(super) fn encode(delivery: &Delivery) -> Vec<u8> {
             }
             writer
         }
+        Delivery::Record {
+            record_id,
+            full,
+            patch,
+        } => {
+            let patch = patch.as_ref().map_or(&[][..], |patch| patch.as_bytes());
+            Writer::new(RECORD, 12 + record_id.len() + full.len() + patch.len())
+                .field(record_id.as_bytes())
+                .field(full.as_bytes())
+                .field(patch)
+        }
+        Delivery::RecordsChanged { exposure } => {
+            Writer::new(RECORDS_CHANGED, 4 + exposure.len()).field(exposure.as_bytes())
+        }
         Delivery::Call {
             connection_id,
             from,
@@ -169,6 +185,15 @@ pub(super) fn decode(bytes: &[u8]) -> Option<Delivery> {
                 exclude: exclude.into(),
             }
         }
+        RECORD => Delivery::Record {
+            record_id: fields.id()?,
+            full: fields.frame()?,
+            // An empty field: the change has no patch form.
+            patch: Some(fields.frame()?).filter(|patch| !patch.is_empty()),
+        },
+        RECORDS_CHANGED => Delivery::RecordsChanged {
+            exposure: fields.id()?,
+        },
         CALL => {
             let connection_id = fields.id()?;
             let from = fields.id()?;
@@ -251,6 +276,23 @@ mod tests {
                 assert_eq!(call_id, 42);
                 assert_eq!(op, ConnectionOp::JoinRoom(Arc::from("r")));
             }
+            other => panic!("{other:?}"),
+        }
+        match round_trip(Delivery::Record {
+            record_id: Arc::from("r"),
+            full: frame.clone(),
+            patch: None,
+        }) {
+            Delivery::Record { patch, full, .. } => {
+                assert_eq!(full, frame);
+                assert_eq!(patch, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        match round_trip(Delivery::RecordsChanged {
+            exposure: Arc::from("^task:"),
+        }) {
+            Delivery::RecordsChanged { exposure } => assert_eq!(&*exposure, "^task:"),
             other => panic!("{other:?}"),
         }
         match round_trip(Delivery::Answer {

@@ -24,6 +24,9 @@
 //! | `P presence-expiry` | sorted set | `"{cid}\n{room}"` for every presence entry, scored by its deadline |
 //! | `P state-expiry` | sorted set | `"{cid}\n{room}"` for every state with `expireAfter`, scored by its deadline |
 //! | `P dead-connections` | set | connections of dead instances not forgotten yet |
+//! | `P history:{channel}` | list | a channel's kept messages, newest first |
+//! | `P record:{id}` | hash | `value`: a record's JSON; `version`: its version |
+//! | `P records` | set | every stored record id |
 //!
 //! Routing and metadata are two fields of one hash, written by different commands, so
 //! setting metadata can never redirect a connection's pushes (mesh's fault, PROTOCOL.md §8).
@@ -32,7 +35,8 @@
 //! |---|---|
 //! | `P instance:{iid}` | deliveries for connections held by that instance, and calls and answers between instances |
 //! | `P broadcast` | deliveries for every connection |
-//! | `P topic:room:{room}`, `P topic:presence:{room}` | room broadcasts, presence updates; only instances with a local listener subscribe |
+//! | `P topic:room:{room}`, `P topic:presence:{room}`, `P topic:channel:{channel}`, `P topic:record:{id}` | room broadcasts, presence updates, channel messages, record updates; only instances with a local listener subscribe |
+//! | `P topic:collections:{pattern}` | "a record that collections of this exposure may hold changed" |
 //!
 //! A push to one connection is one script call that looks up the holder and publishes on
 //! its channel: one round trip, and only the holder receives it. A delivery is a short
@@ -81,7 +85,10 @@ use tokio::task::JoinHandle;
 
 use self::scripts::Scripts;
 use self::subscriber::Command;
-use super::{Backend, BackendFuture, Delivery, Inbox, PresenceRefresh, PresenceView};
+use super::{
+    Backend, BackendFuture, Delivery, Inbox, PresenceRefresh, PresenceView, RecordRemover,
+    RecordUpdater, StoredRecord,
+};
 use crate::error::MeshError;
 use crate::metadata::MergeStrategy;
 use crate::topics::Topic;
@@ -171,6 +178,32 @@ impl Keys {
     }
     fn rooms_with_metadata(&self) -> String {
         format!("{}rooms-with-meta", self.prefix)
+    }
+    fn channel_history(&self, channel: &str) -> String {
+        format!("{}history:{channel}", self.prefix)
+    }
+    fn record(&self, id: &str) -> String {
+        format!("{}record:{id}", self.prefix)
+    }
+    fn records(&self) -> String {
+        format!("{}records", self.prefix)
+    }
+    /// The pub/sub channel of a delivery that is not routed to one connection's holder.
+    fn channel_of(&self, delivery: &Delivery) -> Option<String> {
+        Some(match delivery {
+            Delivery::Broadcast { .. } => self.broadcast_channel(),
+            Delivery::Topic { topic, .. } => self.topic_channel(topic),
+            Delivery::Record { record_id, .. } => {
+                self.topic_channel(&Topic::Record(record_id.clone()))
+            }
+            Delivery::RecordsChanged { exposure } => {
+                self.topic_channel(&Topic::Collections(exposure.clone()))
+            }
+            Delivery::Answer { to, .. } => self.instance_channel(to),
+            Delivery::ToConnection { .. } | Delivery::Close { .. } | Delivery::Call { .. } => {
+                return None
+            }
+        })
     }
 }
 
@@ -496,13 +529,14 @@ impl Backend for RedisBackend {
         Box::pin(self.run(async move {
             let keys = &self.shared.keys;
             let envelope = envelope::encode(&delivery);
-            let channel = match &delivery {
-                Delivery::Broadcast { .. } => keys.broadcast_channel(),
-                Delivery::Topic { topic, .. } => keys.topic_channel(topic),
-                Delivery::Answer { to, .. } => keys.instance_channel(to),
-                Delivery::ToConnection { connection_id, .. }
-                | Delivery::Close { connection_id, .. }
-                | Delivery::Call { connection_id, .. } => {
+            let channel = match (keys.channel_of(&delivery), &delivery) {
+                (Some(channel), _) => channel,
+                (
+                    None,
+                    Delivery::ToConnection { connection_id, .. }
+                    | Delivery::Close { connection_id, .. }
+                    | Delivery::Call { connection_id, .. },
+                ) => {
                     let mut conn = self.connection().await?;
                     let routed: i64 = self
                         .shared
@@ -516,6 +550,7 @@ impl Backend for RedisBackend {
                         .map_err(redis_error)?;
                     return Ok(routed > 0);
                 }
+                (None, _) => return Ok(false),
             };
             let mut conn = self.connection().await?;
             redis::cmd("PUBLISH")
@@ -843,9 +878,188 @@ impl Backend for RedisBackend {
                 .min(self.shared.heartbeat_interval))
         }))
     }
+
+    fn write_channel<'a>(
+        &'a self,
+        channel: &'a str,
+        message: &'a str,
+        history: usize,
+        announcement: Delivery,
+    ) -> BackendFuture<'a, ()> {
+        Box::pin(self.run(async move {
+            let keys = &self.shared.keys;
+            let Some(pubsub_channel) = keys.channel_of(&announcement) else {
+                return Err(MeshError::Corrupt(
+                    "a channel message must go to a topic".into(),
+                ));
+            };
+            let mut conn = self.connection().await?;
+            self.shared
+                .scripts
+                .write_channel
+                .arg(keys.channel_history(channel))
+                .arg(message)
+                .arg(history)
+                .arg(pubsub_channel)
+                .arg(envelope::encode(&announcement))
+                .invoke_async::<()>(&mut conn)
+                .await
+                .map_err(redis_error)
+        }))
+    }
+
+    fn channel_history<'a>(
+        &'a self,
+        channel: &'a str,
+        limit: usize,
+    ) -> BackendFuture<'a, Vec<String>> {
+        Box::pin(self.run(async move {
+            if limit == 0 {
+                return Ok(Vec::new());
+            }
+            let mut conn = self.connection().await?;
+            redis::cmd("LRANGE")
+                .arg(self.shared.keys.channel_history(channel))
+                .arg(0)
+                .arg(limit.saturating_sub(1))
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_error)
+        }))
+    }
+
+    fn records<'a>(&'a self, ids: &'a [String]) -> BackendFuture<'a, Vec<Option<StoredRecord>>> {
+        Box::pin(self.run(async move {
+            if ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut pipe = redis::pipe();
+            for id in ids {
+                pipe.cmd("HMGET")
+                    .arg(self.shared.keys.record(id))
+                    .arg("value")
+                    .arg("version");
+            }
+            let mut conn = self.connection().await?;
+            let stored: Vec<(Option<String>, Option<u64>)> =
+                pipe.query_async(&mut conn).await.map_err(redis_error)?;
+            stored.into_iter().map(stored_record).collect()
+        }))
+    }
+
+    fn record_ids(&self) -> BackendFuture<'_, Vec<String>> {
+        Box::pin(self.run(async move {
+            let mut conn = self.connection().await?;
+            let mut ids: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(self.shared.keys.records())
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_error)?;
+            ids.sort_unstable();
+            Ok(ids)
+        }))
+    }
+
+    fn update_record<'a>(
+        &'a self,
+        id: &'a str,
+        update: &'a RecordUpdater,
+    ) -> BackendFuture<'a, Option<StoredRecord>> {
+        Box::pin(self.run(async move {
+            let mut conn = self.connection().await?;
+            // Compare-and-set on the version: read, compute in Rust (merges and diffs keep
+            // key order, which Lua's cjson would not), then write only if no other writer
+            // got in, else compute again on what that writer stored.
+            loop {
+                let current = self.read_record(&mut conn, id).await?;
+                let version = current.as_ref().map_or(0, |record| record.version);
+                let Some(write) = update(current.as_ref()) else {
+                    return Ok(None);
+                };
+                let stored = StoredRecord {
+                    value: write.value,
+                    version: version + 1,
+                };
+                let value = stored.value.to_string();
+                if self
+                    .record_cas(&mut conn, id, version, &value, &write.announcements)
+                    .await?
+                {
+                    return Ok(Some(stored));
+                }
+            }
+        }))
+    }
+
+    fn delete_record<'a>(
+        &'a self,
+        id: &'a str,
+        announce: &'a RecordRemover,
+    ) -> BackendFuture<'a, Option<StoredRecord>> {
+        Box::pin(self.run(async move {
+            let mut conn = self.connection().await?;
+            loop {
+                let Some(current) = self.read_record(&mut conn, id).await? else {
+                    return Ok(None);
+                };
+                let announcements = announce(&current);
+                if self
+                    .record_cas(&mut conn, id, current.version, "", &announcements)
+                    .await?
+                {
+                    return Ok(Some(current));
+                }
+            }
+        }))
+    }
 }
 
 impl RedisBackend {
+    async fn read_record(
+        &self,
+        conn: &mut deadpool_redis::Connection,
+        id: &str,
+    ) -> Result<Option<StoredRecord>, MeshError> {
+        let stored: (Option<String>, Option<u64>) = redis::cmd("HMGET")
+            .arg(self.shared.keys.record(id))
+            .arg("value")
+            .arg("version")
+            .query_async(conn)
+            .await
+            .map_err(redis_error)?;
+        stored_record(stored)
+    }
+
+    /// Writes (or with an empty `value`, deletes) a record if its version is still
+    /// `expected`, publishing `announcements` with it. Returns whether it did.
+    async fn record_cas(
+        &self,
+        conn: &mut deadpool_redis::Connection,
+        id: &str,
+        expected: u64,
+        value: &str,
+        announcements: &[Delivery],
+    ) -> Result<bool, MeshError> {
+        let keys = &self.shared.keys;
+        let mut invocation = self.shared.scripts.record_cas.prepare_invoke();
+        invocation
+            .arg(&keys.prefix)
+            .arg(id)
+            .arg(expected)
+            .arg(value)
+            .arg(expected + 1);
+        for announcement in announcements {
+            let Some(channel) = keys.channel_of(announcement) else {
+                return Err(MeshError::Corrupt(
+                    "a record announcement must go to a topic".into(),
+                ));
+            };
+            invocation.arg(channel).arg(envelope::encode(announcement));
+        }
+        let written: i64 = invocation.invoke_async(conn).await.map_err(redis_error)?;
+        Ok(written == 1)
+    }
+
     fn subscriber_command(&self, instance_id: &str, command: Command) -> Result<(), MeshError> {
         let sent = self
             .shared
@@ -940,6 +1154,21 @@ impl RedisBackend {
 fn parse_json(raw: &str) -> Result<Value, MeshError> {
     serde_json::from_str(raw)
         .map_err(|err| MeshError::Corrupt(format!("stored JSON does not parse: {err}")))
+}
+
+fn stored_record(
+    (value, version): (Option<String>, Option<u64>),
+) -> Result<Option<StoredRecord>, MeshError> {
+    match (value, version) {
+        (Some(value), Some(version)) => Ok(Some(StoredRecord {
+            value: parse_json(&value)?,
+            version,
+        })),
+        (None, None) => Ok(None),
+        _ => Err(MeshError::Corrupt(
+            "a record hash lacks its value or version".into(),
+        )),
+    }
 }
 
 fn parse_json_or_null(raw: Option<&str>) -> Result<Value, MeshError> {

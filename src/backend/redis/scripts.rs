@@ -92,6 +92,8 @@ pub(super) struct Scripts {
     pub(super) set_state: Script,
     pub(super) clear_state: Script,
     pub(super) sweep: Script,
+    pub(super) write_channel: Script,
+    pub(super) record_cas: Script,
 }
 
 impl Scripts {
@@ -329,6 +331,43 @@ impl Scripts {
                   end
                 end
                 return next_due
+                ",
+            ),
+            // ARGV[1] history list key, ARGV[2] message, ARGV[3] how many to keep (0:
+            // none), ARGV[4] pub/sub channel, ARGV[5] envelope. Keeps the message and
+            // publishes it in one step, so history and live messages never disagree.
+            write_channel: script(
+                r"
+                local keep = tonumber(ARGV[3])
+                if keep > 0 then
+                  redis.call('LPUSH', ARGV[1], ARGV[2])
+                  redis.call('LTRIM', ARGV[1], 0, keep - 1)
+                end
+                redis.call('PUBLISH', ARGV[4], ARGV[5])
+                return 1
+                ",
+            ),
+            // ARGV[1] prefix, ARGV[2] record id, ARGV[3] the version the writer read (0:
+            // none), ARGV[4] the new value JSON ('' deletes), ARGV[5] the new version,
+            // then (channel, envelope) pairs to publish. Compare-and-set: returns 0,
+            // changing nothing, when another write got in since the read.
+            record_cas: script(
+                r"
+                local p, id = ARGV[1], ARGV[2]
+                local key = p .. 'record:' .. id
+                local current = tonumber(redis.call('HGET', key, 'version') or '0')
+                if current ~= tonumber(ARGV[3]) then return 0 end
+                if ARGV[4] == '' then
+                  redis.call('DEL', key)
+                  redis.call('SREM', p .. 'records', id)
+                else
+                  redis.call('HSET', key, 'value', ARGV[4], 'version', ARGV[5])
+                  redis.call('SADD', p .. 'records', id)
+                end
+                for i = 6, #ARGV, 2 do
+                  redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
+                end
+                return 1
                 ",
             ),
         }

@@ -1,0 +1,160 @@
+//! Channels: named streams of string messages with a kept history, and the built-in
+//! commands `mesh/subscribe-channel`, `mesh/unsubscribe-channel` and
+//! `mesh/get-channel-history`.
+//!
+//! A channel is exposed with [`MeshBuilder::expose_channel`](crate::MeshBuilder::expose_channel)
+//! and written by the server ([`Mesh::write_channel`]); the message is kept and published
+//! in one atomic step, so a subscriber's history and its live messages never disagree.
+//! Names starting with the reserved prefix (`mesh:` by default) are never open to clients
+//! (PROTOCOL.md §9), and stay apart from the engine's own channels in Redis anyway.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::access::valid_name;
+use crate::connection::Connection;
+use crate::error::{CommandError, MeshError};
+use crate::extract::Payload;
+use crate::mesh::Mesh;
+use crate::protocol::{self, Frame};
+use crate::topics::{Form, Topic};
+
+/// The most history messages one request returns.
+pub const MAX_HISTORY_LIMIT: usize = 10_000;
+
+/// How many messages `mesh/get-channel-history` returns without a `limit`.
+const DEFAULT_HISTORY_LIMIT: usize = 50;
+
+impl Mesh {
+    /// Publishes `message` on a channel to its subscribers on every instance, keeping the
+    /// newest `history` messages for later subscribers (0 keeps none and leaves what is
+    /// kept alone). A string is sent as it is; any other value as its JSON text.
+    pub async fn write_channel<M: Serialize + ?Sized>(
+        &self,
+        channel: &str,
+        message: &M,
+        history: usize,
+    ) -> Result<(), MeshError> {
+        let message = match serde_json::to_value(message) {
+            Ok(Value::String(text)) => text,
+            Ok(other) => other.to_string(),
+            Err(err) => return Err(MeshError::Encode(err.to_string())),
+        };
+        let announcement = crate::backend::Delivery::Topic {
+            topic: Topic::Channel(Arc::from(channel)),
+            frame: Frame::from(protocol::subscription_message(channel, &message)),
+            exclude: Arc::from([]),
+        };
+        self.ready().await?;
+        self.inner()
+            .backend
+            .write_channel(channel, &message, history, announcement)
+            .await
+    }
+
+    /// The newest `limit` kept messages of a channel, newest first.
+    pub async fn channel_history(
+        &self,
+        channel: &str,
+        limit: usize,
+    ) -> Result<Vec<String>, MeshError> {
+        self.ready().await?;
+        self.inner().backend.channel_history(channel, limit).await
+    }
+
+    /// Whether `connection` may read `channel`: it is exposed, not reserved, and its
+    /// guard allows.
+    async fn may_read_channel(&self, connection: &Connection, channel: &str) -> bool {
+        if let Some(prefix) = &self.config().reserved_channel_prefix {
+            if channel.starts_with(prefix.as_str()) {
+                return false;
+            }
+        }
+        match self.inner().channels.find(channel) {
+            Some(access) => access.allows(connection, channel).await,
+            None => false,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct SubscribeChannel {
+    channel: String,
+    #[serde(default)]
+    history_limit: Option<u64>,
+}
+
+fn limit(requested: Option<u64>, default: usize) -> usize {
+    requested.map_or(default, |limit| {
+        usize::try_from(limit)
+            .unwrap_or(MAX_HISTORY_LIMIT)
+            .min(MAX_HISTORY_LIMIT)
+    })
+}
+
+/// `mesh/subscribe-channel {channel, historyLimit?}` -> `{success, history}`: the newest
+/// `historyLimit` kept messages (none without it), newest first. A channel that is not
+/// exposed, is reserved, or whose guard refuses gives `{success: false, history: []}`.
+/// (`since` is accepted and ignored: history is kept without timestamps.)
+pub(crate) async fn subscribe_channel(
+    mesh: Mesh,
+    connection: Connection,
+    Payload(request): Payload<SubscribeChannel>,
+) -> Result<Value, CommandError> {
+    let channel = valid_name("channel", &request.channel)?;
+    let refused = json!({ "success": false, "history": [] });
+    if !mesh.may_read_channel(&connection, channel).await {
+        return Ok(refused);
+    }
+    let topic = Topic::Channel(Arc::from(channel));
+    if !mesh.subscribe(&connection, topic, Form::Full).await? {
+        return Ok(refused);
+    }
+    let history = mesh
+        .channel_history(channel, limit(request.history_limit, 0))
+        .await?;
+    Ok(json!({ "success": true, "history": history }))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ChannelRequest {
+    channel: String,
+}
+
+/// `mesh/unsubscribe-channel {channel}` -> whether the caller was subscribed.
+pub(crate) async fn unsubscribe_channel(
+    mesh: Mesh,
+    connection: Connection,
+    Payload(request): Payload<ChannelRequest>,
+) -> Result<bool, CommandError> {
+    let channel = valid_name("channel", &request.channel)?;
+    let _membership = connection.lock_membership().await;
+    Ok(mesh.stop_listening(connection.id(), &Topic::Channel(Arc::from(channel))))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ChannelHistory {
+    channel: String,
+    #[serde(default)]
+    limit: Option<u64>,
+}
+
+/// `mesh/get-channel-history {channel, limit?}` -> `{success, history}` (newest first, 50
+/// without `limit`), or `{success: false, history: []}` as for subscribing.
+pub(crate) async fn get_channel_history(
+    mesh: Mesh,
+    connection: Connection,
+    Payload(request): Payload<ChannelHistory>,
+) -> Result<Value, CommandError> {
+    let channel = valid_name("channel", &request.channel)?;
+    if !mesh.may_read_channel(&connection, channel).await {
+        return Ok(json!({ "success": false, "history": [] }));
+    }
+    let history = mesh
+        .channel_history(channel, limit(request.limit, DEFAULT_HISTORY_LIMIT))
+        .await?;
+    Ok(json!({ "success": true, "history": history }))
+}

@@ -1,0 +1,511 @@
+//! Collections: the set of records a connection sees, kept current as records change, and
+//! the built-in commands `mesh/subscribe-collection` and `mesh/unsubscribe-collection`.
+//!
+//! A subscriber gets the members (ids and values) at version 1, then a
+//! `mesh/collection-diff` (version + 1) whenever records join or leave its collection,
+//! and each member's changes as `mesh/record-update` pushes with the whole value.
+//!
+//! mesh re-runs every subscriber's resolver on every record write. Here an exposure
+//! declares which records its collections can hold ([`Collection::holding`]; a
+//! [`Collection::matching`] collection holds what it matches): a write to any other
+//! record re-resolves nothing. A write to a record it can hold is published once, on the
+//! exposure's topic, to the instances that have subscribers of its collections, and each
+//! of those subscriptions re-resolves once per burst of writes (debounced), on its own
+//! connection's instance. Members pass the record read rules.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::access::{valid_name, Access, Pattern};
+use crate::connection::{Connection, MembershipGuard};
+use crate::error::{BoxError, CommandError};
+use crate::extract::Payload;
+use crate::mesh::{BoxFuture, Mesh};
+use crate::protocol::{self, Frame};
+use crate::topics::{Form, Topic};
+
+/// How long a subscription waits after a relevant change before re-resolving, so a burst
+/// of writes costs one resolution.
+const DEBOUNCE: Duration = Duration::from_millis(20);
+
+type Resolver =
+    Arc<dyn Fn(Mesh, Connection, String) -> BoxFuture<Result<Vec<String>, BoxError>> + Send + Sync>;
+
+/// A collection exposure; give it to
+/// [`MeshBuilder::expose_collection`](crate::MeshBuilder::expose_collection).
+///
+/// ```
+/// use tower_mesh::{Access, Collection, Mesh, Regex};
+///
+/// let (layer, mesh) = Mesh::builder()
+///     // every record whose id starts with "task:"
+///     .expose_collection("tasks", Collection::matching(Regex::new("^task:").unwrap()))
+///     // a resolver of your own: the records this connection sees
+///     .expose_collection(
+///         Regex::new("^inbox:").unwrap(),
+///         Collection::resolved_by(|mesh, connection, collection_id| async move {
+///             let owner = collection_id.trim_start_matches("inbox:").to_owned();
+///             let mine = mesh
+///                 .list_records_matching(Regex::new("^message:").unwrap())
+///                 .await?
+///                 .into_iter()
+///                 .filter(|(_, message)| message["to"] == owner.as_str())
+///                 .map(|(id, _)| id)
+///                 .collect();
+///             Ok(mine)
+///         })
+///         .holding(Regex::new("^message:").unwrap())
+///         .access(Access::guarded(|connection, collection_id| async move {
+///             connection.headers().get("x-user").and_then(|user| user.to_str().ok())
+///                 == collection_id.strip_prefix("inbox:")
+///         })),
+///     )
+///     .build();
+/// ```
+#[derive(Clone)]
+#[must_use]
+pub struct Collection {
+    resolver: Resolver,
+    holding: Option<Pattern>,
+    access: Access,
+}
+
+impl std::fmt::Debug for Collection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Collection")
+            .field("holding", &self.holding)
+            .field("access", &self.access)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Collection {
+    /// Every stored record whose id `records` matches; only writes to such records
+    /// re-resolve it.
+    pub fn matching(records: impl Into<Pattern>) -> Self {
+        let records = records.into();
+        let pattern = records.clone();
+        Collection::resolved_by(move |mesh, _connection, _collection_id| {
+            let pattern = pattern.clone();
+            async move {
+                let records = mesh.list_records_matching(pattern).await?;
+                Ok(records.into_iter().map(|(id, _)| id).collect())
+            }
+        })
+        .holding(records)
+    }
+
+    /// Members decided by `resolver`, which gets the mesh, the subscribing connection and
+    /// the collection id, and returns the ids of the records that connection sees.
+    /// Without [`holding`](Self::holding), a write to any record re-resolves it.
+    pub fn resolved_by<F, Fut>(resolver: F) -> Self
+    where
+        F: Fn(Mesh, Connection, String) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<String>, BoxError>> + Send + 'static,
+    {
+        Collection {
+            resolver: Arc::new(move |mesh, connection, id| {
+                Box::pin(resolver(mesh, connection, id))
+            }),
+            holding: None,
+            access: Access::open(),
+        }
+    }
+
+    /// The records its collections can hold: writes to other records never re-resolve
+    /// them.
+    pub fn holding(mut self, records: impl Into<Pattern>) -> Self {
+        self.holding = Some(records.into());
+        self
+    }
+
+    /// Who may subscribe. Default: anyone.
+    pub fn access(mut self, access: Access) -> Self {
+        self.access = access;
+        self
+    }
+}
+
+/// One exposed collection pattern: its settings and the key that names it everywhere.
+pub(crate) struct CollectionExposure {
+    pub(crate) key: Arc<str>,
+    pub(crate) collection: Collection,
+}
+
+impl CollectionExposure {
+    pub(crate) fn new(pattern: &Pattern, collection: Collection) -> Self {
+        CollectionExposure {
+            key: Arc::from(pattern.key()),
+            collection,
+        }
+    }
+}
+
+/// One connection's subscription to one collection.
+struct Subscription {
+    exposure: Arc<CollectionExposure>,
+    members: Vec<String>,
+    version: u64,
+    /// A re-resolution is scheduled and has not started.
+    pending: bool,
+}
+
+/// One connection's collection subscriptions, by collection id.
+type OfConnection = HashMap<Arc<str>, Subscription>;
+
+/// Every local collection subscription, by connection, then collection id.
+#[derive(Default)]
+pub(crate) struct CollectionSubscriptions {
+    by_connection: Mutex<HashMap<Arc<str>, OfConnection>>,
+}
+
+impl CollectionSubscriptions {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, OfConnection>> {
+        self.by_connection
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn count(&self, connection_id: &str) -> usize {
+        self.lock().get(connection_id).map_or(0, HashMap::len)
+    }
+}
+
+impl Mesh {
+    /// The keys of the exposures whose collections can hold `record_id`.
+    pub(crate) fn collections_holding(&self, record_id: &str) -> Vec<Arc<str>> {
+        self.inner()
+            .collection_exposures
+            .iter()
+            .filter(|exposure| {
+                exposure
+                    .collection
+                    .holding
+                    .as_ref()
+                    .is_none_or(|records| records.matches(record_id))
+            })
+            .map(|exposure| exposure.key.clone())
+            .collect()
+    }
+
+    /// A record that collections of `exposure` can hold changed: every local subscription
+    /// to one of them re-resolves once the burst is over.
+    pub(crate) fn collections_changed(&self, exposure: &str) {
+        let topic = Topic::Collections(Arc::from(exposure));
+        for listener in self.inner().topics.listeners(&topic) {
+            let connection_id = listener.connection.shared_id();
+            let mut subscriptions = self.inner().collection_subscriptions.lock();
+            let Some(collections) = subscriptions.get_mut(&connection_id) else {
+                continue;
+            };
+            for (collection_id, subscription) in collections.iter_mut() {
+                if &*subscription.exposure.key != exposure || subscription.pending {
+                    continue;
+                }
+                subscription.pending = true;
+                let mesh = self.clone();
+                let connection_id = connection_id.clone();
+                let collection_id = collection_id.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(DEBOUNCE).await;
+                    mesh.re_resolve(&connection_id, &collection_id).await;
+                });
+            }
+        }
+    }
+
+    /// Forgets a connection's collection subscriptions (its listens go with its topics).
+    pub(crate) fn forget_collections(&self, connection_id: &str) {
+        self.inner()
+            .collection_subscriptions
+            .lock()
+            .remove(connection_id);
+    }
+
+    /// The readable members of a collection for a connection, in the resolver's order.
+    async fn resolve(
+        &self,
+        exposure: &CollectionExposure,
+        connection: &Connection,
+        collection_id: &str,
+    ) -> Result<Vec<String>, CommandError> {
+        let resolved = (exposure.collection.resolver)(
+            self.clone(),
+            connection.clone(),
+            collection_id.to_owned(),
+        )
+        .await
+        .map_err(CommandError::from_box)?;
+        let mut seen = HashSet::new();
+        let mut members = Vec::with_capacity(resolved.len());
+        for id in resolved {
+            if seen.insert(id.clone()) && self.may_read_record(connection, &id).await {
+                members.push(id);
+            }
+        }
+        Ok(members)
+    }
+
+    /// `{id, record}` for each id (`record` is `null` for one not stored).
+    async fn member_records(&self, ids: &[String]) -> Result<Vec<Value>, CommandError> {
+        let stored = self.inner().backend.records(ids).await?;
+        Ok(ids
+            .iter()
+            .zip(stored)
+            .map(|(id, stored)| {
+                json!({ "id": id, "record": stored.map_or(Value::Null, |stored| stored.value) })
+            })
+            .collect())
+    }
+
+    /// Listens to the records that joined a collection and releases those that left.
+    async fn hold_members(
+        &self,
+        connection: &Connection,
+        joined: &[String],
+        left: &[String],
+    ) -> Result<(), CommandError> {
+        for id in left {
+            let topic = Topic::Record(Arc::from(id.as_str()));
+            if self
+                .inner()
+                .topics
+                .remove_for_collection(&topic, connection.id())
+            {
+                self.inner().backend.unsubscribe(self.instance_id(), &topic);
+            }
+        }
+        for id in joined {
+            let topic = Topic::Record(Arc::from(id.as_str()));
+            self.inner()
+                .topics
+                .add_for_collection(topic.clone(), connection);
+            self.inner()
+                .backend
+                .subscribe(self.instance_id(), &topic)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Resolves a subscription again and sends the difference, if any, as the next
+    /// version. Runs under the connection's membership lock, so it is ordered with the
+    /// subscription's start and end and with other re-resolutions.
+    async fn re_resolve(&self, connection_id: &Arc<str>, collection_id: &Arc<str>) {
+        let Some(connection) = self.connection(connection_id) else {
+            return;
+        };
+        let membership = connection.lock_membership().await;
+        if connection.is_closed() {
+            return;
+        }
+        let exposure = {
+            let mut subscriptions = self.inner().collection_subscriptions.lock();
+            let Some(subscription) = subscriptions
+                .get_mut(connection_id)
+                .and_then(|collections| collections.get_mut(collection_id))
+            else {
+                return;
+            };
+            // A change from now on schedules another run.
+            subscription.pending = false;
+            subscription.exposure.clone()
+        };
+        if let Err(err) = self
+            .apply_resolution(&membership, &connection, &exposure, collection_id)
+            .await
+        {
+            tracing::warn!(collection = %collection_id, error = err.message(), "could not re-resolve a collection");
+        }
+    }
+
+    async fn apply_resolution(
+        &self,
+        _membership: &MembershipGuard<'_>,
+        connection: &Connection,
+        exposure: &CollectionExposure,
+        collection_id: &Arc<str>,
+    ) -> Result<(), CommandError> {
+        let members = self.resolve(exposure, connection, collection_id).await?;
+        let (joined, left, version) = {
+            let mut subscriptions = self.inner().collection_subscriptions.lock();
+            let Some(subscription) = subscriptions
+                .get_mut(connection.id())
+                .and_then(|collections| collections.get_mut(collection_id))
+            else {
+                return Ok(());
+            };
+            let before: HashSet<&String> = subscription.members.iter().collect();
+            let after: HashSet<&String> = members.iter().collect();
+            let joined: Vec<String> = members
+                .iter()
+                .filter(|id| !before.contains(id))
+                .cloned()
+                .collect();
+            let left: Vec<String> = subscription
+                .members
+                .iter()
+                .filter(|id| !after.contains(id))
+                .cloned()
+                .collect();
+            if joined.is_empty() && left.is_empty() {
+                return Ok(());
+            }
+            subscription.members = members;
+            subscription.version += 1;
+            (joined, left, subscription.version)
+        };
+        self.hold_members(connection, &joined, &left).await?;
+        let added = self.member_records(&joined).await?;
+        let removed: Vec<Value> = left.iter().map(|id| json!({ "id": id })).collect();
+        let diff = protocol::collection_diff(collection_id, &added, &removed, version);
+        let _ = self.registry().send_frame(connection, Frame::from(diff));
+        Ok(())
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct CollectionRequest {
+    collection_id: String,
+}
+
+/// `mesh/subscribe-collection {collectionId}` -> `{success, ids, records: [{id, record}],
+/// version: 1}`, or `{success: false, ids: [], records: [], version: 0}` when it is not
+/// exposed or its access refuses.
+pub(crate) async fn subscribe_collection(
+    mesh: Mesh,
+    connection: Connection,
+    Payload(request): Payload<CollectionRequest>,
+) -> Result<Value, CommandError> {
+    let collection_id: Arc<str> = Arc::from(valid_name("collectionId", &request.collection_id)?);
+    let refused = json!({ "success": false, "ids": [], "records": [], "version": 0 });
+    let Some(exposure) = mesh.inner().collections.find(&collection_id).cloned() else {
+        return Ok(refused);
+    };
+    if !exposure
+        .collection
+        .access
+        .allows(&connection, &collection_id)
+        .await
+    {
+        return Ok(refused);
+    }
+    let membership = connection.lock_membership().await;
+    if connection.is_closed() {
+        return Ok(refused);
+    }
+    let subscribed_already = {
+        let subscriptions = mesh.inner().collection_subscriptions.lock();
+        subscriptions
+            .get(connection.id())
+            .and_then(|collections| collections.get(&collection_id))
+            .map(|subscription| subscription.members.clone())
+    };
+    let limit = mesh.config().max_subscriptions_per_connection;
+    let held = mesh.inner().topics.topics_of(connection.id(), |topic| {
+        (!matches!(topic, Topic::Room(_) | Topic::Collections(_))).then_some(())
+    });
+    if subscribed_already.is_none()
+        && held.len() + mesh.inner().collection_subscriptions.count(connection.id()) >= limit
+    {
+        return Err(CommandError::limit(format!(
+            "a connection may hold at most {limit} subscriptions"
+        )));
+    }
+    // The subscription exists, and its exposure is heard, before resolving: a change
+    // during the resolution schedules a re-resolution, which waits for this one.
+    let topic = Topic::Collections(exposure.key.clone());
+    mesh.listen(&membership, &connection, topic, Form::Full)
+        .await?;
+    mesh.inner()
+        .collection_subscriptions
+        .lock()
+        .entry(connection.shared_id())
+        .or_default()
+        .insert(
+            collection_id.clone(),
+            Subscription {
+                exposure: exposure.clone(),
+                // What it holds: the previous members when subscribing again.
+                members: subscribed_already.clone().unwrap_or_default(),
+                version: 1,
+                pending: false,
+            },
+        );
+    let subscribed = async {
+        let members = mesh.resolve(&exposure, &connection, &collection_id).await?;
+        let previous = subscribed_already.unwrap_or_default();
+        mesh.hold_members(&connection, &members, &previous).await?;
+        if let Some(subscription) = mesh
+            .inner()
+            .collection_subscriptions
+            .lock()
+            .get_mut(connection.id())
+            .and_then(|collections| collections.get_mut(&collection_id))
+        {
+            subscription.members = members.clone();
+        }
+        Ok::<_, CommandError>(members)
+    };
+    let members = match subscribed.await {
+        Ok(members) => members,
+        Err(err) => {
+            drop(membership);
+            unsubscribe(&mesh, &connection, &collection_id).await;
+            return Err(err);
+        }
+    };
+    drop(membership);
+    let records = mesh.member_records(&members).await?;
+    Ok(json!({ "success": true, "ids": members, "records": records, "version": 1 }))
+}
+
+/// Ends a collection subscription; returns whether there was one.
+async fn unsubscribe(mesh: &Mesh, connection: &Connection, collection_id: &str) -> bool {
+    let _membership = connection.lock_membership().await;
+    let (removed, exposure_still_heard) = {
+        let mut subscriptions = mesh.inner().collection_subscriptions.lock();
+        let Some(collections) = subscriptions.get_mut(connection.id()) else {
+            return false;
+        };
+        let Some(removed) = collections.remove(collection_id) else {
+            return false;
+        };
+        let still = collections
+            .values()
+            .any(|other| Arc::ptr_eq(&other.exposure, &removed.exposure));
+        if collections.is_empty() {
+            subscriptions.remove(connection.id());
+        }
+        (removed, still)
+    };
+    if let Err(err) = mesh.hold_members(connection, &[], &removed.members).await {
+        tracing::warn!(
+            error = err.message(),
+            "could not release a collection's records"
+        );
+    }
+    if !exposure_still_heard {
+        mesh.stop_listening(
+            connection.id(),
+            &Topic::Collections(removed.exposure.key.clone()),
+        );
+    }
+    true
+}
+
+/// `mesh/unsubscribe-collection {collectionId}` -> whether the caller was subscribed.
+pub(crate) async fn unsubscribe_collection(
+    mesh: Mesh,
+    connection: Connection,
+    Payload(request): Payload<CollectionRequest>,
+) -> Result<bool, CommandError> {
+    let collection_id = valid_name("collectionId", &request.collection_id)?;
+    Ok(unsubscribe(&mesh, &connection, collection_id).await)
+}

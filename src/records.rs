@@ -1,0 +1,401 @@
+//! Records: versioned JSON values that clients subscribe to, whole or as RFC 6902 patches,
+//! and the built-in commands `mesh/subscribe-record`, `mesh/unsubscribe-record` and
+//! `mesh/publish-record-update`.
+//!
+//! Every effective write raises the version by exactly one; a write that changes nothing
+//! (numbers compare by value: `1` equals `1.0`) stores nothing and announces nothing. The
+//! patch is computed once per write, here, and the same bytes go to every patch-mode
+//! subscriber. The backend makes the read-modify-write atomic across instances (a
+//! compare-and-set on the version on Redis) and publishes the update with the write.
+//!
+//! Access (PROTOCOL.md §9): a connection may read a record when a read pattern
+//! ([`expose_record`](crate::MeshBuilder::expose_record)) matches and its guard allows, or
+//! when no read pattern matches and a writable pattern
+//! ([`expose_writable_record`](crate::MeshBuilder::expose_writable_record)) does and its
+//! guard allows. It may write only through a writable pattern. A refusing read guard is
+//! never bypassed by a writable pattern.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::access::{valid_name, Access, Pattern, Rules};
+use crate::backend::{Delivery, RecordWrite, StoredRecord};
+use crate::connection::Connection;
+use crate::error::{CommandError, MeshError};
+use crate::extract::Payload;
+use crate::mesh::{BoxFuture, Mesh};
+use crate::metadata::MergeStrategy;
+use crate::protocol::{self, Frame};
+use crate::topics::{Form, Topic};
+
+/// A record's value and version.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Record {
+    /// The value.
+    pub value: Value,
+    /// How many effective writes made it (1 for the first).
+    pub version: u64,
+}
+
+/// What a record hook hears: which record, and its value and version (for a removal, the
+/// last ones).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct RecordEvent {
+    /// The record's id.
+    pub record_id: String,
+    /// Its new value (for a removal: the value it had).
+    pub value: Value,
+    /// Its new version (for a removal: the version it had).
+    pub version: u64,
+}
+
+pub(crate) type RecordHook = Arc<dyn Fn(RecordEvent) -> BoxFuture<()> + Send + Sync>;
+
+/// Who may read and write which records, and who hears of changes.
+#[derive(Default)]
+pub(crate) struct RecordRules {
+    pub(crate) readable: Rules<Access>,
+    pub(crate) writable: Rules<Access>,
+    pub(crate) on_update: Vec<RecordHook>,
+    pub(crate) on_removed: Vec<RecordHook>,
+}
+
+impl Mesh {
+    /// Writes a record: combines `value` into the stored one with `strategy` and, when
+    /// that changes it, stores it as the next version and sends it to the record's
+    /// subscribers on every instance. Returns the new version, or `None` when nothing
+    /// changed. Concurrent writers on any instance never share a version or lose a write.
+    pub async fn write_record(
+        &self,
+        record_id: &str,
+        value: Value,
+        strategy: MergeStrategy,
+    ) -> Result<Option<u64>, MeshError> {
+        self.ready().await?;
+        let id: Arc<str> = Arc::from(record_id);
+        let changed = self.collections_holding(record_id);
+        let value = canonical(value);
+        let update = move |current: Option<&StoredRecord>| {
+            let old = current.map(|record| &record.value);
+            // Both sides are canonical already: what is stored was canonicalised on its way in.
+            let next = strategy.apply(old.cloned(), value.clone());
+            if old == Some(&next) {
+                return None;
+            }
+            let version = current.map_or(0, |record| record.version) + 1;
+            let full = Frame::from(protocol::record_update_full(&id, &next, version));
+            let patch = patch_between(old, &next)
+                .map(|patch| Frame::from(protocol::record_update_patch(&id, &patch, version)));
+            let mut announcements = vec![Delivery::Record {
+                record_id: id.clone(),
+                full,
+                patch,
+            }];
+            announcements.extend(
+                changed
+                    .iter()
+                    .cloned()
+                    .map(|exposure| Delivery::RecordsChanged { exposure }),
+            );
+            Some(RecordWrite {
+                value: next,
+                announcements,
+            })
+        };
+        let stored = self
+            .inner()
+            .backend
+            .update_record(record_id, &update)
+            .await?;
+        Ok(stored.map(|stored| {
+            let version = stored.version;
+            self.run_record_hooks(&self.inner().records.on_update, record_id, stored);
+            version
+        }))
+    }
+
+    /// A record's value and version; `None` when it does not exist.
+    pub async fn record(&self, record_id: &str) -> Result<Option<Record>, MeshError> {
+        self.ready().await?;
+        let ids = [record_id.to_owned()];
+        let mut stored = self.inner().backend.records(&ids).await?;
+        Ok(stored.pop().flatten().map(|stored| Record {
+            value: stored.value,
+            version: stored.version,
+        }))
+    }
+
+    /// Deletes a record; its subscribers get `mesh/record-deleted` with its last version.
+    /// Returns whether it existed.
+    pub async fn delete_record(&self, record_id: &str) -> Result<bool, MeshError> {
+        self.ready().await?;
+        let id: Arc<str> = Arc::from(record_id);
+        let changed = self.collections_holding(record_id);
+        let announce = move |stored: &StoredRecord| {
+            let mut announcements = vec![Delivery::Topic {
+                topic: Topic::Record(id.clone()),
+                frame: Frame::from(protocol::record_deleted(&id, stored.version)),
+                exclude: Arc::from([]),
+            }];
+            announcements.extend(
+                changed
+                    .iter()
+                    .cloned()
+                    .map(|exposure| Delivery::RecordsChanged { exposure }),
+            );
+            announcements
+        };
+        let removed = self
+            .inner()
+            .backend
+            .delete_record(record_id, &announce)
+            .await?;
+        Ok(removed
+            .map(|stored| {
+                self.run_record_hooks(&self.inner().records.on_removed, record_id, stored)
+            })
+            .is_some())
+    }
+
+    /// Every stored record whose id `pattern` matches, sorted by id (for collection
+    /// resolvers). It lists every record id to filter them, so prefer narrow patterns.
+    pub async fn list_records_matching(
+        &self,
+        pattern: impl Into<Pattern>,
+    ) -> Result<Vec<(String, Value)>, MeshError> {
+        self.ready().await?;
+        let pattern = pattern.into();
+        let ids: Vec<String> = self
+            .inner()
+            .backend
+            .record_ids()
+            .await?
+            .into_iter()
+            .filter(|id| pattern.matches(id))
+            .collect();
+        let stored = self.inner().backend.records(&ids).await?;
+        Ok(ids
+            .into_iter()
+            .zip(stored)
+            .filter_map(|(id, stored)| stored.map(|stored| (id, stored.value)))
+            .collect())
+    }
+
+    /// Whether `connection` may read `record_id` (see the module docs).
+    pub(crate) async fn may_read_record(&self, connection: &Connection, record_id: &str) -> bool {
+        let rules = &self.inner().records;
+        match (
+            rules.readable.find(record_id),
+            rules.writable.find(record_id),
+        ) {
+            (Some(read), _) => read.allows(connection, record_id).await,
+            (None, Some(write)) => write.allows(connection, record_id).await,
+            (None, None) => false,
+        }
+    }
+
+    async fn may_write_record(&self, connection: &Connection, record_id: &str) -> bool {
+        match self.inner().records.writable.find(record_id) {
+            Some(write) => write.allows(connection, record_id).await,
+            None => false,
+        }
+    }
+
+    /// Runs hooks without waiting for them; one that fails or panics stops no other.
+    fn run_record_hooks(&self, hooks: &[RecordHook], record_id: &str, stored: StoredRecord) {
+        for hook in hooks {
+            let event = RecordEvent {
+                record_id: record_id.to_owned(),
+                value: stored.value.clone(),
+                version: stored.version,
+            };
+            let run = std::panic::AssertUnwindSafe(hook(event));
+            tokio::spawn(async move {
+                use futures_util::FutureExt;
+                if run.catch_unwind().await.is_err() {
+                    tracing::error!("a record hook panicked");
+                }
+            });
+        }
+    }
+}
+
+/// Numbers compare by value, as in JavaScript: a float with an integral value within the
+/// exactly representable range becomes an integer, so `1.0` and `1` are the same value.
+fn canonical(value: Value) -> Value {
+    const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+    match value {
+        Value::Number(number) if !number.is_i64() && !number.is_u64() => {
+            match number.as_f64() {
+                Some(float) if float.fract() == 0.0 && float.abs() <= EXACT => {
+                    // Exact: an integral float within ±2^53 converts without loss.
+                    if float < 0.0 {
+                        Value::from(float as i64)
+                    } else {
+                        Value::from(float as u64)
+                    }
+                }
+                _ => Value::Number(number),
+            }
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(canonical).collect()),
+        Value::Object(entries) => Value::Object(
+            entries
+                .into_iter()
+                .map(|(key, value)| (key, canonical(value)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+/// The RFC 6902 patch from `old` to `new`, when `new` is an object or array and `old` is
+/// of the same kind or absent (`null`): patch mode needs a document to patch. Otherwise
+/// patch-mode subscribers get the whole value.
+fn patch_between(old: Option<&Value>, new: &Value) -> Option<json_patch::Patch> {
+    let empty;
+    let base = match (old, new) {
+        (Some(old @ Value::Object(_)), Value::Object(_))
+        | (Some(old @ Value::Array(_)), Value::Array(_)) => old,
+        (None | Some(Value::Null), Value::Object(_)) => {
+            empty = json!({});
+            &empty
+        }
+        (None | Some(Value::Null), Value::Array(_)) => {
+            empty = json!([]);
+            &empty
+        }
+        _ => return None,
+    };
+    Some(json_patch::diff(base, new))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct SubscribeRecord {
+    record_id: String,
+    #[serde(default)]
+    mode: Option<RecordMode>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum RecordMode {
+    Full,
+    Patch,
+}
+
+/// `mesh/subscribe-record {recordId, mode?}` -> `{success, record, version}` (`null` and 0
+/// for a record never written), or `{success: false, record: null, version: 0}` when it is
+/// not readable. Updates follow as `mesh/record-update` in the asked mode.
+pub(crate) async fn subscribe_record(
+    mesh: Mesh,
+    connection: Connection,
+    Payload(request): Payload<SubscribeRecord>,
+) -> Result<Value, CommandError> {
+    let record_id = valid_name("recordId", &request.record_id)?;
+    let refused = json!({ "success": false, "record": null, "version": 0 });
+    if !mesh.may_read_record(&connection, record_id).await {
+        return Ok(refused);
+    }
+    let form = match request.mode {
+        Some(RecordMode::Patch) => Form::Patch,
+        Some(RecordMode::Full) | None => Form::Full,
+    };
+    let topic = Topic::Record(Arc::from(record_id));
+    if !mesh.subscribe(&connection, topic, form).await? {
+        return Ok(refused);
+    }
+    let (record, version) = match mesh.record(record_id).await? {
+        Some(record) => (record.value, record.version),
+        None => (Value::Null, 0),
+    };
+    Ok(json!({ "success": true, "record": record, "version": version }))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct RecordRequest {
+    record_id: String,
+}
+
+/// `mesh/unsubscribe-record {recordId}` -> whether the caller was subscribed.
+pub(crate) async fn unsubscribe_record(
+    mesh: Mesh,
+    connection: Connection,
+    Payload(request): Payload<RecordRequest>,
+) -> Result<bool, CommandError> {
+    let record_id = valid_name("recordId", &request.record_id)?;
+    let _membership = connection.lock_membership().await;
+    Ok(mesh.stop_listening(connection.id(), &Topic::Record(Arc::from(record_id))))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct PublishRecord {
+    record_id: String,
+    new_value: Value,
+    #[serde(default)]
+    options: Option<WriteOptions>,
+}
+
+#[derive(Deserialize, Default)]
+struct WriteOptions {
+    #[serde(default)]
+    strategy: MergeStrategy,
+}
+
+/// `mesh/publish-record-update {recordId, newValue, options?: {strategy}}` ->
+/// `{success: true}`; a record the caller may not write is an `EFORBIDDEN` error naming
+/// it, and nothing is stored or sent.
+pub(crate) async fn publish_record_update(
+    mesh: Mesh,
+    connection: Connection,
+    Payload(request): Payload<PublishRecord>,
+) -> Result<Value, CommandError> {
+    let record_id = valid_name("recordId", &request.record_id)?;
+    if !mesh.may_write_record(&connection, record_id).await {
+        return Err(CommandError::forbidden(format!(
+            "Record \"{record_id}\" is not writable"
+        )));
+    }
+    let strategy = request.options.unwrap_or_default().strategy;
+    mesh.write_record(record_id, request.new_value, strategy)
+        .await?;
+    Ok(json!({ "success": true }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_compare_by_value() {
+        assert_eq!(
+            canonical(json!({"a": [1.0, 2.5, -3.0]})),
+            json!({"a": [1, 2.5, -3]})
+        );
+        assert_eq!(canonical(json!(1e300)), json!(1e300));
+    }
+
+    #[test]
+    fn patches_need_a_document() {
+        let patch = |old: Option<Value>, new: Value| {
+            patch_between(old.as_ref(), &new).map(|patch| serde_json::to_value(patch).unwrap())
+        };
+        assert_eq!(
+            patch(None, json!({"count": 1})),
+            Some(json!([{"op": "add", "path": "/count", "value": 1}]))
+        );
+        assert_eq!(
+            patch(Some(json!({"count": 1, "name": "a"})), json!({"name": "a"})),
+            Some(json!([{"op": "remove", "path": "/count"}]))
+        );
+        assert_eq!(patch(Some(json!({"a": 1})), json!([1])), None);
+        assert_eq!(patch(Some(json!("x")), json!("y")), None);
+    }
+}
