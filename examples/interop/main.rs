@@ -5,9 +5,13 @@
 //! answers `200 ok` through the inner router; mesh is mounted on `/`; command `echo`
 //! replies with its payload; `broadcast-room {room, message}` pushes `room-message` with
 //! `message` to every member of `room` and replies `{success: true}`; presence is tracked
-//! in every room. Optional `PING_INTERVAL_MS`, `LATENCY_INTERVAL_MS` and
-//! `MAX_MISSED_PONGS` tune liveness for protocol tests. Channels and records arrive with a
-//! later issue; until then their commands answer `ENOTFOUND`.
+//! in every room. Every channel (but the reserved `mesh:` ones), every record (writable by
+//! clients) and every collection (a collection `C` holds the records whose id starts with
+//! `C:`) is exposed, and the server writes them on request:
+//! `write-channel {channel, message, history?}` (history default 50),
+//! `write-record {recordId, value, strategy?}` and `delete-record {recordId}`, each
+//! replying `{success: true}`. Optional `PING_INTERVAL_MS`, `LATENCY_INTERVAL_MS` and
+//! `MAX_MISSED_PONGS` tune liveness for protocol tests.
 //!
 //! ```text
 //! cargo run --example interop
@@ -20,7 +24,7 @@ use axum::Router;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tower_mesh::extract::Payload;
-use tower_mesh::{CommandError, Mesh, PresenceOptions, Regex};
+use tower_mesh::{Access, Collection, CommandError, MergeStrategy, Mesh, PresenceOptions, Regex};
 
 fn env_ms(name: &str) -> Option<Duration> {
     std::env::var(name)
@@ -49,6 +53,73 @@ async fn broadcast_room(
     Ok(json!({ "success": true }))
 }
 
+#[derive(Deserialize)]
+struct ChannelWrite {
+    channel: String,
+    message: Value,
+    #[serde(default = "default_history")]
+    history: usize,
+}
+
+fn default_history() -> usize {
+    50
+}
+
+async fn write_channel(
+    mesh: Mesh,
+    Payload(write): Payload<ChannelWrite>,
+) -> Result<Value, CommandError> {
+    mesh.write_channel(&write.channel, &write.message, write.history)
+        .await?;
+    Ok(json!({ "success": true }))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RecordWrite {
+    record_id: String,
+    value: Value,
+    #[serde(default)]
+    strategy: MergeStrategy,
+}
+
+async fn write_record(
+    mesh: Mesh,
+    Payload(write): Payload<RecordWrite>,
+) -> Result<Value, CommandError> {
+    mesh.write_record(&write.record_id, write.value, write.strategy)
+        .await?;
+    Ok(json!({ "success": true }))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RecordDelete {
+    record_id: String,
+}
+
+async fn delete_record(
+    mesh: Mesh,
+    Payload(delete): Payload<RecordDelete>,
+) -> Result<Value, CommandError> {
+    mesh.delete_record(&delete.record_id).await?;
+    Ok(json!({ "success": true }))
+}
+
+/// The collection named `C` holds every record whose id starts with `C:`.
+fn records_under_collection_id() -> Collection {
+    Collection::resolved_by(|mesh, _connection, collection_id| async move {
+        let prefix = format!("{collection_id}:");
+        let ids = mesh
+            .list_records_matching(Regex::new(&format!("^{}", regex::escape(&prefix)))?)
+            .await?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        Ok(ids)
+    })
+}
+
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
     tracing_subscriber::fmt()
@@ -61,11 +132,17 @@ async fn main() -> std::io::Result<()> {
         .and_then(|p| p.parse().ok())
         .unwrap_or(8787);
 
-    let every_room = Regex::new("").expect("the empty regex is valid");
+    let every = || Regex::new("").expect("the empty regex is valid");
     let mut builder = Mesh::builder()
         .command("echo", echo)
         .command("broadcast-room", broadcast_room)
-        .track_presence(every_room, PresenceOptions::new());
+        .command("write-channel", write_channel)
+        .command("write-record", write_record)
+        .command("delete-record", delete_record)
+        .track_presence(every(), PresenceOptions::new())
+        .expose_channel(every(), Access::open())
+        .expose_writable_record(every(), Access::open())
+        .expose_collection(every(), records_under_collection_id());
     if let Ok(url) = std::env::var("REDIS_URL") {
         let prefix = std::env::var("MESH_PREFIX").unwrap_or_else(|_| "mesh:".into());
         match tower_mesh::RedisBackend::builder(url.as_str())
