@@ -73,6 +73,9 @@ pub struct Collection {
     resolver: Resolver,
     holding: Option<Pattern>,
     access: Access,
+    /// Whether membership depends on which records exist only (not on their values), so
+    /// that only creations and deletions can change it.
+    by_existence: bool,
 }
 
 impl std::fmt::Debug for Collection {
@@ -85,19 +88,18 @@ impl std::fmt::Debug for Collection {
 }
 
 impl Collection {
-    /// Every stored record whose id `records` matches; only writes to such records
-    /// re-resolve it.
+    /// Every stored record whose id `records` matches; only the creation or deletion of
+    /// such a record re-resolves it (updates reach subscribers as record updates).
     pub fn matching(records: impl Into<Pattern>) -> Self {
         let records = records.into();
         let pattern = records.clone();
-        Collection::resolved_by(move |mesh, _connection, _collection_id| {
+        let mut collection = Collection::resolved_by(move |mesh, _connection, _collection_id| {
             let pattern = pattern.clone();
-            async move {
-                let records = mesh.list_records_matching(pattern).await?;
-                Ok(records.into_iter().map(|(id, _)| id).collect())
-            }
+            async move { Ok(mesh.record_ids_matching(pattern).await?) }
         })
-        .holding(records)
+        .holding(records);
+        collection.by_existence = true;
+        collection
     }
 
     /// Members decided by `resolver`, which gets the mesh, the subscribing connection and
@@ -114,6 +116,7 @@ impl Collection {
             }),
             holding: None,
             access: Access::open(),
+            by_existence: false,
         }
     }
 
@@ -177,11 +180,18 @@ impl CollectionSubscriptions {
 }
 
 impl Mesh {
-    /// The keys of the exposures whose collections can hold `record_id`.
-    pub(crate) fn collections_holding(&self, record_id: &str) -> Vec<Arc<str>> {
+    /// The keys of the exposures whose collections can hold `record_id` and must
+    /// re-resolve when it changes: on its creation or deletion (`existence_changed`), all
+    /// of them; on an update, those whose membership depends on values.
+    pub(crate) fn collections_holding(
+        &self,
+        record_id: &str,
+        existence_changed: bool,
+    ) -> Vec<Arc<str>> {
         self.inner()
             .collection_exposures
             .iter()
+            .filter(|exposure| existence_changed || !exposure.collection.by_existence)
             .filter(|exposure| {
                 exposure
                     .collection
@@ -360,12 +370,50 @@ impl Mesh {
             subscription.version += 1;
             (joined, left, subscription.version)
         };
-        self.hold_members(connection, &joined, &left).await?;
-        let added = self.member_records(&joined).await?;
-        let removed: Vec<Value> = left.iter().map(|id| json!({ "id": id })).collect();
-        let diff = protocol::collection_diff(collection_id, &added, &removed, version);
-        let _ = self.registry().send_frame(connection, Frame::from(diff));
-        Ok(())
+        // The diff's place is taken before the new members are heard, so an update of one
+        // of them, published after the diff's snapshot, cannot reach the client first.
+        let reservation = connection.reserve_reply();
+        let diff = async {
+            self.hold_members(connection, &joined, &left).await?;
+            let stored = self.inner().backend.records(&joined).await?;
+            let added: Vec<Value> = joined
+                .iter()
+                .zip(stored)
+                .map(|(id, stored)| member_as_added(id, stored.map(|stored| stored.value)))
+                .collect();
+            let removed: Vec<Value> = left.iter().map(|id| json!({ "id": id })).collect();
+            Ok::<_, CommandError>(protocol::collection_diff(
+                collection_id,
+                &added,
+                &removed,
+                version,
+            ))
+        };
+        match diff.await {
+            Ok(diff) => {
+                connection.push_reply(reservation, Frame::from(diff));
+                Ok(())
+            }
+            Err(err) => {
+                connection.release_reservation(reservation);
+                Err(err)
+            }
+        }
+    }
+}
+
+/// A record that joined a collection, as `mesh/collection-diff` lists it: the record's
+/// own object with its `id` (what mesh sends, and what its client reads), or, for a value
+/// that is not an object, `{id, value}` (`value` is `null` for a record not stored).
+fn member_as_added(id: &str, value: Option<Value>) -> Value {
+    match value {
+        Some(Value::Object(fields)) => {
+            let mut member = serde_json::Map::with_capacity(fields.len() + 1);
+            member.insert("id".to_owned(), Value::String(id.to_owned()));
+            member.extend(fields.into_iter().filter(|(key, _)| key != "id"));
+            Value::Object(member)
+        }
+        other => json!({ "id": id, "value": other.unwrap_or(Value::Null) }),
     }
 }
 

@@ -651,15 +651,52 @@ impl Inbox for MeshInner {
             }
             Delivery::Record {
                 record_id,
-                full,
+                version,
+                value,
                 patch,
             } => {
-                for listener in self.topics.listeners(&Topic::Record(record_id)) {
-                    let frame = match (listener.form, &patch) {
-                        (Form::Patch, Some(patch)) => patch.clone(),
-                        _ => full.clone(),
+                // Each form is built once, and only if some listener here needs it.
+                let build = |full: bool, with_patch: bool| {
+                    Frame::from(protocol::record_update(
+                        &record_id,
+                        full.then_some(&*value),
+                        patch.as_deref().filter(|_| with_patch),
+                        version,
+                    ))
+                };
+                let (mut full, mut patched, mut both) = (None, None, None);
+                for listener in self.topics.listeners(&Topic::Record(record_id.clone())) {
+                    let frame = match (
+                        listener.form,
+                        patch.is_some(),
+                        listener.held_by_collection(),
+                    ) {
+                        (Form::Patch, true, false) => {
+                            patched.get_or_insert_with(|| build(false, true))
+                        }
+                        (Form::Patch, true, true) => both.get_or_insert_with(|| build(true, true)),
+                        _ => full.get_or_insert_with(|| build(true, false)),
                     };
-                    let _ = self.registry.send_frame(&listener.connection, frame);
+                    let _ = self
+                        .registry
+                        .send_frame(&listener.connection, frame.clone());
+                }
+            }
+            Delivery::RecordDeleted { record_id, version } => {
+                let topic = Topic::Record(record_id.clone());
+                let frame = Frame::from(protocol::record_deleted(&record_id, version));
+                for listener in self.topics.listeners(&topic) {
+                    let _ = self
+                        .registry
+                        .send_frame(&listener.connection, frame.clone());
+                    // The client drops its subscription on the notice; so does the server,
+                    // keeping only what the connection's collections hold.
+                    if listener.is_direct() {
+                        let (_, unheard) = self.topics.remove(&topic, listener.connection.id());
+                        if unheard {
+                            self.backend.unsubscribe(&self.instance_id, &topic);
+                        }
+                    }
                 }
             }
             Delivery::RecordsChanged { exposure } => {

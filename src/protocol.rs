@@ -238,45 +238,34 @@ pub(crate) fn subscription_message(channel: &str, message: &str) -> String {
     push(SUBSCRIPTION_MESSAGE, &ChannelMessage { channel, message })
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct RecordUpdate<'a, P: Serialize> {
-    record_id: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    full: Option<&'a Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    patch: Option<&'a P>,
-    version: u64,
-}
-
-/// The JSON text of a `mesh/record-update` push carrying the whole value.
-pub(crate) fn record_update_full(record_id: &str, full: &Value, version: u64) -> String {
-    push(
-        RECORD_UPDATE,
-        &RecordUpdate::<()> {
-            record_id,
-            full: Some(full),
-            patch: None,
-            version,
-        },
-    )
-}
-
-/// The JSON text of a `mesh/record-update` push carrying an RFC 6902 patch.
-pub(crate) fn record_update_patch<P: Serialize>(
+/// The JSON text of a `mesh/record-update` push, from JSON texts: the whole value, the
+/// RFC 6902 patch, or both (at least one). Built from parts so that a write serialises
+/// its value and patch once, whichever forms its subscribers need.
+pub(crate) fn record_update(
     record_id: &str,
-    patch: &P,
+    full: Option<&str>,
+    patch: Option<&str>,
     version: u64,
 ) -> String {
-    push(
-        RECORD_UPDATE,
-        &RecordUpdate {
-            record_id,
-            full: None,
-            patch: Some(patch),
-            version,
-        },
-    )
+    let id = to_json(&record_id);
+    let mut out =
+        String::with_capacity(64 + id.len() + full.map_or(0, str::len) + patch.map_or(0, str::len));
+    out.push_str(r#"{"command":""#);
+    out.push_str(RECORD_UPDATE);
+    out.push_str(r#"","payload":{"recordId":"#);
+    out.push_str(&id);
+    if let Some(full) = full {
+        out.push_str(r#","full":"#);
+        out.push_str(full);
+    }
+    if let Some(patch) = patch {
+        out.push_str(r#","patch":"#);
+        out.push_str(patch);
+    }
+    out.push_str(r#","version":"#);
+    out.push_str(&version.to_string());
+    out.push_str("}}");
+    out
 }
 
 #[derive(Serialize)]
@@ -300,8 +289,8 @@ struct CollectionDiff<'a> {
     version: u64,
 }
 
-/// The JSON text of a `mesh/collection-diff` push: `added` as `{id, record}`, `removed` as
-/// `{id}`.
+/// The JSON text of a `mesh/collection-diff` push: `added` as records carrying their `id`
+/// (see `collections::member_as_added`), `removed` as `{id}`.
 pub(crate) fn collection_diff(
     collection_id: &str,
     added: &[Value],
@@ -450,20 +439,21 @@ mod tests {
             r#"{"command":"mesh/subscription-message","payload":{"channel":"smoke-channel","message":"{\"text\":\"hello channel\"}"}}"#
         );
         assert_eq!(
-            record_update_full("smoke-record", &json!({"count": 1}), 1),
+            record_update("smoke-record", Some(r#"{"count":1}"#), None, 1),
             r#"{"command":"mesh/record-update","payload":{"recordId":"smoke-record","full":{"count":1},"version":1}}"#
         );
         assert_eq!(
-            record_update_full("r", &Value::Null, 0),
-            r#"{"command":"mesh/record-update","payload":{"recordId":"r","full":null,"version":0}}"#
+            record_update("r\"q", Some("null"), None, 0),
+            r#"{"command":"mesh/record-update","payload":{"recordId":"r\"q","full":null,"version":0}}"#
+        );
+        let patch = r#"[{"op":"replace","path":"/count","value":2}]"#;
+        assert_eq!(
+            record_update("smoke-record", None, Some(patch), 2),
+            r#"{"command":"mesh/record-update","payload":{"recordId":"smoke-record","patch":[{"op":"replace","path":"/count","value":2}],"version":2}}"#
         );
         assert_eq!(
-            record_update_patch(
-                "smoke-record",
-                &json!([{"op": "replace", "path": "/count", "value": 2}]),
-                2
-            ),
-            r#"{"command":"mesh/record-update","payload":{"recordId":"smoke-record","patch":[{"op":"replace","path":"/count","value":2}],"version":2}}"#
+            record_update("r", Some(r#"{"count":2}"#), Some(patch), 2),
+            r#"{"command":"mesh/record-update","payload":{"recordId":"r","full":{"count":2},"patch":[{"op":"replace","path":"/count","value":2}],"version":2}}"#
         );
         assert_eq!(
             record_deleted("r", 3),

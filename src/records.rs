@@ -27,7 +27,6 @@ use crate::error::{CommandError, MeshError};
 use crate::extract::Payload;
 use crate::mesh::{BoxFuture, Mesh};
 use crate::metadata::MergeStrategy;
-use crate::protocol::{self, Frame};
 use crate::topics::{Form, Topic};
 
 /// A record's value and version.
@@ -77,7 +76,8 @@ impl Mesh {
     ) -> Result<Option<u64>, MeshError> {
         self.ready().await?;
         let id: Arc<str> = Arc::from(record_id);
-        let changed = self.collections_holding(record_id);
+        let on_any_write = self.collections_holding(record_id, false);
+        let on_creation = self.collections_holding(record_id, true);
         let value = canonical(value);
         let update = move |current: Option<&StoredRecord>| {
             let old = current.map(|record| &record.value);
@@ -86,15 +86,20 @@ impl Mesh {
             if old == Some(&next) {
                 return None;
             }
-            let version = current.map_or(0, |record| record.version) + 1;
-            let full = Frame::from(protocol::record_update_full(&id, &next, version));
-            let patch = patch_between(old, &next)
-                .map(|patch| Frame::from(protocol::record_update_patch(&id, &patch, version)));
+            let patch = patch_between(old, &next).map(|patch| Arc::from(to_json(&patch)));
             let mut announcements = vec![Delivery::Record {
                 record_id: id.clone(),
-                full,
+                version: current.map_or(0, |record| record.version) + 1,
+                value: Arc::from(next.to_string()),
                 patch,
             }];
+            // A new record may join collections whose membership only creations and
+            // deletions change; any write may change what a resolver decides.
+            let changed = if current.is_none() {
+                &on_creation
+            } else {
+                &on_any_write
+            };
             announcements.extend(
                 changed
                     .iter()
@@ -134,12 +139,11 @@ impl Mesh {
     pub async fn delete_record(&self, record_id: &str) -> Result<bool, MeshError> {
         self.ready().await?;
         let id: Arc<str> = Arc::from(record_id);
-        let changed = self.collections_holding(record_id);
+        let changed = self.collections_holding(record_id, true);
         let announce = move |stored: &StoredRecord| {
-            let mut announcements = vec![Delivery::Topic {
-                topic: Topic::Record(id.clone()),
-                frame: Frame::from(protocol::record_deleted(&id, stored.version)),
-                exclude: Arc::from([]),
+            let mut announcements = vec![Delivery::RecordDeleted {
+                record_id: id.clone(),
+                version: stored.version,
             }];
             announcements.extend(
                 changed
@@ -161,22 +165,25 @@ impl Mesh {
             .is_some())
     }
 
+    /// The ids of every stored record `pattern` matches, sorted.
+    pub async fn record_ids_matching(
+        &self,
+        pattern: impl Into<Pattern>,
+    ) -> Result<Vec<String>, MeshError> {
+        self.ready().await?;
+        let pattern = pattern.into();
+        let mut ids = self.inner().backend.record_ids().await?;
+        ids.retain(|id| pattern.matches(id));
+        Ok(ids)
+    }
+
     /// Every stored record whose id `pattern` matches, sorted by id (for collection
     /// resolvers). It lists every record id to filter them, so prefer narrow patterns.
     pub async fn list_records_matching(
         &self,
         pattern: impl Into<Pattern>,
     ) -> Result<Vec<(String, Value)>, MeshError> {
-        self.ready().await?;
-        let pattern = pattern.into();
-        let ids: Vec<String> = self
-            .inner()
-            .backend
-            .record_ids()
-            .await?
-            .into_iter()
-            .filter(|id| pattern.matches(id))
-            .collect();
+        let ids = self.record_ids_matching(pattern).await?;
         let stored = self.inner().backend.records(&ids).await?;
         Ok(ids
             .into_iter()
@@ -213,15 +220,25 @@ impl Mesh {
                 value: stored.value.clone(),
                 version: stored.version,
             };
-            let run = std::panic::AssertUnwindSafe(hook(event));
+            let hook = hook.clone();
             tokio::spawn(async move {
                 use futures_util::FutureExt;
+                // Called inside the guard too: a hook may panic before its first await.
+                let run = std::panic::AssertUnwindSafe(async move { hook(event).await });
                 if run.catch_unwind().await.is_err() {
                     tracing::error!("a record hook panicked");
                 }
             });
         }
     }
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|err| {
+        // A patch of JSON values always serialises; keep serving if that ever changes.
+        tracing::error!(%err, "a record patch failed to serialise");
+        "[]".to_owned()
+    })
 }
 
 /// Numbers compare by value, as in JavaScript: a float with an integral value within the

@@ -85,6 +85,19 @@ pub(crate) struct Listener {
     via_collections: u32,
 }
 
+impl Listener {
+    /// Whether it listens (also) because a collection holds the record: a collection
+    /// needs whole values.
+    pub(crate) fn held_by_collection(&self) -> bool {
+        self.via_collections > 0
+    }
+
+    /// Whether it joined or subscribed itself.
+    pub(crate) fn is_direct(&self) -> bool {
+        self.direct
+    }
+}
+
 /// Local listeners by topic, and topics by connection.
 #[derive(Default)]
 pub(crate) struct LocalTopics {

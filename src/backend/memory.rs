@@ -374,6 +374,7 @@ impl Backend for MemoryBackend {
                 Delivery::Broadcast { .. }
                 | Delivery::Topic { .. }
                 | Delivery::Record { .. }
+                | Delivery::RecordDeleted { .. }
                 | Delivery::RecordsChanged { .. } => {
                     state.instances.values().filter_map(Weak::upgrade).collect()
                 }

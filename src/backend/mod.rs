@@ -54,13 +54,18 @@ pub(crate) enum Delivery {
         frame: Frame,
         exclude: Arc<[Arc<str>]>,
     },
-    /// A record's new version for its listeners on every instance: `full` for those who
-    /// want whole values, `patch` (when the change has one) for those who want patches.
+    /// A record's new version for its listeners on every instance, as JSON texts: each
+    /// instance builds the frames its listeners need (whole values, patches when the
+    /// change has one, or both for a patch listener whose collection needs the value).
     Record {
         record_id: Arc<str>,
-        full: Frame,
-        patch: Option<Frame>,
+        version: u64,
+        value: Arc<str>,
+        patch: Option<Arc<str>>,
     },
+    /// A record was deleted at `version`: its listeners are told, and its direct
+    /// subscriptions end (as mesh's client drops them on the notice).
+    RecordDeleted { record_id: Arc<str>, version: u64 },
     /// Records that the collections of one exposure may hold changed: instances with
     /// subscribers of those collections re-resolve them.
     RecordsChanged { exposure: Arc<str> },

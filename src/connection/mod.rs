@@ -150,6 +150,13 @@ impl Connection {
         self.shared.outbound.reserve()
     }
 
+    /// Gives up a reserved place (nothing will fill it).
+    pub(crate) fn release_reservation(&self, reservation: Option<u64>) {
+        if let Some(reservation) = reservation {
+            self.shared.outbound.fill(reservation, None);
+        }
+    }
+
     /// Queues a reply, in its reserved place if it has one.
     pub(crate) fn push_reply(&self, reservation: Option<u64>, reply: Frame) {
         match reservation {

@@ -106,6 +106,7 @@ impl Registry {
             }
             Delivery::Topic { .. }
             | Delivery::Record { .. }
+            | Delivery::RecordDeleted { .. }
             | Delivery::RecordsChanged { .. }
             | Delivery::Call { .. }
             | Delivery::Answer { .. } => {

@@ -16,6 +16,7 @@ const CALL: u8 = b'k';
 const ANSWER: u8 = b'a';
 const RECORD: u8 = b'r';
 const RECORDS_CHANGED: u8 = b'm';
+const RECORD_DELETED: u8 = b'd';
 
 const JOIN_ROOM: &str = "join";
 const LEAVE_ROOM: &str = "leave";
@@ -108,14 +109,21 @@ pub(super) fn encode(delivery: &Delivery) -> Vec<u8> {
         }
         Delivery::Record {
             record_id,
-            full,
+            version,
+            value,
             patch,
         } => {
             let patch = patch.as_ref().map_or(&[][..], |patch| patch.as_bytes());
-            Writer::new(RECORD, 12 + record_id.len() + full.len() + patch.len())
+            Writer::new(RECORD, 40 + record_id.len() + value.len() + patch.len())
                 .field(record_id.as_bytes())
-                .field(full.as_bytes())
+                .field(version.to_string().as_bytes())
+                .field(value.as_bytes())
                 .field(patch)
+        }
+        Delivery::RecordDeleted { record_id, version } => {
+            Writer::new(RECORD_DELETED, 32 + record_id.len())
+                .field(record_id.as_bytes())
+                .field(version.to_string().as_bytes())
         }
         Delivery::RecordsChanged { exposure } => {
             Writer::new(RECORDS_CHANGED, 4 + exposure.len()).field(exposure.as_bytes())
@@ -187,9 +195,14 @@ pub(super) fn decode(bytes: &[u8]) -> Option<Delivery> {
         }
         RECORD => Delivery::Record {
             record_id: fields.id()?,
-            full: fields.frame()?,
+            version: fields.number()?,
+            value: fields.id()?,
             // An empty field: the change has no patch form.
-            patch: Some(fields.frame()?).filter(|patch| !patch.is_empty()),
+            patch: Some(fields.id()?).filter(|patch| !patch.is_empty()),
+        },
+        RECORD_DELETED => Delivery::RecordDeleted {
+            record_id: fields.id()?,
+            version: fields.number()?,
         },
         RECORDS_CHANGED => Delivery::RecordsChanged {
             exposure: fields.id()?,
@@ -280,12 +293,26 @@ mod tests {
         }
         match round_trip(Delivery::Record {
             record_id: Arc::from("r"),
-            full: frame.clone(),
+            version: 9,
+            value: Arc::from(r#"{"a":1}"#),
             patch: None,
         }) {
-            Delivery::Record { patch, full, .. } => {
-                assert_eq!(full, frame);
-                assert_eq!(patch, None);
+            Delivery::Record {
+                version,
+                value,
+                patch,
+                ..
+            } => {
+                assert_eq!((version, &*value, patch), (9, r#"{"a":1}"#, None));
+            }
+            other => panic!("{other:?}"),
+        }
+        match round_trip(Delivery::RecordDeleted {
+            record_id: Arc::from("r"),
+            version: 3,
+        }) {
+            Delivery::RecordDeleted { record_id, version } => {
+                assert_eq!((&*record_id, version), ("r", 3));
             }
             other => panic!("{other:?}"),
         }

@@ -25,7 +25,7 @@
 //! | `P state-expiry` | sorted set | `"{cid}\n{room}"` for every state with `expireAfter`, scored by its deadline |
 //! | `P dead-connections` | set | connections of dead instances not forgotten yet |
 //! | `P history:{channel}` | list | a channel's kept messages, newest first |
-//! | `P record:{id}` | hash | `value`: a record's JSON; `version`: its version |
+//! | `P record:{id}` | hash | `value`: a record's JSON; `version`: its version; `token`: renewed by every write (the compare-and-set key) |
 //! | `P records` | set | every stored record id |
 //!
 //! Routing and metadata are two fields of one hash, written by different commands, so
@@ -95,8 +95,8 @@ use crate::topics::Topic;
 
 /// Longest any single Redis operation may take before it counts as unavailable.
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(3);
-/// Attempts of an optimistic (`WATCH`) read-modify-write before giving up.
-const MAX_WATCH_RETRIES: usize = 16;
+/// The longest pause between two attempts of a contended read-modify-write.
+const MAX_CONFLICT_PAUSE: Duration = Duration::from_millis(8);
 /// Most entries of each kind one sweep removes; more are left for an immediate next sweep.
 const SWEEP_BATCH: usize = 256;
 
@@ -193,7 +193,7 @@ impl Keys {
         Some(match delivery {
             Delivery::Broadcast { .. } => self.broadcast_channel(),
             Delivery::Topic { topic, .. } => self.topic_channel(topic),
-            Delivery::Record { record_id, .. } => {
+            Delivery::Record { record_id, .. } | Delivery::RecordDeleted { record_id, .. } => {
                 self.topic_channel(&Topic::Record(record_id.clone()))
             }
             Delivery::RecordsChanged { exposure } => {
@@ -967,11 +967,14 @@ impl Backend for RedisBackend {
     ) -> BackendFuture<'a, Option<StoredRecord>> {
         Box::pin(self.run(async move {
             let mut conn = self.connection().await?;
-            // Compare-and-set on the version: read, compute in Rust (merges and diffs keep
-            // key order, which Lua's cjson would not), then write only if no other writer
-            // got in, else compute again on what that writer stored.
+            // Compare-and-set: read, compute in Rust (merges and diffs keep key order,
+            // which Lua's cjson would not), then write only if no other writer got in,
+            // else compute again on what that writer stored. The check is on a token
+            // that every write renews, not on the version, which a deletion resets: a
+            // record deleted and created again never passes for the one read.
+            let mut attempt = 0;
             loop {
-                let current = self.read_record(&mut conn, id).await?;
+                let (current, token) = self.read_record(&mut conn, id).await?;
                 let version = current.as_ref().map_or(0, |record| record.version);
                 let Some(write) = update(current.as_ref()) else {
                     return Ok(None);
@@ -981,12 +984,20 @@ impl Backend for RedisBackend {
                     version: version + 1,
                 };
                 let value = stored.value.to_string();
-                if self
-                    .record_cas(&mut conn, id, version, &value, &write.announcements)
-                    .await?
-                {
+                let written = self
+                    .record_cas(
+                        &mut conn,
+                        id,
+                        &token,
+                        Some((&value, stored.version)),
+                        &write.announcements,
+                    )
+                    .await?;
+                if written {
                     return Ok(Some(stored));
                 }
+                attempt += 1;
+                conflict_pause(attempt).await;
             }
         }))
     }
@@ -998,56 +1009,64 @@ impl Backend for RedisBackend {
     ) -> BackendFuture<'a, Option<StoredRecord>> {
         Box::pin(self.run(async move {
             let mut conn = self.connection().await?;
+            let mut attempt = 0;
             loop {
-                let Some(current) = self.read_record(&mut conn, id).await? else {
+                let (Some(current), token) = self.read_record(&mut conn, id).await? else {
                     return Ok(None);
                 };
                 let announcements = announce(&current);
                 if self
-                    .record_cas(&mut conn, id, current.version, "", &announcements)
+                    .record_cas(&mut conn, id, &token, None, &announcements)
                     .await?
                 {
                     return Ok(Some(current));
                 }
+                attempt += 1;
+                conflict_pause(attempt).await;
             }
         }))
     }
 }
 
 impl RedisBackend {
+    /// A record and its write token (empty when there is no record).
     async fn read_record(
         &self,
         conn: &mut deadpool_redis::Connection,
         id: &str,
-    ) -> Result<Option<StoredRecord>, MeshError> {
-        let stored: (Option<String>, Option<u64>) = redis::cmd("HMGET")
-            .arg(self.shared.keys.record(id))
-            .arg("value")
-            .arg("version")
-            .query_async(conn)
-            .await
-            .map_err(redis_error)?;
-        stored_record(stored)
+    ) -> Result<(Option<StoredRecord>, String), MeshError> {
+        let (value, version, token): (Option<String>, Option<u64>, Option<String>) =
+            redis::cmd("HMGET")
+                .arg(self.shared.keys.record(id))
+                .arg("value")
+                .arg("version")
+                .arg("token")
+                .query_async(conn)
+                .await
+                .map_err(redis_error)?;
+        Ok((stored_record((value, version))?, token.unwrap_or_default()))
     }
 
-    /// Writes (or with an empty `value`, deletes) a record if its version is still
+    /// Writes `(value, version)` (or, with `None`, deletes) a record if its token is still
     /// `expected`, publishing `announcements` with it. Returns whether it did.
     async fn record_cas(
         &self,
         conn: &mut deadpool_redis::Connection,
         id: &str,
-        expected: u64,
-        value: &str,
+        expected: &str,
+        write: Option<(&str, u64)>,
         announcements: &[Delivery],
     ) -> Result<bool, MeshError> {
         let keys = &self.shared.keys;
+        let (value, version) = write.unwrap_or(("", 0));
         let mut invocation = self.shared.scripts.record_cas.prepare_invoke();
         invocation
             .arg(&keys.prefix)
             .arg(id)
             .arg(expected)
             .arg(value)
-            .arg(expected + 1);
+            .arg(version)
+            .arg(uuid::Uuid::new_v4().simple().to_string());
         for announcement in announcements {
             let Some(channel) = keys.channel_of(announcement) else {
                 return Err(MeshError::Corrupt(
@@ -1077,7 +1096,7 @@ impl RedisBackend {
     /// the hash, merge in Rust (deepMerge is not worth re-implementing in Lua), write it
     /// back in `MULTI` with whatever `also` adds, and retry if another writer got in
     /// between. With `require`, the update happens only while that field exists (the
-    /// answer is then whether it did).
+    /// answer is then whether it did). Retries end with the operation timeout.
     async fn merge_json(
         &self,
         key: &str,
@@ -1087,7 +1106,8 @@ impl RedisBackend {
         also: impl Fn(&mut redis::Pipeline),
     ) -> Result<bool, MeshError> {
         let mut conn = self.connection().await?;
-        for _ in 0..MAX_WATCH_RETRIES {
+        let mut attempt = 0;
+        loop {
             redis::cmd("WATCH")
                 .arg(key)
                 .query_async::<()>(&mut conn)
@@ -1121,11 +1141,21 @@ impl RedisBackend {
             if committed.is_some() {
                 return Ok(true);
             }
+            attempt += 1;
+            conflict_pause(attempt).await;
         }
-        Err(MeshError::Unavailable(
-            "metadata update kept conflicting".into(),
-        ))
     }
+}
+
+/// A short random pause before retrying a read-modify-write that lost a race, growing
+/// with the attempts, so that writers contending for one key spread out instead of
+/// colliding again. Retries end with the operation timeout.
+async fn conflict_pause(attempt: u32) {
+    let ceiling =
+        (Duration::from_micros(100) * 2u32.saturating_pow(attempt.min(8))).min(MAX_CONFLICT_PAUSE);
+    let random = uuid::Uuid::new_v4().as_u128() as u64;
+    let micros = u64::try_from(ceiling.as_micros()).unwrap_or(1).max(1);
+    tokio::time::sleep(Duration::from_micros(random % micros)).await;
 }
 
 fn millis(duration: Duration) -> u64 {

@@ -347,24 +347,25 @@ impl Scripts {
                 return 1
                 ",
             ),
-            // ARGV[1] prefix, ARGV[2] record id, ARGV[3] the version the writer read (0:
-            // none), ARGV[4] the new value JSON ('' deletes), ARGV[5] the new version,
-            // then (channel, envelope) pairs to publish. Compare-and-set: returns 0,
-            // changing nothing, when another write got in since the read.
+            // ARGV[1] prefix, ARGV[2] record id, ARGV[3] the write token the writer read
+            // ('' for no record), ARGV[4] the new value JSON ('' deletes), ARGV[5] the new
+            // version, ARGV[6] a fresh token, then (channel, envelope) pairs to publish.
+            // Compare-and-set: returns 0, changing nothing, when another write got in
+            // since the read.
             record_cas: script(
                 r"
                 local p, id = ARGV[1], ARGV[2]
                 local key = p .. 'record:' .. id
-                local current = tonumber(redis.call('HGET', key, 'version') or '0')
-                if current ~= tonumber(ARGV[3]) then return 0 end
+                local current = redis.call('HGET', key, 'token') or ''
+                if current ~= ARGV[3] then return 0 end
                 if ARGV[4] == '' then
                   redis.call('DEL', key)
                   redis.call('SREM', p .. 'records', id)
                 else
-                  redis.call('HSET', key, 'value', ARGV[4], 'version', ARGV[5])
+                  redis.call('HSET', key, 'value', ARGV[4], 'version', ARGV[5], 'token', ARGV[6])
                   redis.call('SADD', p .. 'records', id)
                 end
-                for i = 6, #ARGV, 2 do
+                for i = 7, #ARGV, 2 do
                   redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
                 end
                 return 1

@@ -1,0 +1,1543 @@
+//! Rooms and room metadata (issue 4, items 1, 3 and 4), on both backends and over real
+//! WebSockets. Multi-instance tests put clients on different instances of one mesh;
+//! "membership ends" tests use a tracked room's presence `leave` as the event that says
+//! the cleanup happened, then check every room of the connection.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::Router;
+use common::*;
+use serde_json::{json, Value};
+use tower_mesh::extract::Payload;
+use tower_mesh::{
+    from_fn, CommandError, CommandRequest, Connection, MergeStrategy, Mesh, MeshBuilder, Next,
+    PresenceOptions, Regex,
+};
+
+conformance!(
+    join_and_leave_golden_replies,
+    membership_queries_on_every_instance,
+    rooms_exist_while_they_have_members,
+    room_broadcasts_reach_members_on_every_instance_only,
+    broadcast_excluding_skips_the_excluded,
+    server_side_membership_of_a_connection_on_another_instance,
+    remove_from_all_rooms_on_another_instance,
+    clear_room_empties_it_everywhere_and_deletes_its_metadata,
+    room_metadata_set_merge_update_and_list,
+    concurrent_room_metadata_updates_keep_every_key,
+    room_metadata_over_the_wire,
+    membership_ends_when_the_client_closes,
+    membership_ends_when_the_server_closes_the_connection,
+    membership_ends_after_missed_pongs,
+    membership_is_swept_after_the_instance_is_killed,
+    global_layer_refuses_joins_using_the_upgrade_request,
+    room_guard_refuses_joins,
+    bad_room_names_are_refused_and_nothing_is_stored,
+    room_limit_per_connection_answers_eoverloaded,
+    connection_metadata_is_readable_only_while_sharing_a_room,
+);
+
+// ---------------------------------------------------------------------------------------
+// Helpers.
+
+/// Every wait has an overall deadline of [`WAIT`]. `RawClient`'s own timeout is per
+/// frame, and the latency probe every 5 s would keep it from ever firing, so a missing
+/// event would stall a test until the ping timeout instead of failing it.
+async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+trait Within {
+    /// [`RawClient::command`] with an overall deadline.
+    async fn command_within(&mut self, id: u64, command: &str, payload: Value) -> Value;
+    /// [`RawClient::push`] with an overall deadline.
+    async fn push_within(&mut self, command: &str) -> Value;
+}
+
+impl Within for RawClient {
+    async fn command_within(&mut self, id: u64, command: &str, payload: Value) -> Value {
+        within(
+            &format!("the reply to {command} #{id}"),
+            self.command(id, command, payload),
+        )
+        .await
+    }
+
+    async fn push_within(&mut self, command: &str) -> Value {
+        within(&format!("a {command} push"), self.push(command)).await
+    }
+}
+
+/// Sends a command and returns its reply's payload.
+async fn call(client: &mut RawClient, id: u64, command: &str, payload: Value) -> Value {
+    client.command_within(id, command, payload).await["payload"].clone()
+}
+
+async fn join(client: &mut RawClient, id: u64, room: &str) -> Value {
+    call(client, id, "mesh/join-room", json!({ "roomName": room })).await
+}
+
+async fn leave(client: &mut RawClient, id: u64, room: &str) -> Value {
+    call(client, id, "mesh/leave-room", json!({ "roomName": room })).await
+}
+
+/// Reads frames until the push named `command`; returns the frames read before it.
+async fn frames_before_push(client: &mut RawClient, command: &str) -> Vec<Value> {
+    within(&format!("a {command} push"), async {
+        let mut before = Vec::new();
+        loop {
+            let frame = client.next().await;
+            if frame.get("id").is_none() && frame["command"] == command {
+                return before;
+            }
+            before.push(frame);
+        }
+    })
+    .await
+}
+
+/// Broadcasts `marker` to every connection of the mesh (it is ordered after anything
+/// published before it) and returns, per client, the frames that came before it.
+async fn frames_before_marker(
+    mesh: &Mesh,
+    marker: &str,
+    clients: &mut [&mut RawClient],
+) -> Vec<Vec<Value>> {
+    mesh.broadcast(marker, &json!(null))
+        .await
+        .expect("broadcast marker");
+    let mut all = Vec::new();
+    for client in clients.iter_mut() {
+        all.push(frames_before_push(client, marker).await);
+    }
+    all
+}
+
+fn pushes_named<'a>(frames: &'a [Value], command: &str) -> Vec<&'a Value> {
+    frames
+        .iter()
+        .filter(|frame| frame.get("id").is_none() && frame["command"] == command)
+        .collect()
+}
+
+/// The next `mesh/presence-update` payload.
+async fn presence_update(client: &mut RawClient) -> Value {
+    client.push_within("mesh/presence-update").await["payload"].clone()
+}
+
+/// Waits for the presence update `kind` of `connection` in `room` (the next one).
+async fn expect_presence(client: &mut RawClient, kind: &str, connection: &str, room: &str) {
+    let update = presence_update(client).await;
+    assert_eq!(
+        (
+            &update["type"],
+            &update["connectionId"],
+            &update["roomName"]
+        ),
+        (&json!(kind), &json!(connection), &json!(room)),
+        "unexpected presence update: {update}"
+    );
+}
+
+async fn subscribe_presence(client: &mut RawClient, id: u64, room: &str) {
+    let reply = call(
+        client,
+        id,
+        "mesh/subscribe-presence",
+        json!({ "roomName": room }),
+    )
+    .await;
+    assert_eq!(reply["success"], true, "{reply}");
+}
+
+fn ids(members: &[(String, Value)]) -> Vec<String> {
+    members.iter().map(|(id, _)| id.clone()).collect()
+}
+
+/// A builder on `backend` whose dead instances are noticed fast: on Redis a 200 ms
+/// heartbeat and a 1 s instance TTL (the in-memory backend notices a dropped instance
+/// within about a second anyway).
+fn fast_liveness(backend: &Backend) -> MeshBuilder {
+    match backend {
+        Backend::Memory(memory) => Mesh::builder().memory_backend(memory.clone()),
+        Backend::Redis { url, prefix } => Mesh::builder().redis_backend(
+            tower_mesh::RedisBackend::builder(url.as_str())
+                .prefix(prefix.as_str())
+                .liveness(Duration::from_millis(200), Duration::from_millis(1000))
+                .build()
+                .expect("Redis backend"),
+        ),
+    }
+}
+
+/// A mesh instance on a runtime of its own, killed at once with `shutdown_background`:
+/// every task is dropped without cleanup, as when its process is SIGKILLed. No `Mesh`
+/// handle of it outlives the runtime.
+struct DoomedInstance {
+    runtime: Option<tokio::runtime::Runtime>,
+    url: String,
+}
+
+impl DoomedInstance {
+    async fn start(builder: MeshBuilder) -> DoomedInstance {
+        tokio::task::spawn_blocking(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let url = runtime.block_on(async {
+                let (layer, _mesh) = builder.build();
+                let app = Router::new().layer(layer);
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                let addr = listener.local_addr().expect("addr");
+                tokio::spawn(async move {
+                    let _ = axum::serve(listener, app).await;
+                });
+                format!("ws://{addr}/")
+            });
+            DoomedInstance {
+                runtime: Some(runtime),
+                url,
+            }
+        })
+        .await
+        .expect("doomed instance")
+    }
+
+    async fn kill(mut self) {
+        let runtime = self.runtime.take();
+        tokio::task::spawn_blocking(move || {
+            if let Some(runtime) = runtime {
+                runtime.shutdown_background();
+            }
+        })
+        .await
+        .expect("kill");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Joining and leaving.
+
+async fn join_and_leave_golden_replies(backend: Backend) {
+    let server = serve(backend.builder()).await;
+    let mut ann = RawClient::connect(&server.url()).await;
+    let mut bob = RawClient::connect(&server.url()).await;
+    assert_eq!(
+        call(
+            &mut ann,
+            1,
+            "mesh/set-my-connection-metadata",
+            json!({"metadata": {"name": "ann"}}),
+        )
+        .await,
+        json!({"success": true})
+    );
+
+    // The first member sees itself, with its metadata; exact bytes on the wire.
+    ann.send_text(r#"{"id":2,"command":"mesh/join-room","payload":{"roomName":"lobby"}}"#)
+        .await;
+    assert_eq!(
+        ann.next_text().await,
+        format!(
+            r#"{{"id":2,"command":"mesh/join-room","payload":{{"success":true,"present":[{{"id":"{}","metadata":{{"name":"ann"}}}}]}}}}"#,
+            ann.id
+        )
+    );
+    // The second sees both, in join order; no metadata is null.
+    assert_eq!(
+        bob.command_within(7, "mesh/join-room", json!({"roomName": "lobby"}))
+            .await,
+        json!({"id": 7, "command": "mesh/join-room", "payload": {"success": true, "present": [
+            {"id": ann.id, "metadata": {"name": "ann"}},
+            {"id": bob.id, "metadata": null},
+        ]}})
+    );
+    // Joining again changes nothing, not even the order.
+    assert_eq!(
+        join(&mut ann, 3, "lobby").await,
+        json!({"success": true, "present": [
+            {"id": ann.id, "metadata": {"name": "ann"}},
+            {"id": bob.id, "metadata": null},
+        ]})
+    );
+    assert_eq!(
+        server.mesh.room_members("lobby").await.expect("members"),
+        vec![ann.id.clone(), bob.id.clone()]
+    );
+
+    bob.send_text(r#"{"id":8,"command":"mesh/leave-room","payload":{"roomName":"lobby"}}"#)
+        .await;
+    assert_eq!(
+        bob.next_text().await,
+        r#"{"id":8,"command":"mesh/leave-room","payload":{"success":true}}"#
+    );
+    assert!(!server
+        .mesh
+        .is_in_room(&bob.id, "lobby")
+        .await
+        .expect("is_in_room"));
+    // Leaving a room one is not in is still a success.
+    assert_eq!(leave(&mut bob, 9, "lobby").await, json!({"success": true}));
+    assert_eq!(
+        leave(&mut bob, 10, "never-joined").await,
+        json!({"success": true})
+    );
+    assert_eq!(
+        server.mesh.rooms().await.expect("rooms"),
+        vec!["lobby".to_owned()]
+    );
+
+    // Rejoining puts bob last, now with the metadata he set meanwhile.
+    call(
+        &mut bob,
+        11,
+        "mesh/set-my-connection-metadata",
+        json!({"metadata": {"name": "bob"}}),
+    )
+    .await;
+    assert_eq!(
+        join(&mut bob, 12, "lobby").await,
+        json!({"success": true, "present": [
+            {"id": ann.id, "metadata": {"name": "ann"}},
+            {"id": bob.id, "metadata": {"name": "bob"}},
+        ]})
+    );
+}
+
+async fn membership_queries_on_every_instance(backend: Backend) {
+    let a = serve(backend.builder()).await;
+    let b = serve(backend.builder()).await;
+    let mut on_a = RawClient::connect(&a.url()).await;
+    let mut on_b = RawClient::connect(&b.url()).await;
+    let mut also_a = RawClient::connect(&a.url()).await;
+    b.mesh
+        .set_connection_metadata(&on_b.id, json!({"n": "b"}), MergeStrategy::Replace)
+        .await
+        .expect("set");
+
+    join(&mut on_b, 1, "r1").await;
+    join(&mut on_a, 1, "r1").await;
+    join(&mut also_a, 1, "r2").await;
+    join(&mut on_a, 2, "r2").await;
+
+    for mesh in [&a.mesh, &b.mesh] {
+        // rooms.test.ts: isInRoom after joins (true, true, true, false, false).
+        let checks = [
+            (&on_b.id, "r1", true),
+            (&on_a.id, "r1", true),
+            (&also_a.id, "r2", true),
+            (&also_a.id, "r1", false),
+            (&on_b.id, "r2", false),
+        ];
+        for (id, room, expected) in checks {
+            assert_eq!(
+                mesh.is_in_room(id, room).await.expect("is_in_room"),
+                expected,
+                "{id} in {room}"
+            );
+        }
+        assert_eq!(
+            mesh.room_members("r1").await.expect("members"),
+            vec![on_b.id.clone(), on_a.id.clone()]
+        );
+        assert_eq!(
+            mesh.room_members("r2").await.expect("members"),
+            vec![also_a.id.clone(), on_a.id.clone()]
+        );
+        assert_eq!(
+            mesh.room_members_with_metadata("r1")
+                .await
+                .expect("with metadata"),
+            vec![
+                (on_b.id.clone(), json!({"n": "b"})),
+                (on_a.id.clone(), Value::Null)
+            ]
+        );
+        // basic.test.ts: the metadata of a room that does not exist is an empty list.
+        assert_eq!(
+            mesh.room_members_with_metadata("non-existent-room")
+                .await
+                .expect("with metadata"),
+            vec![]
+        );
+        assert_eq!(
+            mesh.room_members("non-existent-room")
+                .await
+                .expect("members"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            mesh.connection_rooms(&on_a.id).await.expect("rooms of"),
+            vec!["r1".to_owned(), "r2".to_owned()]
+        );
+        assert_eq!(
+            mesh.connection_rooms("nobody").await.expect("rooms of"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            mesh.rooms().await.expect("rooms"),
+            vec!["r1".to_owned(), "r2".to_owned()]
+        );
+        assert!(mesh.share_a_room(&on_a.id, &on_b.id).await.expect("share"));
+        assert!(mesh
+            .share_a_room(&on_a.id, &also_a.id)
+            .await
+            .expect("share"));
+        assert!(!mesh
+            .share_a_room(&on_b.id, &also_a.id)
+            .await
+            .expect("share"));
+    }
+}
+
+async fn rooms_exist_while_they_have_members(backend: Backend) {
+    let a = serve(backend.builder()).await;
+    let b = serve(backend.builder()).await;
+    let mut first = RawClient::connect(&a.url()).await;
+    let mut second = RawClient::connect(&b.url()).await;
+    assert_eq!(a.mesh.rooms().await.expect("rooms"), Vec::<String>::new());
+    join(&mut first, 1, "room-z").await;
+    join(&mut first, 2, "room-a").await;
+    join(&mut second, 1, "room-a").await;
+    // Sorted by name, whatever the order they appeared in.
+    assert_eq!(
+        b.mesh.rooms().await.expect("rooms"),
+        vec!["room-a".to_owned(), "room-z".to_owned()]
+    );
+    // rooms.test.ts: a room outlives one of two members leaving...
+    leave(&mut first, 3, "room-a").await;
+    assert_eq!(
+        a.mesh.rooms().await.expect("rooms"),
+        vec!["room-a".to_owned(), "room-z".to_owned()]
+    );
+    // ...and disappears with the last.
+    leave(&mut second, 2, "room-a").await;
+    assert_eq!(
+        a.mesh.rooms().await.expect("rooms"),
+        vec!["room-z".to_owned()]
+    );
+    assert_eq!(
+        b.mesh.room_members("room-a").await.expect("members"),
+        Vec::<String>::new()
+    );
+    leave(&mut first, 4, "room-z").await;
+    assert_eq!(b.mesh.rooms().await.expect("rooms"), Vec::<String>::new());
+}
+
+// ---------------------------------------------------------------------------------------
+// Room broadcasts.
+
+/// `broadcast-room {room, message}`: a client asks its instance to broadcast to a room.
+async fn broadcast_room_command(
+    mesh: Mesh,
+    Payload(request): Payload<Value>,
+) -> Result<Value, CommandError> {
+    let room = request["room"].as_str().unwrap_or_default();
+    mesh.broadcast_room(room, "room-message", &request["message"])
+        .await
+        .map_err(|err| CommandError::new("ESERVER", err.to_string()))?;
+    Ok(json!({"success": true}))
+}
+
+async fn room_broadcasts_reach_members_on_every_instance_only(backend: Backend) {
+    let a = serve(
+        backend
+            .builder()
+            .command("broadcast-room", broadcast_room_command),
+    )
+    .await;
+    let b = serve(
+        backend
+            .builder()
+            .command("broadcast-room", broadcast_room_command),
+    )
+    .await;
+    let mut member_a = RawClient::connect(&a.url()).await;
+    let mut member_b = RawClient::connect(&b.url()).await;
+    let mut member_b2 = RawClient::connect(&b.url()).await;
+    // Outsiders on both instances, one of them in another room.
+    let mut outsider_a = RawClient::connect(&a.url()).await;
+    let mut outsider_b = RawClient::connect(&b.url()).await;
+    join(&mut outsider_b, 1, "other").await;
+    for member in [&mut member_a, &mut member_b, &mut member_b2] {
+        join(member, 1, "room").await;
+    }
+
+    // Server-side, from A: every member gets it, on both instances.
+    a.mesh
+        .broadcast_room("room", "room-message", &json!({"text": "hi room"}))
+        .await
+        .expect("broadcast_room");
+    for member in [&mut member_a, &mut member_b, &mut member_b2] {
+        assert_eq!(
+            member.push_within("room-message").await,
+            json!({"command": "room-message", "payload": {"text": "hi room"}})
+        );
+    }
+    let before =
+        frames_before_marker(&a.mesh, "marker-1", &mut [&mut outsider_a, &mut outsider_b]).await;
+    for frames in &before {
+        assert!(
+            pushes_named(frames, "room-message").is_empty(),
+            "{frames:?}"
+        );
+    }
+
+    // Started by a client on B (multiple-instance.test.ts): reaches members on A and B,
+    // the sender included.
+    member_b
+        .send_json(json!({"id": 5, "command": "broadcast-room",
+            "payload": {"room": "room", "message": {"text": "from b"}}}))
+        .await;
+    // The reply and the sender's own copy may come in either order.
+    within("the reply and the room message", async {
+        let mut got_reply = false;
+        let mut got_push = false;
+        while !(got_reply && got_push) {
+            let frame = member_b.next().await;
+            if frame["id"] == 5 {
+                assert_eq!(frame["payload"], json!({"success": true}));
+                got_reply = true;
+            } else if frame["command"] == "room-message" {
+                assert_eq!(frame["payload"], json!({"text": "from b"}));
+                got_push = true;
+            }
+        }
+    })
+    .await;
+    for member in [&mut member_a, &mut member_b2] {
+        assert_eq!(
+            member.push_within("room-message").await["payload"],
+            json!({"text": "from b"})
+        );
+    }
+    let before =
+        frames_before_marker(&b.mesh, "marker-2", &mut [&mut outsider_a, &mut outsider_b]).await;
+    for frames in &before {
+        assert!(
+            pushes_named(frames, "room-message").is_empty(),
+            "{frames:?}"
+        );
+    }
+    // A room nobody is in: no error, nothing delivered.
+    a.mesh
+        .broadcast_room("empty-room", "room-message", &json!(0))
+        .await
+        .expect("broadcast to an empty room");
+}
+
+async fn broadcast_excluding_skips_the_excluded(backend: Backend) {
+    let a = serve(backend.builder()).await;
+    let b = serve(backend.builder()).await;
+    let mut sender = RawClient::connect(&a.url()).await;
+    let mut excluded_b = RawClient::connect(&b.url()).await;
+    let mut kept_a = RawClient::connect(&a.url()).await;
+    let mut kept_b = RawClient::connect(&b.url()).await;
+    for client in [&mut sender, &mut excluded_b, &mut kept_a, &mut kept_b] {
+        join(client, 1, "room").await;
+    }
+    b.mesh
+        .broadcast_room_excluding(
+            "room",
+            "room-message",
+            &json!({"n": 1}),
+            &[sender.id.as_str(), excluded_b.id.as_str()],
+        )
+        .await
+        .expect("broadcast_room_excluding");
+    for kept in [&mut kept_a, &mut kept_b] {
+        assert_eq!(
+            kept.push_within("room-message").await["payload"],
+            json!({"n": 1})
+        );
+    }
+    let before = frames_before_marker(&a.mesh, "marker", &mut [&mut sender, &mut excluded_b]).await;
+    for frames in &before {
+        assert!(
+            pushes_named(frames, "room-message").is_empty(),
+            "{frames:?}"
+        );
+    }
+    // Excluding nobody reaches everyone.
+    a.mesh
+        .broadcast_room_excluding("room", "room-message", &json!({"n": 2}), &[])
+        .await
+        .expect("broadcast");
+    for client in [&mut sender, &mut excluded_b, &mut kept_a, &mut kept_b] {
+        assert_eq!(
+            client.push_within("room-message").await["payload"],
+            json!({"n": 2})
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Server-side membership changes.
+
+async fn server_side_membership_of_a_connection_on_another_instance(backend: Backend) {
+    let a = serve(backend.builder()).await;
+    let b = serve(backend.builder()).await;
+    let mut on_b = RawClient::connect(&b.url()).await;
+
+    // Added from A, which does not hold it; a broadcast right after reaches it.
+    assert!(a.mesh.add_to_room(&on_b.id, "room").await.expect("add"));
+    a.mesh
+        .broadcast_room("room", "hello", &json!(1))
+        .await
+        .expect("broadcast");
+    assert_eq!(on_b.push_within("hello").await["payload"], 1);
+    for mesh in [&a.mesh, &b.mesh] {
+        assert!(mesh.is_in_room(&on_b.id, "room").await.expect("is_in_room"));
+        assert_eq!(
+            mesh.room_members("room").await.expect("members"),
+            vec![on_b.id.clone()]
+        );
+    }
+    // Adding twice is harmless; adding a connection nobody holds answers false.
+    assert!(a.mesh.add_to_room(&on_b.id, "room").await.expect("add"));
+    assert!(!a.mesh.add_to_room("nobody", "room").await.expect("add"));
+    assert_eq!(
+        a.mesh.room_members("room").await.expect("members"),
+        vec![on_b.id.clone()]
+    );
+
+    // Removed from A; a broadcast right after does not reach it.
+    assert!(a
+        .mesh
+        .remove_from_room(&on_b.id, "room")
+        .await
+        .expect("remove"));
+    a.mesh
+        .broadcast_room("room", "hello", &json!(2))
+        .await
+        .expect("broadcast");
+    let before = frames_before_marker(&a.mesh, "marker", &mut [&mut on_b]).await;
+    assert!(pushes_named(&before[0], "hello").is_empty(), "{before:?}");
+    assert!(!b
+        .mesh
+        .is_in_room(&on_b.id, "room")
+        .await
+        .expect("is_in_room"));
+    assert_eq!(a.mesh.rooms().await.expect("rooms"), Vec::<String>::new());
+    // Removing again, or a connection nobody holds, answers false.
+    assert!(!a
+        .mesh
+        .remove_from_room(&on_b.id, "room")
+        .await
+        .expect("remove"));
+    assert!(!a
+        .mesh
+        .remove_from_room("nobody", "room")
+        .await
+        .expect("remove"));
+
+    // The same on the instance that holds it.
+    assert!(b.mesh.add_to_room(&on_b.id, "local").await.expect("add"));
+    b.mesh
+        .broadcast_room("local", "hello", &json!(3))
+        .await
+        .expect("broadcast");
+    assert_eq!(on_b.push_within("hello").await["payload"], 3);
+    assert!(b
+        .mesh
+        .remove_from_room(&on_b.id, "local")
+        .await
+        .expect("remove"));
+    assert_eq!(
+        b.mesh.connection_rooms(&on_b.id).await.expect("rooms of"),
+        Vec::<String>::new()
+    );
+}
+
+async fn remove_from_all_rooms_on_another_instance(backend: Backend) {
+    let a = serve(backend.builder()).await;
+    let b = serve(backend.builder()).await;
+    let mut on_b = RawClient::connect(&b.url()).await;
+    let mut stays = RawClient::connect(&a.url()).await;
+    join(&mut on_b, 1, "r1").await;
+    join(&mut stays, 1, "r1").await;
+    for room in ["r2", "r3"] {
+        assert!(a.mesh.add_to_room(&on_b.id, room).await.expect("add"));
+    }
+    assert_eq!(
+        a.mesh.connection_rooms(&on_b.id).await.expect("rooms of"),
+        vec!["r1".to_owned(), "r2".to_owned(), "r3".to_owned()]
+    );
+
+    assert!(a
+        .mesh
+        .remove_from_all_rooms(&on_b.id)
+        .await
+        .expect("remove all"));
+    for mesh in [&a.mesh, &b.mesh] {
+        assert_eq!(
+            mesh.connection_rooms(&on_b.id).await.expect("rooms of"),
+            Vec::<String>::new()
+        );
+        assert_eq!(mesh.rooms().await.expect("rooms"), vec!["r1".to_owned()]);
+        assert_eq!(
+            mesh.room_members("r1").await.expect("members"),
+            vec![stays.id.clone()]
+        );
+    }
+    for room in ["r1", "r2", "r3"] {
+        a.mesh
+            .broadcast_room(room, "hello", &json!(room))
+            .await
+            .expect("broadcast");
+    }
+    assert_eq!(stays.push_within("hello").await["payload"], "r1");
+    let before = frames_before_marker(&a.mesh, "marker", &mut [&mut on_b]).await;
+    assert!(pushes_named(&before[0], "hello").is_empty(), "{before:?}");
+    // The connection itself is untouched and can join again.
+    assert_eq!(
+        join(&mut on_b, 2, "r2").await,
+        json!({"success": true, "present": [{"id": on_b.id, "metadata": null}]})
+    );
+    assert!(!a
+        .mesh
+        .remove_from_all_rooms("nobody")
+        .await
+        .expect("remove all"));
+}
+
+async fn clear_room_empties_it_everywhere_and_deletes_its_metadata(backend: Backend) {
+    let a = serve(backend.builder()).await;
+    let b = serve(backend.builder()).await;
+    let mut x = RawClient::connect(&a.url()).await;
+    let mut y = RawClient::connect(&b.url()).await;
+    let mut z = RawClient::connect(&b.url()).await;
+    join(&mut x, 1, "room").await;
+    join(&mut y, 1, "room").await;
+    join(&mut y, 2, "keep").await;
+    join(&mut z, 1, "keep").await;
+    a.mesh
+        .set_room_metadata("room", json!({"topic": "cleared"}), MergeStrategy::Replace)
+        .await
+        .expect("set");
+    a.mesh
+        .set_room_metadata("keep", json!({"topic": "kept"}), MergeStrategy::Replace)
+        .await
+        .expect("set");
+
+    b.mesh.clear_room("room").await.expect("clear");
+
+    for mesh in [&a.mesh, &b.mesh] {
+        assert_eq!(
+            mesh.room_members("room").await.expect("members"),
+            Vec::<String>::new()
+        );
+        assert!(!mesh.is_in_room(&x.id, "room").await.expect("is_in_room"));
+        assert!(!mesh.is_in_room(&y.id, "room").await.expect("is_in_room"));
+        assert_eq!(mesh.rooms().await.expect("rooms"), vec!["keep".to_owned()]);
+        assert_eq!(mesh.room_metadata("room").await.expect("metadata"), None);
+        assert_eq!(
+            mesh.all_room_metadata().await.expect("all"),
+            vec![("keep".to_owned(), json!({"topic": "kept"}))]
+        );
+        assert_eq!(
+            mesh.connection_rooms(&y.id).await.expect("rooms of"),
+            vec!["keep".to_owned()]
+        );
+    }
+    // No broadcast reaches the former members any more; the other room still works.
+    a.mesh
+        .broadcast_room("room", "hello", &json!("room"))
+        .await
+        .expect("broadcast");
+    a.mesh
+        .broadcast_room("keep", "hello", &json!("keep"))
+        .await
+        .expect("broadcast");
+    assert_eq!(z.push_within("hello").await["payload"], "keep");
+    assert_eq!(y.push_within("hello").await["payload"], "keep");
+    let before = frames_before_marker(&a.mesh, "marker", &mut [&mut x, &mut y]).await;
+    for frames in &before {
+        assert!(pushes_named(frames, "hello").is_empty(), "{frames:?}");
+    }
+    assert_eq!(
+        call(
+            &mut x,
+            2,
+            "mesh/get-room-metadata",
+            json!({"roomName": "room"})
+        )
+        .await,
+        json!({"metadata": null})
+    );
+    // The room can be used again from scratch.
+    assert_eq!(
+        join(&mut x, 3, "room").await,
+        json!({"success": true, "present": [{"id": x.id, "metadata": null}]})
+    );
+    // Clearing a room nobody is in is fine.
+    a.mesh.clear_room("never").await.expect("clear");
+}
+
+// ---------------------------------------------------------------------------------------
+// Room metadata.
+
+async fn room_metadata_set_merge_update_and_list(backend: Backend) {
+    let a = serve(backend.builder()).await;
+    let b = serve(backend.builder()).await;
+    let (ma, mb) = (&a.mesh, &b.mesh);
+    assert_eq!(ma.room_metadata("room-none").await.expect("get"), None);
+    assert_eq!(ma.all_room_metadata().await.expect("all"), vec![]);
+
+    // Inserted b before a, to show the listing is sorted by room.
+    ma.set_room_metadata(
+        "room-b",
+        json!({"type": "public", "maxUsers": 10}),
+        MergeStrategy::Replace,
+    )
+    .await
+    .expect("set");
+    ma.set_room_metadata(
+        "room-a",
+        json!({"type": "private", "maxUsers": 5, "settings": {"x": 1}}),
+        MergeStrategy::Replace,
+    )
+    .await
+    .expect("set");
+    assert_eq!(
+        mb.room_metadata("room-a").await.expect("get"),
+        Some(json!({"type": "private", "maxUsers": 5, "settings": {"x": 1}}))
+    );
+
+    // Shallow merge: top-level keys overlay, nested objects are replaced.
+    mb.update_room_metadata("room-a", json!({"maxUsers": 6, "settings": {"y": 2}}))
+        .await
+        .expect("update");
+    assert_eq!(
+        ma.room_metadata("room-a").await.expect("get"),
+        Some(json!({"type": "private", "maxUsers": 6, "settings": {"y": 2}}))
+    );
+    // Deep merge: nested objects merge.
+    ma.set_room_metadata(
+        "room-a",
+        json!({"settings": {"z": 3}}),
+        MergeStrategy::DeepMerge,
+    )
+    .await
+    .expect("deep merge");
+    assert_eq!(
+        mb.room_metadata("room-a").await.expect("get"),
+        Some(json!({"type": "private", "maxUsers": 6, "settings": {"y": 2, "z": 3}}))
+    );
+    ma.set_room_metadata("room-a", json!({"type": "secret"}), MergeStrategy::Merge)
+        .await
+        .expect("merge");
+    assert_eq!(
+        mb.room_metadata("room-a").await.expect("get"),
+        Some(json!({"type": "secret", "maxUsers": 6, "settings": {"y": 2, "z": 3}}))
+    );
+    // Replace drops the old keys.
+    mb.set_room_metadata("room-b", json!({"type": "public"}), MergeStrategy::Replace)
+        .await
+        .expect("replace");
+    assert_eq!(
+        ma.room_metadata("room-b").await.expect("get"),
+        Some(json!({"type": "public"}))
+    );
+    // Merging an object over a non-object gives the object; an update of a room that had
+    // none stores it.
+    ma.set_room_metadata("room-c", json!("plain"), MergeStrategy::Replace)
+        .await
+        .expect("set");
+    ma.update_room_metadata("room-c", json!({"a": 1}))
+        .await
+        .expect("update");
+    ma.update_room_metadata("room-d", json!({"fresh": true}))
+        .await
+        .expect("update");
+    assert_eq!(
+        mb.room_metadata("room-c").await.expect("get"),
+        Some(json!({"a": 1}))
+    );
+
+    let all = mb.all_room_metadata().await.expect("all");
+    assert_eq!(
+        all,
+        vec![
+            (
+                "room-a".to_owned(),
+                json!({"type": "secret", "maxUsers": 6, "settings": {"y": 2, "z": 3}})
+            ),
+            ("room-b".to_owned(), json!({"type": "public"})),
+            ("room-c".to_owned(), json!({"a": 1})),
+            ("room-d".to_owned(), json!({"fresh": true})),
+        ]
+    );
+    // rooms.test.ts: the listing can be filtered by metadata fields.
+    let public: Vec<&str> = all
+        .iter()
+        .filter(|(_, metadata)| metadata["type"] == "public")
+        .map(|(room, _)| room.as_str())
+        .collect();
+    assert_eq!(public, ["room-b"]);
+    // Metadata alone does not make a room exist.
+    assert_eq!(ma.rooms().await.expect("rooms"), Vec::<String>::new());
+    // Clearing a room without members removes its metadata.
+    ma.clear_room("room-c").await.expect("clear");
+    assert_eq!(mb.room_metadata("room-c").await.expect("get"), None);
+    assert_eq!(
+        ids(&mb.all_room_metadata().await.expect("all")),
+        ["room-a", "room-b", "room-d"]
+    );
+}
+
+async fn concurrent_room_metadata_updates_keep_every_key(backend: Backend) {
+    // Merges are read-modify-writes: a hundred concurrent ones, from two instances (say
+    // every member of a busy room updating its entry at once), must neither lose each
+    // other's keys nor fail.
+    let a = serve(backend.builder()).await;
+    let b = serve(backend.builder()).await;
+    let updates = (0..100).map(|n| {
+        let mesh = if n % 2 == 0 {
+            a.mesh.clone()
+        } else {
+            b.mesh.clone()
+        };
+        tokio::spawn(async move {
+            mesh.update_room_metadata("busy", json!({ format!("k{n}"): n }))
+                .await
+        })
+    });
+    for update in futures_util::future::join_all(updates).await {
+        update.expect("task").expect("update");
+    }
+    let metadata = a
+        .mesh
+        .room_metadata("busy")
+        .await
+        .expect("get")
+        .expect("some");
+    let expected: serde_json::Map<String, Value> =
+        (0..100).map(|n| (format!("k{n}"), json!(n))).collect();
+    let mut got = metadata.as_object().expect("object").clone();
+    got.sort_keys();
+    let mut expected = expected;
+    expected.sort_keys();
+    assert_eq!(got, expected);
+}
+
+async fn room_metadata_over_the_wire(backend: Backend) {
+    let a = serve(backend.builder()).await;
+    let b = serve(backend.builder()).await;
+    let mut client = RawClient::connect(&b.url()).await;
+    // client.test.ts: server-set room metadata is what the client reads, on any instance.
+    a.mesh
+        .set_room_metadata(
+            "lobby",
+            json!({"title": "Lobby", "tags": ["a", "b"]}),
+            MergeStrategy::Replace,
+        )
+        .await
+        .expect("set");
+    client
+        .send_text(r#"{"id":1,"command":"mesh/get-room-metadata","payload":{"roomName":"lobby"}}"#)
+        .await;
+    assert_eq!(
+        client.next_text().await,
+        r#"{"id":1,"command":"mesh/get-room-metadata","payload":{"metadata":{"title":"Lobby","tags":["a","b"]}}}"#
+    );
+    assert_eq!(
+        client
+            .command_within(
+                2,
+                "mesh/get-room-metadata",
+                json!({"roomName": "unknown-room"})
+            )
+            .await,
+        json!({"id": 2, "command": "mesh/get-room-metadata", "payload": {"metadata": null}})
+    );
+    a.mesh
+        .update_room_metadata("lobby", json!({"title": "Main"}))
+        .await
+        .expect("update");
+    assert_eq!(
+        call(
+            &mut client,
+            3,
+            "mesh/get-room-metadata",
+            json!({"roomName": "lobby"})
+        )
+        .await,
+        json!({"metadata": {"title": "Main", "tags": ["a", "b"]}})
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Membership ends with the connection, whatever ends it.
+
+/// A watcher on instance A subscribed to the presence of `tracked`; members on B join
+/// `tracked` (for the leave event) and `plain` (untracked) too.
+async fn membership_ends_when_the_client_closes(backend: Backend) {
+    let a = serve(
+        backend
+            .builder()
+            .track_presence("tracked", PresenceOptions::new()),
+    )
+    .await;
+    let b = serve(
+        backend
+            .builder()
+            .track_presence("tracked", PresenceOptions::new()),
+    )
+    .await;
+    let mut watcher = RawClient::connect(&a.url()).await;
+    subscribe_presence(&mut watcher, 1, "tracked").await;
+    let mut keeper = RawClient::connect(&a.url()).await;
+    let mut victim = RawClient::connect(&b.url()).await;
+    join(&mut keeper, 1, "plain").await;
+    join(&mut victim, 1, "plain").await;
+    join(&mut victim, 2, "tracked").await;
+    join(&mut victim, 3, "solo").await;
+    expect_presence(&mut watcher, "join", &victim.id, "tracked").await;
+    assert_eq!(
+        a.mesh.room_members("plain").await.expect("members"),
+        vec![keeper.id.clone(), victim.id.clone()]
+    );
+    let victim_id = victim.id.clone();
+
+    victim.close().await;
+    expect_presence(&mut watcher, "leave", &victim_id, "tracked").await;
+
+    for mesh in [&a.mesh, &b.mesh] {
+        assert_eq!(
+            mesh.connection_rooms(&victim_id).await.expect("rooms of"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            mesh.room_members("plain").await.expect("members"),
+            vec![keeper.id.clone()]
+        );
+        assert!(!mesh.is_in_room(&victim_id, "plain").await.expect("in"));
+        assert_eq!(
+            mesh.room_members("tracked").await.expect("members"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            mesh.present_connections("tracked").await.expect("present"),
+            Vec::<String>::new()
+        );
+        assert_eq!(mesh.rooms().await.expect("rooms"), vec!["plain".to_owned()]);
+    }
+    b.mesh
+        .broadcast_room("plain", "hello", &json!(1))
+        .await
+        .expect("broadcast");
+    assert_eq!(keeper.push_within("hello").await["payload"], 1);
+}
+
+async fn membership_ends_when_the_server_closes_the_connection(backend: Backend) {
+    let a = serve(
+        backend
+            .builder()
+            .track_presence("tracked", PresenceOptions::new()),
+    )
+    .await;
+    let b = serve(
+        backend
+            .builder()
+            .track_presence("tracked", PresenceOptions::new()),
+    )
+    .await;
+    let mut watcher = RawClient::connect(&a.url()).await;
+    subscribe_presence(&mut watcher, 1, "tracked").await;
+    let mut victim = RawClient::connect(&b.url()).await;
+    let mut local_victim = RawClient::connect(&a.url()).await;
+    for client in [&mut victim, &mut local_victim] {
+        join(client, 1, "plain").await;
+        join(client, 2, "tracked").await;
+        expect_presence(&mut watcher, "join", &client.id, "tracked").await;
+    }
+
+    // Closed by the instance that does not hold it, then by the one that does.
+    a.mesh
+        .close_connection(&victim.id, "bye")
+        .await
+        .expect("close");
+    assert_eq!(victim.closed().await, (1000, "bye".to_owned()));
+    expect_presence(&mut watcher, "leave", &victim.id, "tracked").await;
+    assert_eq!(
+        b.mesh.room_members("plain").await.expect("members"),
+        vec![local_victim.id.clone()]
+    );
+    a.mesh
+        .close_connection(&local_victim.id, "bye too")
+        .await
+        .expect("close");
+    assert_eq!(local_victim.closed().await, (1000, "bye too".to_owned()));
+    expect_presence(&mut watcher, "leave", &local_victim.id, "tracked").await;
+
+    for mesh in [&a.mesh, &b.mesh] {
+        for id in [&victim.id, &local_victim.id] {
+            assert_eq!(
+                mesh.connection_rooms(id).await.expect("rooms of"),
+                Vec::<String>::new()
+            );
+        }
+        assert_eq!(mesh.rooms().await.expect("rooms"), Vec::<String>::new());
+    }
+}
+
+async fn membership_ends_after_missed_pongs(backend: Backend) {
+    // B closes silent connections fast; the presence TTL is long, so the leave comes
+    // from the close and not from a lapse.
+    let a = serve(
+        backend
+            .builder()
+            .track_presence("tracked", PresenceOptions::new()),
+    )
+    .await;
+    let b = serve(
+        backend
+            .builder()
+            .ping_interval(Duration::from_millis(100))
+            .max_missed_pongs(1)
+            .track_presence(
+                "tracked",
+                PresenceOptions::new().ttl(Duration::from_secs(30)),
+            ),
+    )
+    .await;
+    let mut watcher = RawClient::connect(&a.url()).await;
+    subscribe_presence(&mut watcher, 1, "tracked").await;
+    let mut keeper = RawClient::connect(&a.url()).await;
+    join(&mut keeper, 1, "plain").await;
+    // It reads (its replies), but never answers a ping.
+    let mut silent = RawClient::connect(&b.url()).await;
+    join(&mut silent, 1, "plain").await;
+    join(&mut silent, 2, "tracked").await;
+    expect_presence(&mut watcher, "join", &silent.id, "tracked").await;
+
+    let (code, _) = silent.closed().await;
+    assert_eq!(code, 1008);
+    expect_presence(&mut watcher, "leave", &silent.id, "tracked").await;
+    assert_eq!(
+        a.mesh.connection_rooms(&silent.id).await.expect("rooms of"),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        a.mesh.room_members("plain").await.expect("members"),
+        vec![keeper.id.clone()]
+    );
+    assert_eq!(
+        a.mesh.rooms().await.expect("rooms"),
+        vec!["plain".to_owned()]
+    );
+}
+
+async fn membership_is_swept_after_the_instance_is_killed(backend: Backend) {
+    let survivor =
+        serve(fast_liveness(&backend).track_presence("tracked", PresenceOptions::new())).await;
+    let doomed = DoomedInstance::start(
+        fast_liveness(&backend).track_presence("tracked", PresenceOptions::new()),
+    )
+    .await;
+    let mut watcher = RawClient::connect(&survivor.url()).await;
+    subscribe_presence(&mut watcher, 1, "tracked").await;
+    let mut keeper = RawClient::connect(&survivor.url()).await;
+    join(&mut keeper, 1, "plain").await;
+    let mut victim = RawClient::connect(&doomed.url).await;
+    call(
+        &mut victim,
+        1,
+        "mesh/set-my-connection-metadata",
+        json!({"metadata": {"doomed": true}}),
+    )
+    .await;
+    join(&mut victim, 2, "plain").await;
+    join(&mut victim, 3, "solo").await;
+    join(&mut victim, 4, "tracked").await;
+    expect_presence(&mut watcher, "join", &victim.id, "tracked").await;
+    assert_eq!(
+        survivor.mesh.rooms().await.expect("rooms"),
+        vec!["plain".to_owned(), "solo".to_owned(), "tracked".to_owned()]
+    );
+
+    let killed_at = std::time::Instant::now();
+    doomed.kill().await;
+    // Nothing announces a death; the sweep that removes the dead instance's connections
+    // announces the leave, and has removed every room of the victim by then.
+    expect_presence(&mut watcher, "leave", &victim.id, "tracked").await;
+    let swept_after = killed_at.elapsed();
+    assert!(swept_after < Duration::from_secs(4), "{swept_after:?}");
+
+    let mesh = &survivor.mesh;
+    assert_eq!(
+        mesh.connection_rooms(&victim.id).await.expect("rooms of"),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        mesh.room_members("plain").await.expect("members"),
+        vec![keeper.id.clone()]
+    );
+    assert!(!mesh.is_in_room(&victim.id, "solo").await.expect("in"));
+    assert_eq!(mesh.rooms().await.expect("rooms"), vec!["plain".to_owned()]);
+    assert_eq!(
+        mesh.connection_metadata(&victim.id).await.expect("meta"),
+        None
+    );
+    assert!(!ids(&mesh.all_connection_metadata().await.expect("all")).contains(&victim.id));
+    // The survivor keeps serving the room.
+    mesh.broadcast_room("plain", "after", &json!(1))
+        .await
+        .expect("broadcast");
+    assert_eq!(keeper.push_within("after").await["payload"], 1);
+    // Server-side changes to the dead connection find nobody.
+    assert!(!mesh.add_to_room(&victim.id, "plain").await.expect("add"));
+}
+
+// ---------------------------------------------------------------------------------------
+// Guards and layers.
+
+#[derive(Clone)]
+struct User(String);
+
+async fn insert_user(
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let name = request
+        .headers()
+        .get("x-user")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("anonymous")
+        .to_owned();
+    request.extensions_mut().insert(User(name));
+    next.run(request).await
+}
+
+async fn global_layer_refuses_joins_using_the_upgrade_request(backend: Backend) {
+    // An auth layer: only the user "root" (put in the upgrade request's extensions by an
+    // HTTP layer outside the mesh) may join rooms named admin:*.
+    let builder =
+        backend
+            .builder()
+            .layer(from_fn(|request: CommandRequest, next: Next| async move {
+                if request.command() == "mesh/join-room" {
+                    let room = request.payload()["roomName"].as_str().unwrap_or_default();
+                    let user = request
+                        .connection()
+                        .extensions()
+                        .get::<User>()
+                        .map(|user| user.0.clone());
+                    if room.starts_with("admin:") && user.as_deref() != Some("root") {
+                        return Err(CommandError::forbidden("admins only"));
+                    }
+                }
+                next.run(request).await
+            }));
+    let server = serve_wrapped(builder, |mesh_layer| {
+        Router::new()
+            .route("/health", get(|| async { "ok" }))
+            .layer(mesh_layer)
+            .layer(axum::middleware::from_fn(insert_user))
+    })
+    .await;
+    let mut ann = RawClient::connect_request(ws_request(&server.url(), &[("x-user", "ann")])).await;
+    let mut root =
+        RawClient::connect_request(ws_request(&server.url(), &[("x-user", "root")])).await;
+    let mut anonymous = RawClient::connect(&server.url()).await;
+
+    for client in [&mut ann, &mut anonymous] {
+        client
+            .send_text(r#"{"id":1,"command":"mesh/join-room","payload":{"roomName":"admin:ops"}}"#)
+            .await;
+        assert_eq!(
+            client.next_text().await,
+            r#"{"id":1,"command":"mesh/join-room","payload":{"error":"admins only","code":"EFORBIDDEN","name":"CommandError"}}"#
+        );
+    }
+    assert_eq!(
+        server.mesh.rooms().await.expect("rooms"),
+        Vec::<String>::new()
+    );
+    assert!(!server
+        .mesh
+        .is_in_room(&ann.id, "admin:ops")
+        .await
+        .expect("in"));
+
+    assert_eq!(
+        join(&mut root, 1, "admin:ops").await,
+        json!({"success": true, "present": [{"id": root.id, "metadata": null}]})
+    );
+    assert_eq!(
+        join(&mut ann, 2, "public").await,
+        json!({"success": true, "present": [{"id": ann.id, "metadata": null}]})
+    );
+    assert_eq!(
+        server
+            .mesh
+            .room_members("admin:ops")
+            .await
+            .expect("members"),
+        vec![root.id.clone()]
+    );
+    // A refused connection keeps working, and broadcasts to the room miss it.
+    server
+        .mesh
+        .broadcast_room("admin:ops", "secret", &json!(1))
+        .await
+        .expect("broadcast");
+    assert_eq!(root.push_within("secret").await["payload"], 1);
+    let before =
+        frames_before_marker(&server.mesh, "marker", &mut [&mut ann, &mut anonymous]).await;
+    for frames in &before {
+        assert!(pushes_named(frames, "secret").is_empty(), "{frames:?}");
+    }
+}
+
+async fn room_guard_refuses_joins(backend: Backend) {
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let guard_seen = seen.clone();
+    let builder = backend
+        .builder()
+        .room_guard(
+            Regex::new("^vip:").expect("regex"),
+            move |connection: Connection, room: String| {
+                let seen = guard_seen.clone();
+                async move {
+                    seen.lock().unwrap().push(room);
+                    connection.headers().contains_key("x-vip")
+                }
+            },
+        )
+        .room_guard("closed", |_connection: Connection, _room: String| async {
+            false
+        });
+    let a = serve(builder).await;
+    let mut plain = RawClient::connect(&a.url()).await;
+    let mut vip = RawClient::connect_request(ws_request(&a.url(), &[("x-vip", "1")])).await;
+
+    assert_eq!(
+        plain
+            .command_within(1, "mesh/join-room", json!({"roomName": "vip:lounge"}))
+            .await,
+        json!({"id": 1, "command": "mesh/join-room", "payload": {"success": false, "present": []}})
+    );
+    assert_eq!(
+        join(&mut vip, 1, "vip:lounge").await,
+        json!({"success": true, "present": [{"id": vip.id, "metadata": null}]})
+    );
+    // Refused for everyone; other rooms stay open.
+    for client in [&mut plain, &mut vip] {
+        assert_eq!(
+            join(client, 2, "closed").await,
+            json!({"success": false, "present": []})
+        );
+    }
+    assert_eq!(join(&mut plain, 3, "open").await["success"], true);
+    // The guard got the exact room names it was asked about.
+    assert_eq!(*seen.lock().unwrap(), ["vip:lounge", "vip:lounge"]);
+    assert_eq!(
+        a.mesh.room_members("vip:lounge").await.expect("members"),
+        vec![vip.id.clone()]
+    );
+    assert_eq!(
+        a.mesh.connection_rooms(&plain.id).await.expect("rooms of"),
+        vec!["open".to_owned()]
+    );
+    assert_eq!(
+        a.mesh.rooms().await.expect("rooms"),
+        vec!["open".to_owned(), "vip:lounge".to_owned()]
+    );
+    // Server-side calls are trusted: the guard does not apply.
+    assert!(a.mesh.add_to_room(&plain.id, "closed").await.expect("add"));
+    assert!(a.mesh.is_in_room(&plain.id, "closed").await.expect("in"));
+}
+
+// ---------------------------------------------------------------------------------------
+// Bad input and limits.
+
+async fn bad_room_names_are_refused_and_nothing_is_stored(backend: Backend) {
+    let server = serve(backend.builder()).await;
+    let mut client = RawClient::connect(&server.url()).await;
+    let too_long = "x".repeat(2000);
+    let just_over = "y".repeat(tower_mesh::MAX_NAME_BYTES + 1);
+    let bad_payloads = [
+        json!({}),
+        json!({"roomName": null}),
+        json!({"roomName": 5}),
+        json!({"roomName": ["a"]}),
+        json!({"roomName": {"name": "a"}}),
+        json!({"roomName": ""}),
+        json!({"roomName": too_long}),
+        json!({"roomName": just_over}),
+        json!({"room": "lobby"}),
+        json!("lobby"),
+        json!(null),
+    ];
+    let mut id = 0;
+    for command in [
+        "mesh/join-room",
+        "mesh/leave-room",
+        "mesh/get-room-metadata",
+    ] {
+        for payload in &bad_payloads {
+            id += 1;
+            let reply = client.command_within(id, command, payload.clone()).await;
+            assert_eq!(reply["id"], id);
+            assert_eq!(reply["command"], command);
+            assert_eq!(
+                reply["payload"]["code"], "EINVALID",
+                "{command} {payload}: {reply}"
+            );
+            assert!(reply["payload"]["error"].is_string(), "{reply}");
+        }
+    }
+    assert_eq!(
+        server.mesh.rooms().await.expect("rooms"),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        server
+            .mesh
+            .connection_rooms(&client.id)
+            .await
+            .expect("rooms of"),
+        Vec::<String>::new()
+    );
+    assert_eq!(server.mesh.all_room_metadata().await.expect("all"), vec![]);
+    // The connection keeps working, and a name of exactly the limit is fine.
+    assert_eq!(call(&mut client, 900, "mesh/noop", json!({})).await, true);
+    let longest = "z".repeat(tower_mesh::MAX_NAME_BYTES);
+    assert_eq!(join(&mut client, 901, &longest).await["success"], true);
+    assert_eq!(server.mesh.rooms().await.expect("rooms"), vec![longest]);
+}
+
+async fn room_limit_per_connection_answers_eoverloaded(backend: Backend) {
+    let server = serve(backend.builder().max_rooms_per_connection(2)).await;
+    let mut client = RawClient::connect(&server.url()).await;
+    let mut other = RawClient::connect(&server.url()).await;
+    assert_eq!(join(&mut client, 1, "r1").await["success"], true);
+    assert_eq!(join(&mut client, 2, "r2").await["success"], true);
+    let refused = join(&mut client, 3, "r3").await;
+    assert_eq!(refused["code"], "EOVERLOADED", "{refused}");
+    assert!(!server.mesh.is_in_room(&client.id, "r3").await.expect("in"));
+    assert_eq!(
+        server.mesh.room_members("r3").await.expect("members"),
+        Vec::<String>::new()
+    );
+    // Joining a room it is already in is not one more.
+    assert_eq!(join(&mut client, 4, "r2").await["success"], true);
+    // Leaving frees a slot.
+    leave(&mut client, 5, "r1").await;
+    assert_eq!(join(&mut client, 6, "r3").await["success"], true);
+    assert_eq!(
+        server
+            .mesh
+            .connection_rooms(&client.id)
+            .await
+            .expect("rooms of"),
+        vec!["r2".to_owned(), "r3".to_owned()]
+    );
+    // The limit is per connection.
+    for (n, room) in ["r1", "r2"].into_iter().enumerate() {
+        assert_eq!(join(&mut other, n as u64 + 1, room).await["success"], true);
+    }
+    assert_eq!(call(&mut client, 7, "mesh/noop", json!({})).await, true);
+}
+
+async fn connection_metadata_is_readable_only_while_sharing_a_room(backend: Backend) {
+    let a = serve(backend.builder()).await;
+    let b = serve(backend.builder()).await;
+    let mut owner = RawClient::connect(&a.url()).await;
+    let mut reader = RawClient::connect(&b.url()).await;
+    call(
+        &mut owner,
+        1,
+        "mesh/set-my-connection-metadata",
+        json!({"metadata": {"name": "owner"}}),
+    )
+    .await;
+    let read = |id: &str| json!({ "connectionId": id });
+    let owner_id = owner.id.clone();
+
+    assert_eq!(
+        call(
+            &mut reader,
+            1,
+            "mesh/get-connection-metadata",
+            read(&owner_id)
+        )
+        .await,
+        json!({"metadata": null})
+    );
+    // In different rooms: still private.
+    join(&mut owner, 2, "room-1").await;
+    join(&mut reader, 2, "room-2").await;
+    assert_eq!(
+        call(
+            &mut reader,
+            3,
+            "mesh/get-connection-metadata",
+            read(&owner_id)
+        )
+        .await,
+        json!({"metadata": null})
+    );
+    // Sharing a room: readable.
+    join(&mut reader, 4, "room-1").await;
+    assert_eq!(
+        call(
+            &mut reader,
+            5,
+            "mesh/get-connection-metadata",
+            read(&owner_id)
+        )
+        .await,
+        json!({"metadata": {"name": "owner"}})
+    );
+    // The owner leaves: private again.
+    leave(&mut owner, 3, "room-1").await;
+    assert_eq!(
+        call(
+            &mut reader,
+            6,
+            "mesh/get-connection-metadata",
+            read(&owner_id)
+        )
+        .await,
+        json!({"metadata": null})
+    );
+    // Sharing through a server-side add, from the other instance, works as well.
+    assert!(b.mesh.add_to_room(&owner_id, "room-2").await.expect("add"));
+    assert_eq!(
+        call(
+            &mut reader,
+            7,
+            "mesh/get-connection-metadata",
+            read(&owner_id)
+        )
+        .await,
+        json!({"metadata": {"name": "owner"}})
+    );
+    b.mesh
+        .remove_from_all_rooms(&owner_id)
+        .await
+        .expect("remove");
+    assert_eq!(
+        call(
+            &mut reader,
+            8,
+            "mesh/get-connection-metadata",
+            read(&owner_id)
+        )
+        .await,
+        json!({"metadata": null})
+    );
+}
