@@ -374,6 +374,13 @@ impl MeshBuilder {
         self
     }
 
+    /// Records one collection subscription may hold; a resolver's further ids are left
+    /// out (and logged). Default 10 000.
+    pub fn max_collection_members(mut self, records: usize) -> Self {
+        self.config.max_collection_members = records;
+        self
+    }
+
     /// Lets any connection read any other's metadata with
     /// `mesh/get-connection-metadata`, as mesh does. Default `false`: a connection reads
     /// its own and that of connections sharing a room with it (PROTOCOL.md §9).

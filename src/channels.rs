@@ -4,7 +4,9 @@
 //!
 //! A channel is exposed with [`MeshBuilder::expose_channel`](crate::MeshBuilder::expose_channel)
 //! and written by the server ([`Mesh::write_channel`]); the message is kept and published
-//! in one atomic step, so a subscriber's history and its live messages never disagree.
+//! in one atomic step, so no message is in the history but missed live, or the reverse. A
+//! subscriber listens before it reads the history, so a message written at that moment
+//! may reach it twice: in the history and live.
 //! Names starting with the reserved prefix (`mesh:` by default) are never open to clients
 //! (PROTOCOL.md §9), and stay apart from the engine's own channels in Redis anyway.
 
@@ -24,13 +26,17 @@ use crate::topics::{Form, Topic};
 /// The most history messages one request returns.
 pub const MAX_HISTORY_LIMIT: usize = 10_000;
 
+/// The most messages a channel keeps; larger `history` values are lowered to it.
+const MAX_KEPT_HISTORY: usize = 1_000_000;
+
 /// How many messages `mesh/get-channel-history` returns without a `limit`.
 const DEFAULT_HISTORY_LIMIT: usize = 50;
 
 impl Mesh {
     /// Publishes `message` on a channel to its subscribers on every instance, keeping the
     /// newest `history` messages for later subscribers (0 keeps none and leaves what is
-    /// kept alone). A string is sent as it is; any other value as its JSON text.
+    /// kept alone; at most a million are kept). A string is sent as it is; any other value
+    /// as its JSON text.
     pub async fn write_channel<M: Serialize + ?Sized>(
         &self,
         channel: &str,
@@ -50,7 +56,12 @@ impl Mesh {
         self.ready().await?;
         self.inner()
             .backend
-            .write_channel(channel, &message, history, announcement)
+            .write_channel(
+                channel,
+                &message,
+                history.min(MAX_KEPT_HISTORY),
+                announcement,
+            )
             .await
     }
 
@@ -110,12 +121,16 @@ pub(crate) async fn subscribe_channel(
         return Ok(refused);
     }
     let topic = Topic::Channel(Arc::from(channel));
-    if !mesh.subscribe(&connection, topic, Form::Full).await? {
+    if !mesh
+        .subscribe(&connection, topic.clone(), Form::Full)
+        .await?
+    {
         return Ok(refused);
     }
     let history = mesh
         .channel_history(channel, limit(request.history_limit, 0))
-        .await?;
+        .await;
+    let history = mesh.unless_failed(&connection, &topic, history).await?;
     Ok(json!({ "success": true, "history": history }))
 }
 

@@ -11,7 +11,12 @@
 //! record re-resolves nothing. A write to a record it can hold is published once, on the
 //! exposure's topic, to the instances that have subscribers of its collections, and each
 //! of those subscriptions re-resolves once per burst of writes (debounced), on its own
-//! connection's instance. Members pass the record read rules.
+//! connection's instance. Members pass the record read rules, and a collection holds at
+//! most [`max_collection_members`](crate::MeshBuilder::max_collection_members) records.
+//!
+//! A resolver runs while its connection's membership changes are held (so resolutions,
+//! subscriptions and the connection's end are ordered): it must not change the rooms or
+//! subscriptions of the connection it resolves for, which would wait on itself.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -174,7 +179,7 @@ impl CollectionSubscriptions {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn count(&self, connection_id: &str) -> usize {
+    pub(crate) fn count(&self, connection_id: &str) -> usize {
         self.lock().get(connection_id).map_or(0, HashMap::len)
     }
 }
@@ -229,6 +234,20 @@ impl Mesh {
         }
     }
 
+    /// Re-resolves every local collection subscription (after changes may have been
+    /// missed).
+    pub(crate) fn re_resolve_all_collections(&self) {
+        let exposures: HashSet<Arc<str>> = self
+            .inner()
+            .collection_exposures
+            .iter()
+            .map(|exposure| exposure.key.clone())
+            .collect();
+        for exposure in exposures {
+            self.collections_changed(&exposure);
+        }
+    }
+
     /// Forgets a connection's collection subscriptions (its listens go with its topics).
     pub(crate) fn forget_collections(&self, connection_id: &str) {
         self.inner()
@@ -251,9 +270,18 @@ impl Mesh {
         )
         .await
         .map_err(CommandError::from_box)?;
+        let cap = self.config().max_collection_members;
         let mut seen = HashSet::new();
-        let mut members = Vec::with_capacity(resolved.len());
+        let mut members = Vec::with_capacity(resolved.len().min(cap));
         for id in resolved {
+            if members.len() == cap {
+                tracing::warn!(
+                    collection = collection_id,
+                    cap,
+                    "a collection resolved to more members than allowed; the rest are left out"
+                );
+                break;
+            }
             if seen.insert(id.clone()) && self.may_read_record(connection, &id).await {
                 members.push(id);
             }
@@ -273,34 +301,49 @@ impl Mesh {
             .collect())
     }
 
-    /// Listens to the records that joined a collection and releases those that left.
+    /// Listens to the records that joined a collection, then releases those that left.
+    /// On failure nothing changed: the joined records are released again.
     async fn hold_members(
         &self,
         connection: &Connection,
         joined: &[String],
         left: &[String],
     ) -> Result<(), CommandError> {
-        for id in left {
-            let topic = Topic::Record(Arc::from(id.as_str()));
-            if self
+        let topics = &self.inner().topics;
+        let joined: Vec<Topic> = joined
+            .iter()
+            .map(|id| Topic::Record(Arc::from(id.as_str())))
+            .collect();
+        for topic in &joined {
+            topics.add_for_collection(topic.clone(), connection);
+        }
+        for topic in &joined {
+            if let Err(err) = self
                 .inner()
-                .topics
-                .remove_for_collection(&topic, connection.id())
+                .backend
+                .subscribe(self.instance_id(), topic)
+                .await
             {
-                self.inner().backend.unsubscribe(self.instance_id(), &topic);
+                for topic in &joined {
+                    self.release_member(connection, topic);
+                }
+                return Err(err.into());
             }
         }
-        for id in joined {
-            let topic = Topic::Record(Arc::from(id.as_str()));
-            self.inner()
-                .topics
-                .add_for_collection(topic.clone(), connection);
-            self.inner()
-                .backend
-                .subscribe(self.instance_id(), &topic)
-                .await?;
+        for id in left {
+            self.release_member(connection, &Topic::Record(Arc::from(id.as_str())));
         }
         Ok(())
+    }
+
+    fn release_member(&self, connection: &Connection, topic: &Topic) {
+        if self
+            .inner()
+            .topics
+            .remove_for_collection(topic, connection.id())
+        {
+            self.inner().backend.unsubscribe(self.instance_id(), topic);
+        }
     }
 
     /// Resolves a subscription again and sends the difference, if any, as the next
@@ -342,11 +385,11 @@ impl Mesh {
         collection_id: &Arc<str>,
     ) -> Result<(), CommandError> {
         let members = self.resolve(exposure, connection, collection_id).await?;
-        let (joined, left, version) = {
-            let mut subscriptions = self.inner().collection_subscriptions.lock();
+        let (joined, left) = {
+            let subscriptions = self.inner().collection_subscriptions.lock();
             let Some(subscription) = subscriptions
-                .get_mut(connection.id())
-                .and_then(|collections| collections.get_mut(collection_id))
+                .get(connection.id())
+                .and_then(|collections| collections.get(collection_id))
             else {
                 return Ok(());
             };
@@ -363,42 +406,51 @@ impl Mesh {
                 .filter(|id| !after.contains(id))
                 .cloned()
                 .collect();
-            if joined.is_empty() && left.is_empty() {
-                return Ok(());
-            }
-            subscription.members = members;
-            subscription.version += 1;
-            (joined, left, subscription.version)
+            (joined, left)
         };
+        if joined.is_empty() && left.is_empty() {
+            return Ok(());
+        }
         // The diff's place is taken before the new members are heard, so an update of one
         // of them, published after the diff's snapshot, cannot reach the client first.
         let reservation = connection.reserve_reply();
-        let diff = async {
-            self.hold_members(connection, &joined, &left).await?;
-            let stored = self.inner().backend.records(&joined).await?;
-            let added: Vec<Value> = joined
-                .iter()
-                .zip(stored)
-                .map(|(id, stored)| member_as_added(id, stored.map(|stored| stored.value)))
-                .collect();
-            let removed: Vec<Value> = left.iter().map(|id| json!({ "id": id })).collect();
-            Ok::<_, CommandError>(protocol::collection_diff(
-                collection_id,
-                &added,
-                &removed,
-                version,
-            ))
-        };
-        match diff.await {
-            Ok(diff) => {
-                connection.push_reply(reservation, Frame::from(diff));
-                Ok(())
-            }
-            Err(err) => {
-                connection.release_reservation(reservation);
-                Err(err)
-            }
+        if let Err(err) = self.hold_members(connection, &joined, &left).await {
+            connection.release_reservation(reservation);
+            return Err(err);
         }
+        // Only now the new membership counts: a failure above leaves the old one whole.
+        // (The membership lock keeps every other change of this subscription out.)
+        let version = {
+            let mut subscriptions = self.inner().collection_subscriptions.lock();
+            let Some(subscription) = subscriptions
+                .get_mut(connection.id())
+                .and_then(|collections| collections.get_mut(collection_id))
+            else {
+                connection.release_reservation(reservation);
+                return Ok(());
+            };
+            subscription.members = members;
+            subscription.version += 1;
+            subscription.version
+        };
+        let stored = match self.inner().backend.records(&joined).await {
+            Ok(stored) => stored,
+            Err(err) => {
+                // The members are held and the version counted: send the diff without
+                // values rather than leave a gap the client would have to resync over.
+                tracing::warn!(%err, "could not read the records that joined a collection");
+                vec![None; joined.len()]
+            }
+        };
+        let added: Vec<Value> = joined
+            .iter()
+            .zip(stored)
+            .map(|(id, stored)| member_as_added(id, stored.map(|stored| stored.value)))
+            .collect();
+        let removed: Vec<Value> = left.iter().map(|id| json!({ "id": id })).collect();
+        let diff = protocol::collection_diff(collection_id, &added, &removed, version);
+        connection.push_reply(reservation, Frame::from(diff));
+        Ok(())
     }
 }
 
@@ -456,12 +508,7 @@ pub(crate) async fn subscribe_collection(
             .map(|subscription| subscription.members.clone())
     };
     let limit = mesh.config().max_subscriptions_per_connection;
-    let held = mesh.inner().topics.topics_of(connection.id(), |topic| {
-        (!matches!(topic, Topic::Room(_) | Topic::Collections(_))).then_some(())
-    });
-    if subscribed_already.is_none()
-        && held.len() + mesh.inner().collection_subscriptions.count(connection.id()) >= limit
-    {
+    if subscribed_already.is_none() && mesh.subscription_count(connection.id()) >= limit {
         return Err(CommandError::limit(format!(
             "a connection may hold at most {limit} subscriptions"
         )));
@@ -469,6 +516,7 @@ pub(crate) async fn subscribe_collection(
     // The subscription exists, and its exposure is heard, before resolving: a change
     // during the resolution schedules a re-resolution, which waits for this one.
     let topic = Topic::Collections(exposure.key.clone());
+    crate::connection::reserve_reply_place(&connection);
     mesh.listen(&membership, &connection, topic, Form::Full)
         .await?;
     mesh.inner()

@@ -36,6 +36,8 @@ pub(crate) struct MeshConfig {
     /// Subscriptions (presence, channels, records, collections) one connection may hold.
     /// Default 1024.
     pub max_subscriptions_per_connection: usize,
+    /// Records one collection subscription may hold. Default 10 000.
+    pub max_collection_members: usize,
     /// Channel names clients may never use. Default `Some("mesh:")`.
     pub reserved_channel_prefix: Option<String>,
 }
@@ -56,6 +58,7 @@ impl Default for MeshConfig {
             open_connection_metadata: false,
             max_rooms_per_connection: 1024,
             max_subscriptions_per_connection: 1024,
+            max_collection_members: 10_000,
             reserved_channel_prefix: Some("mesh:".to_owned()),
         }
     }

@@ -441,18 +441,40 @@ impl Mesh {
             return Ok(false);
         }
         let limit = self.config().max_subscriptions_per_connection;
-        if !self.inner.topics.is_listening(&topic, connection.id()) {
-            let held = self.inner.topics.topics_of(connection.id(), |topic| {
-                (!matches!(topic, Topic::Room(_))).then_some(())
-            });
-            if held.len() >= limit {
-                return Err(CommandError::limit(format!(
-                    "a connection may hold at most {limit} subscriptions"
-                )));
-            }
+        if !self.inner.topics.is_listening(&topic, connection.id())
+            && self.subscription_count(connection.id()) >= limit
+        {
+            return Err(CommandError::limit(format!(
+                "a connection may hold at most {limit} subscriptions"
+            )));
         }
+        crate::connection::reserve_reply_place(connection);
         self.listen(&membership, connection, topic, form).await?;
         Ok(true)
+    }
+
+    /// Passes a subscription's snapshot through; when reading it failed, the subscription
+    /// ends again, so the client's failed subscribe leaves nothing behind.
+    pub(crate) async fn unless_failed<T>(
+        &self,
+        connection: &Connection,
+        topic: &Topic,
+        snapshot: Result<T, MeshError>,
+    ) -> Result<T, MeshError> {
+        if snapshot.is_err() {
+            let _membership = connection.lock_membership().await;
+            self.stop_listening(connection.id(), topic);
+        }
+        snapshot
+    }
+
+    /// How many subscriptions a connection holds: presence, channels and records it
+    /// subscribed to, and collections (not the records they hold).
+    pub(crate) fn subscription_count(&self, connection_id: &str) -> usize {
+        let topics = self.inner.topics.topics_of(connection_id, |topic| {
+            (!matches!(topic, Topic::Room(_) | Topic::Collections(_))).then_some(())
+        });
+        topics.len() + self.inner.collection_subscriptions.count(connection_id)
     }
 
     /// Stops a connection listening to `topic`; returns whether it was.
@@ -572,6 +594,38 @@ impl Mesh {
 
     pub(crate) fn pong_received(&self, connection: &Connection) {
         connection.pong_received();
+    }
+
+    /// Sends every local record listener the record's current value, and re-resolves
+    /// every local collection subscription, after deliveries may have been lost.
+    async fn catch_up(&self) {
+        let ids: Vec<String> = self
+            .inner
+            .topics
+            .all_topics()
+            .into_iter()
+            .filter_map(|topic| match topic {
+                Topic::Record(id) => Some(id.to_string()),
+                _ => None,
+            })
+            .collect();
+        for batch in ids.chunks(256) {
+            match self.inner.backend.records(batch).await {
+                Ok(stored) => {
+                    for (id, stored) in batch.iter().zip(stored) {
+                        let Some(stored) = stored else { continue };
+                        self.inner.deliver(Delivery::Record {
+                            record_id: Arc::from(id.as_str()),
+                            version: stored.version,
+                            value: Arc::from(stored.value.to_string()),
+                            patch: None,
+                        });
+                    }
+                }
+                Err(err) => tracing::warn!(%err, "could not catch records up after a reconnect"),
+            }
+        }
+        self.re_resolve_all_collections();
     }
 
     /// Retries the unregistrations that failed; called by the sweeper.
@@ -743,6 +797,15 @@ impl Inbox for MeshInner {
             }
             other => self.registry.deliver(other),
         }
+    }
+
+    fn resubscribed(&self) {
+        // Pub/sub delivers at most once: what was published while the subscription was
+        // down is lost. Records and collections can be caught up, from what is stored.
+        let Some(mesh) = Mesh::from_weak(&self.this) else {
+            return;
+        };
+        tokio::spawn(async move { mesh.catch_up().await });
     }
 
     fn registration_lost(&self) {

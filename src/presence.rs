@@ -311,10 +311,14 @@ pub(crate) async fn subscribe_presence(
     }
     // Listening starts before the snapshot is read, so no change falls between them.
     let topic = Topic::Presence(Arc::from(room));
-    if !mesh.subscribe(&connection, topic, Form::Full).await? {
+    if !mesh
+        .subscribe(&connection, topic.clone(), Form::Full)
+        .await?
+    {
         return Ok(refused);
     }
-    let view = mesh.inner().backend.presence(room).await?;
+    let view = mesh.inner().backend.presence(room).await;
+    let view = mesh.unless_failed(&connection, &topic, view).await?;
     Ok(json!({
         "success": true,
         "present": members_json(view.present),

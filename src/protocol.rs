@@ -38,22 +38,6 @@ pub const RECORD_DELETED: &str = "mesh/record-deleted";
 /// The push that tells a collection's subscriber which records joined or left it.
 pub const COLLECTION_DIFF: &str = "mesh/collection-diff";
 
-/// Commands whose reply carries a snapshot (members, presence) that later updates build
-/// on: their reply is written before any push queued after the command started, since a
-/// client only places updates once it has the reply.
-const SNAPSHOT_COMMANDS: &[&str] = &[
-    "mesh/join-room",
-    "mesh/subscribe-presence",
-    "mesh/subscribe-channel",
-    "mesh/subscribe-record",
-    "mesh/subscribe-collection",
-];
-
-/// Whether `command`'s reply must precede the updates published after it ran.
-pub(crate) fn replies_before_updates(command: &str) -> bool {
-    SNAPSHOT_COMMANDS.contains(&command)
-}
-
 /// A frame received from a client, classified.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Inbound {

@@ -3,7 +3,8 @@
 //! `mesh/publish-record-update`.
 //!
 //! Every effective write raises the version by exactly one; a write that changes nothing
-//! (numbers compare by value: `1` equals `1.0`) stores nothing and announces nothing. The
+//! (numbers compare by value: `1` equals `1.0`; an object with the same keys and values in
+//! another order is the same object) stores nothing and announces nothing. The
 //! patch is computed once per write, here, and the same bytes go to every patch-mode
 //! subscriber. The backend makes the read-modify-write atomic across instances (a
 //! compare-and-set on the version on Redis) and publishes the update with the write.
@@ -324,10 +325,11 @@ pub(crate) async fn subscribe_record(
         Some(RecordMode::Full) | None => Form::Full,
     };
     let topic = Topic::Record(Arc::from(record_id));
-    if !mesh.subscribe(&connection, topic, form).await? {
+    if !mesh.subscribe(&connection, topic.clone(), form).await? {
         return Ok(refused);
     }
-    let (record, version) = match mesh.record(record_id).await? {
+    let snapshot = mesh.record(record_id).await;
+    let (record, version) = match mesh.unless_failed(&connection, &topic, snapshot).await? {
         Some(record) => (record.value, record.version),
         None => (Value::Null, 0),
     };

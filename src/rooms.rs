@@ -219,6 +219,7 @@ impl Mesh {
                 return Ok(JoinOutcome::OverLimit);
             }
         }
+        crate::connection::reserve_reply_place(connection);
         let new_listener = self
             .listen(&membership, connection, topic.clone(), Form::Full)
             .await?;

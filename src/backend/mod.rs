@@ -100,6 +100,10 @@ pub(crate) trait Inbox: Send + Sync + 'static {
     /// Delivers to local connections. Must not block: it only enqueues or spawns.
     fn deliver(&self, delivery: Delivery);
 
+    /// Topic deliveries may have been lost (the pub/sub connection was re-established):
+    /// catch up what can be caught up from stored state.
+    fn resubscribed(&self);
+
     /// The backend lost this instance's registration (a restarted Redis, or a stall long
     /// enough to be swept as dead): its connections' rooms, presence and metadata are
     /// gone, so it closes them, and their clients reconnect and set everything up again.

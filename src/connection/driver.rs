@@ -4,6 +4,7 @@
 //! The driver is generic over any `Sink<Message> + Stream<Item = Result<Message, _>>`, so
 //! it runs on a real socket and on an in-process pipe alike.
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,24 @@ use super::Connection;
 use crate::command::dispatch;
 use crate::mesh::Mesh;
 use crate::protocol::{self, Frame, Inbound};
+
+tokio::task_local! {
+    /// The place in the outbound queue reserved for the reply of the command this task
+    /// runs, if its handler reserved one.
+    static REPLY_PLACE: Cell<Option<u64>>;
+}
+
+/// Called by a subscription handler just before it starts listening: reserves the place
+/// of its reply, so updates published after its snapshot wait behind the reply (a client
+/// places updates only once it has the reply). Elsewhere (server-side calls) it does
+/// nothing.
+pub(crate) fn reserve_reply_place(connection: &Connection) {
+    let _ = REPLY_PLACE.try_with(|place| {
+        if place.get().is_none() {
+            place.set(connection.reserve_reply());
+        }
+    });
+}
 
 /// How long the writer may take to deliver the close frame, and how long we then read
 /// on for the peer's acknowledgement, before the socket is dropped.
@@ -188,15 +207,20 @@ where
                     return server_close(connection);
                 };
                 let span = tracing::debug_span!("command", command = %command, id);
-                // A subscription's reply goes before every update published after it ran.
-                let reservation = protocol::replies_before_updates(&command)
-                    .then(|| connection.reserve_reply())
-                    .flatten();
                 let mesh = mesh.clone();
                 let connection = connection.clone();
                 tokio::spawn(
                     async move {
-                        let reply = dispatch(mesh, connection.clone(), id, command, payload).await;
+                        // A subscription reserves its reply's place as it starts listening
+                        // (see `reserve_reply_place`): the reply goes before every update
+                        // published after its snapshot.
+                        let (reply, reservation) = REPLY_PLACE
+                            .scope(Cell::new(None), async {
+                                let reply =
+                                    dispatch(mesh, connection.clone(), id, command, payload).await;
+                                (reply, REPLY_PLACE.with(Cell::take))
+                            })
+                            .await;
                         connection.push_reply(reservation, reply);
                         drop(permit);
                     }

@@ -16,7 +16,7 @@ use crate::mesh::{Mesh, MeshInner};
 use crate::metadata::MergeStrategy;
 use crate::protocol::{self, Frame};
 
-pub(crate) use driver::serve;
+pub(crate) use driver::{reserve_reply_place, serve};
 pub(crate) use outbound::Outbound;
 pub use outbound::{CloseReason, SendError};
 pub(crate) use registry::Registry;

@@ -74,6 +74,9 @@ pub(super) async fn run(
                     let _ = first.send(Ok(()));
                 } else {
                     tracing::info!("Redis pub/sub subscription re-established");
+                    if let Some(inbox) = inbox.upgrade() {
+                        inbox.resubscribed();
+                    }
                 }
                 backoff = Duration::from_millis(100);
                 // A half-open connection delivers nothing and reports nothing: probe it.
