@@ -1568,7 +1568,9 @@ async fn killed_instance_members_leave_once(backend: Backend) {
     }
     let swept_after = killed_at.elapsed();
     assert!(swept_after < Duration::from_secs(4), "{swept_after:?}");
-    eprintln!("a killed instance's member left after {swept_after:?} (the leave reached both survivors)");
+    eprintln!(
+        "a killed instance's member left after {swept_after:?} (the leave reached both survivors)"
+    );
     for mesh in [&survivor_1.mesh, &survivor_2.mesh] {
         assert_eq!(
             mesh.present_connections("room").await.expect("present"),

@@ -7,7 +7,10 @@
 //!   mesh layer requires `?token=...` on `/ws` and answers `401` before any upgrade; a good
 //!   token puts a `User` in the request extensions, which every command then reads with the
 //!   `Extension<User>` extractor;
-//! - commands `say {text}` (broadcast to everyone as a `chat` push) and `whoami`;
+//! - a `lobby` room with presence: the page joins it, watches who comes and goes
+//!   (`mesh/presence-update`), and reads newcomers' names from their connection metadata
+//!   (members of a room may read each other's);
+//! - commands `say {text}` (pushed to the lobby as `chat`) and `whoami`;
 //! - an `on_connect` hook that stores `{"name": user}` as the connection's metadata;
 //! - tower layers as command middleware (`TimeoutLayer` around every command);
 //! - graceful shutdown on Ctrl-C: axum stops accepting, mesh closes every WebSocket with
@@ -36,10 +39,13 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tower::timeout::TimeoutLayer;
 use tower_mesh::extract::{Extension, Payload};
-use tower_mesh::{CommandError, Connection, MergeStrategy, Mesh};
+use tower_mesh::{CommandError, Connection, MergeStrategy, Mesh, PresenceOptions};
 
 /// The chat page: plain HTML and JavaScript, no external scripts.
 const INDEX_HTML: &str = include_str!("index.html");
+
+/// The room everyone chats in.
+const LOBBY: &str = "lobby";
 
 /// Longest chat message, in characters.
 const MAX_TEXT_CHARS: usize = 500;
@@ -89,7 +95,7 @@ struct Say {
     text: String,
 }
 
-/// `say {text}`: broadcasts `{"command":"chat","payload":{"from","text"}}` to everyone.
+/// `say {text}`: pushes `{"command":"chat","payload":{"from","text"}}` to the lobby.
 async fn say(
     mesh: Mesh,
     Extension(user): Extension<User>,
@@ -103,8 +109,12 @@ async fn say(
             "text must be at most {MAX_TEXT_CHARS} characters"
         )));
     }
-    mesh.broadcast("chat", &json!({ "from": user.name, "text": say.text }))
-        .await?;
+    mesh.broadcast_room(
+        LOBBY,
+        "chat",
+        &json!({ "from": user.name, "text": say.text }),
+    )
+    .await?;
     Ok(json!({ "success": true }))
 }
 
@@ -135,6 +145,7 @@ async fn main() -> std::io::Result<()> {
         .path("/ws")
         .command("say", say)
         .command("whoami", whoami)
+        .track_presence(LOBBY, PresenceOptions::new())
         // Any tower layer works as command middleware; this one wraps every command,
         // the built-in `mesh/*` ones included, and answers `ETIMEOUT` after 5 s.
         .layer(TimeoutLayer::new(Duration::from_secs(5)))
