@@ -2,8 +2,9 @@
 //!
 //! It speaks only the wire protocol, so it works against any mesh server. It answers
 //! `ping` and `latency:request` itself, turns error payloads into [`ClientError::Command`],
-//! and after a dropped connection reconnects with backoff and runs the
-//! [`on_reconnect`](ClientBuilder::on_reconnect) hooks (where subscriptions are renewed).
+//! and after a dropped connection reconnects with backoff, renews what it had (rooms,
+//! presence, channels, records, collections) and runs the
+//! [`on_reconnect`](ClientBuilder::on_reconnect) hooks.
 //!
 //! ```no_run
 //! use serde_json::json;
@@ -37,8 +38,14 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
+mod channels;
+mod collections;
+mod records;
 mod rooms;
+mod sync;
 
+pub use collections::{CollectionChange, CollectionSnapshot, CollectionSubscription};
+pub use records::{RecordChange, RecordMode, RecordSubscription};
 pub use rooms::{
     Member, PresenceKind, PresenceSnapshot, PresenceUpdate, StateKeeper, StateOptions,
 };
@@ -199,8 +206,8 @@ impl ClientBuilder {
 
     /// Runs after every reconnect, once the new id has arrived and before
     /// [`ClientEvent::Reconnected`]; hooks run in the order added, after the client has
-    /// re-joined its rooms, renewed its presence subscriptions and re-published its
-    /// presence states.
+    /// re-joined its rooms, renewed its presence subscriptions, re-published its
+    /// presence states and subscribed to its channels, records and collections again.
     pub fn on_reconnect<F, Fut>(mut self, hook: F) -> Self
     where
         F: Fn(MeshClient) -> Fut + Send + Sync + 'static,
@@ -232,6 +239,7 @@ impl ClientBuilder {
             callbacks: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             memberships: Mutex::new(rooms::Memberships::default()),
+            sync: sync::State::default(),
             wake: Notify::new(),
             task: Mutex::new(None),
         });
@@ -299,6 +307,8 @@ struct Inner {
     closed: AtomicBool,
     /// Rooms, presence subscriptions and states to restore after a reconnect.
     memberships: Mutex<rooms::Memberships>,
+    /// Channel, record and collection subscriptions, to route pushes and to restore.
+    sync: sync::State,
     /// Wakes the connection task for `close` and `force_reconnect`.
     wake: Notify,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -463,6 +473,7 @@ fn announce_reconnect(inner: &Arc<Inner>, id: String) {
     let events = inner.events.clone();
     tokio::spawn(async move {
         rooms::restore(&client).await;
+        sync::restore(&client).await;
         for hook in &hooks {
             hook(client.clone()).await;
         }
@@ -471,7 +482,7 @@ fn announce_reconnect(inner: &Arc<Inner>, id: String) {
 }
 
 /// Resolves replies, answers probes, and fans pushes out. Returns a frame to send back.
-fn handle_frame(inner: &Inner, mut frame: Value) -> Option<Message> {
+fn handle_frame(inner: &Arc<Inner>, mut frame: Value) -> Option<Message> {
     let payload = frame
         .get_mut("payload")
         .map(Value::take)
@@ -499,6 +510,7 @@ fn handle_frame(inner: &Inner, mut frame: Value) -> Option<Message> {
             if command == rooms::PRESENCE_UPDATE {
                 rooms::dispatch_presence(inner, &payload);
             }
+            sync::dispatch(inner, &command, &payload);
             let callbacks = lock(&inner.callbacks)
                 .get(&command)
                 .cloned()
