@@ -456,7 +456,8 @@ impl Mesh {
 
 /// A record that joined a collection, as `mesh/collection-diff` lists it: the record's
 /// own object with its `id` (what mesh sends, and what its client reads), or, for a value
-/// that is not an object, `{id, value}` (`value` is `null` for a record not stored).
+/// that is not an object, `{"id", "$value"}` (`$value` is `null` for a record not stored;
+/// mesh has no form for these).
 fn member_as_added(id: &str, value: Option<Value>) -> Value {
     match value {
         Some(Value::Object(fields)) => {
@@ -465,9 +466,12 @@ fn member_as_added(id: &str, value: Option<Value>) -> Value {
             member.extend(fields.into_iter().filter(|(key, _)| key != "id"));
             Value::Object(member)
         }
-        other => json!({ "id": id, "value": other.unwrap_or(Value::Null) }),
+        other => json!({ "id": id, SCALAR_MEMBER: other.unwrap_or(Value::Null) }),
     }
 }
+
+/// The key that carries a collection member's value when it is not an object.
+pub(crate) const SCALAR_MEMBER: &str = "$value";
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -207,7 +207,7 @@ async fn a_kept_state_outlives_its_expiry_until_the_keeper_is_dropped(backend: B
         .keep_presence_state(
             "lobby",
             json!({"status": "here"}),
-            Duration::from_millis(50),
+            Duration::from_millis(150),
         )
         .await
         .expect("kept");

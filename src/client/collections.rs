@@ -222,8 +222,10 @@ struct Removed {
 #[serde(rename_all = "camelCase")]
 struct Diff {
     collection_id: String,
+    /// Each is the record's object carrying its `id`, or `{"id", "$value"}` for a value
+    /// that is not an object (what tower-mesh sends; mesh sends the objects alike).
     #[serde(default)]
-    added: Vec<Member>,
+    added: Vec<serde_json::Map<String, Value>>,
     #[serde(default)]
     removed: Vec<Removed>,
     version: u64,
@@ -239,6 +241,23 @@ struct Subscribed {
     records: Vec<Member>,
     #[serde(default)]
     version: u64,
+}
+
+/// Splits a diff's added record into its id and value.
+fn added_member(mut record: serde_json::Map<String, Value>) -> Option<(String, Value)> {
+    let Some(Value::String(id)) = record.remove("id") else {
+        tracing::debug!("ignored an added collection member without a string id");
+        return None;
+    };
+    let value = match record.remove("$value") {
+        Some(value) if record.is_empty() => value,
+        Some(value) => {
+            record.insert("$value".to_owned(), value);
+            Value::Object(record)
+        }
+        None => Value::Object(record),
+    };
+    Some((id, value))
 }
 
 fn members(members: Vec<Member>) -> Vec<(String, Value)> {
@@ -274,7 +293,7 @@ impl Subscriptions {
         };
         if let Some(collection) = self.collections.get_mut(&diff.collection_id) {
             collection.push(CollectionPush::Diff {
-                added: members(diff.added),
+                added: diff.added.into_iter().filter_map(added_member).collect(),
                 removed: diff.removed.into_iter().map(|removed| removed.id).collect(),
                 version: diff.version,
             });
