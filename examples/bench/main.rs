@@ -181,20 +181,16 @@ fn main() {
                 duration,
                 opts,
             } => {
-                let mut out = rpc(std::slice::from_ref(&url), duration, &opts).await;
-                out["scenario"] = json!("rpc");
-                out["url"] = json!(url);
-                out
+                let out = rpc(std::slice::from_ref(&url), duration, &opts).await;
+                prefixed(json!({"scenario": "rpc", "url": url}), out)
             }
             Scenario::Broadcast {
                 url,
                 duration,
                 opts,
             } => {
-                let mut out = broadcast(std::slice::from_ref(&url), duration, &opts).await;
-                out["scenario"] = json!("broadcast");
-                out["url"] = json!(url);
-                out
+                let out = broadcast(std::slice::from_ref(&url), duration, &opts).await;
+                prefixed(json!({"scenario": "broadcast", "url": url}), out)
             }
             Scenario::Idle {
                 url,
@@ -210,24 +206,31 @@ fn main() {
                 broadcast: broadcast_opts,
             } => {
                 let urls = [url.clone(), url2.clone()];
-                let (mut out, kind) = match kind {
+                let (out, kind) = match kind {
                     Kind::Rpc => (rpc(&urls, duration, &rpc_opts).await, "rpc"),
                     Kind::Broadcast => (
                         broadcast(&urls, duration, &broadcast_opts).await,
                         "broadcast",
                     ),
                 };
-                out["scenario"] = json!("cross");
-                out["kind"] = json!(kind);
-                out["url"] = json!(url);
-                out["url2"] = json!(url2);
-                out
+                prefixed(
+                    json!({"scenario": "cross", "kind": kind, "url": url, "url2": url2}),
+                    out,
+                )
             }
         }
     });
     // Connections still closing must not delay the report.
     runtime.shutdown_timeout(Duration::from_millis(200));
     println!("{out}");
+}
+
+/// `head`'s fields first (scenario, urls), then `body`'s.
+fn prefixed(mut head: Value, body: Value) -> Value {
+    if let (Some(head), Value::Object(body)) = (head.as_object_mut(), body) {
+        head.extend(body);
+    }
+    head
 }
 
 // ---------------------------------------------------------------------------------------------
