@@ -26,6 +26,8 @@ const PEEK_LIMIT: usize = 1024;
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> std::io::Result<()> {
+    // Many connections must not run into the soft open-file limit.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
     let port: u16 = std::env::var("PORT")
         .ok()
         .and_then(|p| p.parse().ok())
