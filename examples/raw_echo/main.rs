@@ -1,0 +1,139 @@
+//! The physical limit for this stack: a bare tokio + tokio-tungstenite WebSocket server that
+//! sends every text (or binary) frame straight back, unchanged. It is the baseline the mesh
+//! benchmarks are measured against, so it is written to be as fast as the stack allows: a
+//! multi-thread runtime, one task per connection, Nagle disabled, and replies written in
+//! batches (each reply is `feed`ed and the socket is flushed only when no further frame is
+//! immediately ready, so pipelined requests cost one write).
+//!
+//! It does not speak mesh (no `mesh/assign-id`, no pings): drive it with
+//! `bench rpc --raw`, which matches the echoed frames by their `id`.
+//!
+//! Contract: `PORT` (default 8788); `GET /health` answers `200 OK` (handled by hand, before
+//! the WebSocket handshake); any other request is upgraded to a WebSocket on any path.
+//!
+//! ```text
+//! cargo run --release --example raw_echo
+//! PORT=18788 cargo run --release --example raw_echo
+//! ```
+
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+
+/// How long a request line may grow before the connection is treated as a WebSocket anyway.
+const PEEK_LIMIT: usize = 1024;
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> std::io::Result<()> {
+    // Many connections must not run into the soft open-file limit.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let port: u16 = std::env::var("PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(8788);
+    let listener = TcpListener::bind(("0.0.0.0", port)).await?;
+    eprintln!("raw_echo listening on 0.0.0.0:{port}");
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                eprintln!("accept: {err}");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        tokio::spawn(serve(stream));
+    }
+}
+
+/// Answers a health check by hand, or upgrades and echoes.
+async fn serve(mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    if is_health_check(&stream).await {
+        answer_health(&mut stream).await;
+        return;
+    }
+    let Ok(ws) = tokio_tungstenite::accept_async(stream).await else {
+        return;
+    };
+    echo(ws).await;
+}
+
+/// Peeks the request line (without consuming it) and says whether it is `GET /health`.
+async fn is_health_check(stream: &TcpStream) -> bool {
+    let mut buf = [0u8; PEEK_LIMIT];
+    loop {
+        let Ok(n) = stream.peek(&mut buf).await else {
+            return false;
+        };
+        if n == 0 {
+            return false;
+        }
+        let seen = &buf[..n];
+        if let Some(end) = seen.windows(2).position(|w| w == b"\r\n") {
+            let line = &seen[..end];
+            return line.starts_with(b"GET /health ") || line == b"GET /health";
+        }
+        if n == PEEK_LIMIT || !b"GET /health".starts_with(&seen[..n.min(11)]) {
+            // Not a health check (or an absurd request line): let the handshake decide.
+            return false;
+        }
+        // Only part of the request line has arrived; wait for more.
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
+/// Consumes the request head and writes a minimal `200 OK`.
+async fn answer_health(stream: &mut TcpStream) {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 512];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let _ = stream
+        .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+        .await;
+    let _ = stream.shutdown().await;
+}
+
+/// Echo loop: read, `feed` the reply, and flush only when no further frame is ready now.
+async fn echo(mut ws: tokio_tungstenite::WebSocketStream<TcpStream>) {
+    while let Some(Ok(msg)) = ws.next().await {
+        if !reply(&mut ws, msg).await {
+            return;
+        }
+        // Drain whatever is already buffered or readable without waiting.
+        loop {
+            match ws.next().now_or_never() {
+                None => break,
+                Some(Some(Ok(msg))) => {
+                    if !reply(&mut ws, msg).await {
+                        return;
+                    }
+                }
+                Some(_) => {
+                    let _ = ws.flush().await;
+                    return;
+                }
+            }
+        }
+        if ws.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Queues the echo of one frame; `false` when the connection is finished.
+async fn reply(ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>, msg: Message) -> bool {
+    match msg {
+        Message::Text(_) | Message::Binary(_) => ws.feed(msg).await.is_ok(),
+        // tungstenite answers pings and close frames itself; the next flush sends them.
+        Message::Close(_) => true,
+        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => true,
+    }
+}
