@@ -334,14 +334,16 @@ impl MeshBuilder {
 
     /// Runs after every effective record write made through this instance (by
     /// [`Mesh::write_record`] or a client's `mesh/publish-record-update`), without being
-    /// awaited by the write; hooks run in the order added, and one that panics stops none
-    /// of the others.
+    /// awaited by the write. Hooks hear changes one at a time, in the order this instance
+    /// made them, each change's hooks in the order added (so a slow hook delays the
+    /// others); one that panics stops none of the others.
     pub fn on_record_update<F, Fut>(mut self, hook: F) -> Self
     where
         F: Fn(RecordEvent) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         self.records
+            .hooks
             .on_update
             .push(Arc::new(move |event| Box::pin(hook(event))));
         self
@@ -355,6 +357,7 @@ impl MeshBuilder {
         Fut: Future<Output = ()> + Send + 'static,
     {
         self.records
+            .hooks
             .on_removed
             .push(Arc::new(move |event| Box::pin(hook(event))));
         self

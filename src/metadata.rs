@@ -39,11 +39,13 @@ fn deep_merge(old: Value, new: Value) -> Value {
     match (old, new) {
         (Value::Object(mut old), Value::Object(new)) => {
             for (key, value) in new {
-                let merged = match old.remove(&key) {
-                    Some(previous) => deep_merge(previous, value),
-                    None => value,
-                };
-                old.insert(key, merged);
+                // In place: removing and inserting again would move the key to the end.
+                match old.get_mut(&key) {
+                    Some(previous) => *previous = deep_merge(previous.take(), value),
+                    None => {
+                        old.insert(key, value);
+                    }
+                }
             }
             Value::Object(old)
         }

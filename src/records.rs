@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tokio::sync::mpsc;
 
 use crate::access::{valid_name, Access, Pattern, Rules};
 use crate::backend::{Delivery, RecordWrite, StoredRecord};
@@ -60,8 +61,7 @@ pub(crate) type RecordHook = Arc<dyn Fn(RecordEvent) -> BoxFuture<()> + Send + S
 pub(crate) struct RecordRules {
     pub(crate) readable: Rules<Access>,
     pub(crate) writable: Rules<Access>,
-    pub(crate) on_update: Vec<RecordHook>,
-    pub(crate) on_removed: Vec<RecordHook>,
+    pub(crate) hooks: RecordHooks,
 }
 
 impl Mesh {
@@ -119,7 +119,7 @@ impl Mesh {
             .await?;
         Ok(stored.map(|stored| {
             let version = stored.version;
-            self.run_record_hooks(&self.inner().records.on_update, record_id, stored);
+            self.run_record_hooks(false, record_id, stored);
             version
         }))
     }
@@ -160,9 +160,7 @@ impl Mesh {
             .delete_record(record_id, &announce)
             .await?;
         Ok(removed
-            .map(|stored| {
-                self.run_record_hooks(&self.inner().records.on_removed, record_id, stored)
-            })
+            .map(|stored| self.run_record_hooks(true, record_id, stored))
             .is_some())
     }
 
@@ -213,24 +211,60 @@ impl Mesh {
         }
     }
 
-    /// Runs hooks without waiting for them; one that fails or panics stops no other.
-    fn run_record_hooks(&self, hooks: &[RecordHook], record_id: &str, stored: StoredRecord) {
-        for hook in hooks {
-            let event = RecordEvent {
+    /// Hands a change to the hooks without waiting for them (see [`RecordHooks`]).
+    fn run_record_hooks(&self, removed: bool, record_id: &str, stored: StoredRecord) {
+        self.inner().records.hooks.call(
+            removed,
+            RecordEvent {
                 record_id: record_id.to_owned(),
-                value: stored.value.clone(),
+                value: stored.value,
                 version: stored.version,
-            };
-            let hook = hook.clone();
+            },
+        );
+    }
+}
+
+/// The record hooks of one instance, and the task that runs them: one change at a time,
+/// in the order this instance made them, each change's hooks in the order they were
+/// added. Writes never wait for it; a hook that panics is logged and stops no other.
+#[derive(Default)]
+pub(crate) struct RecordHooks {
+    pub(crate) on_update: Vec<RecordHook>,
+    pub(crate) on_removed: Vec<RecordHook>,
+    queue: std::sync::OnceLock<mpsc::UnboundedSender<(bool, RecordEvent)>>,
+}
+
+impl RecordHooks {
+    fn call(&self, removed: bool, event: RecordEvent) {
+        let hooks = if removed {
+            &self.on_removed
+        } else {
+            &self.on_update
+        };
+        if hooks.is_empty() {
+            return;
+        }
+        let queue = self.queue.get_or_init(|| {
+            let (queue, mut calls) = mpsc::unbounded_channel::<(bool, RecordEvent)>();
+            let (on_update, on_removed) = (self.on_update.clone(), self.on_removed.clone());
+            // Ends when the mesh (which holds the sender) is gone.
             tokio::spawn(async move {
                 use futures_util::FutureExt;
-                // Called inside the guard too: a hook may panic before its first await.
-                let run = std::panic::AssertUnwindSafe(async move { hook(event).await });
-                if run.catch_unwind().await.is_err() {
-                    tracing::error!("a record hook panicked");
+                while let Some((removed, event)) = calls.recv().await {
+                    let hooks = if removed { &on_removed } else { &on_update };
+                    for hook in hooks {
+                        let hook = hook.clone();
+                        let event = event.clone();
+                        let run = std::panic::AssertUnwindSafe(async move { hook(event).await });
+                        if run.catch_unwind().await.is_err() {
+                            tracing::error!("a record hook panicked");
+                        }
+                    }
                 }
             });
-        }
+            queue
+        });
+        let _ = queue.send((removed, event));
     }
 }
 

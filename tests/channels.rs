@@ -1,0 +1,1040 @@
+//! Channels (issue 5): exposure, guards and the reserved prefix, server writes reaching
+//! subscribers on every instance, history (newest first, trimmed), unsubscribing, bad
+//! input and the subscription limit, on both backends and over real WebSockets. Writers
+//! and subscribers sit on different instances of one mesh wherever that applies.
+//!
+//! "Nothing arrived" is shown without sleeping: after the action, the server broadcasts a
+//! marker, which every instance delivers after whatever was published before it; the
+//! frames that came before the marker are checked.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use serde_json::{json, Value};
+use tower_mesh::{Access, Connection, Mesh, Regex};
+
+conformance!(
+    subscribe_and_unsubscribe_golden_replies,
+    unexposed_channels_are_refused,
+    reserved_prefix_is_refused_even_when_exposed,
+    reserved_prefix_can_be_changed_or_opened,
+    guard_allows_and_refuses_with_the_exact_name,
+    regex_exposure_passes_the_exact_name_to_its_guard,
+    re_exposing_a_name_replaces_its_guard,
+    server_writes_reach_subscribers_on_every_instance,
+    non_string_messages_are_sent_as_json_text,
+    history_is_newest_first_and_limited,
+    history_is_trimmed_to_what_the_write_keeps,
+    history_zero_keeps_nothing_and_leaves_history_alone,
+    get_channel_history_default_and_limit,
+    unsubscribe_stops_delivery_on_that_connection_only,
+    messages_reach_only_their_channel,
+    bad_channel_input_is_einvalid_and_subscribes_nothing,
+    channel_subscription_limit_answers_eoverloaded,
+);
+
+// ---------------------------------------------------------------------------------------
+// Helpers.
+
+const MESSAGE: &str = "mesh/subscription-message";
+
+/// Every wait has an overall deadline of [`WAIT`]. `RawClient`'s own timeout is per
+/// frame, and the latency probe every 5 s would keep it from ever firing, so a missing
+/// event would stall a test until the ping timeout instead of failing it.
+async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+trait Within {
+    /// [`RawClient::command`] with an overall deadline.
+    async fn command_within(&mut self, id: u64, command: &str, payload: Value) -> Value;
+    /// [`RawClient::push`] with an overall deadline.
+    async fn push_within(&mut self, command: &str) -> Value;
+}
+
+impl Within for RawClient {
+    async fn command_within(&mut self, id: u64, command: &str, payload: Value) -> Value {
+        within(
+            &format!("the reply to {command} #{id}"),
+            self.command(id, command, payload),
+        )
+        .await
+    }
+
+    async fn push_within(&mut self, command: &str) -> Value {
+        within(&format!("a {command} push"), self.push(command)).await
+    }
+}
+
+/// Sends a command and returns its reply's payload.
+async fn call(client: &mut RawClient, id: u64, command: &str, payload: Value) -> Value {
+    client.command_within(id, command, payload).await["payload"].clone()
+}
+
+async fn subscribe(client: &mut RawClient, id: u64, channel: &str) -> Value {
+    call(
+        client,
+        id,
+        "mesh/subscribe-channel",
+        json!({ "channel": channel }),
+    )
+    .await
+}
+
+async fn subscribe_with_history(client: &mut RawClient, id: u64, channel: &str, n: u64) -> Value {
+    call(
+        client,
+        id,
+        "mesh/subscribe-channel",
+        json!({ "channel": channel, "historyLimit": n }),
+    )
+    .await
+}
+
+async fn unsubscribe(client: &mut RawClient, id: u64, channel: &str) -> Value {
+    call(
+        client,
+        id,
+        "mesh/unsubscribe-channel",
+        json!({ "channel": channel }),
+    )
+    .await
+}
+
+async fn history(client: &mut RawClient, id: u64, payload: Value) -> Value {
+    call(client, id, "mesh/get-channel-history", payload).await
+}
+
+/// The next channel message's payload.
+async fn message(client: &mut RawClient) -> Value {
+    client.push_within(MESSAGE).await["payload"].clone()
+}
+
+/// The next push named `command` exactly as the server wrote it (other frames skipped).
+async fn push_text(client: &mut RawClient, command: &str) -> String {
+    within(&format!("a {command} push"), async {
+        loop {
+            let text = client.next_text().await;
+            let frame: Value = serde_json::from_str(&text).expect("JSON");
+            if frame.get("id").is_none() && frame["command"] == command {
+                return text;
+            }
+        }
+    })
+    .await
+}
+
+/// Reads frames until the push named `command`; returns the frames read before it.
+async fn frames_before_push(client: &mut RawClient, command: &str) -> Vec<Value> {
+    within(&format!("a {command} push"), async {
+        let mut before = Vec::new();
+        loop {
+            let frame = client.next().await;
+            if frame.get("id").is_none() && frame["command"] == command {
+                return before;
+            }
+            before.push(frame);
+        }
+    })
+    .await
+}
+
+/// Broadcasts `marker` to every connection of the mesh (it is ordered after anything
+/// published before it) and returns, per client, the frames that came before it.
+async fn frames_before_marker(
+    mesh: &Mesh,
+    marker: &str,
+    clients: &mut [&mut RawClient],
+) -> Vec<Vec<Value>> {
+    mesh.broadcast(marker, &json!(null))
+        .await
+        .expect("broadcast marker");
+    let mut all = Vec::new();
+    for client in clients.iter_mut() {
+        all.push(frames_before_push(client, marker).await);
+    }
+    all
+}
+
+fn pushes_named<'a>(frames: &'a [Value], command: &str) -> Vec<&'a Value> {
+    frames
+        .iter()
+        .filter(|frame| frame.get("id").is_none() && frame["command"] == command)
+        .collect()
+}
+
+/// Asserts that no channel message came before the marker, for each client.
+async fn assert_no_message(mesh: &Mesh, marker: &str, clients: &mut [&mut RawClient]) {
+    for frames in frames_before_marker(mesh, marker, clients).await {
+        assert!(
+            pushes_named(&frames, MESSAGE).is_empty(),
+            "unexpected channel message: {frames:?}"
+        );
+    }
+}
+
+async fn write(mesh: &Mesh, channel: &str, message: &str, history: usize) {
+    mesh.write_channel(channel, message, history)
+        .await
+        .expect("write_channel");
+}
+
+fn everything() -> Regex {
+    Regex::new(".*").expect("regex")
+}
+
+fn strings(items: &[&str]) -> Value {
+    json!(items)
+}
+
+// ---------------------------------------------------------------------------------------
+// Subscribing, exposure and guards.
+
+async fn subscribe_and_unsubscribe_golden_replies(backend: Backend) {
+    let server = serve(backend.builder().expose_channel("news", Access::open())).await;
+    let mut client = RawClient::connect(&server.url()).await;
+
+    // Exact bytes on the wire.
+    client
+        .send_text(r#"{"id":1,"command":"mesh/subscribe-channel","payload":{"channel":"news"}}"#)
+        .await;
+    assert_eq!(
+        within("the subscribe reply", client.next_text()).await,
+        r#"{"id":1,"command":"mesh/subscribe-channel","payload":{"success":true,"history":[]}}"#
+    );
+    // Subscribing again is still a success.
+    assert_eq!(
+        client
+            .command_within(2, "mesh/subscribe-channel", json!({"channel": "news"}))
+            .await,
+        json!({"id": 2, "command": "mesh/subscribe-channel",
+               "payload": {"success": true, "history": []}})
+    );
+    assert_eq!(
+        client
+            .command_within(3, "mesh/unsubscribe-channel", json!({"channel": "news"}))
+            .await,
+        json!({"id": 3, "command": "mesh/unsubscribe-channel", "payload": true})
+    );
+    // Only the first unsubscribe finds a subscription; one never made finds none.
+    assert_eq!(unsubscribe(&mut client, 4, "news").await, false);
+    assert_eq!(unsubscribe(&mut client, 5, "not:subscribed").await, false);
+    // Subscribing without historyLimit returns no history even when some is kept.
+    write(&server.mesh, "news", "kept", 10).await;
+    assert_eq!(
+        subscribe(&mut client, 6, "news").await,
+        json!({"success": true, "history": []})
+    );
+    // It was written while the client was not subscribed: it is history, not a push.
+    let before = frames_before_marker(&server.mesh, "marker", &mut [&mut client]).await;
+    assert!(pushes_named(&before[0], MESSAGE).is_empty(), "{before:?}");
+    write(&server.mesh, "news", "live", 10).await;
+    assert_eq!(
+        message(&mut client).await,
+        json!({"channel": "news", "message": "live"})
+    );
+}
+
+async fn unexposed_channels_are_refused(backend: Backend) {
+    let a = serve(backend.builder().expose_channel("news", Access::open())).await;
+    let b = serve(backend.builder().expose_channel("news", Access::open())).await;
+    let mut client = RawClient::connect(&a.url()).await;
+
+    assert_eq!(
+        client
+            .command_within(1, "mesh/subscribe-channel", json!({"channel": "secret"}))
+            .await,
+        json!({"id": 1, "command": "mesh/subscribe-channel",
+               "payload": {"success": false, "history": []}})
+    );
+    // Kept history of an unexposed channel is not readable either.
+    write(&b.mesh, "secret", "s1", 10).await;
+    assert_eq!(
+        subscribe_with_history(&mut client, 2, "secret", 10).await,
+        json!({"success": false, "history": []})
+    );
+    assert_eq!(
+        history(&mut client, 3, json!({"channel": "secret"})).await,
+        json!({"success": false, "history": []})
+    );
+    // A refused subscription is no subscription: nothing arrives, nothing to undo.
+    write(&b.mesh, "secret", "s2", 10).await;
+    assert_no_message(&b.mesh, "marker", &mut [&mut client]).await;
+    assert_eq!(unsubscribe(&mut client, 4, "secret").await, false);
+    // The history itself is intact for the server.
+    assert_eq!(
+        a.mesh.channel_history("secret", 10).await.expect("history"),
+        vec!["s2".to_owned(), "s1".to_owned()]
+    );
+}
+
+async fn reserved_prefix_is_refused_even_when_exposed(backend: Backend) {
+    // Everything is exposed, "mesh:exact" even by name; the default reserved prefix wins.
+    let a = serve(
+        backend
+            .builder()
+            .expose_channel(everything(), Access::open())
+            .expose_channel("mesh:exact", Access::open()),
+    )
+    .await;
+    let b = serve(
+        backend
+            .builder()
+            .expose_channel(everything(), Access::open()),
+    )
+    .await;
+    let mut client = RawClient::connect(&a.url()).await;
+
+    let refused = json!({"success": false, "history": []});
+    let mut id = 0;
+    for channel in ["mesh:x", "mesh:exact", "mesh:record-updates", "mesh:"] {
+        id += 1;
+        assert_eq!(
+            subscribe_with_history(&mut client, id, channel, 5).await,
+            refused,
+            "{channel}"
+        );
+        id += 1;
+        assert_eq!(
+            history(&mut client, id, json!({"channel": channel})).await,
+            refused,
+            "{channel}"
+        );
+        id += 1;
+        assert_eq!(
+            unsubscribe(&mut client, id, channel).await,
+            false,
+            "{channel}"
+        );
+    }
+    // The server may still write a reserved name; clients never hear it.
+    write(&b.mesh, "mesh:x", "internal", 5).await;
+    assert_no_message(&b.mesh, "marker", &mut [&mut client]).await;
+    assert_eq!(
+        subscribe_with_history(&mut client, 100, "mesh:x", 5).await,
+        refused
+    );
+    // Only the prefix is reserved: similar names are ordinary channels.
+    for (n, channel) in ["meshx", "mesh", "Mesh:x", "x:mesh:"]
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(
+            subscribe(&mut client, 200 + n as u64, channel).await,
+            json!({"success": true, "history": []}),
+            "{channel}"
+        );
+    }
+}
+
+async fn reserved_prefix_can_be_changed_or_opened(backend: Backend) {
+    let open = serve(
+        backend
+            .builder()
+            .reserved_channel_prefix(None)
+            .expose_channel(everything(), Access::open()),
+    )
+    .await;
+    let custom = serve(
+        backend
+            .builder()
+            .reserved_channel_prefix(Some("internal:"))
+            .expose_channel(everything(), Access::open()),
+    )
+    .await;
+    let mut on_open = RawClient::connect(&open.url()).await;
+    let mut on_custom = RawClient::connect(&custom.url()).await;
+
+    // Without a reserved prefix, "mesh:" names are ordinary exposed channels.
+    custom
+        .mesh
+        .write_channel("mesh:x", "old", 5)
+        .await
+        .expect("write");
+    assert_eq!(
+        subscribe_with_history(&mut on_open, 1, "mesh:x", 5).await,
+        json!({"success": true, "history": ["old"]})
+    );
+    // With another prefix, that prefix is refused and "mesh:" is open.
+    assert_eq!(
+        subscribe_with_history(&mut on_custom, 1, "internal:x", 5).await,
+        json!({"success": false, "history": []})
+    );
+    assert_eq!(
+        history(&mut on_custom, 2, json!({"channel": "internal:x"})).await,
+        json!({"success": false, "history": []})
+    );
+    assert_eq!(
+        subscribe_with_history(&mut on_custom, 3, "mesh:x", 5).await,
+        json!({"success": true, "history": ["old"]})
+    );
+    write(&open.mesh, "mesh:x", "new", 5).await;
+    for client in [&mut on_open, &mut on_custom] {
+        assert_eq!(
+            message(client).await,
+            json!({"channel": "mesh:x", "message": "new"})
+        );
+    }
+    write(&open.mesh, "internal:x", "hidden", 5).await;
+    assert_no_message(&open.mesh, "marker", &mut [&mut on_custom]).await;
+}
+
+/// Records the names a guard was asked about; allows connections with an `x-allowed`
+/// header.
+fn recording_guard(seen: &Arc<Mutex<Vec<String>>>) -> Access {
+    let seen = seen.clone();
+    Access::guarded(move |connection: Connection, name: String| {
+        let seen = seen.clone();
+        async move {
+            seen.lock().unwrap().push(name);
+            connection.headers().contains_key("x-allowed")
+        }
+    })
+}
+
+async fn guard_allows_and_refuses_with_the_exact_name(backend: Backend) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let a = serve(
+        backend
+            .builder()
+            .expose_channel("vip", recording_guard(&seen)),
+    )
+    .await;
+    let b = serve(backend.builder()).await;
+    let mut allowed = RawClient::connect_request(ws_request(&a.url(), &[("x-allowed", "1")])).await;
+    let mut refused = RawClient::connect(&a.url()).await;
+
+    write(&b.mesh, "vip", "earlier", 5).await;
+    assert_eq!(
+        subscribe_with_history(&mut allowed, 1, "vip", 5).await,
+        json!({"success": true, "history": ["earlier"]})
+    );
+    assert_eq!(
+        subscribe_with_history(&mut refused, 1, "vip", 5).await,
+        json!({"success": false, "history": []})
+    );
+    // The guard also decides who reads the history.
+    assert_eq!(
+        history(&mut refused, 2, json!({"channel": "vip"})).await,
+        json!({"success": false, "history": []})
+    );
+    assert_eq!(
+        history(&mut allowed, 2, json!({"channel": "vip"})).await,
+        json!({"success": true, "history": ["earlier"]})
+    );
+    assert_eq!(*seen.lock().unwrap(), ["vip", "vip", "vip", "vip"]);
+
+    write(&b.mesh, "vip", "live", 5).await;
+    assert_eq!(
+        message(&mut allowed).await,
+        json!({"channel": "vip", "message": "live"})
+    );
+    assert_no_message(&b.mesh, "marker", &mut [&mut refused]).await;
+}
+
+async fn regex_exposure_passes_the_exact_name_to_its_guard(backend: Backend) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let server = serve(backend.builder().expose_channel(
+        Regex::new(r"^test:channel:\d+$").expect("regex"),
+        recording_guard(&seen),
+    ))
+    .await;
+    let mut allowed =
+        RawClient::connect_request(ws_request(&server.url(), &[("x-allowed", "1")])).await;
+    let mut refused = RawClient::connect(&server.url()).await;
+
+    assert_eq!(
+        subscribe(&mut allowed, 1, "test:channel:42").await,
+        json!({"success": true, "history": []})
+    );
+    assert_eq!(
+        subscribe(&mut refused, 1, "test:channel:7").await,
+        json!({"success": false, "history": []})
+    );
+    // Names the regex does not match are not exposed: the guard is not even asked.
+    for (n, channel) in ["test:channel:x", "test:channel:1:2", "other"]
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(
+            subscribe(&mut allowed, 10 + n as u64, channel).await,
+            json!({"success": false, "history": []}),
+            "{channel}"
+        );
+    }
+    assert_eq!(*seen.lock().unwrap(), ["test:channel:42", "test:channel:7"]);
+    write(&server.mesh, "test:channel:42", "hello", 0).await;
+    assert_eq!(
+        message(&mut allowed).await,
+        json!({"channel": "test:channel:42", "message": "hello"})
+    );
+}
+
+async fn re_exposing_a_name_replaces_its_guard(backend: Backend) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let server = serve(
+        backend
+            .builder()
+            .expose_channel("test:channel", Access::open())
+            .expose_channel("test:channel", recording_guard(&seen))
+            // A regex re-exposed with the same source replaces its access too.
+            .expose_channel(Regex::new("^room:").expect("regex"), Access::open())
+            .expose_channel(
+                Regex::new("^room:").expect("regex"),
+                Access::guarded(|_connection: Connection, _name: String| async { false }),
+            ),
+    )
+    .await;
+    let mut allowed =
+        RawClient::connect_request(ws_request(&server.url(), &[("x-allowed", "1")])).await;
+    let mut plain = RawClient::connect(&server.url()).await;
+
+    assert_eq!(
+        subscribe(&mut allowed, 1, "test:channel").await["success"],
+        true
+    );
+    assert_eq!(
+        subscribe(&mut plain, 1, "test:channel").await,
+        json!({"success": false, "history": []})
+    );
+    assert_eq!(*seen.lock().unwrap(), ["test:channel", "test:channel"]);
+    for client in [&mut allowed, &mut plain] {
+        assert_eq!(
+            subscribe(client, 2, "room:1").await,
+            json!({"success": false, "history": []})
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Writing and delivery.
+
+async fn server_writes_reach_subscribers_on_every_instance(backend: Backend) {
+    let a = serve(backend.builder().expose_channel("news", Access::open())).await;
+    let b = serve(backend.builder().expose_channel("news", Access::open())).await;
+    let mut on_a = RawClient::connect(&a.url()).await;
+    let mut also_on_a = RawClient::connect(&a.url()).await;
+    let mut on_b = RawClient::connect(&b.url()).await;
+    let mut outsider_a = RawClient::connect(&a.url()).await;
+    let mut outsider_b = RawClient::connect(&b.url()).await;
+    for client in [&mut on_a, &mut also_on_a, &mut on_b] {
+        assert_eq!(subscribe(client, 1, "news").await["success"], true);
+    }
+
+    // Written through B: every subscriber, on A and on B, gets the exact push.
+    write(&b.mesh, "news", "Hello, Redis!", 0).await;
+    for client in [&mut on_a, &mut also_on_a, &mut on_b] {
+        assert_eq!(
+            push_text(client, MESSAGE).await,
+            r#"{"command":"mesh/subscription-message","payload":{"channel":"news","message":"Hello, Redis!"}}"#
+        );
+    }
+    // Written through A: the same, in write order.
+    write(&a.mesh, "news", "one", 0).await;
+    write(&a.mesh, "news", "two", 0).await;
+    for client in [&mut on_a, &mut also_on_a, &mut on_b] {
+        assert_eq!(message(client).await["message"], "one");
+        assert_eq!(message(client).await["message"], "two");
+    }
+    // Connections that did not subscribe get nothing, and every subscriber got each
+    // message exactly once.
+    let before = frames_before_marker(
+        &a.mesh,
+        "marker",
+        &mut [
+            &mut on_a,
+            &mut also_on_a,
+            &mut on_b,
+            &mut outsider_a,
+            &mut outsider_b,
+        ],
+    )
+    .await;
+    for frames in &before {
+        assert!(pushes_named(frames, MESSAGE).is_empty(), "{frames:?}");
+    }
+}
+
+#[derive(serde::Serialize)]
+struct Note {
+    text: &'static str,
+    n: u32,
+}
+
+async fn non_string_messages_are_sent_as_json_text(backend: Backend) {
+    let a = serve(backend.builder().expose_channel("data", Access::open())).await;
+    let b = serve(backend.builder()).await;
+    let mut client = RawClient::connect(&a.url()).await;
+    assert_eq!(subscribe(&mut client, 1, "data").await["success"], true);
+
+    let mesh = &b.mesh;
+    mesh.write_channel("data", &json!({"text": "hello channel"}), 10)
+        .await
+        .expect("object");
+    mesh.write_channel("data", &5, 10).await.expect("number");
+    mesh.write_channel("data", &true, 10).await.expect("bool");
+    mesh.write_channel("data", &Value::Null, 10)
+        .await
+        .expect("null");
+    mesh.write_channel("data", &json!([1, "two"]), 10)
+        .await
+        .expect("array");
+    mesh.write_channel("data", &Note { text: "hi", n: 2 }, 10)
+        .await
+        .expect("struct");
+    // A string is sent as it is, even one that looks like JSON.
+    mesh.write_channel("data", &json!("5"), 10)
+        .await
+        .expect("string value");
+    mesh.write_channel("data", "{\"a\":1}", 10)
+        .await
+        .expect("str");
+    mesh.write_channel("data", &String::from("plain"), 10)
+        .await
+        .expect("String");
+
+    let expected = [
+        r#"{"text":"hello channel"}"#,
+        "5",
+        "true",
+        "null",
+        r#"[1,"two"]"#,
+        r#"{"text":"hi","n":2}"#,
+        "5",
+        r#"{"a":1}"#,
+        "plain",
+    ];
+    for text in expected {
+        assert_eq!(
+            message(&mut client).await,
+            json!({"channel": "data", "message": text})
+        );
+    }
+    // The history keeps the same strings, newest first.
+    let mut newest_first: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
+    newest_first.reverse();
+    assert_eq!(
+        a.mesh.channel_history("data", 20).await.expect("history"),
+        newest_first
+    );
+    assert_eq!(
+        history(&mut client, 2, json!({"channel": "data"})).await,
+        json!({"success": true, "history": newest_first})
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// History.
+
+async fn history_is_newest_first_and_limited(backend: Backend) {
+    let a = serve(backend.builder().expose_channel("chat", Access::open())).await;
+    let b = serve(backend.builder().expose_channel("chat", Access::open())).await;
+    for n in 1..=5 {
+        write(&b.mesh, "chat", &format!("Message {n}"), 10).await;
+    }
+    let mut client = RawClient::connect(&a.url()).await;
+    assert_eq!(
+        client
+            .command_within(
+                1,
+                "mesh/subscribe-channel",
+                json!({"channel": "chat", "historyLimit": 3}),
+            )
+            .await,
+        json!({"id": 1, "command": "mesh/subscribe-channel", "payload": {
+            "success": true, "history": ["Message 5", "Message 4", "Message 3"]}})
+    );
+    // Every instance sees the same history.
+    for mesh in [&a.mesh, &b.mesh] {
+        assert_eq!(
+            mesh.channel_history("chat", 10).await.expect("history"),
+            [
+                "Message 5",
+                "Message 4",
+                "Message 3",
+                "Message 2",
+                "Message 1"
+            ]
+        );
+        assert_eq!(
+            mesh.channel_history("chat", 2).await.expect("history"),
+            ["Message 5", "Message 4"]
+        );
+        assert_eq!(
+            mesh.channel_history("chat", 0).await.expect("history"),
+            Vec::<String>::new()
+        );
+    }
+    // A limit above what is kept gives everything; 0 gives nothing but subscribes.
+    let mut other = RawClient::connect(&b.url()).await;
+    assert_eq!(
+        subscribe_with_history(&mut other, 1, "chat", 1000).await["history"],
+        strings(&[
+            "Message 5",
+            "Message 4",
+            "Message 3",
+            "Message 2",
+            "Message 1"
+        ])
+    );
+    let mut third = RawClient::connect(&b.url()).await;
+    assert_eq!(
+        subscribe_with_history(&mut third, 1, "chat", 0).await,
+        json!({"success": true, "history": []})
+    );
+    // A limit beyond the largest one served is capped, not refused.
+    assert_eq!(
+        subscribe_with_history(&mut third, 2, "chat", 1 << 40).await["history"]
+            .as_array()
+            .map(Vec::len),
+        Some(5)
+    );
+    // History is read at subscription time; what comes after arrives live, once each.
+    write(&a.mesh, "chat", "Message 6", 10).await;
+    for client in [&mut client, &mut other, &mut third] {
+        assert_eq!(
+            message(client).await,
+            json!({"channel": "chat", "message": "Message 6"})
+        );
+    }
+    // A channel nothing was kept for has an empty history.
+    assert_eq!(
+        a.mesh.channel_history("never", 10).await.expect("history"),
+        Vec::<String>::new()
+    );
+}
+
+async fn history_is_trimmed_to_what_the_write_keeps(backend: Backend) {
+    let a = serve(backend.builder().expose_channel("chat", Access::open())).await;
+    let b = serve(backend.builder().expose_channel("chat", Access::open())).await;
+    for n in 1..=4 {
+        write(&b.mesh, "chat", &format!("Message {n}"), 3).await;
+    }
+    let mut client = RawClient::connect(&a.url()).await;
+    let kept = strings(&["Message 4", "Message 3", "Message 2"]);
+    assert_eq!(
+        subscribe_with_history(&mut client, 1, "chat", 3).await,
+        json!({"success": true, "history": kept})
+    );
+    assert_eq!(
+        subscribe_with_history(&mut client, 2, "chat", 10).await["history"],
+        kept
+    );
+    assert_eq!(
+        a.mesh.channel_history("chat", 10).await.expect("history"),
+        ["Message 4", "Message 3", "Message 2"]
+    );
+    // Each write keeps at most what it says: a longer one lets history grow again, a
+    // shorter one trims it.
+    write(&a.mesh, "chat", "Message 5", 5).await;
+    assert_eq!(
+        b.mesh.channel_history("chat", 10).await.expect("history"),
+        ["Message 5", "Message 4", "Message 3", "Message 2"]
+    );
+    write(&a.mesh, "chat", "Message 6", 1).await;
+    assert_eq!(
+        b.mesh.channel_history("chat", 10).await.expect("history"),
+        ["Message 6"]
+    );
+}
+
+async fn history_zero_keeps_nothing_and_leaves_history_alone(backend: Backend) {
+    let a = serve(
+        backend
+            .builder()
+            .expose_channel(everything(), Access::open()),
+    )
+    .await;
+    let b = serve(backend.builder()).await;
+    let mut client = RawClient::connect(&a.url()).await;
+
+    write(&b.mesh, "fresh", "not kept", 0).await;
+    assert_eq!(
+        subscribe_with_history(&mut client, 1, "fresh", 10).await,
+        json!({"success": true, "history": []})
+    );
+    write(&b.mesh, "kept", "a", 2).await;
+    write(&b.mesh, "kept", "b", 2).await;
+    assert_eq!(
+        subscribe_with_history(&mut client, 2, "kept", 10).await,
+        json!({"success": true, "history": ["b", "a"]})
+    );
+    // A history-0 write still reaches subscribers live, but is not kept and trims nothing.
+    write(&b.mesh, "kept", "live only", 0).await;
+    assert_eq!(
+        message(&mut client).await,
+        json!({"channel": "kept", "message": "live only"})
+    );
+    assert_eq!(
+        a.mesh.channel_history("kept", 10).await.expect("history"),
+        ["b", "a"]
+    );
+    assert_eq!(
+        history(&mut client, 3, json!({"channel": "kept"})).await,
+        json!({"success": true, "history": ["b", "a"]})
+    );
+    assert_eq!(
+        history(&mut client, 4, json!({"channel": "fresh"})).await,
+        json!({"success": true, "history": []})
+    );
+}
+
+async fn get_channel_history_default_and_limit(backend: Backend) {
+    let a = serve(backend.builder().expose_channel("log", Access::open())).await;
+    let b = serve(backend.builder()).await;
+    for n in 1..=60 {
+        write(&b.mesh, "log", &format!("m{n}"), 100).await;
+    }
+    let newest = |count: usize| -> Value {
+        json!((0..count)
+            .map(|i| format!("m{}", 60 - i))
+            .collect::<Vec<_>>())
+    };
+    let mut client = RawClient::connect(&a.url()).await;
+    // Without a limit: the newest 50.
+    assert_eq!(
+        client
+            .command_within(1, "mesh/get-channel-history", json!({"channel": "log"}))
+            .await,
+        json!({"id": 1, "command": "mesh/get-channel-history",
+               "payload": {"success": true, "history": newest(50)}})
+    );
+    assert_eq!(
+        history(&mut client, 2, json!({"channel": "log", "limit": 5})).await,
+        json!({"success": true, "history": newest(5)})
+    );
+    assert_eq!(
+        history(&mut client, 3, json!({"channel": "log", "limit": 1000})).await,
+        json!({"success": true, "history": newest(60)})
+    );
+    assert_eq!(
+        history(&mut client, 4, json!({"channel": "log", "limit": 0})).await,
+        json!({"success": true, "history": []})
+    );
+    // Reading history does not subscribe.
+    write(&b.mesh, "log", "after", 100).await;
+    let before = frames_before_marker(&b.mesh, "marker", &mut [&mut client]).await;
+    assert!(pushes_named(&before[0], MESSAGE).is_empty(), "{before:?}");
+    assert_eq!(unsubscribe(&mut client, 5, "log").await, false);
+}
+
+// ---------------------------------------------------------------------------------------
+// Unsubscribing and isolation.
+
+async fn unsubscribe_stops_delivery_on_that_connection_only(backend: Backend) {
+    let a = serve(backend.builder().expose_channel("news", Access::open())).await;
+    let b = serve(backend.builder().expose_channel("news", Access::open())).await;
+    let mut leaver = RawClient::connect(&a.url()).await;
+    let mut stayer = RawClient::connect(&a.url()).await;
+    for client in [&mut leaver, &mut stayer] {
+        assert_eq!(subscribe(client, 1, "news").await["success"], true);
+    }
+    write(&b.mesh, "news", "first", 0).await;
+    for client in [&mut leaver, &mut stayer] {
+        assert_eq!(message(client).await["message"], "first");
+    }
+
+    assert_eq!(unsubscribe(&mut leaver, 2, "news").await, true);
+    assert_eq!(unsubscribe(&mut leaver, 3, "news").await, false);
+    // Another local subscriber keeps the instance listening.
+    write(&b.mesh, "news", "second", 0).await;
+    assert_eq!(message(&mut stayer).await["message"], "second");
+    let before = frames_before_marker(&b.mesh, "marker-1", &mut [&mut leaver]).await;
+    assert!(pushes_named(&before[0], MESSAGE).is_empty(), "{before:?}");
+
+    // The last local subscriber leaves: nothing reaches that instance's connections.
+    assert_eq!(unsubscribe(&mut stayer, 2, "news").await, true);
+    write(&b.mesh, "news", "third", 0).await;
+    assert_no_message(&b.mesh, "marker-2", &mut [&mut leaver, &mut stayer]).await;
+
+    // Subscribing again works again.
+    assert_eq!(subscribe(&mut leaver, 4, "news").await["success"], true);
+    write(&b.mesh, "news", "fourth", 0).await;
+    assert_eq!(
+        message(&mut leaver).await,
+        json!({"channel": "news", "message": "fourth"})
+    );
+    assert_no_message(&b.mesh, "marker-3", &mut [&mut stayer]).await;
+}
+
+async fn messages_reach_only_their_channel(backend: Backend) {
+    let a = serve(
+        backend
+            .builder()
+            .expose_channel(everything(), Access::open()),
+    )
+    .await;
+    let b = serve(
+        backend
+            .builder()
+            .expose_channel(everything(), Access::open()),
+    )
+    .await;
+    let mut one = RawClient::connect(&a.url()).await;
+    let mut two = RawClient::connect(&b.url()).await;
+    assert_eq!(subscribe(&mut one, 1, "channel:1").await["success"], true);
+    assert_eq!(subscribe(&mut two, 1, "channel:2").await["success"], true);
+
+    write(&a.mesh, "channel:1", "for one", 0).await;
+    assert_eq!(
+        message(&mut one).await,
+        json!({"channel": "channel:1", "message": "for one"})
+    );
+    write(&b.mesh, "channel:2", "for two", 0).await;
+    assert_eq!(
+        message(&mut two).await,
+        json!({"channel": "channel:2", "message": "for two"})
+    );
+    // Prefixes of each other are different channels.
+    write(&a.mesh, "channel:10", "for nobody", 0).await;
+    write(&a.mesh, "channel", "for nobody", 0).await;
+    let before = frames_before_marker(&a.mesh, "marker", &mut [&mut one, &mut two]).await;
+    for frames in &before {
+        assert!(pushes_named(frames, MESSAGE).is_empty(), "{frames:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Bad input and limits.
+
+async fn bad_channel_input_is_einvalid_and_subscribes_nothing(backend: Backend) {
+    let a = serve(
+        backend
+            .builder()
+            .expose_channel(everything(), Access::open()),
+    )
+    .await;
+    let mut client = RawClient::connect(&a.url()).await;
+    let too_long = "x".repeat(tower_mesh::MAX_NAME_BYTES + 1);
+    let bad_names = [
+        json!({}),
+        json!({"channel": null}),
+        json!({"channel": 5}),
+        json!({"channel": ["news"]}),
+        json!({"channel": {"name": "news"}}),
+        json!({"channel": ""}),
+        json!({"channel": too_long}),
+        json!({"name": "news"}),
+        json!("news"),
+        json!(null),
+    ];
+    let mut id = 0;
+    let expect_invalid = |reply: Value, command: &str, payload: &Value| {
+        assert_eq!(reply["command"], command, "{reply}");
+        assert_eq!(
+            reply["payload"]["code"], "EINVALID",
+            "{command} {payload}: {reply}"
+        );
+        assert_eq!(reply["payload"]["name"], "CommandError", "{reply}");
+        assert!(reply["payload"]["error"].is_string(), "{reply}");
+    };
+    for command in [
+        "mesh/subscribe-channel",
+        "mesh/unsubscribe-channel",
+        "mesh/get-channel-history",
+    ] {
+        for payload in &bad_names {
+            id += 1;
+            let reply = client.command_within(id, command, payload.clone()).await;
+            assert_eq!(reply["id"], id);
+            expect_invalid(reply, command, payload);
+        }
+    }
+    // Bad limits, on a good name.
+    let bad_limits = [
+        (
+            "mesh/subscribe-channel",
+            json!({"channel": "news", "historyLimit": -1}),
+        ),
+        (
+            "mesh/subscribe-channel",
+            json!({"channel": "news", "historyLimit": 1.5}),
+        ),
+        (
+            "mesh/subscribe-channel",
+            json!({"channel": "news", "historyLimit": "3"}),
+        ),
+        (
+            "mesh/get-channel-history",
+            json!({"channel": "news", "limit": -1}),
+        ),
+        (
+            "mesh/get-channel-history",
+            json!({"channel": "news", "limit": "all"}),
+        ),
+    ];
+    for (command, payload) in &bad_limits {
+        id += 1;
+        let reply = client.command_within(id, command, payload.clone()).await;
+        expect_invalid(reply, command, payload);
+    }
+    // None of that subscribed the client to anything.
+    a.mesh
+        .write_channel("news", "after", 0)
+        .await
+        .expect("write");
+    assert_no_message(&a.mesh, "marker", &mut [&mut client]).await;
+    assert_eq!(unsubscribe(&mut client, 900, "news").await, false);
+    // The connection keeps working, and a name of exactly the limit is fine.
+    let longest = "z".repeat(tower_mesh::MAX_NAME_BYTES);
+    assert_eq!(
+        subscribe(&mut client, 901, &longest).await,
+        json!({"success": true, "history": []})
+    );
+    a.mesh
+        .write_channel(&longest, "long", 0)
+        .await
+        .expect("write");
+    assert_eq!(message(&mut client).await["message"], "long");
+}
+
+async fn channel_subscription_limit_answers_eoverloaded(backend: Backend) {
+    let a = serve(
+        backend
+            .builder()
+            .max_subscriptions_per_connection(2)
+            .expose_channel(everything(), Access::open())
+            .expose_record(everything(), Access::open()),
+    )
+    .await;
+    let b = serve(backend.builder()).await;
+    let mut client = RawClient::connect(&a.url()).await;
+    let mut other = RawClient::connect(&a.url()).await;
+    assert_eq!(subscribe(&mut client, 1, "c1").await["success"], true);
+    assert_eq!(subscribe(&mut client, 2, "c2").await["success"], true);
+    let refused = client
+        .command_within(3, "mesh/subscribe-channel", json!({"channel": "c3"}))
+        .await;
+    assert_eq!(refused["payload"]["code"], "EOVERLOADED", "{refused}");
+    assert_eq!(refused["payload"]["name"], "CommandError", "{refused}");
+    // Records count towards the same limit.
+    let refused = client
+        .command_within(4, "mesh/subscribe-record", json!({"recordId": "r1"}))
+        .await;
+    assert_eq!(refused["payload"]["code"], "EOVERLOADED", "{refused}");
+    // The refused subscription stored nothing.
+    write(&b.mesh, "c3", "not for client", 0).await;
+    assert_no_message(&b.mesh, "marker-1", &mut [&mut client]).await;
+    // Subscribing to one it holds is not one more.
+    assert_eq!(subscribe(&mut client, 5, "c1").await["success"], true);
+    // Unsubscribing frees a slot.
+    assert_eq!(unsubscribe(&mut client, 6, "c2").await, true);
+    assert_eq!(subscribe(&mut client, 7, "c3").await["success"], true);
+    write(&b.mesh, "c3", "now for client", 0).await;
+    assert_eq!(
+        message(&mut client).await,
+        json!({"channel": "c3", "message": "now for client"})
+    );
+    // The limit is per connection.
+    for (n, channel) in ["c1", "c2"].into_iter().enumerate() {
+        assert_eq!(
+            subscribe(&mut other, n as u64 + 1, channel).await["success"],
+            true
+        );
+    }
+    assert_eq!(call(&mut client, 8, "mesh/noop", json!({})).await, true);
+}
