@@ -212,8 +212,9 @@ async fn slow_consumer_that_reads_late_gets_a_close_frame(backend: Backend) {
         }
     }
     assert_eq!(server.mesh.stats().slow_consumer_closes, 1);
-    // The client now catches up: it gets what was already on its way, in order, then a
-    // close frame with a reason (the frames still queued were dropped).
+    // The client now catches up: it gets what was already on its way (on a busy machine
+    // the writer may not have run before the queue overflowed, so possibly nothing), in
+    // order, then a close frame with a reason (the frames still queued were dropped).
     let mut last: Option<u64> = None;
     let (code, reason) = loop {
         let message = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut slow.socket))
@@ -237,7 +238,7 @@ async fn slow_consumer_that_reads_late_gets_a_close_frame(backend: Backend) {
     };
     assert_eq!(code, 1008);
     assert!(!reason.is_empty());
-    assert!(last.is_some_and(|last| last < sent), "{last:?} of {sent}");
+    assert!(last.is_none_or(|last| last + 1 < sent), "{last:?} of {sent}");
 }
 
 async fn pongs_are_read_while_the_in_flight_limit_is_reached(backend: Backend) {
