@@ -238,7 +238,10 @@ async fn slow_consumer_that_reads_late_gets_a_close_frame(backend: Backend) {
     };
     assert_eq!(code, 1008);
     assert!(!reason.is_empty());
-    assert!(last.is_none_or(|last| last + 1 < sent), "{last:?} of {sent}");
+    assert!(
+        last.is_none_or(|last| last + 1 < sent),
+        "{last:?} of {sent}"
+    );
 }
 
 async fn pongs_are_read_while_the_in_flight_limit_is_reached(backend: Backend) {
