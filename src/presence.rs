@@ -51,7 +51,7 @@ const MIN_SWEEP_PAUSE: Duration = Duration::from_millis(10);
 /// let (layer, mesh) = Mesh::builder()
 ///     .track_presence("lobby", PresenceOptions::new())
 ///     .track_presence(
-///         regex::Regex::new("^team:").unwrap(),
+///         tower_mesh::Regex::new("^team:").unwrap(),
 ///         PresenceOptions::new()
 ///             .ttl(Duration::from_secs(90))
 ///             .guard(|connection, room| async move {

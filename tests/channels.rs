@@ -40,15 +40,6 @@ conformance!(
 
 const MESSAGE: &str = "mesh/subscription-message";
 
-/// Every wait has an overall deadline of [`WAIT`]. `RawClient`'s own timeout is per
-/// frame, and the latency probe every 5 s would keep it from ever firing, so a missing
-/// event would stall a test until the ping timeout instead of failing it.
-async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, future)
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-}
-
 trait Within {
     /// [`RawClient::command`] with an overall deadline.
     async fn command_within(&mut self, id: u64, command: &str, payload: Value) -> Value;

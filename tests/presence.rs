@@ -8,7 +8,6 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use common::*;
 use serde_json::{json, Value};
 use tower_mesh::client::MeshClient;
@@ -58,15 +57,6 @@ fn a_ttl_shorter_than_the_ping_interval_is_refused() {
 // Helpers.
 
 const UPDATE: &str = "mesh/presence-update";
-
-/// Every wait has an overall deadline of [`WAIT`]. `RawClient`'s own timeout is per
-/// frame, and the latency probe every 5 s would keep it from ever firing, so a missing
-/// event would stall a test until the ping timeout instead of failing it.
-async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, future)
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-}
 
 trait Within {
     /// [`RawClient::command`] with an overall deadline.
@@ -296,55 +286,6 @@ fn fast_liveness(backend: &Backend) -> MeshBuilder {
                 .build()
                 .expect("Redis backend"),
         ),
-    }
-}
-
-/// A mesh instance on a runtime of its own, killed at once with `shutdown_background`:
-/// every task is dropped without cleanup, as when its process is SIGKILLed. No `Mesh`
-/// handle of it outlives the runtime.
-struct DoomedInstance {
-    runtime: Option<tokio::runtime::Runtime>,
-    url: String,
-}
-
-impl DoomedInstance {
-    async fn start(builder: MeshBuilder) -> DoomedInstance {
-        tokio::task::spawn_blocking(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .expect("runtime");
-            let url = runtime.block_on(async {
-                let (layer, _mesh) = builder.build();
-                let app = Router::new().layer(layer);
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                    .await
-                    .expect("bind");
-                let addr = listener.local_addr().expect("addr");
-                tokio::spawn(async move {
-                    let _ = axum::serve(listener, app).await;
-                });
-                format!("ws://{addr}/")
-            });
-            DoomedInstance {
-                runtime: Some(runtime),
-                url,
-            }
-        })
-        .await
-        .expect("doomed instance")
-    }
-
-    async fn kill(mut self) {
-        let runtime = self.runtime.take();
-        tokio::task::spawn_blocking(move || {
-            if let Some(runtime) = runtime {
-                runtime.shutdown_background();
-            }
-        })
-        .await
-        .expect("kill");
     }
 }
 

@@ -435,3 +435,64 @@ fn parse_head(head: String, body: String) -> RawResponse {
         .unwrap_or_else(|| panic!("no status line in {head:?}"));
     RawResponse { status, head, body }
 }
+
+// ---------------------------------------------------------------------------------------
+// Shared by the rooms, presence, channels, records and collections suites.
+
+/// A mesh instance on a runtime of its own, killed at once with `shutdown_background`:
+/// every task is dropped without cleanup, as when its process is SIGKILLed. No `Mesh`
+/// handle of it outlives the runtime.
+pub struct DoomedInstance {
+    runtime: Option<tokio::runtime::Runtime>,
+    pub url: String,
+}
+
+impl DoomedInstance {
+    pub async fn start(builder: MeshBuilder) -> DoomedInstance {
+        tokio::task::spawn_blocking(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let url = runtime.block_on(async {
+                let (layer, _mesh) = builder.build();
+                let app = Router::new().layer(layer);
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                let addr = listener.local_addr().expect("addr");
+                tokio::spawn(async move {
+                    let _ = axum::serve(listener, app).await;
+                });
+                format!("ws://{addr}/")
+            });
+            DoomedInstance {
+                runtime: Some(runtime),
+                url,
+            }
+        })
+        .await
+        .expect("doomed instance")
+    }
+
+    pub async fn kill(mut self) {
+        let runtime = self.runtime.take();
+        tokio::task::spawn_blocking(move || {
+            if let Some(runtime) = runtime {
+                runtime.shutdown_background();
+            }
+        })
+        .await
+        .expect("kill");
+    }
+}
+
+/// Every wait has an overall deadline of [`WAIT`]. `RawClient`'s own timeout is per
+/// frame, and the latency probe every 5 s would keep it from ever firing, so a missing
+/// event would stall a test until the ping timeout instead of failing it.
+pub async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
