@@ -20,6 +20,7 @@
 use std::time::Duration;
 
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -174,7 +175,12 @@ async fn main() -> std::io::Result<()> {
     let app = Router::new()
         .route("/health", get(|| async { "ok" }))
         .layer(mesh_layer);
-    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
+    // Small frames must not wait for Nagle's algorithm: replies go out as soon as written.
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
+        .await?
+        .tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
     tracing::info!("interop server on port {port}");
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {

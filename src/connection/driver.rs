@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::{select, Either};
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use futures_util::stream::FuturesUnordered;
+use futures_util::{Future, Sink, SinkExt, Stream, StreamExt};
+use serde_json::Value;
 use tokio_tungstenite::tungstenite::error::CapacityError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -111,8 +112,17 @@ async fn serve_connection(
     };
     if accepted {
         tracing::debug!("connected");
+        let mut running = FuturesUnordered::new();
         {
-            let reader = read_loop(&mesh, &connection, &mut stream);
+            let reader = read_loop(
+                &mesh,
+                &connection,
+                &mut stream,
+                &mut running,
+                |id, command, payload| {
+                    run_command(mesh.clone(), connection.clone(), id, command, payload)
+                },
+            );
             let writer = write_loop(&connection, &mut sink);
             futures_util::pin_mut!(reader, writer);
             match select(reader, writer).await {
@@ -122,6 +132,11 @@ async fn serve_connection(
                 }
                 Either::Right((_, _reader)) => {}
             }
+        }
+        if !running.is_empty() {
+            // Commands still running finish on their own, as they would have had the
+            // connection stayed: cancelling one midway could leave a change half made.
+            tokio::spawn(async move { while running.next().await.is_some() {} }.in_current_span());
         }
         // Whatever ended it, the handle now reports the connection as closed.
         connection.close_with(CloseReason::PeerClosed);
@@ -171,17 +186,39 @@ fn close_message(reason: &CloseReason) -> Message {
     }))
 }
 
-/// Reads frames until the peer goes away or the server starts closing. Returns why the
-/// connection must end.
-async fn read_loop<R>(mesh: &Mesh, connection: &Connection, stream: &mut R) -> CloseReason
+/// Reads frames and runs their commands until the peer goes away or the server starts
+/// closing. Returns why the connection must end.
+///
+/// Commands run inside the connection's own task, side by side in `running`, rather than
+/// as spawned tasks: a command that completes at once (most do) has its reply queued in
+/// the same poll that read it, so every reply to one burst of frames leaves in one write.
+/// At most `max_in_flight` run at once; when all are busy the connection stops reading
+/// until one finishes, so back-pressure reaches the client through TCP instead of growing
+/// our memory. Meanwhile its unanswered pings do not count against it, since its pongs
+/// wait unread behind the commands.
+async fn read_loop<R, Run, F>(
+    mesh: &Mesh,
+    connection: &Connection,
+    stream: &mut R,
+    running: &mut FuturesUnordered<Run>,
+    run_command: F,
+) -> CloseReason
 where
     R: Stream<Item = Result<Message, WsError>> + Unpin,
+    Run: Future<Output = ()>,
+    F: Fn(u64, String, Value) -> Run,
 {
-    let in_flight = Arc::new(Semaphore::new(mesh.config().max_in_flight));
+    let max_in_flight = mesh.config().max_in_flight;
     loop {
+        let reading = running.len() < max_in_flight;
+        connection.set_reading_paused(!reading);
+        // Biased: finish commands before reading more, so a burst's replies are queued
+        // before the writer next runs.
         let message = tokio::select! {
-            message = stream.next() => message,
+            biased;
             () = connection.outbound().closed() => return server_close(connection),
+            Some(()) = running.next(), if !running.is_empty() => continue,
+            message = stream.next(), if reading => message,
         };
         let text = match message {
             None => return CloseReason::PeerClosed,
@@ -202,31 +239,7 @@ where
                 id,
                 command,
                 payload,
-            } => {
-                let Some(permit) = in_flight_slot(&in_flight, connection).await else {
-                    return server_close(connection);
-                };
-                let span = tracing::debug_span!("command", command = %command, id);
-                let mesh = mesh.clone();
-                let connection = connection.clone();
-                tokio::spawn(
-                    async move {
-                        // A subscription reserves its reply's place as it starts listening
-                        // (see `reserve_reply_place`): the reply goes before every update
-                        // published after its snapshot.
-                        let (reply, reservation) = REPLY_PLACE
-                            .scope(Cell::new(None), async {
-                                let reply =
-                                    dispatch(mesh, connection.clone(), id, command, payload).await;
-                                (reply, REPLY_PLACE.with(Cell::take))
-                            })
-                            .await;
-                        connection.push_reply(reservation, reply);
-                        drop(permit);
-                    }
-                    .instrument(span),
-                );
-            }
+            } => running.push(run_command(id, command, payload)),
             Inbound::Invalid { id, command, error } => {
                 tracing::debug!(id, error = error.message(), "invalid frame");
                 let _ =
@@ -239,24 +252,23 @@ where
     }
 }
 
-/// A slot for one more running command. When all are busy the connection stops reading
-/// until one frees: back-pressure reaches the client through TCP instead of growing our
-/// memory. Meanwhile its unanswered pings do not count against it, since its pongs are
-/// waiting unread behind the command. `None` when the connection is closing.
-async fn in_flight_slot(
-    in_flight: &Arc<Semaphore>,
-    connection: &Connection,
-) -> Option<OwnedSemaphorePermit> {
-    if let Ok(permit) = Arc::clone(in_flight).try_acquire_owned() {
-        return Some(permit);
+/// Runs one command and queues its reply.
+async fn run_command(mesh: Mesh, connection: Connection, id: u64, command: String, payload: Value) {
+    let span = tracing::debug_span!("command", command = %command, id);
+    async {
+        // A subscription reserves its reply's place as it starts listening (see
+        // `reserve_reply_place`): the reply goes before every update published after its
+        // snapshot.
+        let (reply, reservation) = REPLY_PLACE
+            .scope(Cell::new(None), async {
+                let reply = dispatch(mesh, connection.clone(), id, command, payload).await;
+                (reply, REPLY_PLACE.with(Cell::take))
+            })
+            .await;
+        connection.push_reply(reservation, reply);
     }
-    connection.set_reading_paused(true);
-    let permit = tokio::select! {
-        acquired = Arc::clone(in_flight).acquire_owned() => acquired.ok(),
-        () = connection.outbound().closed() => None,
-    };
-    connection.set_reading_paused(false);
-    permit
+    .instrument(span)
+    .await;
 }
 
 fn server_close(connection: &Connection) -> CloseReason {
