@@ -14,7 +14,7 @@ use tower::{Layer, Service, ServiceExt};
 use crate::access::{self, Access, Guard, Pattern, Rules};
 use crate::backend::{Backend, MemoryBackend};
 use crate::collections::{Collection, CollectionExposure};
-use crate::command::{handler_service, CommandRequest, CommandService, Handler};
+use crate::command::{CommandRequest, CommandService, Handler, Route};
 use crate::config::MeshConfig;
 use crate::connection::{Connection, Registry};
 use crate::error::{BoxError, CommandError};
@@ -34,7 +34,7 @@ type BoxLayer = Arc<dyn Fn(CommandService) -> CommandService + Send + Sync>;
 #[must_use = "a builder does nothing until build() is called"]
 pub struct MeshBuilder {
     config: MeshConfig,
-    commands: HashMap<String, CommandService>,
+    commands: HashMap<String, Route>,
     command_layers: HashMap<String, Vec<BoxLayer>>,
     global_layers: Vec<BoxLayer>,
     on_connect: Option<OnConnect>,
@@ -98,12 +98,13 @@ impl MeshBuilder {
     /// [`Extension`](crate::extract::Extension), [`State`](crate::extract::State),
     /// [`Mesh`]); it returns a [`serde_json::Value`], `()`, or a `Result` of something
     /// serialisable.
-    pub fn command<H, T>(self, name: impl Into<String>, handler: H) -> Self
+    pub fn command<H, T>(mut self, name: impl Into<String>, handler: H) -> Self
     where
         H: Handler<T>,
         T: 'static,
     {
-        self.command_service(name, handler_service(handler))
+        self.commands.insert(name.into(), Route::handler(handler));
+        self
     }
 
     /// Registers any tower service as the handler of `name`. A later registration of the
@@ -114,10 +115,7 @@ impl MeshBuilder {
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
     {
-        self.commands.insert(
-            name.into(),
-            BoxCloneSyncService::new(service.map_err(Into::into)),
-        );
+        self.commands.insert(name.into(), Route::service(service));
         self
     }
 
@@ -431,24 +429,24 @@ impl MeshBuilder {
                 options.into_rule(config.ping_interval, config.max_missed_pongs),
             );
         }
-        let mut commands: HashMap<String, CommandService> = crate::builtin::commands();
+        let mut commands: HashMap<String, Route> = crate::builtin::commands();
         commands.extend(user_commands);
         let commands = commands
             .into_iter()
-            .map(|(name, mut service)| {
+            .map(|(name, route)| {
+                let own_layers = command_layers.remove(&name).unwrap_or_default();
+                if own_layers.is_empty() && global_layers.is_empty() {
+                    return (Arc::<str>::from(name), route);
+                }
+                let mut service = route.into_service();
                 // First-added layers end up outermost, so they run first.
-                for layer in command_layers
-                    .remove(&name)
-                    .unwrap_or_default()
-                    .iter()
-                    .rev()
-                {
+                for layer in own_layers.iter().rev() {
                     service = layer(service);
                 }
                 for layer in global_layers.iter().rev() {
                     service = layer(service);
                 }
-                (Arc::<str>::from(name), service)
+                (Arc::<str>::from(name), Route::Service(service))
             })
             .collect();
         for name in command_layers.keys() {

@@ -2,23 +2,18 @@
 
 use std::collections::HashMap;
 
-use tower::util::BoxCloneSyncService;
-
-use crate::command::{handler_service, CommandService, Handler};
+use crate::command::{Handler, Route};
 
 fn register<H: Handler<T>, T: 'static>(
-    commands: &mut HashMap<String, CommandService>,
+    commands: &mut HashMap<String, Route>,
     name: &str,
     handler: H,
 ) {
-    commands.insert(
-        name.to_owned(),
-        BoxCloneSyncService::new(handler_service(handler)),
-    );
+    commands.insert(name.to_owned(), Route::handler(handler));
 }
 
 /// Every built-in command by name.
-pub(crate) fn commands() -> HashMap<String, CommandService> {
+pub(crate) fn commands() -> HashMap<String, Route> {
     let mut commands = HashMap::new();
     register(&mut commands, "mesh/noop", noop);
     register(

@@ -14,7 +14,7 @@ use crate::access::{Access, Guard, Rules};
 use crate::backend::{Backend, ConnectionOp, Delivery, Inbox};
 use crate::builder::MeshBuilder;
 use crate::collections::{CollectionExposure, CollectionSubscriptions};
-use crate::command::CommandService;
+use crate::command::Route;
 use crate::config::MeshConfig;
 use crate::connection::{CloseReason, Connection, Registry};
 use crate::error::{CommandError, MeshError};
@@ -49,7 +49,7 @@ pub(crate) struct MeshInner {
     pub(crate) this: Weak<MeshInner>,
     pub(crate) instance_id: Arc<str>,
     pub(crate) config: MeshConfig,
-    pub(crate) commands: HashMap<Arc<str>, CommandService>,
+    pub(crate) commands: HashMap<Arc<str>, Route>,
     pub(crate) backend: Arc<dyn Backend>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) on_connect: Option<OnConnect>,
@@ -158,7 +158,7 @@ impl Mesh {
         &self.inner.config
     }
 
-    pub(crate) fn command(&self, name: &str) -> Option<(&Arc<str>, &CommandService)> {
+    pub(crate) fn command(&self, name: &str) -> Option<(&Arc<str>, &Route)> {
         self.inner.commands.get_key_value(name)
     }
 

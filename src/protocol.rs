@@ -6,6 +6,8 @@
 //! turns client text into an [`Inbound`] frame and builds the exact JSON of every frame
 //! the server sends; golden tests pin those bytes.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -38,13 +40,13 @@ pub const RECORD_DELETED: &str = "mesh/record-deleted";
 /// The push that tells a collection's subscriber which records joined or left it.
 pub const COLLECTION_DIFF: &str = "mesh/collection-diff";
 
-/// A frame received from a client, classified.
+/// A frame received from a client, classified. A command's name borrows from the frame.
 #[derive(Debug, PartialEq)]
-pub(crate) enum Inbound {
+pub(crate) enum Inbound<'a> {
     /// A well-formed command to run.
     Command {
         id: u64,
-        command: String,
+        command: Cow<'a, str>,
         payload: Value,
     },
     /// The client's answer to a ping.
@@ -59,6 +61,16 @@ pub(crate) enum Inbound {
     },
     /// A frame without a usable id: logged and dropped, never answered.
     Unanswerable { reason: &'static str },
+}
+
+/// A well-formed command frame, read without building values for its id and name. Any
+/// frame it does not fit goes the slow way, through [`RawFrame`], which says what is wrong.
+#[derive(Deserialize)]
+struct WellFormed<'a> {
+    id: u64,
+    #[serde(borrow)]
+    command: Cow<'a, str>,
+    payload: Value,
 }
 
 /// The raw shape of a client frame. `Option<Option<Value>>` tells a missing field from an
@@ -78,13 +90,29 @@ fn present<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<Value>, D::
     Value::deserialize(de).map(Some)
 }
 
-impl Inbound {
+impl<'a> Inbound<'a> {
     /// Classifies one text frame from a client.
-    pub(crate) fn parse(text: &str) -> Inbound {
+    pub(crate) fn parse(text: &'a str) -> Inbound<'a> {
         // serde would also read a struct from a JSON array; only an object is a frame.
         if !text.trim_start().starts_with('{') {
             return Inbound::Unanswerable {
                 reason: "frame is not a JSON object",
+            };
+        }
+        if let Ok(WellFormed {
+            id,
+            command,
+            payload,
+        }) = serde_json::from_str(text)
+        {
+            return match &*command {
+                PONG => Inbound::Pong,
+                LATENCY_RESPONSE => Inbound::LatencyResponse,
+                _ => Inbound::Command {
+                    id,
+                    command,
+                    payload,
+                },
             };
         }
         let raw: RawFrame = match serde_json::from_str(text) {
@@ -126,7 +154,7 @@ impl Inbound {
         match raw.payload {
             Some(payload) => Inbound::Command {
                 id,
-                command,
+                command: Cow::Owned(command),
                 payload,
             },
             None => Inbound::Invalid {
@@ -326,6 +354,24 @@ mod tests {
                 payload: json!({"a":1})
             }
         );
+    }
+
+    #[test]
+    fn an_escaped_command_name_reads_the_same() {
+        assert_eq!(
+            Inbound::parse(r#"{"id":7,"command":"ec\u0068o","payload":1}"#),
+            Inbound::Command {
+                id: 7,
+                command: "echo".into(),
+                payload: json!(1)
+            }
+        );
+    }
+
+    #[test]
+    fn a_duplicated_field_makes_no_command() {
+        let text = r#"{"id":7,"command":"echo","payload":1,"command":"other"}"#;
+        assert!(matches!(Inbound::parse(text), Inbound::Unanswerable { .. }));
     }
 
     #[test]

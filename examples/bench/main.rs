@@ -152,6 +152,11 @@ struct RpcOpts {
     /// Plain echo server: no assign-id wait; the echoed frame is the reply.
     #[arg(long)]
     raw: bool,
+    /// Pid of the server process: its CPU time (user + system, from /proc/P/stat) over the
+    /// measured window is reported, a figure that noisy neighbours on the machine disturb
+    /// far less than throughput.
+    #[arg(long)]
+    server_pid: Option<u32>,
 }
 
 #[derive(clap::Args, Clone)]
@@ -439,6 +444,9 @@ async fn rpc(urls: &[String], duration: f64, opts: &RpcOpts) -> Value {
         warmup.as_secs_f64()
     );
     let _ = go_tx.send(Some(window));
+    let server_cpu = opts
+        .server_pid
+        .map(|pid| tokio::spawn(cpu_seconds_over(pid, window)));
     let mut hist = new_histogram();
     let (mut commands, mut errors) = (0u64, 0u64);
     for task in tasks {
@@ -465,10 +473,40 @@ async fn rpc(urls: &[String], duration: f64, opts: &RpcOpts) -> Value {
         "errors": errors,
     });
     percentiles(&mut out, &hist);
+    if let Some(server_cpu) = server_cpu {
+        if let Ok(Some(cpu_s)) = server_cpu.await {
+            out["server_cpu_s"] = json!(round1(cpu_s));
+            if commands > 0 {
+                let ns = (cpu_s * 1e9 / commands as f64).round() as u64;
+                out["server_cpu_ns_per_command"] = json!(ns);
+            }
+        }
+    }
     if opts.raw {
         out["raw"] = json!(true);
     }
     out
+}
+
+/// The CPU time (user + system) a process spends inside `window`, in seconds.
+async fn cpu_seconds_over(pid: u32, window: Window) -> Option<f64> {
+    tokio::time::sleep_until(window.start.into()).await;
+    let before = cpu_ticks(pid)?;
+    tokio::time::sleep_until(window.end.into()).await;
+    let after = cpu_ticks(pid)?;
+    // /proc reports CPU time in USER_HZ ticks, which Linux fixes at 100 for user space.
+    Some(after.saturating_sub(before) as f64 / 100.0)
+}
+
+/// utime + stime of a process from /proc/P/stat, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
 }
 
 async fn rpc_connection(

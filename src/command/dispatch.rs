@@ -1,13 +1,12 @@
-//! Running one command: lookup, the layered service, panics, and the reply frame.
+//! Running one command: its handler or layered service, panics, and the reply frame.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use futures_util::FutureExt;
 use serde_json::Value;
-use tower::ServiceExt;
 
-use super::CommandRequest;
+use super::{CommandRequest, Route};
 use crate::connection::Connection;
 use crate::error::CommandError;
 use crate::mesh::Mesh;
@@ -19,25 +18,19 @@ pub(crate) async fn dispatch(
     mesh: Mesh,
     connection: Connection,
     id: u64,
-    command: String,
+    (command, route): (Arc<str>, Route),
     payload: Value,
 ) -> Frame {
-    // Unknown commands are answered before any middleware runs (PROTOCOL.md §1).
-    let Some((name, service)) = mesh.command(&command) else {
-        return Frame::from(protocol::error_reply(
-            id,
-            &command,
-            &CommandError::not_found(&command),
-        ));
-    };
-    let request = CommandRequest::new(Arc::clone(name), payload, connection, mesh.clone());
-    let run = service.clone().oneshot(request);
+    let request = CommandRequest::new(Arc::clone(&command), payload, connection, mesh);
+    // Lazily, so that a panic in the handler's synchronous part (its extractors) is
+    // caught below too.
+    let run = async move { route.run(request).await };
     let text = match AssertUnwindSafe(run).catch_unwind().await {
-        Ok(Ok(value)) => protocol::reply(id, &command, &value),
+        Ok(Ok(value)) => protocol::reply(id, &*command, &value),
         Ok(Err(err)) => {
             let err = CommandError::from_box(err);
             tracing::debug!(code = err.code(), error = err.message(), "command failed");
-            protocol::error_reply(id, &command, &err)
+            protocol::error_reply(id, &*command, &err)
         }
         Err(panic) => {
             let detail = panic
@@ -46,7 +39,7 @@ pub(crate) async fn dispatch(
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_default();
             tracing::error!(panic = %detail, "command handler panicked");
-            protocol::error_reply(id, &command, &CommandError::internal())
+            protocol::error_reply(id, &*command, &CommandError::internal())
         }
     };
     Frame::from(text)

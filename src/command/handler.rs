@@ -139,6 +139,12 @@ pub fn handler_service<H: Handler<T>, T>(handler: H) -> HandlerService<H, T> {
     }
 }
 
+impl<H, T> HandlerService<H, T> {
+    pub(crate) fn handler(&self) -> &H {
+        &self.handler
+    }
+}
+
 impl<H: Clone, T> Clone for HandlerService<H, T> {
     fn clone(&self) -> Self {
         HandlerService {

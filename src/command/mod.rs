@@ -9,6 +9,7 @@ mod dispatch;
 mod extract;
 mod handler;
 mod middleware;
+mod route;
 
 use std::sync::Arc;
 
@@ -16,6 +17,7 @@ use serde_json::Value;
 use tower::util::BoxCloneSyncService;
 
 pub(crate) use dispatch::dispatch;
+pub(crate) use route::Route;
 
 use crate::connection::Connection;
 use crate::error::BoxError;

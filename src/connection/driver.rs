@@ -20,7 +20,8 @@ use tracing::Instrument;
 
 use super::outbound::{Batch, CloseReason};
 use super::Connection;
-use crate::command::dispatch;
+use crate::command::{dispatch, Route};
+use crate::error::CommandError;
 use crate::mesh::Mesh;
 use crate::protocol::{self, Frame, Inbound};
 
@@ -206,9 +207,13 @@ async fn read_loop<R, Run, F>(
 where
     R: Stream<Item = Result<Message, WsError>> + Unpin,
     Run: Future<Output = ()>,
-    F: Fn(u64, String, Value) -> Run,
+    F: Fn(u64, (Arc<str>, Route), Value) -> Run,
 {
     let max_in_flight = mesh.config().max_in_flight;
+    // Made once: registering for the close notification on every frame would take the
+    // notifier's lock twice per frame.
+    let closed = connection.outbound().closed();
+    tokio::pin!(closed);
     loop {
         let reading = running.len() < max_in_flight;
         connection.set_reading_paused(!reading);
@@ -216,7 +221,7 @@ where
         // before the writer next runs.
         let message = tokio::select! {
             biased;
-            () = connection.outbound().closed() => return server_close(connection),
+            () = &mut closed => return server_close(connection),
             Some(()) = running.next(), if !running.is_empty() => continue,
             message = stream.next(), if reading => message,
         };
@@ -239,7 +244,17 @@ where
                 id,
                 command,
                 payload,
-            } => running.push(run_command(id, command, payload)),
+            } => match mesh.command(&command) {
+                Some((name, route)) => {
+                    running.push(run_command(id, (Arc::clone(name), route.clone()), payload));
+                }
+                // Unknown commands are answered before any middleware runs (PROTOCOL.md §1).
+                None => {
+                    let error = CommandError::not_found(&command);
+                    let reply = protocol::error_reply(id, &*command, &error);
+                    let _ = connection.push_frame(Frame::from(reply));
+                }
+            },
             Inbound::Invalid { id, command, error } => {
                 tracing::debug!(id, error = error.message(), "invalid frame");
                 let _ =
@@ -253,8 +268,14 @@ where
 }
 
 /// Runs one command and queues its reply.
-async fn run_command(mesh: Mesh, connection: Connection, id: u64, command: String, payload: Value) {
-    let span = tracing::debug_span!("command", command = %command, id);
+async fn run_command(
+    mesh: Mesh,
+    connection: Connection,
+    id: u64,
+    command: (Arc<str>, Route),
+    payload: Value,
+) {
+    let span = tracing::debug_span!("command", command = %command.0, id);
     async {
         // A subscription reserves its reply's place as it starts listening (see
         // `reserve_reply_place`): the reply goes before every update published after its

@@ -173,10 +173,16 @@ impl Outbound {
             self.wake_all();
             return Err(SendError::QueueFull);
         }
+        // The writer drains every ready frame each time it wakes, so it only needs waking
+        // when this frame is the first in line: behind another frame it has a wake-up
+        // pending already, and behind a reservation it must wait for `fill` anyway.
+        let first_in_line = state.slots.is_empty();
         state.bytes += len;
         state.slots.push_back(Slot::Frame(frame));
         drop(state);
-        self.wake_writer.notify_one();
+        if first_in_line {
+            self.wake_writer.notify_one();
+        }
         Ok(())
     }
 

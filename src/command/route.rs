@@ -1,0 +1,90 @@
+//! What a command name leads to: its handler called directly, or its tower stack.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::future::Either;
+use serde_json::Value;
+use tower::util::BoxCloneSyncService;
+use tower::{Service, ServiceExt};
+
+use super::handler::{Handler, HandlerService};
+use super::{CommandRequest, CommandService};
+use crate::error::BoxError;
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// A registered command. An async-fn handler that no layer wraps is called directly:
+/// going through a tower stack would clone a boxed service and wait for readiness on
+/// every command, for a handler that is always ready. Anything else runs as a service.
+#[derive(Clone)]
+pub(crate) enum Route {
+    Handler(Arc<dyn ErasedHandler>),
+    Service(CommandService),
+}
+
+/// An async-fn handler with its argument types erased.
+pub(crate) trait ErasedHandler: Send + Sync {
+    fn call(&self, request: CommandRequest) -> BoxFuture<Result<Value, BoxError>>;
+}
+
+impl<H: Handler<T>, T: 'static> ErasedHandler for HandlerService<H, T> {
+    fn call(&self, request: CommandRequest) -> BoxFuture<Result<Value, BoxError>> {
+        self.handler().clone().call(request)
+    }
+}
+
+impl Route {
+    pub(crate) fn handler<H: Handler<T>, T: 'static>(handler: H) -> Self {
+        Route::Handler(Arc::new(super::handler_service(handler)))
+    }
+
+    pub(crate) fn service<S>(service: S) -> Self
+    where
+        S: Service<CommandRequest, Response = Value> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        Route::Service(BoxCloneSyncService::new(service.map_err(Into::into)))
+    }
+
+    /// The command as a service, for layers to wrap.
+    pub(crate) fn into_service(self) -> CommandService {
+        match self {
+            Route::Handler(handler) => BoxCloneSyncService::new(Direct(handler)),
+            Route::Service(service) => service,
+        }
+    }
+
+    /// Runs the command on one request (a service is cloned per request, as tower
+    /// expects: readiness belongs to the clone that is called).
+    pub(crate) fn run(
+        self,
+        request: CommandRequest,
+    ) -> impl Future<Output = Result<Value, BoxError>> + Send + 'static {
+        match self {
+            Route::Handler(handler) => Either::Left(handler.call(request)),
+            Route::Service(service) => Either::Right(service.oneshot(request)),
+        }
+    }
+}
+
+/// An erased handler as a service (cloning it is an `Arc` clone).
+#[derive(Clone)]
+struct Direct(Arc<dyn ErasedHandler>);
+
+impl Service<CommandRequest> for Direct {
+    type Response = Value;
+    type Error = BoxError;
+    type Future = BoxFuture<Result<Value, BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: CommandRequest) -> Self::Future {
+        self.0.call(request)
+    }
+}
