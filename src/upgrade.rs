@@ -100,7 +100,8 @@ pub(crate) fn accept<B>(
             "this server cannot upgrade the connection (is hyper serving with upgrades?)",
         );
     };
-    let (parts, _body) = request.into_parts();
+    let (mut parts, _body) = request.into_parts();
+    detach_from_read_buffer(&mut parts);
     let config = websocket_config(mesh);
     let mesh = mesh.clone();
     tokio::spawn(
@@ -129,6 +130,34 @@ pub(crate) fn accept<B>(
         headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     }
     response
+}
+
+/// Copies the header values and URI out of the buffer hyper read the request into.
+///
+/// hyper parses them without copying, as slices of its (8 to 16 KiB) read buffer, so
+/// keeping the request's parts for the connection's whole life would keep that buffer
+/// too: most of an idle connection's memory. The copies take a few hundred bytes.
+fn detach_from_read_buffer(parts: &mut http::request::Parts) {
+    let shared = std::mem::take(&mut parts.headers);
+    let mut headers = HeaderMap::with_capacity(shared.len());
+    for (name, value) in &shared {
+        let value = match HeaderValue::from_bytes(value.as_bytes()) {
+            Ok(mut copied) => {
+                copied.set_sensitive(value.is_sensitive());
+                copied
+            }
+            Err(_) => value.clone(),
+        };
+        headers.append(name.clone(), value);
+    }
+    parts.headers = headers;
+    if let Ok(uri) = parts.uri.to_string().parse() {
+        parts.uri = uri;
+    }
+    if parts.extensions.is_empty() {
+        // Its table was allocated for the upgrade handle, taken out since.
+        parts.extensions = http::Extensions::new();
+    }
 }
 
 fn websocket_config(mesh: &Mesh) -> WebSocketConfig {

@@ -32,6 +32,7 @@ conformance!(
     layers_run_global_then_command_then_handler,
     command_layer_wraps_a_builtin,
     panicking_handler_fails_only_its_command,
+    panicking_extractor_fails_only_its_command,
     command_service_accepts_a_hand_written_service,
     typed_payload_extractor,
     connection_extractor_sees_the_upgrade_request,
@@ -274,6 +275,32 @@ async fn command_layer_wraps_a_builtin(backend: Backend) {
     );
     assert_echo_is_next(&mut client, 2).await;
     assert_eq!(*log.lock().unwrap(), ["noop layer", "noop layer after"]);
+}
+
+/// An extractor that panics while the handler is being called, before its future exists.
+struct Exploding;
+
+impl tower_mesh::extract::FromCommandRequest for Exploding {
+    fn from_request(_: &mut CommandRequest) -> Result<Self, CommandError> {
+        panic!("extractor panic detail");
+    }
+}
+
+async fn panicking_extractor_fails_only_its_command(backend: Backend) {
+    let builder = backend
+        .builder()
+        .command("echo", echo)
+        .command("boom", |_: Exploding| async { json!("unreachable") });
+    let server = serve(builder).await;
+    let mut client = RawClient::connect(&server.url()).await;
+    client
+        .send_text(r#"{"id":1,"command":"boom","payload":{}}"#)
+        .await;
+    assert_eq!(
+        client.next_text().await,
+        r#"{"id":1,"command":"boom","payload":{"error":"internal server error","code":"ESERVER","name":"Error"}}"#
+    );
+    assert_echo_is_next(&mut client, 2).await;
 }
 
 async fn panicking_handler_fails_only_its_command(backend: Backend) {

@@ -5,7 +5,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures_util::future::Either;
 use serde_json::Value;
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceExt};
@@ -60,13 +59,13 @@ impl Route {
 
     /// Runs the command on one request (a service is cloned per request, as tower
     /// expects: readiness belongs to the clone that is called).
-    pub(crate) fn run(
-        self,
-        request: CommandRequest,
-    ) -> impl Future<Output = Result<Value, BoxError>> + Send + 'static {
+    ///
+    /// The future is boxed either way: a connection keeps every running command's future
+    /// side by side, and a boxed one keeps that slot small.
+    pub(crate) fn run(self, request: CommandRequest) -> BoxFuture<Result<Value, BoxError>> {
         match self {
-            Route::Handler(handler) => Either::Left(handler.call(request)),
-            Route::Service(service) => Either::Right(service.oneshot(request)),
+            Route::Handler(handler) => handler.call(request),
+            Route::Service(service) => Box::pin(service.oneshot(request)),
         }
     }
 }

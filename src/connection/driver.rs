@@ -268,28 +268,28 @@ where
 }
 
 /// Runs one command and queues its reply.
-async fn run_command(
+fn run_command(
     mesh: Mesh,
     connection: Connection,
     id: u64,
     command: (Arc<str>, Route),
     payload: Value,
-) {
+) -> impl Future<Output = ()> + Send + 'static {
     let span = tracing::debug_span!("command", command = %command.0, id);
-    async {
+    let reply = span.in_scope(|| dispatch(mesh, connection.clone(), id, command, payload));
+    async move {
         // A subscription reserves its reply's place as it starts listening (see
         // `reserve_reply_place`): the reply goes before every update published after its
         // snapshot.
         let (reply, reservation) = REPLY_PLACE
             .scope(Cell::new(None), async {
-                let reply = dispatch(mesh, connection.clone(), id, command, payload).await;
+                let reply = reply.await;
                 (reply, REPLY_PLACE.with(Cell::take))
             })
             .await;
         connection.push_reply(reservation, reply);
     }
     .instrument(span)
-    .await;
 }
 
 fn server_close(connection: &Connection) -> CloseReason {
