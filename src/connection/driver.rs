@@ -8,7 +8,7 @@ use std::cell::Cell;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::future::{select, Either};
+use futures_util::future::{Either, FutureExt};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{Future, Sink, SinkExt, Stream, StreamExt};
 use serde_json::Value;
@@ -125,13 +125,15 @@ async fn serve_connection(
                 },
             );
             let writer = write_loop(&connection, &mut sink);
-            futures_util::pin_mut!(reader, writer);
-            match select(reader, writer).await {
-                Either::Left((reason, writer)) => {
-                    connection.close_with(reason);
-                    let _ = tokio::time::timeout(CLOSE_GRACE, writer).await;
-                }
-                Either::Right((_, _reader)) => {}
+            // Side by side in one task, each polled only when it was woken: a broadcast
+            // wakes the writer alone, and the reader is not asked to read a socket that
+            // has nothing for it (tungstenite zeroes its read buffer on every attempt).
+            let mut halves = FuturesUnordered::new();
+            halves.push(Either::Left(reader.map(Ended::Reader)));
+            halves.push(Either::Right(writer.map(|_| Ended::Writer)));
+            if let Some(Ended::Reader(reason)) = halves.next().await {
+                connection.close_with(reason);
+                let _ = tokio::time::timeout(CLOSE_GRACE, halves.next()).await;
             }
         }
         if !running.is_empty() {
@@ -150,6 +152,12 @@ async fn serve_connection(
     mesh.unregister(&connection).await;
     finish(&connection, &mut sink, &mut stream, accepted).await;
     tracing::debug!(reason = ?connection.close_reason(), "disconnected");
+}
+
+/// Which half of a connection's loop ended first.
+enum Ended {
+    Reader(CloseReason),
+    Writer,
 }
 
 /// Sends the close frame if it is still owed, then reads on briefly so the peer sees it
