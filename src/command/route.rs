@@ -3,7 +3,6 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use serde_json::Value;
 use tower::util::BoxCloneSyncService;
@@ -20,7 +19,8 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// every command, for a handler that is always ready. Anything else runs as a service.
 #[derive(Clone)]
 pub(crate) enum Route {
-    Handler(Arc<dyn ErasedHandler>),
+    /// The handler, and the same handler as a service for layers to wrap.
+    Handler(Arc<dyn ErasedHandler>, CommandService),
     Service(CommandService),
 }
 
@@ -37,7 +37,8 @@ impl<H: Handler<T>, T: 'static> ErasedHandler for HandlerService<H, T> {
 
 impl Route {
     pub(crate) fn handler<H: Handler<T>, T: 'static>(handler: H) -> Self {
-        Route::Handler(Arc::new(super::handler_service(handler)))
+        let service = super::handler_service(handler);
+        Route::Handler(Arc::new(service.clone()), BoxCloneSyncService::new(service))
     }
 
     pub(crate) fn service<S>(service: S) -> Self
@@ -52,8 +53,7 @@ impl Route {
     /// The command as a service, for layers to wrap.
     pub(crate) fn into_service(self) -> CommandService {
         match self {
-            Route::Handler(handler) => BoxCloneSyncService::new(Direct(handler)),
-            Route::Service(service) => service,
+            Route::Handler(_, service) | Route::Service(service) => service,
         }
     }
 
@@ -64,26 +64,8 @@ impl Route {
     /// side by side, and a boxed one keeps that slot small.
     pub(crate) fn run(self, request: CommandRequest) -> BoxFuture<Result<Value, BoxError>> {
         match self {
-            Route::Handler(handler) => handler.call(request),
+            Route::Handler(handler, _) => handler.call(request),
             Route::Service(service) => Box::pin(service.oneshot(request)),
         }
-    }
-}
-
-/// An erased handler as a service (cloning it is an `Arc` clone).
-#[derive(Clone)]
-struct Direct(Arc<dyn ErasedHandler>);
-
-impl Service<CommandRequest> for Direct {
-    type Response = Value;
-    type Error = BoxError;
-    type Future = BoxFuture<Result<Value, BoxError>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: CommandRequest) -> Self::Future {
-        self.0.call(request)
     }
 }
