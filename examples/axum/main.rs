@@ -34,6 +34,7 @@ use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -175,7 +176,12 @@ async fn main() -> std::io::Result<()> {
         .layer(mesh_layer)
         .layer(middleware::from_fn(auth));
 
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    // Mesh frames are small: send each at once rather than wait for Nagle's algorithm.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await?
+        .tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
     tracing::info!("chat on http://127.0.0.1:{port}/?token=alice-token (or bob-token)");
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {

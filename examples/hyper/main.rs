@@ -105,6 +105,8 @@ async fn main() -> std::io::Result<()> {
                 }
             },
         };
+        // Mesh frames are small: send each at once rather than wait for Nagle's algorithm.
+        let _ = stream.set_nodelay(true);
         // Forget connection tasks that have already finished.
         while connections.try_join_next().is_some() {}
 

@@ -175,7 +175,7 @@ async fn main() -> std::io::Result<()> {
     let app = Router::new()
         .route("/health", get(|| async { "ok" }))
         .layer(mesh_layer);
-    // Small frames must not wait for Nagle's algorithm: replies go out as soon as written.
+    // Mesh frames are small: send each at once rather than wait for Nagle's algorithm.
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
         .await?
         .tap_io(|tcp| {
