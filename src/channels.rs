@@ -121,9 +121,10 @@ pub(crate) async fn subscribe_channel(
         return Ok(refused);
     }
     let topic = Topic::Channel(Arc::from(channel));
-    if !mesh
+    if mesh
         .subscribe(&connection, topic.clone(), Form::Full)
         .await?
+        .is_none()
     {
         return Ok(refused);
     }

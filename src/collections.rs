@@ -32,6 +32,7 @@ use crate::error::{BoxError, CommandError};
 use crate::extract::Payload;
 use crate::mesh::{BoxFuture, Mesh};
 use crate::protocol::{self, Frame};
+use crate::record_stream::Snapshot;
 use crate::topics::{Form, Topic};
 
 /// How long a subscription waits after a relevant change before re-resolving, so a burst
@@ -289,34 +290,47 @@ impl Mesh {
         Ok(members)
     }
 
-    /// `{id, record}` for each id (`record` is `null` for one not stored).
-    async fn member_records(&self, ids: &[String]) -> Result<Vec<Value>, CommandError> {
+    /// `{id, record}` for each id (`record` is `null` for one not stored), read as the
+    /// snapshots of the members' record streams (one per id, in order).
+    async fn member_records(
+        &self,
+        ids: &[String],
+        snapshots: Vec<Snapshot>,
+    ) -> Result<Vec<Value>, CommandError> {
         let stored = self.inner().backend.records(ids).await?;
         Ok(ids
             .iter()
             .zip(stored)
-            .map(|(id, stored)| {
+            .zip(snapshots)
+            .map(|((id, stored), snapshot)| {
+                snapshot.taken(stored.as_ref().map_or(0, |stored| stored.version));
                 json!({ "id": id, "record": stored.map_or(Value::Null, |stored| stored.value) })
             })
             .collect())
     }
 
     /// Listens to the records that joined a collection, then releases those that left.
-    /// On failure nothing changed: the joined records are released again.
+    /// Returns the snapshots of the joined records' streams (in order), for the caller to
+    /// read and report. On failure nothing changed: the joined records are released again.
     async fn hold_members(
         &self,
         connection: &Connection,
         joined: &[String],
         left: &[String],
-    ) -> Result<(), CommandError> {
+    ) -> Result<Vec<Snapshot>, CommandError> {
         let topics = &self.inner().topics;
         let joined: Vec<Topic> = joined
             .iter()
             .map(|id| Topic::Record(Arc::from(id.as_str())))
             .collect();
-        for topic in &joined {
-            topics.add_for_collection(topic.clone(), connection);
-        }
+        let snapshots: Vec<Snapshot> = joined
+            .iter()
+            .filter_map(|topic| {
+                topics
+                    .add_for_collection(topic.clone(), connection)
+                    .snapshot
+            })
+            .collect();
         for topic in &joined {
             if let Err(err) = self
                 .inner()
@@ -333,7 +347,7 @@ impl Mesh {
         for id in left {
             self.release_member(connection, &Topic::Record(Arc::from(id.as_str())));
         }
-        Ok(())
+        Ok(snapshots)
     }
 
     fn release_member(&self, connection: &Connection, topic: &Topic) {
@@ -414,10 +428,13 @@ impl Mesh {
         // The diff's place is taken before the new members are heard, so an update of one
         // of them, published after the diff's snapshot, cannot reach the client first.
         let reservation = connection.reserve_reply();
-        if let Err(err) = self.hold_members(connection, &joined, &left).await {
-            connection.release_reservation(reservation);
-            return Err(err);
-        }
+        let snapshots = match self.hold_members(connection, &joined, &left).await {
+            Ok(snapshots) => snapshots,
+            Err(err) => {
+                connection.release_reservation(reservation);
+                return Err(err);
+            }
+        };
         // Only now the new membership counts: a failure above leaves the old one whole.
         // (The membership lock keeps every other change of this subscription out.)
         let version = {
@@ -434,7 +451,12 @@ impl Mesh {
             subscription.version
         };
         let stored = match self.inner().backend.records(&joined).await {
-            Ok(stored) => stored,
+            Ok(stored) => {
+                for (snapshot, stored) in snapshots.into_iter().zip(&stored) {
+                    snapshot.taken(stored.as_ref().map_or(0, |stored| stored.version));
+                }
+                stored
+            }
             Err(err) => {
                 // The members are held and the version counted: send the diff without
                 // values rather than leave a gap the client would have to resync over.
@@ -541,7 +563,7 @@ pub(crate) async fn subscribe_collection(
     let subscribed = async {
         let members = mesh.resolve(&exposure, &connection, &collection_id).await?;
         let previous = subscribed_already.unwrap_or_default();
-        mesh.hold_members(&connection, &members, &previous).await?;
+        let snapshots = mesh.hold_members(&connection, &members, &previous).await?;
         if let Some(subscription) = mesh
             .inner()
             .collection_subscriptions
@@ -551,10 +573,10 @@ pub(crate) async fn subscribe_collection(
         {
             subscription.members = members.clone();
         }
-        Ok::<_, CommandError>(members)
+        Ok::<_, CommandError>((members, snapshots))
     };
-    let members = match subscribed.await {
-        Ok(members) => members,
+    let (members, snapshots) = match subscribed.await {
+        Ok(subscribed) => subscribed,
         Err(err) => {
             drop(membership);
             unsubscribe(&mesh, &connection, &collection_id).await;
@@ -562,7 +584,7 @@ pub(crate) async fn subscribe_collection(
         }
     };
     drop(membership);
-    let records = mesh.member_records(&members).await?;
+    let records = mesh.member_records(&members, snapshots).await?;
     Ok(json!({ "success": true, "ids": members, "records": records, "version": 1 }))
 }
 

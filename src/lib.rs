@@ -19,6 +19,7 @@ mod mesh;
 mod metadata;
 mod presence;
 mod protocol;
+mod record_stream;
 mod records;
 mod rooms;
 mod topics;

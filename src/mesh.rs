@@ -23,7 +23,7 @@ use crate::metadata::MergeStrategy;
 use crate::presence::{PresenceRule, SweepSchedule};
 use crate::protocol::{self, Frame};
 use crate::records::RecordRules;
-use crate::topics::{Form, LocalTopics, Topic};
+use crate::topics::{Form, Listen, LocalTopics, Topic};
 
 /// Longest an instance waits for the holder of a connection to apply a change to it: above
 /// the holder's worst case (its membership lock, then a subscribe and a script, each
@@ -399,17 +399,17 @@ impl Mesh {
         }
     }
 
-    /// Starts listening to `topic` (subscribing this instance to it if needed). Returns
-    /// whether the connection was not listening before. The caller holds the
-    /// connection's membership lock and has checked that it is not closed.
+    /// Starts listening to `topic` (subscribing this instance to it if needed). For a
+    /// record topic, the caller then reads the snapshot and reports it. The caller holds
+    /// the connection's membership lock and has checked that it is not closed.
     pub(crate) async fn listen(
         &self,
         _membership: &crate::connection::MembershipGuard<'_>,
         connection: &Connection,
         topic: Topic,
         form: Form,
-    ) -> Result<bool, MeshError> {
-        let added = self
+    ) -> Result<Listen, MeshError> {
+        let listen = self
             .inner
             .topics
             .add_with_form(topic.clone(), connection, form);
@@ -419,26 +419,26 @@ impl Mesh {
             .subscribe(&self.inner.instance_id, &topic)
             .await
         {
-            if added {
+            if listen.new {
                 self.stop_listening(connection.id(), &topic);
             }
             return Err(err);
         }
-        Ok(added)
+        Ok(listen)
     }
 
     /// Subscribes a connection to `topic` in `form`, as a subscribe command does: under
-    /// its membership lock, within its subscription limit. Returns `false` when the
-    /// connection is closing (nothing was stored).
+    /// its membership lock, within its subscription limit. `None` when the connection is
+    /// closing (nothing was stored).
     pub(crate) async fn subscribe(
         &self,
         connection: &Connection,
         topic: Topic,
         form: Form,
-    ) -> Result<bool, CommandError> {
+    ) -> Result<Option<Listen>, CommandError> {
         let membership = connection.lock_membership().await;
         if connection.is_closed() {
-            return Ok(false);
+            return Ok(None);
         }
         let limit = self.config().max_subscriptions_per_connection;
         if !self.inner.topics.is_listening(&topic, connection.id())
@@ -449,8 +449,9 @@ impl Mesh {
             )));
         }
         crate::connection::reserve_reply_place(connection);
-        self.listen(&membership, connection, topic, form).await?;
-        Ok(true)
+        Ok(Some(
+            self.listen(&membership, connection, topic, form).await?,
+        ))
     }
 
     /// Passes a subscription's snapshot through; when reading it failed, the subscription
@@ -731,18 +732,30 @@ impl Inbox for MeshInner {
                         (Form::Patch, true, true) => both.get_or_insert_with(|| build(true, true)),
                         _ => full.get_or_insert_with(|| build(true, false)),
                     };
-                    let _ = self
-                        .registry
-                        .send_frame(&listener.connection, frame.clone());
+                    match listener.record_stream() {
+                        Some(stream) => {
+                            stream.offer_update(&listener.connection, version, frame.clone())
+                        }
+                        None => {
+                            let _ = self
+                                .registry
+                                .send_frame(&listener.connection, frame.clone());
+                        }
+                    }
                 }
             }
             Delivery::RecordDeleted { record_id, version } => {
                 let topic = Topic::Record(record_id.clone());
                 let frame = Frame::from(protocol::record_deleted(&record_id, version));
                 for listener in self.topics.listeners(&topic) {
-                    let _ = self
-                        .registry
-                        .send_frame(&listener.connection, frame.clone());
+                    match listener.record_stream() {
+                        Some(stream) => stream.offer_deleted(&listener.connection, frame.clone()),
+                        None => {
+                            let _ = self
+                                .registry
+                                .send_frame(&listener.connection, frame.clone());
+                        }
+                    }
                     // The client drops its subscription on the notice; so does the server,
                     // keeping only what the connection's collections hold.
                     if listener.is_direct() {

@@ -311,9 +311,10 @@ pub(crate) async fn subscribe_presence(
     }
     // Listening starts before the snapshot is read, so no change falls between them.
     let topic = Topic::Presence(Arc::from(room));
-    if !mesh
+    if mesh
         .subscribe(&connection, topic.clone(), Form::Full)
         .await?
+        .is_none()
     {
         return Ok(refused);
     }

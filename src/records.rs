@@ -359,14 +359,17 @@ pub(crate) async fn subscribe_record(
         Some(RecordMode::Full) | None => Form::Full,
     };
     let topic = Topic::Record(Arc::from(record_id));
-    if !mesh.subscribe(&connection, topic.clone(), form).await? {
+    let Some(listen) = mesh.subscribe(&connection, topic.clone(), form).await? else {
         return Ok(refused);
-    }
-    let snapshot = mesh.record(record_id).await;
-    let (record, version) = match mesh.unless_failed(&connection, &topic, snapshot).await? {
+    };
+    let read = mesh.record(record_id).await;
+    let (record, version) = match mesh.unless_failed(&connection, &topic, read).await? {
         Some(record) => (record.value, record.version),
         None => (Value::Null, 0),
     };
+    if let Some(snapshot) = listen.snapshot {
+        snapshot.taken(version);
+    }
     Ok(json!({ "success": true, "record": record, "version": version }))
 }
 

@@ -222,7 +222,8 @@ impl Mesh {
         crate::connection::reserve_reply_place(connection);
         let new_listener = self
             .listen(&membership, connection, topic.clone(), Form::Full)
-            .await?;
+            .await?
+            .new;
         let ttl = self.presence_ttl(room);
         let joined = self
             .inner()

@@ -15,6 +15,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::connection::Connection;
+use crate::record_stream::{RecordStream, Snapshot};
 
 /// Something connections listen to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -83,6 +84,8 @@ pub(crate) struct Listener {
     direct: bool,
     /// How many of its collections hold this record.
     via_collections: u32,
+    /// For a record topic: where its stream of updates stands.
+    stream: Option<Arc<RecordStream>>,
 }
 
 impl Listener {
@@ -96,6 +99,19 @@ impl Listener {
     pub(crate) fn is_direct(&self) -> bool {
         self.direct
     }
+
+    /// For a record topic: its stream of updates, which never goes backwards.
+    pub(crate) fn record_stream(&self) -> Option<&RecordStream> {
+        self.stream.as_deref()
+    }
+}
+
+/// A listen that started (or was already there), and for a record topic the snapshot
+/// the caller must now read and report (see [`crate::record_stream`]).
+pub(crate) struct Listen {
+    /// The connection was not listening before.
+    pub(crate) new: bool,
+    pub(crate) snapshot: Option<Snapshot>,
 }
 
 /// Local listeners by topic, and topics by connection.
@@ -111,14 +127,16 @@ struct Index {
 }
 
 impl Index {
-    /// Adds to or creates a listener; returns whether the connection was not listening.
+    /// Adds to or creates a listener. A record listener's stream holds its updates until
+    /// the snapshot begun here, in the same step, is taken.
     fn upsert(
         &mut self,
         topic: Topic,
         connection: &Connection,
         change: impl FnOnce(&mut Listener),
-    ) -> bool {
+    ) -> Listen {
         let id = connection.shared_id();
+        let is_record = matches!(topic, Topic::Record(_));
         let members = self.listeners.entry(topic.clone()).or_default();
         let new = !members.contains_key(&id);
         let listener = members.entry(id.clone()).or_insert_with(|| Listener {
@@ -126,10 +144,15 @@ impl Index {
             form: Form::Full,
             direct: false,
             via_collections: 0,
+            stream: is_record.then(Default::default),
         });
         change(listener);
+        let snapshot = listener
+            .stream
+            .as_ref()
+            .map(|stream| stream.begin_snapshot(connection));
         self.by_connection.entry(id).or_default().insert(topic);
-        new
+        Listen { new, snapshot }
     }
 
     /// Applies `change` to a listener and drops it when nothing holds it any more.
@@ -150,7 +173,9 @@ impl Index {
         if listener.direct || listener.via_collections > 0 {
             return (true, false);
         }
-        members.remove(connection_id);
+        if let Some(stream) = members.remove(connection_id).and_then(|gone| gone.stream) {
+            stream.end();
+        }
         let emptied = members.is_empty();
         if emptied {
             self.listeners.remove(topic);
@@ -172,8 +197,13 @@ impl LocalTopics {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Listens directly in `form`; returns whether the connection was not listening.
-    pub(crate) fn add_with_form(&self, topic: Topic, connection: &Connection, form: Form) -> bool {
+    /// Listens directly in `form`.
+    pub(crate) fn add_with_form(
+        &self,
+        topic: Topic,
+        connection: &Connection,
+        form: Form,
+    ) -> Listen {
         self.lock().upsert(topic, connection, |listener| {
             listener.direct = true;
             listener.form = form;
@@ -181,7 +211,7 @@ impl LocalTopics {
     }
 
     /// Listens because a collection holds the record; the form of a direct listen wins.
-    pub(crate) fn add_for_collection(&self, topic: Topic, connection: &Connection) -> bool {
+    pub(crate) fn add_for_collection(&self, topic: Topic, connection: &Connection) -> Listen {
         self.lock()
             .upsert(topic, connection, |listener| listener.via_collections += 1)
     }
@@ -222,7 +252,11 @@ impl LocalTopics {
             .map(|topic| {
                 let emptied = match listeners.get_mut(&topic) {
                     Some(members) => {
-                        members.remove(connection_id);
+                        if let Some(stream) =
+                            members.remove(connection_id).and_then(|gone| gone.stream)
+                        {
+                            stream.end();
+                        }
                         members.is_empty()
                     }
                     None => true,

@@ -37,6 +37,7 @@ conformance!(
     subscriptions_end_when_the_connection_closes,
     bad_collection_input_is_einvalid,
     collection_subscription_limit_answers_eoverloaded,
+    resubscribing_while_another_instance_writes_a_member_never_goes_backwards,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -1110,4 +1111,76 @@ async fn frames_before_marker(
         all.push(frames_before_push(client, marker).await);
     }
     all
+}
+
+/// PROTOCOL.md §11, for collection members: a writer on another instance writes a member
+/// without pause while a reader subscribes to the collection, follows the member's
+/// updates for a while, unsubscribes and subscribes again. After every snapshot the
+/// member's updates continue at exactly the snapshot's version + 1, and none arrives
+/// between an unsubscribe reply and the next subscribe reply.
+async fn resubscribing_while_another_instance_writes_a_member_never_goes_backwards(
+    backend: Backend,
+) {
+    let a = serve(
+        backend
+            .builder()
+            .expose_record(regex("^busy:"), Access::open())
+            .expose_collection("busy", Collection::matching(regex("^busy:"))),
+    )
+    .await;
+    let b = serve(backend.builder()).await;
+    let writer = ContinuousWriter::start(&b.mesh, "busy:1").await;
+    let mut client = RawClient::connect(&a.url()).await;
+    let mut id = 0;
+    for cycle in 0..10 {
+        id += 1;
+        client
+            .send_json(json!({"id": id, "command": "mesh/subscribe-collection",
+                              "payload": {"collectionId": "busy"}}))
+            .await;
+        let reply = within("the subscribe reply", async {
+            loop {
+                let frame = client.next().await;
+                if frame["id"] == json!(id) {
+                    return frame;
+                }
+                assert_ne!(
+                    frame["command"], UPDATE,
+                    "cycle {cycle}: an update arrived while unsubscribed: {frame}"
+                );
+            }
+        })
+        .await;
+        let payload = &reply["payload"];
+        assert_eq!(payload["ids"], json!(["busy:1"]), "{reply}");
+        let mut document = payload["records"][0]["record"].clone();
+        let mut version = document["n"].as_u64().expect("the member's value");
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(150);
+        let (followed, _) = follow_consecutive_updates(
+            &mut client,
+            "busy:1",
+            &mut document,
+            &mut version,
+            Some(deadline),
+            None,
+        )
+        .await;
+        assert!(followed > 0, "cycle {cycle}: no update in 150 ms");
+        id += 1;
+        client
+            .send_json(json!({"id": id, "command": "mesh/unsubscribe-collection",
+                              "payload": {"collectionId": "busy"}}))
+            .await;
+        let (_, reply) = follow_consecutive_updates(
+            &mut client,
+            "busy:1",
+            &mut document,
+            &mut version,
+            None,
+            Some(id),
+        )
+        .await;
+        assert_eq!(reply.expect("the unsubscribe reply")["payload"], true);
+    }
+    assert!(writer.stop().await > 0);
 }

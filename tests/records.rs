@@ -20,6 +20,7 @@ use tower_mesh::{Access, Connection, MergeStrategy, Mesh, RecordEvent, Regex};
 
 conformance!(
     subscribe_to_never_written_and_written_records,
+    resubscribing_while_another_instance_writes_never_goes_backwards,
     unexposed_and_guarded_reads_are_refused,
     full_mode_updates_from_another_instance,
     patch_mode_updates_from_another_instance,
@@ -274,6 +275,80 @@ fn refuse_all() -> Access {
 
 // ---------------------------------------------------------------------------------------
 // Subscribing.
+
+/// PROTOCOL.md §11: a record stream never goes backwards. A writer on another instance
+/// writes without pause while a reader subscribes in patch mode, follows the updates for
+/// a while, unsubscribes and subscribes again: after every reply the updates continue
+/// at exactly the reply's version + 1 (never at or below it, never one twice), and none
+/// arrives between an unsubscribe reply and the next subscribe reply.
+async fn resubscribing_while_another_instance_writes_never_goes_backwards(backend: Backend) {
+    let a = serve(
+        backend
+            .builder()
+            .expose_record(everything(), Access::open()),
+    )
+    .await;
+    let b = serve(backend.builder()).await;
+    let writer = ContinuousWriter::start(&b.mesh, "busy").await;
+    let mut client = RawClient::connect(&a.url()).await;
+    let mut id = 0;
+    for cycle in 0..10 {
+        id += 1;
+        client
+            .send_json(json!({"id": id, "command": "mesh/subscribe-record",
+                              "payload": {"recordId": "busy", "mode": "patch"}}))
+            .await;
+        // Between the unsubscribe reply and this reply, no update may arrive.
+        let reply = within("the subscribe reply", async {
+            loop {
+                let frame = client.next().await;
+                if frame["id"] == json!(id) {
+                    return frame;
+                }
+                assert_ne!(
+                    frame["command"], UPDATE,
+                    "cycle {cycle}: an update arrived while unsubscribed: {frame}"
+                );
+            }
+        })
+        .await;
+        let payload = &reply["payload"];
+        assert_eq!(payload["success"], true, "{reply}");
+        let mut version = payload["version"].as_u64().expect("a version");
+        let mut document = payload["record"].clone();
+        if version > 0 {
+            assert_eq!(document, json!({ "n": version }), "cycle {cycle}: {reply}");
+        }
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(150);
+        let (followed, _) = follow_consecutive_updates(
+            &mut client,
+            "busy",
+            &mut document,
+            &mut version,
+            Some(deadline),
+            None,
+        )
+        .await;
+        assert!(followed > 0, "cycle {cycle}: no update in 150 ms");
+        id += 1;
+        client
+            .send_json(json!({"id": id, "command": "mesh/unsubscribe-record",
+                              "payload": {"recordId": "busy"}}))
+            .await;
+        // Updates queued before the unsubscribe reply still continue the stream.
+        let (_, reply) = follow_consecutive_updates(
+            &mut client,
+            "busy",
+            &mut document,
+            &mut version,
+            None,
+            Some(id),
+        )
+        .await;
+        assert_eq!(reply.expect("the unsubscribe reply")["payload"], true);
+    }
+    assert!(writer.stop().await > 0);
+}
 
 async fn subscribe_to_never_written_and_written_records(backend: Backend) {
     let a = serve(

@@ -273,3 +273,99 @@ async fn a_restarted_redis_does_not_wedge_an_instance() {
         .await;
     assert_eq!(reply["payload"], json!({"metadata": {"ok": true}}));
 }
+
+/// When an instance's pub/sub connection is re-established (here: Redis drops it with
+/// `CLIENT KILL TYPE pubsub`; in the field: a stall such as SIGSTOP that fails the health
+/// probe), the instance catches its record subscribers up from what is stored. An update
+/// they already had is not sent again: each record update arrives exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pubsub_reconnect_repeats_no_record_update() {
+    let redis = RedisServer::start();
+    let prefix = "mesh:pubsub-reconnect:";
+    let open = |url: &str| {
+        builder(url, prefix).expose_record(
+            tower_mesh::Regex::new(".*").expect("regex"),
+            tower_mesh::Access::open(),
+        )
+    };
+    let a = serve(open(&redis.url())).await;
+    let b = serve(open(&redis.url())).await;
+    let mut client = RawClient::connect(&a.url()).await;
+    let reply = client
+        .command(
+            1,
+            "mesh/subscribe-record",
+            json!({"recordId": "doc", "mode": "full"}),
+        )
+        .await;
+    assert_eq!(reply["payload"]["version"], 0, "{reply}");
+    b.mesh
+        .write_record("doc", json!({"v": 1}), Default::default())
+        .await
+        .expect("write");
+    assert_eq!(
+        client.push("mesh/record-update").await["payload"]["version"],
+        1
+    );
+
+    let mut redis_client = redis::Client::open(redis.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to Redis");
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut redis_client)
+        .await
+        .expect("CLIENT KILL");
+    assert!(killed >= 2, "both instances' pub/sub connections: {killed}");
+
+    // Instance A is back on pub/sub (and has started catching up) once a push from B
+    // reaches its client again; each probe is a fresh attempt.
+    let mut updates = Vec::new();
+    within("A's pub/sub to come back", async {
+        for probe in 0u64.. {
+            b.mesh
+                .send(&client.id, "probe", &json!(probe))
+                .await
+                .expect("send");
+            let window = tokio::time::Instant::now() + Duration::from_millis(200);
+            while let Ok(frame) = tokio::time::timeout_at(window, client.next()).await {
+                if frame["command"] == "mesh/record-update" {
+                    updates.push(frame["payload"].clone());
+                }
+                if frame["command"] == "probe" {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    b.mesh
+        .write_record("doc", json!({"v": 2}), Default::default())
+        .await
+        .expect("write");
+    b.mesh
+        .broadcast("marker", &json!(null))
+        .await
+        .expect("broadcast");
+    within("the marker", async {
+        loop {
+            let frame = client.next().await;
+            if frame["command"] == "mesh/record-update" {
+                updates.push(frame["payload"].clone());
+            }
+            if frame["command"] == "marker" {
+                return;
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        updates,
+        [json!({"recordId": "doc", "full": {"v": 2}, "version": 2})],
+        "after the reconnect, exactly the one new update"
+    );
+}

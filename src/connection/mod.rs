@@ -17,6 +17,8 @@ use crate::metadata::MergeStrategy;
 use crate::protocol::{self, Frame};
 
 pub(crate) use driver::{reserve_reply_place, serve};
+#[cfg(test)]
+pub(crate) use outbound::Batch;
 pub(crate) use outbound::Outbound;
 pub use outbound::{CloseReason, SendError};
 pub(crate) use registry::Registry;
