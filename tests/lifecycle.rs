@@ -472,3 +472,86 @@ async fn on_disconnect_once_after_oversize_close(backend: Backend) {
     assert_eq!(server.mesh.stats().oversize_closes, 1);
     assert!(server.mesh.connections().is_empty());
 }
+
+/// The example servers shut down on SIGTERM (what orchestrators send) as on Ctrl-C: with
+/// 1,000 clients connected to the interop example, every client gets a 1001 close frame
+/// and the process exits in time, cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_interop_example_shuts_down_gracefully_on_sigterm() {
+    use tokio::io::AsyncBufReadExt;
+
+    const CLIENTS: usize = 1000;
+    let binary = example_binary("interop");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("free port")
+        .port();
+    let mut server = tokio::process::Command::new(&binary)
+        .env("PORT", port.to_string())
+        .env("RUST_LOG", "info")
+        .env_remove("REDIS_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()));
+    // It logs its port once it listens; the rest of its log is drained so it never blocks.
+    let mut log = tokio::io::BufReader::new(server.stdout.take().expect("stdout")).lines();
+    within("the example to listen", async {
+        while let Some(line) = log.next_line().await.expect("read the log") {
+            if line.contains("interop server on port") {
+                return;
+            }
+        }
+        panic!("the example exited before listening");
+    })
+    .await;
+    tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
+
+    let url = format!("ws://127.0.0.1:{port}/");
+    let mut clients = Vec::with_capacity(CLIENTS);
+    for batch in 0..CLIENTS / 100 {
+        let connecting = (0..100).map(|_| RawClient::connect(&url));
+        let connected = within(
+            &format!("client batch {batch} to connect"),
+            futures_util::future::join_all(connecting),
+        )
+        .await;
+        clients.extend(connected);
+    }
+
+    let pid = server.id().expect("pid").to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill -TERM");
+    assert!(status.success());
+    let closes = futures_util::future::join_all(clients.iter_mut().map(RawClient::closed)).await;
+    let going_away = closes
+        .iter()
+        .filter(|close| **close == (1001, "server shutting down".to_owned()))
+        .count();
+    assert_eq!(going_away, CLIENTS, "every client gets 1001: {:?}", &closes[..3]);
+    // Within the mesh's shutdown timeout (10 s by default), with room to spare.
+    let exited = tokio::time::timeout(Duration::from_secs(15), server.wait())
+        .await
+        .expect("the example exits after SIGTERM")
+        .expect("exit status");
+    assert!(exited.success(), "{exited}");
+}
+
+/// The path of an example binary that `cargo test` built beside this test's own.
+fn example_binary(name: &str) -> std::path::PathBuf {
+    let test = std::env::current_exe().expect("the test's path");
+    let profile_dir = test
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let binary = profile_dir.join("examples").join(name);
+    assert!(
+        binary.exists(),
+        "{} is missing: `cargo test` builds the examples (or run `cargo build --examples`)",
+        binary.display()
+    );
+    binary
+}

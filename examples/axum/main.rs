@@ -13,7 +13,7 @@
 //! - commands `say {text}` (pushed to the lobby as `chat`) and `whoami`;
 //! - an `on_connect` hook that stores `{"name": user}` as the connection's metadata;
 //! - tower layers as command middleware (`TimeoutLayer` around every command);
-//! - graceful shutdown on Ctrl-C: axum stops accepting, mesh closes every WebSocket with
+//! - graceful shutdown on Ctrl-C or SIGTERM: axum stops accepting, mesh closes every WebSocket with
 //!   a going-away frame.
 //!
 //! The page speaks the mesh wire protocol with the browser's own `WebSocket`, no library.
@@ -26,6 +26,9 @@
 //!
 //! `PORT` sets the port (default 3000); `RUST_LOG` the log filter (default `info`);
 //! `REDIS_URL` switches to the Redis backend, so several instances serve one chat.
+
+#[path = "../common/shutdown.rs"]
+mod shutdown;
 
 use std::time::Duration;
 
@@ -41,6 +44,8 @@ use serde_json::{json, Value};
 use tower::timeout::TimeoutLayer;
 use tower_mesh::extract::{Extension, Payload};
 use tower_mesh::{CommandError, Connection, MergeStrategy, Mesh, PresenceOptions};
+
+use shutdown::shutdown_signal;
 
 /// The chat page: plain HTML and JavaScript, no external scripts.
 const INDEX_HTML: &str = include_str!("index.html");
@@ -185,8 +190,7 @@ async fn main() -> std::io::Result<()> {
     tracing::info!("chat on http://127.0.0.1:{port}/?token=alice-token (or bob-token)");
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
-            let _ = tokio::signal::ctrl_c().await;
-            tracing::info!("shutting down");
+            shutdown_signal().await;
             mesh.shutdown().await;
         })
         .await

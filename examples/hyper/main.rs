@@ -9,7 +9,7 @@
 //!   (`serve_connection_with_upgrades`): without them hyper never hands over the socket and
 //!   the WebSocket handshake cannot complete;
 //! - commands `echo` (reply = payload) and `time` (reply = Unix time in milliseconds);
-//! - graceful shutdown on Ctrl-C: stop accepting, let open HTTP connections finish, and
+//! - graceful shutdown on Ctrl-C or SIGTERM: stop accepting, let open HTTP connections finish, and
 //!   close every WebSocket with a going-away frame through `Mesh::shutdown`.
 //!
 //! ```text
@@ -19,6 +19,9 @@
 //! ```
 //!
 //! `PORT` sets the port (default 3001); `RUST_LOG` the log filter (default `info`).
+
+#[path = "../common/shutdown.rs"]
+mod shutdown;
 
 use std::convert::Infallible;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -36,6 +39,8 @@ use tokio::task::JoinSet;
 use tower::{service_fn, Layer};
 use tower_mesh::extract::Payload;
 use tower_mesh::Mesh;
+
+use shutdown::shutdown_signal;
 
 /// How long open HTTP connections get to finish once shutdown starts.
 const HTTP_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -90,12 +95,12 @@ async fn main() -> std::io::Result<()> {
     // Tells every HTTP connection task to finish its current request and stop.
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
 
     loop {
         let (stream, peer) = tokio::select! {
-            _ = &mut ctrl_c => break,
+            () = &mut signal => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {

@@ -11,11 +11,15 @@
 //! `write-channel {channel, message, history?}` (history default 50),
 //! `write-record {recordId, value, strategy?}` and `delete-record {recordId}`, each
 //! replying `{success: true}`. Optional `PING_INTERVAL_MS`, `LATENCY_INTERVAL_MS` and
-//! `MAX_MISSED_PONGS` tune liveness for protocol tests.
+//! `MAX_MISSED_PONGS` tune liveness for protocol tests. Ctrl-C or SIGTERM shuts it down
+//! gracefully (every WebSocket gets 1001).
 //!
 //! ```text
 //! cargo run --example interop
 //! ```
+
+#[path = "../common/shutdown.rs"]
+mod shutdown;
 
 use std::time::Duration;
 
@@ -26,6 +30,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tower_mesh::extract::Payload;
 use tower_mesh::{Access, Collection, CommandError, MergeStrategy, Mesh, PresenceOptions, Regex};
+
+use shutdown::shutdown_signal;
 
 fn env_ms(name: &str) -> Option<Duration> {
     std::env::var(name)
@@ -184,7 +190,7 @@ async fn main() -> std::io::Result<()> {
     tracing::info!("interop server on port {port}");
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
-            let _ = tokio::signal::ctrl_c().await;
+            shutdown_signal().await;
             mesh.shutdown().await;
         })
         .await
