@@ -531,7 +531,12 @@ async fn the_interop_example_shuts_down_gracefully_on_sigterm() {
         .iter()
         .filter(|close| **close == (1001, "server shutting down".to_owned()))
         .count();
-    assert_eq!(going_away, CLIENTS, "every client gets 1001: {:?}", &closes[..3]);
+    assert_eq!(
+        going_away,
+        CLIENTS,
+        "every client gets 1001: {:?}",
+        &closes[..3]
+    );
     // Within the mesh's shutdown timeout (10 s by default), with room to spare.
     let exited = tokio::time::timeout(Duration::from_secs(15), server.wait())
         .await

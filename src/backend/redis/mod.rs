@@ -257,14 +257,23 @@ impl RedisBackendBuilder {
     pub fn build(self) -> Result<RedisBackend, MeshError> {
         let client = redis::Client::open(self.url.as_str())
             .map_err(|err| MeshError::Unavailable(format!("invalid Redis URL: {err}")))?;
-        let mut config = deadpool_redis::Config::from_url(self.url);
+        // The operation timeout bounds every command; the redis crate's own default
+        // response timeout (500 ms) would otherwise fail commands that a busy machine
+        // answers a little late, well within what the backend promises to wait.
+        let connection_config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(OPERATION_TIMEOUT))
+            .set_response_timeout(Some(OPERATION_TIMEOUT));
+        let manager =
+            deadpool_redis::Manager::new_with_config(self.url.as_str(), connection_config)
+                .map_err(|err| MeshError::Unavailable(format!("invalid Redis URL: {err}")))?;
         let mut pool_config = deadpool_redis::PoolConfig::default();
         pool_config.timeouts.wait = Some(OPERATION_TIMEOUT);
         pool_config.timeouts.create = Some(OPERATION_TIMEOUT);
         pool_config.timeouts.recycle = Some(OPERATION_TIMEOUT);
-        config.pool = Some(pool_config);
-        let pool = config
-            .create_pool(Some(Runtime::Tokio1))
+        let pool = Pool::builder(manager)
+            .config(pool_config)
+            .runtime(Runtime::Tokio1)
+            .build()
             .map_err(|err| MeshError::Unavailable(format!("invalid Redis configuration: {err}")))?;
         Ok(RedisBackend {
             shared: Arc::new(Shared {
