@@ -382,9 +382,11 @@ impl MeshBuilder {
         self
     }
 
-    /// Lets any connection read any other's metadata with
-    /// `mesh/get-connection-metadata`, as mesh does. Default `false`: a connection reads
-    /// its own and that of connections sharing a room with it (PROTOCOL.md §9).
+    /// Lets any connection read any other's metadata, as mesh does: with
+    /// `mesh/get-connection-metadata` and in the `present` lists of `mesh/join-room` and
+    /// `mesh/subscribe-presence`. Default `false`: a connection reads its own and that of
+    /// connections sharing a room with it, and a room's member list shows metadata only
+    /// to members of that room (PROTOCOL.md §9).
     pub fn open_connection_metadata(mut self, open: bool) -> Self {
         self.config.open_connection_metadata = open;
         self

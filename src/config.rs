@@ -29,7 +29,7 @@ pub(crate) struct MeshConfig {
     pub write_buffer_bytes: usize,
     /// Longest `shutdown` waits for connections to finish. Default 10 s.
     pub shutdown_timeout: Duration,
-    /// Whether any connection may read any other's metadata. Default `false`.
+    /// Whether any connection may read any other's metadata, on every path. Default `false`.
     pub open_connection_metadata: bool,
     /// Rooms one connection may be in through `mesh/join-room`. Default 1024.
     pub max_rooms_per_connection: usize,

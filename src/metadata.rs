@@ -1,7 +1,12 @@
-//! Merge strategies for metadata (connections now; rooms and records later).
+//! Merge strategies for metadata (connections now; rooms and records later), and the rule
+//! for who may read a connection's metadata.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use crate::connection::Connection;
+use crate::error::MeshError;
+use crate::mesh::Mesh;
 
 /// How a new metadata value combines with the stored one.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +37,69 @@ impl MergeStrategy {
             (MergeStrategy::DeepMerge, Some(old)) => deep_merge(old, new),
             (MergeStrategy::Merge, Some(_)) => new,
         }
+    }
+}
+
+/// Whose connection metadata a reply is about to show.
+pub(crate) enum MetadataOwners<'a> {
+    /// One connection, asked for by id (`mesh/get-connection-metadata`).
+    Connection(&'a str),
+    /// The members of a room, listed together (the `present` of `mesh/join-room` and
+    /// `mesh/subscribe-presence`).
+    RoomMembers(&'a str),
+}
+
+/// What one reply may show of connections' metadata, as [`Mesh::metadata_visibility`]
+/// decided it.
+pub(crate) struct MetadataVisibility<'a> {
+    viewer: &'a str,
+    others: bool,
+}
+
+impl MetadataVisibility<'_> {
+    /// Whether the viewer may see the metadata of `owner`.
+    pub(crate) fn shows(&self, owner: &str) -> bool {
+        self.others || owner == self.viewer
+    }
+
+    /// The metadata of `owner` as the viewer may see it: as it is, or `null`.
+    pub(crate) fn redact(&self, owner: &str, metadata: Value) -> Value {
+        if self.shows(owner) {
+            metadata
+        } else {
+            Value::Null
+        }
+    }
+}
+
+impl Mesh {
+    /// The rule for reading other connections' metadata (PROTOCOL.md §9). It is decided
+    /// here only: every path metadata leaves the server by asks this function.
+    ///
+    /// A connection always sees its own metadata, and with
+    /// [`open_connection_metadata`](crate::MeshBuilder::open_connection_metadata) it sees
+    /// everyone's. Otherwise it sees another connection's metadata while they share a
+    /// room; in a list of a room's members, while it is itself a member of that room
+    /// (outside it, the ids stay visible, as the presence guard allows, with
+    /// `metadata: null`). Membership is read from the backend as the reply is made, so a
+    /// reply reflects the caller's rooms at that moment; presence updates carry no
+    /// metadata, so a later join or leave changes only later replies.
+    pub(crate) async fn metadata_visibility<'a>(
+        &self,
+        viewer: &'a Connection,
+        owners: MetadataOwners<'_>,
+    ) -> Result<MetadataVisibility<'a>, MeshError> {
+        let others = self.config().open_connection_metadata
+            || match owners {
+                MetadataOwners::Connection(owner) => {
+                    owner == viewer.id() || self.share_a_room(viewer.id(), owner).await?
+                }
+                MetadataOwners::RoomMembers(room) => self.is_in_room(viewer.id(), room).await?,
+            };
+        Ok(MetadataVisibility {
+            viewer: viewer.id(),
+            others,
+        })
     }
 }
 
@@ -92,7 +160,7 @@ mod commands {
     use serde::Deserialize;
     use serde_json::{json, Value};
 
-    use super::MergeStrategy;
+    use super::{MergeStrategy, MetadataOwners};
     use crate::connection::Connection;
     use crate::error::CommandError;
     use crate::extract::Payload;
@@ -106,20 +174,20 @@ mod commands {
 
     /// `mesh/get-connection-metadata {connectionId}` -> `{metadata}`.
     ///
-    /// By default a connection reads its own metadata and that of connections sharing a
-    /// room with it (PROTOCOL.md §9); any other connection's reads as `null` unless the
-    /// mesh was built with `open_connection_metadata(true)`.
+    /// Another connection's metadata reads as `null` where [`Mesh::metadata_visibility`]
+    /// hides it.
     pub(crate) async fn get_connection_metadata(
         mesh: Mesh,
         connection: Connection,
         Payload(request): Payload<GetConnectionMetadata>,
     ) -> Result<Value, CommandError> {
-        let allowed = request.connection_id == connection.id()
-            || mesh.config().open_connection_metadata
-            || mesh
-                .share_a_room(connection.id(), &request.connection_id)
-                .await?;
-        let metadata = if allowed {
+        let visibility = mesh
+            .metadata_visibility(
+                &connection,
+                MetadataOwners::Connection(&request.connection_id),
+            )
+            .await?;
+        let metadata = if visibility.shows(&request.connection_id) {
             mesh.connection_metadata(&request.connection_id).await?
         } else {
             None

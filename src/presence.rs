@@ -28,6 +28,7 @@ use crate::connection::Connection;
 use crate::error::{CommandError, MeshError};
 use crate::extract::Payload;
 use crate::mesh::{Mesh, MeshInner};
+use crate::metadata::MetadataOwners;
 use crate::protocol::{self, Frame};
 use crate::rooms::{members_json, valid_room_name, RoomRequest};
 use crate::topics::{Form, Topic};
@@ -299,6 +300,8 @@ pub(crate) fn start_sweeper(inner: Weak<MeshInner>) {
 
 /// `mesh/subscribe-presence {roomName}` -> `{success, present: [{id, metadata}], states}`,
 /// or `{success: false, present: []}` when the room is not tracked or the guard refuses.
+/// The metadata is shown as [`Mesh::metadata_visibility`] decides: to a caller in the
+/// room when the reply is made.
 pub(crate) async fn subscribe_presence(
     mesh: Mesh,
     connection: Connection,
@@ -318,11 +321,15 @@ pub(crate) async fn subscribe_presence(
     {
         return Ok(refused);
     }
-    let view = mesh.inner().backend.presence(room).await;
-    let view = mesh.unless_failed(&connection, &topic, view).await?;
+    let snapshot = futures_util::future::try_join(
+        mesh.metadata_visibility(&connection, MetadataOwners::RoomMembers(room)),
+        mesh.inner().backend.presence(room),
+    )
+    .await;
+    let (visibility, view) = mesh.unless_failed(&connection, &topic, snapshot).await?;
     Ok(json!({
         "success": true,
-        "present": members_json(view.present),
+        "present": members_json(view.present, &visibility),
         "states": states_json(view.states),
     }))
 }
@@ -410,7 +417,8 @@ pub(crate) async fn clear_presence_state(
         .await?)
 }
 
-/// `mesh/get-presence-state {roomName}` -> `{success, present: [ids], states}`, or
+/// `mesh/get-presence-state {roomName}` -> `{success, present: [ids], states}` (ids only:
+/// no metadata, so nothing here for [`Mesh::metadata_visibility`] to hide), or
 /// `{success: false, present: [], states: {}}` when the room is not tracked or the guard
 /// refuses.
 pub(crate) async fn get_presence_state(

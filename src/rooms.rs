@@ -18,7 +18,7 @@ use crate::connection::{Connection, MembershipGuard};
 use crate::error::{CommandError, MeshError};
 use crate::extract::Payload;
 use crate::mesh::Mesh;
-use crate::metadata::MergeStrategy;
+use crate::metadata::{MergeStrategy, MetadataOwners, MetadataVisibility};
 use crate::protocol::{self, Frame};
 use crate::topics::{Form, Topic};
 
@@ -297,19 +297,28 @@ pub(crate) fn valid_room_name(name: &str) -> Result<&str, CommandError> {
     crate::access::valid_name("roomName", name)
 }
 
-/// `{id, metadata}` as `mesh/join-room` and `mesh/subscribe-presence` list members.
-pub(crate) fn members_json(members: Vec<(String, Value)>) -> Value {
+/// `{id, metadata}` as `mesh/join-room` and `mesh/subscribe-presence` list members, with
+/// the metadata `visibility` hides as `null`.
+pub(crate) fn members_json(
+    members: Vec<(String, Value)>,
+    visibility: &MetadataVisibility<'_>,
+) -> Value {
     Value::Array(
         members
             .into_iter()
-            .map(|(id, metadata)| json!({ "id": id, "metadata": metadata }))
+            .map(|(id, metadata)| {
+                let metadata = visibility.redact(&id, metadata);
+                json!({ "id": id, "metadata": metadata })
+            })
             .collect(),
     )
 }
 
 /// `mesh/join-room {roomName}` -> `{success, present: [{id, metadata}]}`. A room guard
 /// that refuses gives `{success: false, present: []}`; `present` is empty too when the
-/// room is tracked and its presence guard refuses the caller (PROTOCOL.md §9).
+/// room is tracked and its presence guard refuses the caller (PROTOCOL.md §9). The
+/// metadata is shown as [`Mesh::metadata_visibility`] decides: to a caller still in the
+/// room when the reply is made.
 pub(crate) async fn join_room(
     mesh: Mesh,
     connection: Connection,
@@ -332,11 +341,16 @@ pub(crate) async fn join_room(
         }
     }
     let present = if mesh.may_watch_presence(&connection, room).await {
-        mesh.room_members_with_metadata(room).await?
+        let (visibility, members) = futures_util::future::try_join(
+            mesh.metadata_visibility(&connection, MetadataOwners::RoomMembers(room)),
+            mesh.room_members_with_metadata(room),
+        )
+        .await?;
+        members_json(members, &visibility)
     } else {
-        Vec::new()
+        Value::Array(Vec::new())
     };
-    Ok(json!({ "success": true, "present": members_json(present) }))
+    Ok(json!({ "success": true, "present": present }))
 }
 
 /// `mesh/leave-room {roomName}` -> `{success: true}`.

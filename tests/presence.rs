@@ -37,6 +37,8 @@ conformance!(
     presence_lapses_on_the_survivors_when_its_instance_is_gone,
     disconnect_announces_leave_on_other_instances,
     late_subscriber_sees_members_and_states_of_every_instance,
+    presence_replies_show_metadata_only_to_members_of_the_room,
+    open_connection_metadata_shows_it_in_presence_replies_to_anyone,
 );
 
 /// PROTOCOL.md §10: pongs extend presence, so a TTL shorter than the ping interval is
@@ -1682,15 +1684,15 @@ async fn late_subscriber_sees_members_and_states_of_every_instance(backend: Back
     )
     .await;
 
+    // Not a member of the room: the ids and states, but no metadata (PROTOCOL.md §9).
     let expected = json!({"success": true,
         "present": [
-            {"id": m1.id, "metadata": {"name": "m1"}},
+            {"id": m1.id, "metadata": null},
             {"id": m2.id, "metadata": null},
-            {"id": m3.id, "metadata": {"name": "m3"}},
+            {"id": m3.id, "metadata": null},
         ],
         "states": {m1.id.as_str(): {"s": 1}, m3.id.as_str(): {"s": 3}}});
     for server in [&a, &b] {
-        // Not a member of the room.
         let mut late = RawClient::connect(&server.url()).await;
         assert_eq!(subscribe(&mut late, 1, "room").await, expected);
         assert_eq!(
@@ -1714,4 +1716,162 @@ async fn late_subscriber_sees_members_and_states_of_every_instance(backend: Back
             ])
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Whose metadata presence shows (PROTOCOL.md §9): the rule of mesh/get-connection-metadata.
+
+/// Two members on B, each with metadata (one set by the client, one by the server).
+async fn members_with_metadata(b: &TestServer, room: &str) -> (RawClient, RawClient) {
+    let mut m1 = RawClient::connect(&b.url()).await;
+    let mut m2 = RawClient::connect(&b.url()).await;
+    call(
+        &mut m1,
+        1,
+        "mesh/set-my-connection-metadata",
+        json!({"metadata": {"name": "m1"}}),
+    )
+    .await;
+    b.mesh
+        .set_connection_metadata(&m2.id, json!({"name": "m2"}), MergeStrategy::Replace)
+        .await
+        .expect("set");
+    join(&mut m1, 2, room).await;
+    assert_eq!(
+        join(&mut m2, 1, room).await,
+        json!({"success": true, "present": [
+            {"id": m1.id, "metadata": {"name": "m1"}},
+            {"id": m2.id, "metadata": {"name": "m2"}},
+        ]})
+    );
+    (m1, m2)
+}
+
+async fn presence_replies_show_metadata_only_to_members_of_the_room(backend: Backend) {
+    let a = serve(tracking(&backend, "room")).await;
+    let b = serve(tracking(&backend, "room")).await;
+    let (m1, mut m2) = members_with_metadata(&b, "room").await;
+    let hidden = json!([
+        {"id": m1.id, "metadata": null},
+        {"id": m2.id, "metadata": null},
+    ]);
+    let shown = json!([
+        {"id": m1.id, "metadata": {"name": "m1"}},
+        {"id": m2.id, "metadata": {"name": "m2"}},
+    ]);
+
+    // An outsider on the other instance sees who is present, not their metadata.
+    let mut outsider = RawClient::connect(&a.url()).await;
+    call(
+        &mut outsider,
+        1,
+        "mesh/set-my-connection-metadata",
+        json!({"metadata": {"name": "outsider"}}),
+    )
+    .await;
+    assert_eq!(
+        subscribe(&mut outsider, 2, "room").await,
+        json!({"success": true, "present": hidden, "states": {}})
+    );
+    assert_eq!(
+        presence_state(&mut outsider, 3, "room").await,
+        json!({"success": true, "present": [m1.id, m2.id], "states": {}})
+    );
+    // mesh/get-connection-metadata says the same.
+    assert_eq!(
+        call(
+            &mut outsider,
+            4,
+            "mesh/get-connection-metadata",
+            json!({"connectionId": m1.id})
+        )
+        .await,
+        json!({"metadata": null})
+    );
+
+    // A member subscribing sees the others' metadata, on its own instance and across.
+    assert_eq!(
+        subscribe(&mut m2, 2, "room").await,
+        json!({"success": true, "present": shown, "states": {}})
+    );
+    let mut member_on_a = RawClient::connect(&a.url()).await;
+    let mut shown_with_a = shown.as_array().expect("array").clone();
+    shown_with_a.push(json!({"id": member_on_a.id, "metadata": null}));
+    assert_eq!(
+        join(&mut member_on_a, 1, "room").await,
+        json!({"success": true, "present": shown_with_a})
+    );
+    assert_eq!(
+        subscribe(&mut member_on_a, 2, "room").await,
+        json!({"success": true, "present": shown_with_a, "states": {}})
+    );
+    // Presence updates carry no metadata, whoever receives them.
+    expect_update(
+        &mut outsider,
+        membership_update("join", &member_on_a.id, "room"),
+    )
+    .await;
+    leave(&mut member_on_a, 3, "room").await;
+    expect_update(
+        &mut outsider,
+        membership_update("leave", &member_on_a.id, "room"),
+    )
+    .await;
+
+    // A reply shows what the caller may read when it is made: once the outsider joins,
+    // its join reply and a new subscription show the metadata...
+    let mut shown_with_outsider = shown.as_array().expect("array").clone();
+    shown_with_outsider.push(json!({"id": outsider.id, "metadata": {"name": "outsider"}}));
+    assert_eq!(
+        join(&mut outsider, 5, "room").await,
+        json!({"success": true, "present": shown_with_outsider})
+    );
+    assert_eq!(
+        call(
+            &mut outsider,
+            6,
+            "mesh/unsubscribe-presence",
+            json!({"roomName": "room"})
+        )
+        .await,
+        json!(true)
+    );
+    assert_eq!(
+        subscribe(&mut outsider, 7, "room").await,
+        json!({"success": true, "present": shown_with_outsider, "states": {}})
+    );
+    // ...and once it has left, they are hidden again.
+    leave(&mut outsider, 8, "room").await;
+    assert_eq!(
+        call(
+            &mut outsider,
+            9,
+            "mesh/unsubscribe-presence",
+            json!({"roomName": "room"})
+        )
+        .await,
+        json!(true)
+    );
+    assert_eq!(
+        subscribe(&mut outsider, 10, "room").await,
+        json!({"success": true, "present": hidden, "states": {}})
+    );
+}
+
+async fn open_connection_metadata_shows_it_in_presence_replies_to_anyone(backend: Backend) {
+    let a = serve(tracking(&backend, "room").open_connection_metadata(true)).await;
+    let b = serve(tracking(&backend, "room").open_connection_metadata(true)).await;
+    let (m1, m2) = members_with_metadata(&b, "room").await;
+    let mut outsider = RawClient::connect(&a.url()).await;
+    assert_eq!(
+        subscribe(&mut outsider, 1, "room").await,
+        json!({"success": true, "present": [
+            {"id": m1.id, "metadata": {"name": "m1"}},
+            {"id": m2.id, "metadata": {"name": "m2"}},
+        ], "states": {}})
+    );
+    assert_eq!(
+        presence_state(&mut outsider, 2, "room").await,
+        json!({"success": true, "present": [m1.id, m2.id], "states": {}})
+    );
 }

@@ -39,6 +39,8 @@ conformance!(
     bad_room_names_are_refused_and_nothing_is_stored,
     room_limit_per_connection_answers_eoverloaded,
     connection_metadata_is_readable_only_while_sharing_a_room,
+    join_reply_shows_no_metadata_to_a_caller_removed_before_it,
+    join_reply_with_open_metadata_shows_it_to_a_caller_removed_before_it,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -1481,5 +1483,82 @@ async fn connection_metadata_is_readable_only_while_sharing_a_room(backend: Back
         )
         .await,
         json!({"metadata": null})
+    );
+}
+
+/// The payload of the reply to a `mesh/join-room` on instance A whose caller the server
+/// removes from the room (from instance B) after the join and before the reply is made,
+/// and the id of the room's member on B, whose metadata is `{"name": "member"}`. The
+/// presence guard, which the join consults between the two, holds the join until then.
+async fn join_reply_after_a_removal(backend: &Backend, open_metadata: bool) -> (Value, String) {
+    let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let guard_release = release.clone();
+    let holding_guard = PresenceOptions::new().guard(move |connection: Connection, _room| {
+        let entered = entered_tx.clone();
+        let release = guard_release.clone();
+        async move {
+            let _ = entered.send(connection.id().to_owned());
+            release
+                .acquire()
+                .await
+                .map(|permit| permit.forget())
+                .is_ok()
+        }
+    });
+    let a = serve(
+        backend
+            .builder()
+            .open_connection_metadata(open_metadata)
+            .track_presence("room", holding_guard),
+    )
+    .await;
+    let b = serve(
+        backend
+            .builder()
+            .open_connection_metadata(open_metadata)
+            .track_presence("room", PresenceOptions::new()),
+    )
+    .await;
+    let mut member = RawClient::connect(&b.url()).await;
+    call(
+        &mut member,
+        1,
+        "mesh/set-my-connection-metadata",
+        json!({"metadata": {"name": "member"}}),
+    )
+    .await;
+    join(&mut member, 2, "room").await;
+
+    let mut joiner = RawClient::connect(&a.url()).await;
+    joiner
+        .send_json(json!({"id": 1, "command": "mesh/join-room", "payload": {"roomName": "room"}}))
+        .await;
+    assert_eq!(recv_within(&mut entered).await, joiner.id);
+    assert!(b
+        .mesh
+        .remove_from_room(&joiner.id, "room")
+        .await
+        .expect("remove"));
+    release.add_permits(1);
+    let reply = within("the join reply", joiner.reply(1)).await;
+    (reply["payload"].clone(), member.id.clone())
+}
+
+async fn join_reply_shows_no_metadata_to_a_caller_removed_before_it(backend: Backend) {
+    // The reply says what the caller may read when it is made (PROTOCOL.md §9): it no
+    // longer shares the room, so the member's metadata is hidden.
+    let (reply, member) = join_reply_after_a_removal(&backend, false).await;
+    assert_eq!(
+        reply,
+        json!({"success": true, "present": [{"id": member, "metadata": null}]})
+    );
+}
+
+async fn join_reply_with_open_metadata_shows_it_to_a_caller_removed_before_it(backend: Backend) {
+    let (reply, member) = join_reply_after_a_removal(&backend, true).await;
+    assert_eq!(
+        reply,
+        json!({"success": true, "present": [{"id": member, "metadata": {"name": "member"}}]})
     );
 }
