@@ -382,6 +382,43 @@ impl MeshBuilder {
         self
     }
 
+    /// Largest stored record, in bytes of JSON text, after any merge or patch: a write that
+    /// would make it larger is refused (`EINVALID` naming `max_record_bytes`; nothing is
+    /// stored or sent). Default 1 MiB; never above [`max_frame_size`](Self::max_frame_size).
+    pub fn max_record_bytes(mut self, bytes: usize) -> Self {
+        self.config.bytes.record = bytes;
+        self
+    }
+
+    /// Largest channel message, in bytes: [`Mesh::write_channel`] refuses a larger one
+    /// (nothing is kept or sent). Default 64 KiB.
+    pub fn max_channel_message_bytes(mut self, bytes: usize) -> Self {
+        self.config.bytes.channel_message = bytes;
+        self
+    }
+
+    /// Bytes of history one channel keeps, besides the count `write_channel` asks for:
+    /// the oldest messages go first. Default 8 MiB.
+    pub fn max_history_bytes(mut self, bytes: usize) -> Self {
+        self.config.bytes.history = bytes;
+        self
+    }
+
+    /// Largest presence state, in bytes of JSON text: a larger one is refused
+    /// (`EINVALID` naming `max_presence_state_bytes`). Default 16 KiB.
+    pub fn max_presence_state_bytes(mut self, bytes: usize) -> Self {
+        self.config.bytes.presence_state = bytes;
+        self
+    }
+
+    /// Largest connection or room metadata, in bytes of JSON text, after any merge: a
+    /// write that would make it larger is refused (`EINVALID` naming
+    /// `max_metadata_bytes`; nothing is stored). Default 16 KiB.
+    pub fn max_metadata_bytes(mut self, bytes: usize) -> Self {
+        self.config.bytes.metadata = bytes;
+        self
+    }
+
     /// Lets any connection read any other's metadata, as mesh does: with
     /// `mesh/get-connection-metadata` and in the `present` lists of `mesh/join-room` and
     /// `mesh/subscribe-presence`. Default `false`: a connection reads its own and that of
@@ -403,7 +440,7 @@ impl MeshBuilder {
     /// such a TTL would lapse between two of them.
     pub fn build(self) -> (MeshLayer, Mesh) {
         let MeshBuilder {
-            config,
+            mut config,
             commands: user_commands,
             mut command_layers,
             global_layers,
@@ -417,6 +454,8 @@ impl MeshBuilder {
             records,
             collections: exposed_collections,
         } = self;
+        // A record is sent whole in a reply or push: it must fit in a frame.
+        config.bytes.record = config.bytes.record.min(config.max_frame_bytes);
         let mut collections = Rules::default();
         let mut collection_exposures = Vec::new();
         for (pattern, collection) in exposed_collections {

@@ -21,6 +21,7 @@ use crate::error::{CommandError, MeshError};
 use crate::extract::Payload;
 use crate::mesh::Mesh;
 use crate::protocol::{self, Frame};
+use crate::reply_budget;
 use crate::topics::{Form, Topic};
 
 /// The most history messages one request returns.
@@ -35,8 +36,11 @@ const DEFAULT_HISTORY_LIMIT: usize = 50;
 impl Mesh {
     /// Publishes `message` on a channel to its subscribers on every instance, keeping the
     /// newest `history` messages for later subscribers (0 keeps none and leaves what is
-    /// kept alone; at most a million are kept). A string is sent as it is; any other value
-    /// as its JSON text.
+    /// kept alone; at most a million are kept, and at most
+    /// [`max_history_bytes`](crate::MeshBuilder::max_history_bytes) of them). A string is
+    /// sent as it is; any other value as its JSON text. A message over
+    /// [`max_channel_message_bytes`](crate::MeshBuilder::max_channel_message_bytes) is
+    /// refused with [`MeshError::TooLarge`]: nothing is kept or sent.
     pub async fn write_channel<M: Serialize + ?Sized>(
         &self,
         channel: &str,
@@ -48,6 +52,15 @@ impl Mesh {
             Ok(other) => other.to_string(),
             Err(err) => return Err(MeshError::Encode(err.to_string())),
         };
+        let limits = self.config().bytes;
+        if message.len() > limits.channel_message {
+            return Err(MeshError::TooLarge {
+                what: format!("a message on channel \"{channel}\""),
+                setting: "max_channel_message_bytes",
+                limit: limits.channel_message,
+                size: message.len(),
+            });
+        }
         let announcement = crate::backend::Delivery::Topic {
             topic: Topic::Channel(Arc::from(channel)),
             frame: Frame::from(protocol::subscription_message(channel, &message)),
@@ -60,6 +73,7 @@ impl Mesh {
                 channel,
                 &message,
                 history.min(MAX_KEPT_HISTORY),
+                limits.history,
                 announcement,
             )
             .await
@@ -107,7 +121,8 @@ fn limit(requested: Option<u64>, default: usize) -> usize {
 }
 
 /// `mesh/subscribe-channel {channel, historyLimit?}` -> `{success, history}`: the newest
-/// `historyLimit` kept messages (none without it), newest first. A channel that is not
+/// `historyLimit` kept messages (none without it), newest first (only those that fit in a
+/// frame, with `truncated: true` when older ones were left out). A channel that is not
 /// exposed, is reserved, or whose guard refuses gives `{success: false, history: []}`.
 /// (`since` is accepted and ignored: history is kept without timestamps.)
 pub(crate) async fn subscribe_channel(
@@ -132,7 +147,7 @@ pub(crate) async fn subscribe_channel(
         .channel_history(channel, limit(request.history_limit, 0))
         .await;
     let history = mesh.unless_failed(&connection, &topic, history).await?;
-    Ok(json!({ "success": true, "history": history }))
+    Ok(history_reply(&mesh, history))
 }
 
 #[derive(Deserialize)]
@@ -159,7 +174,8 @@ pub(crate) struct ChannelHistory {
 }
 
 /// `mesh/get-channel-history {channel, limit?}` -> `{success, history}` (newest first, 50
-/// without `limit`), or `{success: false, history: []}` as for subscribing.
+/// without `limit`; only the newest that fit in a frame, with `truncated: true` when
+/// older ones were left out), or `{success: false, history: []}` as for subscribing.
 pub(crate) async fn get_channel_history(
     mesh: Mesh,
     connection: Connection,
@@ -172,5 +188,15 @@ pub(crate) async fn get_channel_history(
     let history = mesh
         .channel_history(channel, limit(request.limit, DEFAULT_HISTORY_LIMIT))
         .await?;
-    Ok(json!({ "success": true, "history": history }))
+    Ok(history_reply(&mesh, history))
+}
+
+/// `{success: true, history}` with the newest messages that fit in a frame, and
+/// `truncated: true` when older ones were left out.
+fn history_reply(mesh: &Mesh, history: Vec<String>) -> Value {
+    let (history, truncated) =
+        reply_budget::leading_that_fit(history, reply_budget::for_entries(mesh), |message| {
+            reply_budget::json_len(message.as_str())
+        });
+    reply_budget::mark(json!({ "success": true, "history": history }), truncated)
 }

@@ -33,6 +33,7 @@ use crate::extract::Payload;
 use crate::mesh::{BoxFuture, Mesh};
 use crate::protocol::{self, Frame};
 use crate::record_stream::Snapshot;
+use crate::reply_budget;
 use crate::topics::{Form, Topic};
 
 /// How long a subscription waits after a relevant change before re-resolving, so a burst
@@ -350,6 +351,30 @@ impl Mesh {
         Ok(snapshots)
     }
 
+    /// Leaves members that did not fit in a reply out of a subscription: they are no
+    /// longer held, so the next resolution that finds them adds them again. The caller
+    /// holds the connection's membership lock.
+    fn leave_out(&self, connection: &Connection, collection_id: &str, excess: &[String]) {
+        tracing::warn!(
+            collection = collection_id,
+            left_out = excess.len(),
+            "collection members left out of a reply over the frame limit"
+        );
+        for id in excess {
+            self.release_member(connection, &Topic::Record(Arc::from(id.as_str())));
+        }
+        if let Some(subscription) = self
+            .inner()
+            .collection_subscriptions
+            .lock()
+            .get_mut(connection.id())
+            .and_then(|collections| collections.get_mut(collection_id))
+        {
+            let excess: HashSet<&String> = excess.iter().collect();
+            subscription.members.retain(|id| !excess.contains(id));
+        }
+    }
+
     fn release_member(&self, connection: &Connection, topic: &Topic) {
         if self
             .inner()
@@ -470,7 +495,15 @@ impl Mesh {
             .map(|(id, stored)| member_as_added(id, stored.map(|stored| stored.value)))
             .collect();
         let removed: Vec<Value> = left.iter().map(|id| json!({ "id": id })).collect();
-        let diff = protocol::collection_diff(collection_id, &added, &removed, version);
+        let budget =
+            reply_budget::for_entries(self).saturating_sub(reply_budget::json_len(&removed));
+        let (added, truncated) =
+            reply_budget::leading_that_fit(added, budget, reply_budget::json_len);
+        if truncated {
+            // What does not fit in the diff is not held: a later resolution adds it.
+            self.leave_out(connection, collection_id, &joined[added.len()..]);
+        }
+        let diff = protocol::collection_diff(collection_id, &added, &removed, version, truncated);
         connection.push_reply(reservation, Frame::from(diff));
         Ok(())
     }
@@ -575,17 +608,35 @@ pub(crate) async fn subscribe_collection(
         }
         Ok::<_, CommandError>((members, snapshots))
     };
-    let (members, snapshots) = match subscribed.await {
-        Ok(subscribed) => subscribed,
+    let read = match subscribed.await {
+        Ok((members, snapshots)) => mesh
+            .member_records(&members, snapshots)
+            .await
+            .map(|records| (members, records)),
+        Err(err) => Err(err),
+    };
+    let (mut members, records) = match read {
+        Ok(read) => read,
         Err(err) => {
             drop(membership);
             unsubscribe(&mesh, &connection, &collection_id).await;
             return Err(err);
         }
     };
+    // Each member costs its entry in `records` and its id in `ids`.
+    let (records, truncated) =
+        reply_budget::leading_that_fit(records, reply_budget::for_entries(&mesh), |record| {
+            reply_budget::json_len(record) + reply_budget::json_len(&record["id"]) + 1
+        });
+    if truncated {
+        mesh.leave_out(&connection, &collection_id, &members[records.len()..]);
+        members.truncate(records.len());
+    }
     drop(membership);
-    let records = mesh.member_records(&members, snapshots).await?;
-    Ok(json!({ "success": true, "ids": members, "records": records, "version": 1 }))
+    Ok(reply_budget::mark(
+        json!({ "success": true, "ids": members, "records": records, "version": 1 }),
+        truncated,
+    ))
 }
 
 /// Ends a collection subscription; returns whether there was one.

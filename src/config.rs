@@ -40,6 +40,38 @@ pub(crate) struct MeshConfig {
     pub max_collection_members: usize,
     /// Channel names clients may never use. Default `Some("mesh:")`.
     pub reserved_channel_prefix: Option<String>,
+    /// Byte limits on what clients and the server store (see [`ByteLimits`]).
+    pub bytes: ByteLimits,
+}
+
+/// The most bytes, as JSON text, of each thing a client can make the mesh store or send
+/// to many. Over a limit, the write is refused with `EINVALID` naming the limit, and
+/// nothing is stored or sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ByteLimits {
+    /// A record's stored value, after any merge. Default 1 MiB (never above the frame
+    /// limit).
+    pub record: usize,
+    /// One channel message. Default 64 KiB.
+    pub channel_message: usize,
+    /// Every kept message of one channel together; the oldest go first. Default 8 MiB.
+    pub history: usize,
+    /// One presence state. Default 16 KiB.
+    pub presence_state: usize,
+    /// A connection's or a room's metadata, after any merge. Default 16 KiB.
+    pub metadata: usize,
+}
+
+impl Default for ByteLimits {
+    fn default() -> Self {
+        ByteLimits {
+            record: 1024 * 1024,
+            channel_message: 64 * 1024,
+            history: 8 * 1024 * 1024,
+            presence_state: 16 * 1024,
+            metadata: 16 * 1024,
+        }
+    }
 }
 
 impl Default for MeshConfig {
@@ -60,6 +92,7 @@ impl Default for MeshConfig {
             max_subscriptions_per_connection: 1024,
             max_collection_members: 10_000,
             reserved_channel_prefix: Some("mesh:".to_owned()),
+            bytes: ByteLimits::default(),
         }
     }
 }

@@ -154,6 +154,17 @@ pub enum MeshError {
     ShuttingDown,
     /// A value given to the mesh could not be serialised to JSON.
     Encode(String),
+    /// A value over one of the mesh's byte limits; nothing was stored or sent.
+    TooLarge {
+        /// What was refused (for example `record "doc"`).
+        what: String,
+        /// The builder setting that sets the limit (for example `max_record_bytes`).
+        setting: &'static str,
+        /// The limit, in bytes.
+        limit: usize,
+        /// The refused value's size, in bytes.
+        size: usize,
+    },
 }
 
 impl fmt::Display for MeshError {
@@ -163,6 +174,15 @@ impl fmt::Display for MeshError {
             MeshError::Corrupt(detail) => write!(f, "backend returned corrupt data: {detail}"),
             MeshError::ShuttingDown => f.write_str("the mesh is shutting down"),
             MeshError::Encode(detail) => write!(f, "value does not serialise: {detail}"),
+            MeshError::TooLarge {
+                what,
+                setting,
+                limit,
+                size,
+            } => write!(
+                f,
+                "{what} would be {size} bytes, over the limit of {limit} bytes ({setting})"
+            ),
         }
     }
 }
@@ -185,6 +205,7 @@ impl From<MeshError> for CommandError {
                 tracing::error!(%detail, "a value did not serialise");
                 CommandError::internal()
             }
+            too_large @ MeshError::TooLarge { .. } => CommandError::invalid(too_large.to_string()),
         }
     }
 }

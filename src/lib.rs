@@ -21,6 +21,7 @@ mod presence;
 mod protocol;
 mod record_stream;
 mod records;
+mod reply_budget;
 mod rooms;
 mod topics;
 mod upgrade;

@@ -19,7 +19,7 @@ use crate::config::MeshConfig;
 use crate::connection::{CloseReason, Connection, Registry};
 use crate::error::{CommandError, MeshError};
 use crate::layer::MeshLayer;
-use crate::metadata::MergeStrategy;
+use crate::metadata::{MergeStrategy, MetadataWrite};
 use crate::presence::{PresenceRule, SweepSchedule};
 use crate::protocol::{self, Frame};
 use crate::records::RecordRules;
@@ -261,7 +261,9 @@ impl Mesh {
     }
 
     /// Combines `metadata` into a connection's metadata with `strategy`. Returns `false`
-    /// when no such connection exists.
+    /// when no such connection exists. A result over
+    /// [`max_metadata_bytes`](crate::MeshBuilder::max_metadata_bytes) is refused with
+    /// [`MeshError::TooLarge`], and nothing is stored.
     pub async fn set_connection_metadata(
         &self,
         connection_id: &str,
@@ -269,9 +271,15 @@ impl Mesh {
         strategy: MergeStrategy,
     ) -> Result<bool, MeshError> {
         self.ready().await?;
+        let write = MetadataWrite {
+            value: metadata,
+            strategy,
+            max_bytes: self.config().bytes.metadata,
+            owner: format!("the metadata of connection \"{connection_id}\""),
+        };
         self.inner
             .backend
-            .set_connection_metadata(connection_id, metadata, strategy)
+            .set_connection_metadata(connection_id, &write)
             .await
     }
 

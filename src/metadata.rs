@@ -40,6 +40,36 @@ impl MergeStrategy {
     }
 }
 
+/// A metadata write as a backend applies it: what to combine into the stored value, and
+/// how large the result may be.
+pub(crate) struct MetadataWrite {
+    pub(crate) value: Value,
+    pub(crate) strategy: MergeStrategy,
+    /// At most this many bytes of JSON text after the merge.
+    pub(crate) max_bytes: usize,
+    /// Whose metadata, for the error (for example `the metadata of room "lobby"`).
+    pub(crate) owner: String,
+}
+
+impl MetadataWrite {
+    /// Combines the write into `old`: the new value and its JSON text, or
+    /// [`MeshError::TooLarge`] when the result would be over the limit (then nothing may
+    /// be stored).
+    pub(crate) fn apply(&self, old: Option<Value>) -> Result<(Value, String), MeshError> {
+        let merged = self.strategy.apply(old, self.value.clone());
+        let json = merged.to_string();
+        if json.len() > self.max_bytes {
+            return Err(MeshError::TooLarge {
+                what: self.owner.clone(),
+                setting: "max_metadata_bytes",
+                limit: self.max_bytes,
+                size: json.len(),
+            });
+        }
+        Ok((merged, json))
+    }
+}
+
 /// Whose connection metadata a reply is about to show.
 pub(crate) enum MetadataOwners<'a> {
     /// One connection, asked for by id (`mesh/get-connection-metadata`).

@@ -30,6 +30,7 @@ use crate::extract::Payload;
 use crate::mesh::{Mesh, MeshInner};
 use crate::metadata::MetadataOwners;
 use crate::protocol::{self, Frame};
+use crate::reply_budget;
 use crate::rooms::{members_json, valid_room_name, RoomRequest};
 use crate::topics::{Form, Topic};
 
@@ -327,11 +328,14 @@ pub(crate) async fn subscribe_presence(
     )
     .await;
     let (visibility, view) = mesh.unless_failed(&connection, &topic, snapshot).await?;
-    Ok(json!({
-        "success": true,
-        "present": members_json(view.present, &visibility),
-        "states": states_json(view.states),
-    }))
+    let budget = reply_budget::for_entries(&mesh);
+    let (present, truncated) = members_json(view.present, &visibility, budget);
+    let left = budget.saturating_sub(reply_budget::json_len(&present));
+    let (states, states_truncated) = states_of(&present, view.states, left);
+    Ok(reply_budget::mark(
+        json!({ "success": true, "present": present, "states": states }),
+        truncated || states_truncated,
+    ))
 }
 
 /// `mesh/unsubscribe-presence {roomName}` -> whether the caller was subscribed.
@@ -359,8 +363,10 @@ pub(crate) struct PublishState {
 
 /// `mesh/publish-presence-state {roomName, state, expireAfter?, silent?}` -> `true`, or
 /// `false` when the room is not tracked, the caller is not present in it, or `state` is
-/// missing. A state that is not an object, or an `expireAfter` that is not a whole number
-/// of milliseconds between 1 and a day, is an `EINVALID` error. Nothing is stored then.
+/// missing. A state that is not an object or is over
+/// [`max_presence_state_bytes`](crate::MeshBuilder::max_presence_state_bytes), or an
+/// `expireAfter` that is not a whole number of milliseconds between 1 and a day, is an
+/// `EINVALID` error. Nothing is stored then.
 pub(crate) async fn publish_presence_state(
     mesh: Mesh,
     connection: Connection,
@@ -372,6 +378,17 @@ pub(crate) async fn publish_presence_state(
         Some(state @ Value::Object(_)) => state,
         Some(_) => return Err(CommandError::invalid("state must be a JSON object")),
     };
+    let limit = mesh.config().bytes.presence_state;
+    let size = state.to_string().len();
+    if size > limit {
+        return Err(MeshError::TooLarge {
+            what: format!("a presence state in room \"{room}\""),
+            setting: "max_presence_state_bytes",
+            limit,
+            size,
+        }
+        .into());
+    }
     let expire_after = match request.expire_after {
         None => None,
         Some(ms) if (1..=MAX_STATE_EXPIRY.as_millis()).contains(&u128::from(ms)) => {
@@ -431,14 +448,38 @@ pub(crate) async fn get_presence_state(
         return Ok(json!({ "success": false, "present": [], "states": {} }));
     }
     let view = mesh.inner().backend.presence(room).await?;
-    let present: Vec<String> = view.present.into_iter().map(|(id, _)| id).collect();
-    Ok(json!({
-        "success": true,
-        "present": present,
-        "states": states_json(view.states),
-    }))
+    let budget = reply_budget::for_entries(&mesh);
+    let ids: Vec<Value> = view
+        .present
+        .into_iter()
+        .map(|(id, _)| Value::String(id))
+        .collect();
+    let (present, truncated) = reply_budget::leading_that_fit(ids, budget, reply_budget::json_len);
+    let left = budget.saturating_sub(reply_budget::json_len(&present));
+    let (states, states_truncated) = states_of(&present, view.states, left);
+    Ok(reply_budget::mark(
+        json!({ "success": true, "present": present, "states": states }),
+        truncated || states_truncated,
+    ))
 }
 
-fn states_json(states: Vec<(String, Value)>) -> Value {
-    Value::Object(states.into_iter().collect::<Map<String, Value>>())
+/// The states of the members a reply lists (`present` holds ids, or `{id, ..}` objects),
+/// as `{id: state}`: those that fit in `budget` bytes, and whether any were left out.
+fn states_of(present: &[Value], states: Vec<(String, Value)>, budget: usize) -> (Value, bool) {
+    let listed: std::collections::HashSet<&str> = present
+        .iter()
+        .filter_map(|member| member.get("id").unwrap_or(member).as_str())
+        .collect();
+    let listed_states: Vec<(String, Value)> = states
+        .into_iter()
+        .filter(|(id, _)| listed.contains(id.as_str()))
+        .collect();
+    let (states, truncated) =
+        reply_budget::leading_that_fit(listed_states, budget, |(id, state)| {
+            reply_budget::json_len(id.as_str()) + 1 + reply_budget::json_len(state)
+        });
+    (
+        Value::Object(states.into_iter().collect::<Map<String, Value>>()),
+        truncated,
+    )
 }

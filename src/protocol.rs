@@ -299,15 +299,19 @@ struct CollectionDiff<'a> {
     added: &'a [Value],
     removed: &'a [Value],
     version: u64,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    truncated: bool,
 }
 
 /// The JSON text of a `mesh/collection-diff` push: `added` as records carrying their `id`
-/// (see `collections::member_as_added`), `removed` as `{id}`.
+/// (see `collections::member_as_added`), `removed` as `{id}`; `truncated: true` when
+/// records that joined were left out for the frame limit (and no such field otherwise).
 pub(crate) fn collection_diff(
     collection_id: &str,
     added: &[Value],
     removed: &[Value],
     version: u64,
+    truncated: bool,
 ) -> String {
     push(
         COLLECTION_DIFF,
@@ -316,6 +320,7 @@ pub(crate) fn collection_diff(
             added,
             removed,
             version,
+            truncated,
         },
     )
 }
@@ -494,9 +499,14 @@ mod tests {
                 "c",
                 &[json!({"id": "t:1", "record": {"a": 1}})],
                 &[json!({"id": "t:2"})],
-                2
+                2,
+                false
             ),
             r#"{"command":"mesh/collection-diff","payload":{"collectionId":"c","added":[{"id":"t:1","record":{"a":1}}],"removed":[{"id":"t:2"}],"version":2}}"#
+        );
+        assert_eq!(
+            collection_diff("c", &[], &[], 3, true),
+            r#"{"command":"mesh/collection-diff","payload":{"collectionId":"c","added":[],"removed":[],"version":3,"truncated":true}}"#
         );
         assert_eq!(
             presence_update("state", "c1", "r", Some(&Value::Null), 5),

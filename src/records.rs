@@ -80,18 +80,28 @@ impl Mesh {
         let on_any_write = self.collections_holding(record_id, false);
         let on_creation = self.collections_holding(record_id, true);
         let value = canonical(value);
+        let limit = self.config().bytes.record;
         let update = move |current: Option<&StoredRecord>| {
             let old = current.map(|record| &record.value);
             // Both sides are canonical already: what is stored was canonicalised on its way in.
             let next = strategy.apply(old.cloned(), value.clone());
             if old == Some(&next) {
-                return None;
+                return Ok(None);
+            }
+            let json: Arc<str> = Arc::from(next.to_string());
+            if json.len() > limit {
+                return Err(MeshError::TooLarge {
+                    what: format!("record \"{id}\""),
+                    setting: "max_record_bytes",
+                    limit,
+                    size: json.len(),
+                });
             }
             let patch = patch_between(old, &next).map(|patch| Arc::from(to_json(&patch)));
             let mut announcements = vec![Delivery::Record {
                 record_id: id.clone(),
                 version: current.map_or(0, |record| record.version) + 1,
-                value: Arc::from(next.to_string()),
+                value: json.clone(),
                 patch,
             }];
             // A new record may join collections whose membership only creations and
@@ -107,10 +117,11 @@ impl Mesh {
                     .cloned()
                     .map(|exposure| Delivery::RecordsChanged { exposure }),
             );
-            Some(RecordWrite {
+            Ok(Some(RecordWrite {
                 value: next,
+                json,
                 announcements,
-            })
+            }))
         };
         let stored = self
             .inner()

@@ -18,8 +18,9 @@ use crate::connection::{Connection, MembershipGuard};
 use crate::error::{CommandError, MeshError};
 use crate::extract::Payload;
 use crate::mesh::Mesh;
-use crate::metadata::{MergeStrategy, MetadataOwners, MetadataVisibility};
+use crate::metadata::{MergeStrategy, MetadataOwners, MetadataVisibility, MetadataWrite};
 use crate::protocol::{self, Frame};
+use crate::reply_budget;
 use crate::topics::{Form, Topic};
 
 /// What a local join did.
@@ -169,7 +170,9 @@ impl Mesh {
     }
 
     /// Combines `metadata` into a room's metadata with `strategy`. A room need not have
-    /// members to have metadata.
+    /// members to have metadata. A result over
+    /// [`max_metadata_bytes`](crate::MeshBuilder::max_metadata_bytes) is refused with
+    /// [`MeshError::TooLarge`], and nothing is stored.
     pub async fn set_room_metadata(
         &self,
         room: &str,
@@ -177,10 +180,13 @@ impl Mesh {
         strategy: MergeStrategy,
     ) -> Result<(), MeshError> {
         self.ready().await?;
-        self.inner()
-            .backend
-            .set_room_metadata(room, metadata, strategy)
-            .await
+        let write = MetadataWrite {
+            value: metadata,
+            strategy,
+            max_bytes: self.config().bytes.metadata,
+            owner: format!("the metadata of room \"{room}\""),
+        };
+        self.inner().backend.set_room_metadata(room, &write).await
     }
 
     /// Shallow-merges `metadata` into a room's metadata
@@ -298,20 +304,21 @@ pub(crate) fn valid_room_name(name: &str) -> Result<&str, CommandError> {
 }
 
 /// `{id, metadata}` as `mesh/join-room` and `mesh/subscribe-presence` list members, with
-/// the metadata `visibility` hides as `null`.
+/// the metadata `visibility` hides as `null`: the leading members (in join order) whose
+/// entries fit in `budget` bytes, and whether any were left out.
 pub(crate) fn members_json(
     members: Vec<(String, Value)>,
     visibility: &MetadataVisibility<'_>,
-) -> Value {
-    Value::Array(
-        members
-            .into_iter()
-            .map(|(id, metadata)| {
-                let metadata = visibility.redact(&id, metadata);
-                json!({ "id": id, "metadata": metadata })
-            })
-            .collect(),
-    )
+    budget: usize,
+) -> (Vec<Value>, bool) {
+    let entries = members
+        .into_iter()
+        .map(|(id, metadata)| {
+            let metadata = visibility.redact(&id, metadata);
+            json!({ "id": id, "metadata": metadata })
+        })
+        .collect();
+    reply_budget::leading_that_fit(entries, budget, reply_budget::json_len)
 }
 
 /// `mesh/join-room {roomName}` -> `{success, present: [{id, metadata}]}`. A room guard
@@ -346,11 +353,15 @@ pub(crate) async fn join_room(
             mesh.room_members_with_metadata(room),
         )
         .await?;
-        members_json(members, &visibility)
+        members_json(members, &visibility, reply_budget::for_entries(&mesh))
     } else {
-        Value::Array(Vec::new())
+        (Vec::new(), false)
     };
-    Ok(json!({ "success": true, "present": present }))
+    let (present, truncated) = present;
+    Ok(reply_budget::mark(
+        json!({ "success": true, "present": present }),
+        truncated,
+    ))
 }
 
 /// `mesh/leave-room {roomName}` -> `{success: true}`.

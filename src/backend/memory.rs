@@ -16,7 +16,7 @@ use super::{
     Backend, BackendFuture, Delivery, Inbox, PresenceRefresh, PresenceView, RecordRemover,
     RecordUpdater, StoredRecord,
 };
-use crate::metadata::MergeStrategy;
+use crate::metadata::MetadataWrite;
 use crate::presence::{self, Change};
 use crate::topics::Topic;
 
@@ -52,7 +52,7 @@ struct MemoryState {
     states: HashMap<String, HashMap<String, (Value, Option<Instant>)>>,
     state_expiry: BTreeSet<(Instant, String, String)>,
     /// Channel -> its kept messages, newest first.
-    channel_history: HashMap<String, VecDeque<String>>,
+    channel_history: HashMap<String, History>,
     records: BTreeMap<String, StoredRecord>,
     /// Announcements of the operation in progress, delivered before its lock is released
     /// so that they are ordered exactly as the changes.
@@ -247,6 +247,31 @@ impl MemoryBackend {
     }
 }
 
+/// One channel's kept messages, newest first, and their size in bytes.
+#[derive(Default)]
+struct History {
+    messages: VecDeque<String>,
+    bytes: usize,
+}
+
+impl History {
+    /// Keeps `message` as the newest, then drops the oldest until at most `count`
+    /// messages and `max_bytes` bytes remain.
+    fn push(&mut self, message: &str, count: usize, max_bytes: usize) {
+        self.messages.push_front(message.to_owned());
+        self.bytes += message.len();
+        while self.messages.len() > count || self.bytes > max_bytes {
+            match self.messages.pop_back() {
+                Some(oldest) => self.bytes -= oldest.len(),
+                None => break,
+            }
+        }
+        if self.messages.capacity() > 2 * self.messages.len() + 16 {
+            self.messages.shrink_to_fit();
+        }
+    }
+}
+
 fn ready<'a, T: Send + 'a>(value: T) -> BackendFuture<'a, T> {
     Box::pin(std::future::ready(Ok(value)))
 }
@@ -314,18 +339,19 @@ impl Backend for MemoryBackend {
     fn set_connection_metadata<'a>(
         &'a self,
         connection_id: &'a str,
-        metadata: Value,
-        strategy: MergeStrategy,
+        write: &'a MetadataWrite,
     ) -> BackendFuture<'a, bool> {
         let mut state = self.lock();
-        let known = match state.connections.get_mut(connection_id) {
-            Some(entry) => {
-                entry.metadata = Some(strategy.apply(entry.metadata.take(), metadata));
-                true
-            }
-            None => false,
+        let Some(entry) = state.connections.get_mut(connection_id) else {
+            return ready(false);
         };
-        ready(known)
+        match write.apply(entry.metadata.clone()) {
+            Ok((merged, _)) => {
+                entry.metadata = Some(merged);
+                ready(true)
+            }
+            Err(err) => Box::pin(std::future::ready(Err(err))),
+        }
     }
 
     fn all_connection_metadata(&self) -> BackendFuture<'_, Vec<(String, Value)>> {
@@ -480,15 +506,16 @@ impl Backend for MemoryBackend {
     fn set_room_metadata<'a>(
         &'a self,
         room: &'a str,
-        metadata: Value,
-        strategy: MergeStrategy,
+        write: &'a MetadataWrite,
     ) -> BackendFuture<'a, ()> {
         let mut state = self.lock();
-        let old = state.room_metadata.remove(room);
-        state
-            .room_metadata
-            .insert(room.to_owned(), strategy.apply(old, metadata));
-        ready(())
+        match write.apply(state.room_metadata.get(room).cloned()) {
+            Ok((merged, _)) => {
+                state.room_metadata.insert(room.to_owned(), merged);
+                ready(())
+            }
+            Err(err) => Box::pin(std::future::ready(Err(err))),
+        }
     }
 
     fn delete_room_metadata<'a>(&'a self, room: &'a str) -> BackendFuture<'a, ()> {
@@ -625,13 +652,13 @@ impl Backend for MemoryBackend {
         channel: &'a str,
         message: &'a str,
         history: usize,
+        history_bytes: usize,
         announcement: Delivery,
     ) -> BackendFuture<'a, ()> {
         let mut state = self.lock();
         if history > 0 {
             let kept = state.channel_history.entry(channel.to_owned()).or_default();
-            kept.push_front(message.to_owned());
-            kept.truncate(history);
+            kept.push(message, history, history_bytes);
         }
         state.announcements.push(announcement);
         state.flush();
@@ -647,7 +674,7 @@ impl Backend for MemoryBackend {
             .lock()
             .channel_history
             .get(channel)
-            .map(|kept| kept.iter().take(limit).cloned().collect())
+            .map(|kept| kept.messages.iter().take(limit).cloned().collect())
             .unwrap_or_default();
         ready(history)
     }
@@ -673,8 +700,10 @@ impl Backend for MemoryBackend {
         let mut state = self.lock();
         let current = state.records.get(id);
         let version = current.map_or(0, |record| record.version);
-        let Some(write) = update(current) else {
-            return ready(None);
+        let write = match update(current) {
+            Ok(Some(write)) => write,
+            Ok(None) => return ready(None),
+            Err(err) => return Box::pin(std::future::ready(Err(err))),
         };
         let stored = StoredRecord {
             value: write.value,

@@ -21,7 +21,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::error::MeshError;
-use crate::metadata::MergeStrategy;
+use crate::metadata::MetadataWrite;
 use crate::protocol::Frame;
 use crate::topics::Topic;
 
@@ -132,12 +132,16 @@ pub(crate) struct StoredRecord {
 #[derive(Debug, Clone)]
 pub(crate) struct RecordWrite {
     pub(crate) value: Value,
+    /// `value` as JSON text, as it is stored and sent.
+    pub(crate) json: Arc<str>,
     pub(crate) announcements: Vec<Delivery>,
 }
 
 /// Computes a record's next value from the stored one (`None` when there is none), or
 /// `None` when the write changes nothing.
-pub(crate) type RecordUpdater = dyn Fn(Option<&StoredRecord>) -> Option<RecordWrite> + Send + Sync;
+/// An update may also refuse the write (a limit), which then stores nothing.
+pub(crate) type RecordUpdater =
+    dyn Fn(Option<&StoredRecord>) -> Result<Option<RecordWrite>, MeshError> + Send + Sync;
 
 /// Builds the deliveries that announce a record's deletion from what was stored.
 pub(crate) type RecordRemover = dyn Fn(&StoredRecord) -> Vec<Delivery> + Send + Sync;
@@ -188,12 +192,12 @@ pub(crate) trait Backend: Send + Sync + 'static {
         connection_id: &'a str,
     ) -> BackendFuture<'a, Option<Value>>;
 
-    /// Combines `metadata` into a live connection's metadata; `false` when the connection is unknown.
+    /// Applies `write` to a live connection's metadata; `false` when the connection is
+    /// unknown. A write that `apply` refuses stores nothing.
     fn set_connection_metadata<'a>(
         &'a self,
         connection_id: &'a str,
-        metadata: Value,
-        strategy: MergeStrategy,
+        write: &'a MetadataWrite,
     ) -> BackendFuture<'a, bool>;
 
     /// Every live connection with its metadata (`null` when none), in registration order.
@@ -247,12 +251,11 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// A room's metadata; `None` when it has none.
     fn room_metadata<'a>(&'a self, room: &'a str) -> BackendFuture<'a, Option<Value>>;
 
-    /// Combines `metadata` into a room's metadata with `strategy`.
+    /// Applies `write` to a room's metadata. A write that `apply` refuses stores nothing.
     fn set_room_metadata<'a>(
         &'a self,
         room: &'a str,
-        metadata: Value,
-        strategy: MergeStrategy,
+        write: &'a MetadataWrite,
     ) -> BackendFuture<'a, ()>;
 
     /// Removes a room's metadata.
@@ -299,13 +302,15 @@ pub(crate) trait Backend: Send + Sync + 'static {
 
     // Channels.
 
-    /// Keeps `message` as the channel's newest (with at most `history` kept; nothing is
-    /// kept when 0) and publishes `announcement`, in one atomic step.
+    /// Keeps `message` as the channel's newest (with at most `history` messages and
+    /// `history_bytes` bytes kept, the oldest going first; nothing is kept when `history`
+    /// is 0) and publishes `announcement`, in one atomic step.
     fn write_channel<'a>(
         &'a self,
         channel: &'a str,
         message: &'a str,
         history: usize,
+        history_bytes: usize,
         announcement: Delivery,
     ) -> BackendFuture<'a, ()>;
 

@@ -90,7 +90,7 @@ use super::{
     RecordUpdater, StoredRecord,
 };
 use crate::error::MeshError;
-use crate::metadata::MergeStrategy;
+use crate::metadata::MetadataWrite;
 use crate::topics::Topic;
 
 /// Longest any single Redis operation may take before it counts as unavailable.
@@ -181,6 +181,10 @@ impl Keys {
     }
     fn channel_history(&self, channel: &str) -> String {
         format!("{}history:{channel}", self.prefix)
+    }
+    /// The total size of a channel's kept messages, kept beside them by `write_channel`.
+    fn channel_history_bytes(&self, channel: &str) -> String {
+        format!("{}history-bytes:{channel}", self.prefix)
     }
     fn record(&self, id: &str) -> String {
         format!("{}record:{id}", self.prefix)
@@ -496,14 +500,12 @@ impl Backend for RedisBackend {
     fn set_connection_metadata<'a>(
         &'a self,
         connection_id: &'a str,
-        metadata: Value,
-        strategy: MergeStrategy,
+        write: &'a MetadataWrite,
     ) -> BackendFuture<'a, bool> {
         Box::pin(self.run(async move {
             let key = self.shared.keys.connection(connection_id);
             // A connection's metadata may only be set while it is registered.
-            self.merge_json(&key, Some("instance"), metadata, strategy, |_| {})
-                .await
+            self.merge_json(&key, Some("instance"), write, |_| {}).await
         }))
     }
 
@@ -718,21 +720,14 @@ impl Backend for RedisBackend {
     fn set_room_metadata<'a>(
         &'a self,
         room: &'a str,
-        metadata: Value,
-        strategy: MergeStrategy,
+        write: &'a MetadataWrite,
     ) -> BackendFuture<'a, ()> {
         Box::pin(self.run(async move {
             let keys = &self.shared.keys;
             let index = keys.rooms_with_metadata();
-            self.merge_json(
-                &keys.room_metadata(room),
-                None,
-                metadata,
-                strategy,
-                |pipe| {
-                    pipe.cmd("SADD").arg(&index).arg(room).ignore();
-                },
-            )
+            self.merge_json(&keys.room_metadata(room), None, write, |pipe| {
+                pipe.cmd("SADD").arg(&index).arg(room).ignore();
+            })
             .await
             .map(drop)
         }))
@@ -893,6 +888,7 @@ impl Backend for RedisBackend {
         channel: &'a str,
         message: &'a str,
         history: usize,
+        history_bytes: usize,
         announcement: Delivery,
     ) -> BackendFuture<'a, ()> {
         Box::pin(self.run(async move {
@@ -911,6 +907,8 @@ impl Backend for RedisBackend {
                 .arg(history)
                 .arg(pubsub_channel)
                 .arg(envelope::encode(&announcement))
+                .arg(keys.channel_history_bytes(channel))
+                .arg(history_bytes)
                 .invoke_async::<()>(&mut conn)
                 .await
                 .map_err(redis_error)
@@ -985,20 +983,19 @@ impl Backend for RedisBackend {
             loop {
                 let (current, token) = self.read_record(&mut conn, id).await?;
                 let version = current.as_ref().map_or(0, |record| record.version);
-                let Some(write) = update(current.as_ref()) else {
+                let Some(write) = update(current.as_ref())? else {
                     return Ok(None);
                 };
                 let stored = StoredRecord {
                     value: write.value,
                     version: version + 1,
                 };
-                let value = stored.value.to_string();
                 let written = self
                     .record_cas(
                         &mut conn,
                         id,
                         &token,
-                        Some((&value, stored.version)),
+                        Some((&write.json, stored.version)),
                         &write.announcements,
                     )
                     .await?;
@@ -1110,8 +1107,7 @@ impl RedisBackend {
         &self,
         key: &str,
         require: Option<&str>,
-        value: Value,
-        strategy: MergeStrategy,
+        write: &MetadataWrite,
         also: impl Fn(&mut redis::Pipeline),
     ) -> Result<bool, MeshError> {
         let mut conn = self.connection().await?;
@@ -1137,13 +1133,22 @@ impl RedisBackend {
                 return Ok(false);
             }
             let old = stored.map(|raw| parse_json(&raw)).transpose()?;
-            let merged = strategy.apply(old, value.clone());
+            let merged = match write.apply(old) {
+                Ok((_, json)) => json,
+                Err(refused) => {
+                    redis::cmd("UNWATCH")
+                        .query_async::<()>(&mut conn)
+                        .await
+                        .map_err(redis_error)?;
+                    return Err(refused);
+                }
+            };
             let mut pipe = redis::pipe();
             pipe.atomic()
                 .cmd("HSET")
                 .arg(key)
                 .arg("meta")
-                .arg(merged.to_string())
+                .arg(merged)
                 .ignore();
             also(&mut pipe);
             let committed: Option<()> = pipe.query_async(&mut conn).await.map_err(redis_error)?;

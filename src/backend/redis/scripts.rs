@@ -334,14 +334,33 @@ impl Scripts {
                 ",
             ),
             // ARGV[1] history list key, ARGV[2] message, ARGV[3] how many to keep (0:
-            // none), ARGV[4] pub/sub channel, ARGV[5] envelope. Keeps the message and
-            // publishes it in one step, so history and live messages never disagree.
+            // none), ARGV[4] pub/sub channel, ARGV[5] envelope, ARGV[6] the key of the
+            // kept messages' total size, ARGV[7] how many bytes to keep. Keeps the message
+            // and publishes it in one step, so history and live messages never disagree.
+            // The oldest messages go while more than the count or the bytes are kept;
+            // each write pops only what it pushed out, so it costs O(1) amortised.
             write_channel: script(
                 r"
-                local keep = tonumber(ARGV[3])
+                local list, bytes_key = ARGV[1], ARGV[6]
+                local keep, keep_bytes = tonumber(ARGV[3]), tonumber(ARGV[7])
                 if keep > 0 then
-                  redis.call('LPUSH', ARGV[1], ARGV[2])
-                  redis.call('LTRIM', ARGV[1], 0, keep - 1)
+                  if redis.call('EXISTS', bytes_key) == 0 then
+                    -- A history kept before sizes were counted: count it once.
+                    local total = 0
+                    for _, message in ipairs(redis.call('LRANGE', list, 0, -1)) do
+                      total = total + #message
+                    end
+                    redis.call('SET', bytes_key, total)
+                  end
+                  redis.call('LPUSH', list, ARGV[2])
+                  local total = redis.call('INCRBY', bytes_key, #ARGV[2])
+                  local length = redis.call('LLEN', list)
+                  while length > 0 and (length > keep or total > keep_bytes) do
+                    local oldest = redis.call('RPOP', list)
+                    total = redis.call('DECRBY', bytes_key, #oldest)
+                    length = length - 1
+                  end
+                  if length == 0 then redis.call('DEL', bytes_key) end
                 end
                 redis.call('PUBLISH', ARGV[4], ARGV[5])
                 return 1
