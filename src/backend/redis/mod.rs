@@ -567,9 +567,14 @@ impl Backend for RedisBackend {
         Box::pin(async move {
             let (done, subscribed) = oneshot::channel();
             self.subscriber_command(instance_id, Command::Subscribe(topic.clone(), done))?;
-            subscribed
-                .await
-                .unwrap_or_else(|_| Err(MeshError::Unavailable("Redis subscriber stopped".into())))
+            // While the pub/sub connection is re-established, the subscribe waits for it.
+            match tokio::time::timeout(OPERATION_TIMEOUT, subscribed).await {
+                Ok(Ok(subscribed)) => subscribed,
+                Ok(Err(_)) => Err(MeshError::Unavailable("Redis subscriber stopped".into())),
+                Err(_) => Err(MeshError::Unavailable(
+                    "Redis pub/sub is reconnecting".into(),
+                )),
+            }
         })
     }
 
