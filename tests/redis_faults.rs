@@ -4,10 +4,16 @@
 mod common;
 
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tower_mesh::client::{ClientEvent, MeshClient, PresenceKind, StateOptions};
 use tower_mesh::{MergeStrategy, Mesh, MeshBuilder, PresenceOptions, RedisBackend};
 
@@ -539,4 +545,166 @@ async fn members_that_reconnect_after_a_stall_and_a_restart_are_in_their_room_an
     for member in &members {
         member.close().await;
     }
+}
+
+/// A TCP proxy in front of Redis that can hold an instance's traffic, both ways, from the
+/// first command that mentions `needle` until released: what it held then reaches Redis
+/// and runs, but the replies come after the client gave up on them. That is a reply lost
+/// while its command still took effect, as a stall or a slow network makes them.
+struct HoldingProxy {
+    port: u16,
+    needle: Vec<u8>,
+    armed: Arc<AtomicBool>,
+    held: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HoldingProxy {
+    async fn start(redis_port: u16, needle: &str) -> HoldingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let needle = needle.as_bytes().to_vec();
+        let armed = Arc::new(AtomicBool::new(false));
+        let held = watch::Sender::new(false);
+        let task = tokio::spawn({
+            let (needle, armed, held) = (needle.clone(), armed.clone(), held.clone());
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let Ok(server) = TcpStream::connect(("127.0.0.1", redis_port)).await else {
+                        continue;
+                    };
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    let trap = Some((needle.clone(), armed.clone()));
+                    tokio::spawn(pump(client_read, server_write, held.clone(), trap));
+                    tokio::spawn(pump(server_read, client_write, held.clone(), None));
+                }
+            }
+        });
+        HoldingProxy {
+            port,
+            needle,
+            armed,
+            held,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Holds everything from the next command that mentions the needle; resolves once
+    /// that command is held.
+    async fn hold_from_next_mention(&self) {
+        let mut held = self.held.subscribe();
+        self.armed.store(true, Ordering::SeqCst);
+        within(
+            &format!(
+                "a command mentioning {:?}",
+                String::from_utf8_lossy(&self.needle)
+            ),
+            held.wait_for(|held| *held),
+        )
+        .await
+        .expect("proxy running");
+    }
+
+    fn release(&self) {
+        self.held.send_replace(false);
+    }
+}
+
+impl Drop for HoldingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies one direction of a proxied connection, waiting while the proxy holds traffic.
+/// With a trap, the first chunk that mentions its needle while armed starts the hold.
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    held: watch::Sender<bool>,
+    trap: Option<(Vec<u8>, Arc<AtomicBool>)>,
+) {
+    let mut released = held.subscribe();
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(read) => read,
+        };
+        let chunk = &buffer[..read];
+        if let Some((needle, armed)) = &trap {
+            if chunk
+                .windows(needle.len())
+                .any(|window| window == needle.as_slice())
+                && armed.swap(false, Ordering::SeqCst)
+            {
+                held.send_replace(true);
+            }
+        }
+        if released.wait_for(|held| !*held).await.is_err() || to.write_all(chunk).await.is_err() {
+            break;
+        }
+    }
+    // What the client sent before it went away still reaches Redis, as it would have.
+    let _ = to.shutdown().await;
+}
+
+/// An instance whose heartbeat is held until the other instance has swept it as dead,
+/// and then runs after all: the heartbeat's reply is lost, and the heartbeat puts the
+/// instance back among the living. The instance must still learn that its connections
+/// were forgotten, and close them so that their clients set themselves up again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_swept_while_its_heartbeat_reply_is_lost_closes_its_connections() {
+    let redis = RedisServer::start();
+    let prefix = "mesh:lost-reply:";
+    let proxy = HoldingProxy::start(redis.port, &format!("{prefix}instances")).await;
+    let tracked = |url: &str| builder(url, prefix).track_presence("room", PresenceOptions::new());
+    let survivor = serve(tracked(&redis.url())).await;
+    let stalled = serve(tracked(&proxy.url())).await;
+    let mut member = RawClient::connect(&stalled.url()).await;
+    let reply = member
+        .command(1, "mesh/join-room", json!({"roomName": "room"}))
+        .await;
+    assert_eq!(reply["payload"]["success"], true);
+
+    proxy.hold_from_next_mention().await;
+    // Nothing announces a sweep: poll what the survivor sees.
+    let held_at = Instant::now();
+    while survivor
+        .mesh
+        .room_members("room")
+        .await
+        .expect("members")
+        .contains(&member.id)
+    {
+        assert!(
+            held_at.elapsed() < WAIT,
+            "the stalled instance was not swept"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.release();
+
+    assert_eq!(
+        member.closed().await,
+        (1012, "server state lost, reconnect".to_owned())
+    );
+    let mut member = RawClient::connect(&stalled.url()).await;
+    let reply = member
+        .command(1, "mesh/join-room", json!({"roomName": "room"}))
+        .await;
+    assert_eq!(reply["payload"]["success"], true);
+    assert_eq!(
+        survivor.mesh.room_members("room").await,
+        Ok(vec![member.id.clone()])
+    );
+    assert_eq!(
+        survivor.mesh.present_connections("room").await,
+        Ok(vec![member.id.clone()])
+    );
 }
