@@ -50,7 +50,9 @@
 //! hosts agree. An instance that finds itself missing from `P instances` (Redis restarted
 //! empty, or it was swept during a long stall) has lost its connections' rooms, presence
 //! and metadata: it closes them with 1012 so that their clients reconnect and set them up
-//! again.
+//! again, and only then enters `P instances` again. The heartbeat itself never adds the
+//! instance: a command can run although its reply is lost (a stall queues it, the caller
+//! times out), and a heartbeat that put a swept instance back that way would hide the loss.
 //!
 //! Everything that can lapse is a score in a sorted set: instance deadlines, presence
 //! deadlines (`P presence-expiry`), state expiries (`P state-expiry`). One sweep script,
@@ -331,20 +333,30 @@ impl RedisBackend {
             .unwrap_or_else(|_| Err(MeshError::Unavailable("Redis operation timed out".into())))
     }
 
+    /// Extends the instance's deadline; `false` when it is no longer registered.
     async fn heartbeat(&self, instance_id: &str) -> Result<bool, MeshError> {
+        self.liveness(&self.shared.scripts.heartbeat, instance_id)
+            .await
+    }
+
+    /// Registers the instance (again), with a fresh deadline.
+    async fn enter(&self, instance_id: &str) -> Result<(), MeshError> {
+        self.liveness(&self.shared.scripts.enter, instance_id)
+            .await
+            .map(drop)
+    }
+
+    async fn liveness(&self, script: &redis::Script, instance_id: &str) -> Result<bool, MeshError> {
         let mut conn = self.connection().await?;
         let ttl_ms = u64::try_from(self.shared.instance_ttl.as_millis()).unwrap_or(u64::MAX);
-        let added: i64 = self
-            .shared
-            .scripts
-            .heartbeat
+        let registered: i64 = script
             .key(self.shared.keys.instances())
             .arg(instance_id)
             .arg(ttl_ms)
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
-        Ok(added == 1)
+        Ok(registered == 1)
     }
 
     fn spawn(&self, instance_id: &Arc<str>, task: JoinHandle<()>) {
@@ -370,8 +382,17 @@ async fn run_heartbeat(backend: WeakBackend, instance_id: Arc<str>, inbox: Weak<
             return;
         };
         match backend.run(backend.heartbeat(&instance_id)).await {
-            Ok(true) => local.registration_lost(),
-            Ok(false) => {}
+            Ok(true) => {}
+            Ok(false) => {
+                // Its connections were forgotten with it: they are closed first, and
+                // only then does the instance enter again. Were the heartbeat to add it
+                // back, a heartbeat that ran late, after a sweep, and whose reply was
+                // lost would leave them open with nothing stored for them.
+                local.registration_lost();
+                if let Err(err) = backend.run(backend.enter(&instance_id)).await {
+                    tracing::warn!(%err, "could not register the instance again; will retry");
+                }
+            }
             Err(err) => tracing::warn!(%err, "Redis heartbeat failed"),
         }
     }
@@ -380,7 +401,7 @@ async fn run_heartbeat(backend: WeakBackend, instance_id: Arc<str>, inbox: Weak<
 impl Backend for RedisBackend {
     fn attach(&self, instance_id: Arc<str>, inbox: Weak<dyn Inbox>) -> BackendFuture<'_, ()> {
         Box::pin(async move {
-            self.run(self.heartbeat(&instance_id)).await?;
+            self.run(self.enter(&instance_id)).await?;
             let (first, subscribed) = oneshot::channel();
             let (commands, receiver) = mpsc::unbounded_channel();
             let subscriber = tokio::spawn(subscriber::run(
@@ -578,9 +599,14 @@ impl Backend for RedisBackend {
         Box::pin(async move {
             let (done, subscribed) = oneshot::channel();
             self.subscriber_command(instance_id, Command::Subscribe(topic.clone(), done))?;
-            subscribed
-                .await
-                .unwrap_or_else(|_| Err(MeshError::Unavailable("Redis subscriber stopped".into())))
+            // While the pub/sub connection is re-established, the subscribe waits for it.
+            match tokio::time::timeout(OPERATION_TIMEOUT, subscribed).await {
+                Ok(Ok(subscribed)) => subscribed,
+                Ok(Err(_)) => Err(MeshError::Unavailable("Redis subscriber stopped".into())),
+                Err(_) => Err(MeshError::Unavailable(
+                    "Redis pub/sub is reconnecting".into(),
+                )),
+            }
         })
     }
 

@@ -79,6 +79,7 @@ fn script(body: &str) -> Script {
 /// Every script, loaded once per backend.
 pub(super) struct Scripts {
     pub(super) heartbeat: Script,
+    pub(super) enter: Script,
     pub(super) register: Script,
     pub(super) route: Script,
     pub(super) detach: Script,
@@ -99,11 +100,23 @@ pub(super) struct Scripts {
 impl Scripts {
     pub(super) fn new() -> Self {
         Scripts {
-            // KEYS[1] instances; ARGV[1] instance id; ARGV[2] ttl ms. Returns 1 when the
-            // instance was missing (new, or swept while alive).
+            // KEYS[1] instances; ARGV[1] instance id; ARGV[2] ttl ms. Extends the
+            // instance's deadline but never adds it: returns 0, changing nothing, when it
+            // is missing (Redis restarted empty, or it was swept while alive). A heartbeat
+            // that runs late and whose reply is lost so cannot hide that from the next.
             heartbeat: script(
                 r"
-                return redis.call('ZADD', KEYS[1], now_ms() + tonumber(ARGV[2]), ARGV[1])
+                if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+                redis.call('ZADD', KEYS[1], now_ms() + tonumber(ARGV[2]), ARGV[1])
+                return 1
+                ",
+            ),
+            // KEYS[1] instances; ARGV[1] instance id; ARGV[2] ttl ms. Adds the instance
+            // (or extends its deadline).
+            enter: script(
+                r"
+                redis.call('ZADD', KEYS[1], now_ms() + tonumber(ARGV[2]), ARGV[1])
+                return 1
                 ",
             ),
             // ARGV[1] prefix, ARGV[2] instance id, ARGV[3] connection id.

@@ -5,6 +5,12 @@
 //! by the task that owns the connection. So a subscribe is acknowledged only once Redis
 //! confirmed it (or an earlier subscribe to the same channel was), and an unsubscribe that
 //! raced a new listener is skipped: it checks the inbox's listeners when it is applied.
+//!
+//! A subscribe that arrives while the connection is being re-established waits for it
+//! (its caller gives up after the operation timeout) and brings the next attempt forward:
+//! after Redis comes back, the instance closes its connections so that their clients set
+//! themselves up again, and their joins must not fail merely because this task was still
+//! sleeping off its backoff.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Weak};
@@ -21,7 +27,7 @@ use crate::topics::Topic;
 /// A change to an instance's subscriptions.
 pub(super) enum Command {
     /// Subscribe to a topic's channel; answered once deliveries on it reach the instance.
-    Subscribe(Topic, oneshot::Sender<Result<(), MeshError>>),
+    Subscribe(Topic, Done),
     /// Unsubscribe from a topic's channel, unless a local connection listens to it again.
     Unsubscribe(Topic),
 }
@@ -30,6 +36,14 @@ type Sink = redis::aio::PubSubSink;
 
 /// How often an idle pub/sub connection is probed.
 const HEALTH_CHECK: Duration = Duration::from_secs(5);
+/// The first pause before reconnecting, and the longest a waiting subscribe defers the
+/// next attempt.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// The longest pause between two reconnect attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Whoever waits for a subscribe to be applied.
+type Done = oneshot::Sender<Result<(), MeshError>>;
 
 /// Keeps the instance's subscriptions alive and hands what arrives to the inbox. `first`
 /// learns whether the first connection and subscription succeeded.
@@ -51,7 +65,10 @@ pub(super) async fn run(
         keys.broadcast_channel(),
     ];
     let mut first = Some(first);
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = FIRST_BACKOFF;
+    // Subscribes that arrived while disconnected. Their topics have local listeners
+    // (listeners are added before subscribing), so the next connection subscribes them.
+    let mut waiting: Vec<Done> = Vec::new();
     loop {
         // The inbox is the truth about which topics are wanted, after any reconnect.
         let Some(local) = inbox.upgrade() else { return };
@@ -70,6 +87,9 @@ pub(super) async fn run(
         };
         match tokio::time::timeout(OPERATION_TIMEOUT, connected).await {
             Ok(Ok((mut sink, mut stream))) => {
+                for done in waiting.drain(..) {
+                    let _ = done.send(Ok(()));
+                }
                 if let Some(first) = first.take() {
                     let _ = first.send(Ok(()));
                 } else {
@@ -78,7 +98,7 @@ pub(super) async fn run(
                         inbox.resubscribed();
                     }
                 }
-                backoff = Duration::from_millis(100);
+                backoff = FIRST_BACKOFF;
                 // A half-open connection delivers nothing and reports nothing: probe it.
                 let mut health = tokio::time::interval(HEALTH_CHECK);
                 health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -104,7 +124,7 @@ pub(super) async fn run(
                         }
                         command = commands.recv() => {
                             let Some(command) = command else { return };
-                            if !apply(command, &keys, &inbox, &mut channels, Some(&mut sink)).await {
+                            if !apply(command, &keys, &inbox, &mut channels, &mut sink, &mut waiting).await {
                                 break;
                             }
                         }
@@ -131,41 +151,43 @@ pub(super) async fn run(
         if inbox.strong_count() == 0 || backend.0.strong_count() == 0 {
             return;
         }
-        // While reconnecting, changes only update the wanted set; subscribes fail so that
-        // their callers report the backend as unavailable.
-        let pause = tokio::time::sleep(backoff);
-        tokio::pin!(pause);
+        // While reconnecting, subscribes wait for the next connection, which they bring
+        // forward.
+        waiting.retain(|done| !done.is_closed());
+        let paused_at = tokio::time::Instant::now();
+        let mut resume_at = paused_at + backoff;
         loop {
+            if !waiting.is_empty() {
+                resume_at = resume_at.min(paused_at + FIRST_BACKOFF);
+            }
             tokio::select! {
-                () = &mut pause => break,
-                command = commands.recv() => {
-                    let Some(command) = command else { return };
-                    apply(command, &keys, &inbox, &mut channels, None).await;
-                }
+                () = tokio::time::sleep_until(resume_at) => break,
+                command = commands.recv() => match command {
+                    None => return,
+                    Some(Command::Subscribe(_, done)) => waiting.push(done),
+                    // The next connection subscribes only what local listeners want.
+                    Some(Command::Unsubscribe(_)) => {}
+                },
             }
         }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
-/// Applies one subscription change. Returns `false` when the connection failed and must
-/// be re-established.
+/// Applies one subscription change on a live connection. Returns `false` when the
+/// connection failed and must be re-established; a subscribe it was applying then waits
+/// for the next connection.
 async fn apply(
     command: Command,
     keys: &Keys,
     inbox: &Weak<dyn Inbox>,
     channels: &mut HashSet<String>,
-    sink: Option<&mut Sink>,
+    sink: &mut Sink,
+    waiting: &mut Vec<Done>,
 ) -> bool {
     match command {
         Command::Subscribe(topic, done) => {
             let channel = keys.topic_channel(&topic);
-            let Some(sink) = sink else {
-                let _ = done.send(Err(MeshError::Unavailable(
-                    "Redis pub/sub is reconnecting".into(),
-                )));
-                return true;
-            };
             if channels.contains(&channel) {
                 let _ = done.send(Ok(()));
                 return true;
@@ -177,13 +199,12 @@ async fn apply(
                     true
                 }
                 Ok(Err(err)) => {
-                    let _ = done.send(Err(unavailable(err)));
+                    tracing::debug!(%err, "Redis subscribe failed");
+                    waiting.push(done);
                     false
                 }
                 Err(_) => {
-                    let _ = done.send(Err(MeshError::Unavailable(
-                        "Redis subscribe timed out".into(),
-                    )));
+                    waiting.push(done);
                     false
                 }
             }
@@ -196,13 +217,10 @@ async fn apply(
             if wanted || !channels.remove(&channel) {
                 return true;
             }
-            match sink {
-                Some(sink) => matches!(
-                    tokio::time::timeout(OPERATION_TIMEOUT, sink.unsubscribe(&channel)).await,
-                    Ok(Ok(()))
-                ),
-                None => true,
-            }
+            matches!(
+                tokio::time::timeout(OPERATION_TIMEOUT, sink.unsubscribe(&channel)).await,
+                Ok(Ok(()))
+            )
         }
     }
 }
