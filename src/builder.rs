@@ -231,8 +231,10 @@ impl MeshBuilder {
         self
     }
 
-    /// Outbound queue budget per connection in bytes; a connection that lets more pile up
-    /// is closed with code 1008. Default 1 MiB.
+    /// Outbound queue budget per connection in bytes, for pushes and for replies apart. A
+    /// connection that lets more pushes pile up is closed with code 1008 (slow consumer);
+    /// while more replies are queued, its frames are not read (replies are back-pressure,
+    /// never a reason to close). Default 1 MiB.
     pub fn max_outbound_bytes(mut self, bytes: usize) -> Self {
         self.config.max_outbound_bytes = bytes;
         self

@@ -19,7 +19,8 @@ pub(crate) struct MeshConfig {
     pub latency_interval: Duration,
     /// Largest inbound frame, in bytes. Default 1 MiB.
     pub max_frame_bytes: usize,
-    /// Outbound queue budget per connection, in bytes. Default 1 MiB.
+    /// Outbound queue budget per connection, in bytes, for pushes and for replies apart.
+    /// Default 1 MiB.
     pub max_outbound_bytes: usize,
     /// Commands of one connection running at once. Default 64.
     pub max_in_flight: usize,

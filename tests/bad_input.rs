@@ -9,8 +9,13 @@
 mod common;
 
 use common::*;
+use futures_util::SinkExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
 use tower_mesh::extract::Payload;
 use tower_mesh::MeshBuilder;
 
@@ -27,7 +32,12 @@ conformance!(
     missing_payload_gets_einvalid,
     null_payload_is_a_payload,
     binary_frame_with_a_command_is_answered,
-    binary_frame_with_invalid_utf8_is_dropped,
+    binary_frame_with_invalid_utf8_closes_with_1007,
+    text_frame_with_invalid_utf8_closes_with_1007,
+    close_frame_with_an_invalid_code_gets_1002_back,
+    a_client_close_is_answered_with_a_close_frame,
+    lone_surrogate_escapes_are_read_as_u_fffd,
+    duplicate_keys_take_the_last_value,
     oversize_frame_closes_with_1009,
     unknown_command_gets_enotfound,
     wrong_payload_type_gets_einvalid,
@@ -220,13 +230,133 @@ async fn binary_frame_with_a_command_is_answered(backend: Backend) {
     s.both_still_serve().await;
 }
 
-async fn binary_frame_with_invalid_utf8_is_dropped(backend: Backend) {
-    let mut s = scene(backend.builder()).await;
-    let mut bytes = br#"{"id":13,"command":"echo","payload":""#.to_vec();
+/// Bytes that are not UTF-8, inside what would otherwise be a well-formed `echo`.
+fn echo_with_invalid_utf8(id: u64) -> Vec<u8> {
+    let mut bytes = format!(r#"{{"id":{id},"command":"echo","payload":""#).into_bytes();
     bytes.extend_from_slice(&[0xff, 0xfe, 0xc3]);
     bytes.extend_from_slice(br#""}"#);
-    s.client.send_binary(bytes).await;
-    assert_echo_is_next(&mut s.client, 14).await;
+    bytes
+}
+
+/// The client's next message is the server's close frame with `code` (RFC 6455: no
+/// dropped socket, no reply first), and the neighbour noticed nothing.
+async fn closes_with(s: &mut Scene, code: u16) {
+    let (got, reason) = first_close(&mut s.client.socket).await;
+    assert_eq!(got, code, "{reason}");
+    assert!(!reason.is_empty(), "the close frame carries a reason");
+    assert_echo_is_next(&mut s.neighbour, 2_000).await;
+    assert!(s.server.mesh.connection(&s.neighbour.id).is_some());
+}
+
+async fn binary_frame_with_invalid_utf8_closes_with_1007(backend: Backend) {
+    // Binary frames are read as UTF-8 text (PROTOCOL.md §1): bytes that are not UTF-8
+    // are the same bad input as in a text frame.
+    let mut s = scene(backend.builder()).await;
+    s.client.send_binary(echo_with_invalid_utf8(13)).await;
+    closes_with(&mut s, 1007).await;
+}
+
+async fn text_frame_with_invalid_utf8_closes_with_1007(backend: Backend) {
+    let mut s = scene(backend.builder()).await;
+    let frame = Frame::message(echo_with_invalid_utf8(14), OpCode::Data(Data::Text), true);
+    s.client
+        .socket
+        .send(Message::Frame(frame))
+        .await
+        .expect("send");
+    closes_with(&mut s, 1007).await;
+}
+
+async fn close_frame_with_an_invalid_code_gets_1002_back(backend: Backend) {
+    let mut s = scene(backend.builder()).await;
+    // 999 is below the range a close frame may carry (RFC 6455 §7.4).
+    let frame = Frame::close(Some(CloseFrame {
+        code: CloseCode::from(999),
+        reason: "bad code".into(),
+    }));
+    s.client
+        .socket
+        .send(Message::Frame(frame))
+        .await
+        .expect("send");
+    closes_with(&mut s, 1002).await;
+}
+
+async fn a_client_close_is_answered_with_a_close_frame(backend: Backend) {
+    let mut s = scene(backend.builder()).await;
+    s.client
+        .socket
+        .send(Message::Close(Some(CloseFrame {
+            code: CloseCode::Away,
+            reason: "leaving".into(),
+        })))
+        .await
+        .expect("send");
+    // The server echoes the code (RFC 6455 §5.5.1) before it drops the socket.
+    let (code, _) = first_close(&mut s.client.socket).await;
+    assert_eq!(code, 1001);
+    assert_echo_is_next(&mut s.neighbour, 2_000).await;
+}
+
+async fn lone_surrogate_escapes_are_read_as_u_fffd(backend: Backend) {
+    // JavaScript's JSON.stringify writes a string with a broken surrogate pair as a lone
+    // `\uD8xx` escape, and JSON.parse accepts it: the command runs, the lone surrogate
+    // reads as U+FFFD, and well-formed pairs and escaped backslashes are left alone.
+    let mut s = scene(backend.builder()).await;
+    for (id, payload, expected) in [
+        (40, r#""a\ud800b""#, json!("a\u{fffd}b")),
+        (41, r#""\uDC00""#, json!("\u{fffd}")),
+        (42, r#""\ud83d\ude00 \ud83d""#, json!("\u{1f600} \u{fffd}")),
+        (43, r#""\ud800\ud83d\ude00""#, json!("\u{fffd}\u{1f600}")),
+        (44, r#""\\ud800 \ud800\n""#, json!("\\ud800 \u{fffd}\n")),
+        (
+            45,
+            r#"{"k\udbff":["\udfff",1]}"#,
+            json!({"k\u{fffd}": ["\u{fffd}", 1]}),
+        ),
+    ] {
+        s.client
+            .send_text(&format!(
+                r#"{{"id":{id},"command":"echo","payload":{payload}}}"#
+            ))
+            .await;
+        assert_eq!(
+            s.client.next().await,
+            json!({"id": id, "command": "echo", "payload": expected}),
+            "{payload}"
+        );
+    }
+    // In the command name too: the name is then one no command has.
+    s.client
+        .send_text(r#"{"id":46,"command":"ech\ud800","payload":{}}"#)
+        .await;
+    let reply = s.client.next().await;
+    assert_eq!(reply["id"], 46, "{reply}");
+    assert_eq!(reply["command"], "ech\u{fffd}", "{reply}");
+    assert_eq!(reply["payload"]["code"], "ENOTFOUND", "{reply}");
+    s.both_still_serve().await;
+}
+
+async fn duplicate_keys_take_the_last_value(backend: Backend) {
+    // As JavaScript's JSON.parse reads them: the last value of a repeated key wins.
+    let mut s = scene(backend.builder()).await;
+    s.client
+        .send_text(r#"{"id":50,"command":"nope","payload":1,"command":"echo"}"#)
+        .await;
+    assert_eq!(
+        s.client.next_text().await,
+        r#"{"id":50,"command":"echo","payload":1}"#
+    );
+    s.client
+        .send_text(r#"{"id":50,"id":51,"command":"echo","payload":1,"payload":{"a":1,"a":2}}"#)
+        .await;
+    assert_eq!(
+        s.client.next_text().await,
+        r#"{"id":51,"command":"echo","payload":{"a":2}}"#
+    );
+    // A repeated id whose last value is not usable leaves the frame without an id.
+    s.dropped(r#"{"id":52,"command":"echo","payload":1,"id":"52"}"#)
+        .await;
     s.both_still_serve().await;
 }
 

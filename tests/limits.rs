@@ -9,15 +9,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Semaphore};
+use tokio_tungstenite::tungstenite::Message;
 use tower_mesh::extract::{Connection, Payload};
+use tower_mesh::{Access, BoxError, Collection, Mesh, MeshBuilder};
 
 conformance!(
     slow_consumer_is_closed_while_others_keep_receiving,
     in_flight_limit_holds_back_further_commands,
     slow_consumer_that_reads_late_gets_a_close_frame,
     pongs_are_read_while_the_in_flight_limit_is_reached,
+    a_pipelining_client_gets_every_large_reply,
+    a_reply_over_the_budget_then_a_tiny_one_both_arrive,
+    pings_behind_queued_replies_are_not_counted_as_missed,
+    a_client_that_stops_reading_under_a_broadcast_flood_is_closed,
+    pushes_over_the_budget_close_even_while_replies_are_queued,
+    a_pipelining_client_that_never_reads_is_closed,
 );
 
 /// Pushes the test sends to the client that keeps reading.
@@ -291,5 +300,357 @@ async fn pongs_are_read_while_the_in_flight_limit_is_reached(backend: Backend) {
     assert_eq!(
         reply,
         json!({"id": 1, "command": "hold", "payload": "released"})
+    );
+}
+
+/// `blob {bytes}`: replies with a string of `bytes` bytes, so a tiny request can ask for a
+/// large reply.
+fn with_blob(builder: MeshBuilder) -> MeshBuilder {
+    builder.command("blob", |Payload(bytes): Payload<usize>| async move {
+        json!("b".repeat(bytes))
+    })
+}
+
+/// A collection whose resolver waits until the test releases it: its subscription holds
+/// its reply's place in the outbound queue, and everything queued after it waits.
+struct HeldCollection {
+    gate: Arc<Semaphore>,
+    resolving_tx: mpsc::UnboundedSender<()>,
+    resolving: tokio::sync::Mutex<mpsc::UnboundedReceiver<()>>,
+}
+
+impl HeldCollection {
+    fn new() -> Self {
+        let (resolving_tx, resolving) = mpsc::unbounded_channel();
+        HeldCollection {
+            gate: Arc::new(Semaphore::new(0)),
+            resolving_tx,
+            resolving: tokio::sync::Mutex::new(resolving),
+        }
+    }
+
+    /// Exposes the collection `held`.
+    fn expose(&self, builder: MeshBuilder) -> MeshBuilder {
+        let (gate, resolving_tx) = (self.gate.clone(), self.resolving_tx.clone());
+        builder.expose_collection(
+            "held",
+            Collection::resolved_by(move |_mesh: Mesh, _connection: Connection, _id: String| {
+                let (gate, resolving_tx) = (gate.clone(), resolving_tx.clone());
+                async move {
+                    let _ = resolving_tx.send(());
+                    gate.acquire().await.expect("gate").forget();
+                    Ok::<Vec<String>, BoxError>(Vec::new())
+                }
+            }),
+        )
+    }
+
+    /// The command frame that subscribes to it.
+    fn subscribe(id: u64) -> Value {
+        json!({"id": id, "command": "mesh/subscribe-collection",
+               "payload": {"collectionId": "held"}})
+    }
+
+    /// Waits until a subscription's resolver runs (its reply's place is reserved).
+    async fn resolving(&self) {
+        recv_within(&mut *self.resolving.lock().await).await;
+    }
+
+    /// Lets every waiting resolver finish.
+    fn release(&self) {
+        self.gate.add_permits(Semaphore::MAX_PERMITS / 2);
+    }
+}
+
+/// Sends every frame in one socket write.
+async fn send_in_one_write(client: &mut RawClient, frames: impl IntoIterator<Item = Value>) {
+    for frame in frames {
+        client
+            .socket
+            .feed(Message::text(frame.to_string()))
+            .await
+            .expect("feed");
+    }
+    client.socket.flush().await.expect("flush");
+}
+
+async fn a_pipelining_client_gets_every_large_reply(backend: Backend) {
+    // Replies are back-pressure, not the push budget (PROTOCOL.md §9): 60 replies of about
+    // 20 KB, asked for in one write, are more than the default 1 MiB budget together.
+    let server = serve(
+        backend
+            .builder()
+            .command("echo", echo)
+            .expose_channel("log", Access::open()),
+    )
+    .await;
+    let line = "m".repeat(1000);
+    for n in 0..20 {
+        server
+            .mesh
+            .write_channel("log", &format!("{n:02}{line}"), 20)
+            .await
+            .expect("write_channel");
+    }
+    let mut client = RawClient::connect(&server.url()).await;
+    send_in_one_write(
+        &mut client,
+        (1..=60u64).map(|id| {
+            json!({"id": id, "command": "mesh/get-channel-history",
+                   "payload": {"channel": "log", "limit": 20}})
+        }),
+    )
+    .await;
+    let replies = within("60 replies", client.replies(60)).await;
+    for id in 1..=60u64 {
+        let reply = &replies[&id];
+        assert_eq!(reply["payload"]["success"], true, "{id}");
+        let history = reply["payload"]["history"].as_array().expect("history");
+        assert_eq!(history.len(), 20, "{id}");
+        assert!(reply.to_string().len() > 20_000, "{id}");
+    }
+    assert_echo_is_next(&mut client, 100).await;
+    assert_eq!(server.mesh.stats().slow_consumer_closes, 0);
+}
+
+async fn a_reply_over_the_budget_then_a_tiny_one_both_arrive(backend: Backend) {
+    const LIMIT: usize = 1024 * 1024;
+    let server = serve(
+        backend
+            .builder()
+            .command("echo", echo)
+            .max_frame_size(LIMIT)
+            .max_outbound_bytes(LIMIT),
+    )
+    .await;
+    let mut client = RawClient::connect(&server.url()).await;
+    // A request just under the frame limit; its reply is as long, so together with any
+    // other reply it is over the outbound budget.
+    let envelope = json!({"id": 1, "command": "echo", "payload": ""})
+        .to_string()
+        .len();
+    let large = "e".repeat(LIMIT - envelope - 8);
+    send_in_one_write(
+        &mut client,
+        [
+            json!({"id": 1, "command": "echo", "payload": large}),
+            json!({"id": 2, "command": "echo", "payload": "tiny"}),
+        ],
+    )
+    .await;
+    let replies = within("both replies", client.replies(2)).await;
+    assert_eq!(replies[&1]["payload"], json!(large));
+    assert_eq!(replies[&2]["payload"], "tiny");
+    assert_echo_is_next(&mut client, 3).await;
+    assert_eq!(server.mesh.stats().slow_consumer_closes, 0);
+}
+
+async fn pings_behind_queued_replies_are_not_counted_as_missed(backend: Backend) {
+    // A collection subscription holds its reply's place while its resolver runs; the
+    // replies asked for after it wait behind it, over the budget, so the connection is not
+    // read. Its pings wait there too: the client cannot answer them, and they must not
+    // count against it.
+    let held = HeldCollection::new();
+    let (gone_tx, mut gone) = mpsc::unbounded_channel();
+    let builder = held
+        .expose(with_blob(backend.builder()))
+        .command("echo", echo)
+        .max_outbound_bytes(64 * 1024)
+        .ping_interval(Duration::from_millis(100))
+        .max_missed_pongs(2)
+        .latency_interval(Duration::from_secs(3600))
+        .on_disconnect(move |connection: Connection| {
+            let _ = gone_tx.send((connection.id().to_owned(), connection.close_reason()));
+            async {}
+        });
+    let server = serve(builder).await;
+    let mut client = RawClient::connect(&server.url()).await;
+    let mut frames = vec![HeldCollection::subscribe(1)];
+    frames.extend((2..=5u64).map(|id| json!({"id": id, "command": "blob", "payload": 40_000})));
+    send_in_one_write(&mut client, frames).await;
+    held.resolving().await;
+    // Ten ping intervals with the replies held: four counted pings would close it. The
+    // client reads meanwhile, but only pings queued before the held reply can reach it.
+    let window = tokio::time::sleep(Duration::from_secs(1));
+    tokio::pin!(window);
+    loop {
+        tokio::select! {
+            () = &mut window => break,
+            gone = gone.recv() => panic!("closed while its replies were held back: {gone:?}"),
+            frame = client.next() => {
+                assert_eq!(frame["command"], "ping", "{frame}");
+                client
+                    .send_json(json!({"id": 99, "command": "pong", "payload": {}}))
+                    .await;
+            }
+        }
+    }
+    held.release();
+    // The subscription's reply first, then every other reply; pings are answered.
+    let mut ids = Vec::new();
+    within("every reply", async {
+        while ids.len() < 5 {
+            let frame = client.next().await;
+            if frame["command"] == "ping" {
+                client
+                    .send_json(json!({"id": 100, "command": "pong", "payload": {}}))
+                    .await;
+                continue;
+            }
+            let id = frame["id"].as_u64().expect("a reply");
+            if id == 1 {
+                assert_eq!(frame["payload"]["success"], true, "{frame}");
+            } else {
+                assert_eq!(frame["payload"].as_str().map(str::len), Some(40_000));
+            }
+            ids.push(id);
+        }
+    })
+    .await;
+    assert_eq!(ids, [1, 2, 3, 4, 5]);
+    let stats = server.mesh.stats();
+    assert_eq!(
+        (stats.ping_timeout_closes, stats.slow_consumer_closes),
+        (0, 0)
+    );
+    assert!(server.mesh.connection(&client.id).is_some());
+}
+
+/// Replies of 64 KiB asked for by a client that then stops reading: 12.5 MiB, more than
+/// the socket buffers hold, so some stay queued on the server.
+const UNREAD_REPLIES: u64 = 200;
+const UNREAD_REPLY_BYTES: usize = 64 * 1024;
+
+async fn a_client_that_stops_reading_under_a_broadcast_flood_is_closed(backend: Backend) {
+    // It asked for replies and stopped reading; its reading is paused by them, but the
+    // broadcasts it does not drain still close it.
+    let builder = with_blob(backend.builder())
+        .max_outbound_bytes(64 * 1024)
+        .ping_interval(Duration::from_secs(3600))
+        .latency_interval(Duration::from_secs(3600));
+    let server = serve(builder).await;
+    let mut slow = RawClient::connect(&server.url()).await;
+    send_in_one_write(
+        &mut slow,
+        (1..=UNREAD_REPLIES)
+            .map(|id| json!({"id": id, "command": "blob", "payload": UNREAD_REPLY_BYTES})),
+    )
+    .await;
+    let kib = "k".repeat(1024);
+    let mut sent = 0u64;
+    while server.mesh.stats().slow_consumer_closes == 0 && sent < 200_000 {
+        server
+            .mesh
+            .broadcast("flood", &json!({"n": sent, "data": kib}))
+            .await
+            .expect("broadcast");
+        sent += 1;
+        if sent % 100 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    assert_eq!(server.mesh.stats().slow_consumer_closes, 1);
+    // The client now reads what was on its way, then the close frame: not every reply,
+    // since the queued ones were dropped with the close.
+    let mut replies = 0;
+    let (code, reason) = within("the close frame", async {
+        loop {
+            let message = futures_util::StreamExt::next(&mut slow.socket)
+                .await
+                .expect("socket open")
+                .expect("no socket error");
+            match message {
+                Message::Text(text) => {
+                    let frame: Value = serde_json::from_str(&text).expect("JSON");
+                    if frame.get("id").is_some() {
+                        replies += 1;
+                    }
+                }
+                Message::Close(Some(frame)) => {
+                    break (u16::from(frame.code), frame.reason.to_string())
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(code, 1008);
+    assert_eq!(reason, "outbound queue full: client too slow");
+    assert!(replies < UNREAD_REPLIES, "{replies} replies");
+    assert_eq!(server.mesh.stats().ping_timeout_closes, 0);
+}
+
+async fn pushes_over_the_budget_close_even_while_replies_are_queued(backend: Backend) {
+    // The replies wait behind a held subscription reply, over the budget: the connection
+    // is not read. Pushes queue behind them and count against the budget on their own:
+    // queued replies neither make them overflow nor shelter the client when they do.
+    let held = HeldCollection::new();
+    let builder = held
+        .expose(with_blob(backend.builder()))
+        .max_outbound_bytes(64 * 1024)
+        .ping_interval(Duration::from_secs(3600))
+        .latency_interval(Duration::from_secs(3600));
+    let server = serve(builder).await;
+    let mut client = RawClient::connect(&server.url()).await;
+    let mut frames = vec![HeldCollection::subscribe(1)];
+    frames.extend((2..=4u64).map(|id| json!({"id": id, "command": "blob", "payload": 40_000})));
+    send_in_one_write(&mut client, frames).await;
+    held.resolving().await;
+    // 52 KB of pushes fit beside 120 KB of replies...
+    let kib = "k".repeat(1000);
+    for n in 0..50 {
+        server
+            .mesh
+            .send(&client.id, "bulk", &json!({"n": n, "data": kib}))
+            .await
+            .expect("send");
+    }
+    assert_eq!(server.mesh.stats().slow_consumer_closes, 0);
+    assert!(server.mesh.connection(&client.id).is_some());
+    // ...the push that takes the pushes over the budget closes the client.
+    server
+        .mesh
+        .send(
+            &client.id,
+            "bulk",
+            &json!({"n": 50, "data": kib.repeat(20)}),
+        )
+        .await
+        .expect("send");
+    assert_eq!(server.mesh.stats().slow_consumer_closes, 1);
+    // Nothing queued went out: the close frame is the first thing the client reads.
+    let (code, reason) = first_close(&mut client.socket).await;
+    assert_eq!(code, 1008);
+    assert_eq!(reason, "outbound queue full: client too slow");
+    held.release();
+}
+
+async fn a_pipelining_client_that_never_reads_is_closed(backend: Backend) {
+    // Its reading is paused by its own replies, so its missed pongs are excused only while
+    // its replies still move; once the socket takes nothing for whole ping intervals, the
+    // client is closed as not reading.
+    let (gone_tx, mut gone) = mpsc::unbounded_channel();
+    let builder = with_blob(backend.builder())
+        .max_outbound_bytes(64 * 1024)
+        .ping_interval(Duration::from_millis(50))
+        .max_missed_pongs(1)
+        .latency_interval(Duration::from_secs(3600))
+        .on_disconnect(move |connection: Connection| {
+            let _ = gone_tx.send(connection.id().to_owned());
+            async {}
+        });
+    let server = serve(builder).await;
+    let mut client = RawClient::connect(&server.url()).await;
+    send_in_one_write(
+        &mut client,
+        (1..=UNREAD_REPLIES)
+            .map(|id| json!({"id": id, "command": "blob", "payload": UNREAD_REPLY_BYTES})),
+    )
+    .await;
+    assert_eq!(recv_within(&mut gone).await, client.id);
+    let stats = server.mesh.stats();
+    assert_eq!(
+        (stats.ping_timeout_closes, stats.slow_consumer_closes),
+        (1, 0)
     );
 }

@@ -201,10 +201,17 @@ fn close_message(reason: &CloseReason) -> Message {
 /// Commands run inside the connection's own task, side by side in `running`, rather than
 /// as spawned tasks: a command that completes at once (most do) has its reply queued in
 /// the same poll that read it, so every reply to one burst of frames leaves in one write.
-/// At most `max_in_flight` run at once; when all are busy the connection stops reading
-/// until one finishes, so back-pressure reaches the client through TCP instead of growing
-/// our memory. Meanwhile its unanswered pings do not count against it, since its pongs
-/// wait unread behind the commands.
+///
+/// Reading pauses, so that back-pressure reaches the client through TCP instead of growing
+/// our memory, while either
+/// - `max_in_flight` commands are running, until one finishes, or
+/// - the queued replies are over the outbound budget (the client asks for more than it
+///   reads), until the writer has taken them (see the `outbound` module: replies are
+///   back-pressure, pushes are the budget).
+///
+/// Meanwhile its unanswered pings do not count against it, since its pongs wait unread
+/// behind its other frames (see `Liveness` for the one exception: a writer stuck on the
+/// socket).
 async fn read_loop<R, Run, F>(
     mesh: &Mesh,
     connection: &Connection,
@@ -218,30 +225,39 @@ where
     F: Fn(u64, (Arc<str>, Route), Value) -> Run,
 {
     let max_in_flight = mesh.config().max_in_flight;
+    let outbound = connection.outbound();
     // Made once: registering for the close notification on every frame would take the
     // notifier's lock twice per frame.
-    let closed = connection.outbound().closed();
+    let closed = outbound.closed();
     tokio::pin!(closed);
+    let mut paused = false;
     loop {
-        let reading = running.len() < max_in_flight;
-        connection.set_reading_paused(!reading);
+        let replies_backed_up = outbound.replies_backed_up();
+        let reading = !replies_backed_up && running.len() < max_in_flight;
+        if paused == reading {
+            paused = !reading;
+            connection.set_reading_paused(paused);
+        }
         // Biased: finish commands before reading more, so a burst's replies are queued
         // before the writer next runs.
         let message = tokio::select! {
             biased;
             () = &mut closed => return server_close(connection),
             Some(()) = running.next(), if !running.is_empty() => continue,
+            () = outbound.reply_room(), if replies_backed_up => continue,
             message = stream.next(), if reading => message,
         };
         let text = match message {
             None => return CloseReason::PeerClosed,
             Some(Err(err)) => return read_error(mesh, err),
             Some(Ok(Message::Text(text))) => text,
+            // Read as UTF-8 text (PROTOCOL.md §1); bytes that are not UTF-8 are the same
+            // bad input as in a text frame, which the WebSocket layer refuses.
             Some(Ok(Message::Binary(bytes))) => match Frame::try_from(bytes) {
                 Ok(text) => text,
                 Err(_) => {
-                    tracing::debug!("dropped a binary frame that is not UTF-8");
-                    continue;
+                    tracing::debug!("closing: a binary frame is not UTF-8");
+                    return CloseReason::InvalidData("frame is not valid UTF-8".to_owned());
                 }
             },
             Some(Ok(Message::Close(_))) => return CloseReason::PeerClosed,
@@ -260,13 +276,15 @@ where
                 None => {
                     let error = CommandError::not_found(&command);
                     let reply = protocol::error_reply(id, &*command, &error);
-                    let _ = connection.push_frame(Frame::from(reply));
+                    connection.push_reply(None, Frame::from(reply));
                 }
             },
             Inbound::Invalid { id, command, error } => {
                 tracing::debug!(id, error = error.message(), "invalid frame");
-                let _ =
-                    connection.push_frame(Frame::from(protocol::error_reply(id, &command, &error)));
+                connection.push_reply(
+                    None,
+                    Frame::from(protocol::error_reply(id, &command, &error)),
+                );
             }
             Inbound::Unanswerable { reason } => tracing::debug!(reason, "dropped a frame"),
             Inbound::Pong => mesh.pong_received(connection),
@@ -319,6 +337,12 @@ fn read_error(mesh: &Mesh, err: WsError) -> CloseReason {
         WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_) => {
             CloseReason::PeerClosed
         }
+        // A text frame (or a close frame's reason) that is not UTF-8: RFC 6455 §8.1 says
+        // 1007. The bytes are the client's; they stay out of the close reason.
+        WsError::Utf8(_) => {
+            tracing::debug!("closing: a frame is not valid UTF-8");
+            CloseReason::InvalidData("frame is not valid UTF-8".to_owned())
+        }
         other => {
             tracing::debug!(%other, "closing: protocol error");
             CloseReason::ProtocolError(other.to_string())
@@ -343,7 +367,13 @@ where
                     batch = Vec::new();
                 }
             }
-            Batch::Close(CloseReason::PeerClosed) => return Ok(()),
+            Batch::Close(CloseReason::PeerClosed) => {
+                // The WebSocket layer answers a peer's close frame (with 1002 when its
+                // code is not a valid one); flushing sends that answer before the
+                // socket is dropped.
+                sink.flush().await?;
+                return Ok(());
+            }
             Batch::Close(reason) => {
                 sink.send(close_message(&reason)).await?;
                 return Ok(());

@@ -48,11 +48,24 @@ struct Shared {
 pub(crate) type MembershipGuard<'a> = tokio::sync::MutexGuard<'a, ()>;
 
 /// Ping and latency bookkeeping, driven by the mesh's heartbeat.
+///
+/// A client's pongs can only be seen when its frames are read. While its reading is paused
+/// (all its in-flight slots busy, or its queued replies over the outbound budget) its
+/// pongs may be waiting unread behind its other frames, so a ping sent while reading is
+/// paused, or was paused at any time since the previous ping, is not counted as missed.
+/// That excuse holds only while the client still reads what it is sent: when the writer
+/// has been stuck on the same batch since the previous ping (the socket took nothing), the
+/// ping counts, so a client that pipelines requests and never reads is still closed.
 #[derive(Default)]
 struct Liveness {
     missed_pongs: AtomicU32,
-    /// Set while the reader waits for an in-flight slot and so cannot see pongs.
+    /// Set while the reader cannot read (in-flight limit, or replies over the budget) and
+    /// so cannot see pongs.
     reading_paused: AtomicBool,
+    /// Set whenever reading pauses; cleared by each ping.
+    paused_since_ping: AtomicBool,
+    /// The writer's batch count at the previous excused ping.
+    batches_at_last_ping: AtomicU64,
     latency_probe_sent: Mutex<Option<Instant>>,
     /// Last round trip in milliseconds; `u64::MAX` until one is measured.
     latency_ms: AtomicU64,
@@ -159,12 +172,13 @@ impl Connection {
         }
     }
 
-    /// Queues a reply, in its reserved place if it has one.
+    /// Queues a reply, in its reserved place if it has one. A reply never closes the
+    /// connection for its size; queued replies over the budget pause reading instead.
     pub(crate) fn push_reply(&self, reservation: Option<u64>, reply: Frame) {
         match reservation {
             Some(reservation) => self.shared.outbound.fill(reservation, Some(reply)),
             None => {
-                let _ = self.shared.outbound.push(reply);
+                let _ = self.shared.outbound.reply(reply);
             }
         }
     }
@@ -206,29 +220,48 @@ impl Connection {
         &self.shared.outbound
     }
 
-    /// Counts one more unanswered ping; returns how many are now unanswered. Pings sent
-    /// while reading is paused by the in-flight limit do not count.
+    /// Counts one more unanswered ping; returns how many are now unanswered. A ping sent
+    /// while reading is (or was, since the previous ping) paused does not count, unless
+    /// the writer is stuck; see [`Liveness`].
     pub(crate) fn ping_sent(&self) -> u32 {
         let liveness = &self.shared.liveness;
-        if liveness.reading_paused.load(Ordering::Relaxed) {
+        let paused = liveness.paused_since_ping.swap(false, Ordering::Relaxed)
+            || liveness.reading_paused.load(Ordering::Relaxed);
+        if paused && !self.writer_stuck_since_last_ping() {
             return liveness.missed_pongs.load(Ordering::Relaxed);
         }
         liveness.missed_pongs.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Whether the connection answered the last ping (or could not: its reading is
-    /// paused by the in-flight limit). Such a connection's presence is extended.
+    /// Whether the writer is on the same batch as at the previous excused ping. (After
+    /// pings that were counted anyway, the first excused one sees progress: the excuse
+    /// errs towards keeping the client, by one ping interval at most.)
+    fn writer_stuck_since_last_ping(&self) -> bool {
+        let progress = self.shared.outbound.write_progress();
+        let before = self
+            .shared
+            .liveness
+            .batches_at_last_ping
+            .swap(progress.batches_taken, Ordering::Relaxed);
+        progress.writing && before == progress.batches_taken
+    }
+
+    /// Whether the connection answered the last ping (or could not: its reading is, or
+    /// was since, paused). Such a connection's presence is extended.
     pub(crate) fn answered_last_ping(&self) -> bool {
         let liveness = &self.shared.liveness;
         liveness.missed_pongs.load(Ordering::Relaxed) == 0
             || liveness.reading_paused.load(Ordering::Relaxed)
+            || liveness.paused_since_ping.load(Ordering::Relaxed)
     }
 
+    /// Records whether the reader is reading; called only when that changes.
     pub(crate) fn set_reading_paused(&self, paused: bool) {
-        self.shared
-            .liveness
-            .reading_paused
-            .store(paused, Ordering::Relaxed);
+        let liveness = &self.shared.liveness;
+        liveness.reading_paused.store(paused, Ordering::Relaxed);
+        if paused {
+            liveness.paused_since_ping.store(true, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn pong_received(&self) {

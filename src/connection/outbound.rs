@@ -9,8 +9,39 @@
 //! queued after the reservation (updates published after the command read its snapshot)
 //! wait behind it, so the client always gets the reply first and never an update it
 //! cannot yet place.
+//!
+//! # Replies are back-pressure, pushes are the budget
+//!
+//! Every frame is one of two kinds, counted apart, each against the whole budget
+//! (`max_outbound_bytes`):
+//! - A **reply** answers a command the client sent: a command's reply (also one put in a
+//!   reserved place), an error reply, `ENOTFOUND`. The client asked for it, so it is always
+//!   queued, however large, and never closes the connection. While the queued reply bytes
+//!   are over the budget, the connection's reader stops reading frames
+//!   ([`Outbound::replies_backed_up`]) until the writer has taken them
+//!   ([`Outbound::reply_room`]): a client that pipelines more than it reads is slowed down
+//!   through TCP, as by the in-flight limit.
+//! - A **push** is anything the client did not ask for: broadcasts, channel, presence and
+//!   record updates, pings. A push that would take the queued push bytes over the budget
+//!   (while other pushes are queued: a lone push larger than the budget still goes out)
+//!   marks the client a slow consumer: the queue is dropped and the connection closed with
+//!   1008.
+//!
+//! The two counts never mix. Queued replies never make a push overflow, so a client that
+//! pipelines and reads promptly is not closed because a broadcast arrived meanwhile; and
+//! queued replies do not shelter a client from a push overflow either: a client that does
+//! not read is closed by the pushes it does not drain, whatever replies wait with them.
+//! Pushes do not pause reading (a client cannot slow down what it did not ask for). A
+//! connection thus holds at most the budget in pushes, about the budget in replies plus
+//! the replies of the commands already running when reading paused, and the batch the
+//! writer is writing.
+//!
+//! The queue also tells the heartbeat whether its writer is stuck ([`Outbound::write_progress`]):
+//! a client whose reading is paused cannot have its pongs read, which excuses missed pongs
+//! only as long as the socket still takes what the writer gives it.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use tokio::sync::Notify;
@@ -36,6 +67,9 @@ pub enum CloseReason {
     Refused(String),
     /// A protocol or I/O error on the socket (close code 1002).
     ProtocolError(String),
+    /// The client sent a frame that is not valid UTF-8, as text or as binary (close code
+    /// 1007, RFC 6455 §7.4.1).
+    InvalidData(String),
     /// The backend was unreachable when the connection arrived (close code 1013, try again later).
     Unavailable,
     /// The backend lost the connection's rooms, presence and metadata (a restarted Redis,
@@ -51,6 +85,7 @@ impl CloseReason {
             CloseReason::PeerClosed | CloseReason::Normal(_) => 1000,
             CloseReason::GoingAway => 1001,
             CloseReason::ProtocolError(_) => 1002,
+            CloseReason::InvalidData(_) => 1007,
             CloseReason::SlowConsumer | CloseReason::PingTimeout | CloseReason::Refused(_) => 1008,
             CloseReason::FrameTooLarge => 1009,
             CloseReason::StateLost => 1012,
@@ -64,7 +99,8 @@ impl CloseReason {
             CloseReason::PeerClosed => "closed by peer",
             CloseReason::Normal(reason)
             | CloseReason::Refused(reason)
-            | CloseReason::ProtocolError(reason) => reason,
+            | CloseReason::ProtocolError(reason)
+            | CloseReason::InvalidData(reason) => reason,
             CloseReason::GoingAway => "server shutting down",
             CloseReason::SlowConsumer => "outbound queue full: client too slow",
             CloseReason::PingTimeout => "ping timeout: missed pongs",
@@ -116,21 +152,49 @@ pub(crate) struct Outbound {
     state: Mutex<QueueState>,
     wake_writer: Notify,
     closing: Notify,
+    /// Woken when the queued reply bytes fall back within the budget.
+    reply_room: Notify,
+    /// Whether the queued reply bytes are over the budget. Kept under the lock, read
+    /// without it: the reader checks it before every frame it reads.
+    replies_over_budget: AtomicBool,
     max_bytes: usize,
 }
 
 #[derive(Default)]
 struct QueueState {
     slots: VecDeque<Slot>,
-    bytes: usize,
+    /// Bytes of the queued replies.
+    reply_bytes: usize,
+    /// Bytes of the queued pushes.
+    push_bytes: usize,
     close: Option<CloseReason>,
     next_reservation: u64,
+    /// Batches the writer has taken so far.
+    batches_taken: u64,
+    /// Whether the writer is writing a batch (rather than waiting for one).
+    writer_busy: bool,
 }
 
 enum Slot {
-    Frame(Frame),
+    Reply(Frame),
+    Push(Frame),
     /// The place of a reply not written yet; the writer stops here until it is filled.
     Reserved(u64),
+}
+
+impl Slot {
+    fn is_frame(&self) -> bool {
+        !matches!(self, Slot::Reserved(_))
+    }
+}
+
+/// How far the writer has got, for the heartbeat's liveness check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WriteProgress {
+    /// Batches taken so far: it changes whenever the socket took a whole batch.
+    pub(crate) batches_taken: u64,
+    /// Whether the writer is in the middle of a batch (it may be stuck on the socket).
+    pub(crate) writing: bool,
 }
 
 /// What the writer should do next.
@@ -147,6 +211,8 @@ impl Outbound {
             state: Mutex::new(QueueState::default()),
             wake_writer: Notify::new(),
             closing: Notify::new(),
+            reply_room: Notify::new(),
+            replies_over_budget: AtomicBool::new(false),
             max_bytes,
         }
     }
@@ -157,33 +223,68 @@ impl Outbound {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Queues a frame. A frame larger than the whole budget still goes out when the queue
-    /// is empty, so one large reply is never mistaken for a slow client.
+    /// Queues a push (a frame the client did not ask for). A push larger than the whole
+    /// budget still goes out when no other push is queued, so one large push is never
+    /// mistaken for a slow client; otherwise a push over the budget closes the connection
+    /// as a slow consumer.
     pub(crate) fn push(&self, frame: Frame) -> Result<(), SendError> {
         let mut state = self.lock();
         if state.close.is_some() {
             return Err(SendError::Closed);
         }
         let len = frame.len();
-        if state.bytes > 0 && state.bytes + len > self.max_bytes {
-            state.slots.clear();
-            state.bytes = 0;
+        if state.push_bytes > 0 && state.push_bytes + len > self.max_bytes {
+            self.drop_queue(&mut state);
             state.close = Some(CloseReason::SlowConsumer);
             drop(state);
             self.wake_all();
             return Err(SendError::QueueFull);
         }
-        // The writer drains every ready frame each time it wakes, so it only needs waking
-        // when this frame is the first in line: behind another frame it has a wake-up
-        // pending already, and behind a reservation it must wait for `fill` anyway.
         let first_in_line = state.slots.is_empty();
-        state.bytes += len;
-        state.slots.push_back(Slot::Frame(frame));
+        state.push_bytes += len;
+        state.slots.push_back(Slot::Push(frame));
         drop(state);
+        self.wake_writer_if(first_in_line);
+        Ok(())
+    }
+
+    /// Queues a reply (a frame answering a command of the client's). It is always queued,
+    /// however large; past the budget it pauses the reading of the connection instead.
+    pub(crate) fn reply(&self, frame: Frame) -> Result<(), SendError> {
+        let mut state = self.lock();
+        if state.close.is_some() {
+            return Err(SendError::Closed);
+        }
+        let first_in_line = state.slots.is_empty();
+        self.count_reply(&mut state, frame.len());
+        state.slots.push_back(Slot::Reply(frame));
+        drop(state);
+        self.wake_writer_if(first_in_line);
+        Ok(())
+    }
+
+    fn count_reply(&self, state: &mut QueueState, len: usize) {
+        state.reply_bytes += len;
+        if state.reply_bytes > self.max_bytes {
+            self.replies_over_budget.store(true, Ordering::Release);
+        }
+    }
+
+    /// The writer drains every ready frame each time it wakes, so it only needs waking
+    /// when a frame is the first in line: behind another frame it has a wake-up pending
+    /// already, and behind a reservation it must wait for `fill` anyway.
+    fn wake_writer_if(&self, first_in_line: bool) {
         if first_in_line {
             self.wake_writer.notify_one();
         }
-        Ok(())
+    }
+
+    /// Empties the queue (when closing without writing what is queued).
+    fn drop_queue(&self, state: &mut QueueState) {
+        state.slots.clear();
+        state.push_bytes = 0;
+        state.reply_bytes = 0;
+        self.replies_over_budget.store(false, Ordering::Release);
     }
 
     /// Reserves the next place in the queue; `None` when the connection is closing.
@@ -198,9 +299,9 @@ impl Outbound {
         Some(id)
     }
 
-    /// Puts `frame` in a reserved place (or, with `None`, gives the place up), letting
-    /// the frames behind it go. The frame is not counted against the budget: it is a
-    /// reply already owed.
+    /// Puts the reply `frame` in a reserved place (or, with `None`, gives the place up),
+    /// letting the frames behind it go. It counts as a reply: it never closes the
+    /// connection, and it counts towards pausing its reading.
     pub(crate) fn fill(&self, reservation: u64, frame: Option<Frame>) {
         let mut state = self.lock();
         let Some(index) = state
@@ -212,8 +313,8 @@ impl Outbound {
         };
         match frame {
             Some(frame) => {
-                state.bytes += frame.len();
-                state.slots[index] = Slot::Frame(frame);
+                self.count_reply(&mut state, frame.len());
+                state.slots[index] = Slot::Reply(frame);
             }
             None => {
                 state.slots.remove(index);
@@ -231,10 +332,9 @@ impl Outbound {
         }
         if reason.keeps_queued_frames() {
             // What is queued still goes out; replies never filled must not hold it back.
-            state.slots.retain(|slot| matches!(slot, Slot::Frame(_)));
+            state.slots.retain(Slot::is_frame);
         } else {
-            state.slots.clear();
-            state.bytes = 0;
+            self.drop_queue(&mut state);
         }
         state.close = Some(reason);
         drop(state);
@@ -245,6 +345,36 @@ impl Outbound {
     fn wake_all(&self) {
         self.wake_writer.notify_one();
         self.closing.notify_waiters();
+        self.reply_room.notify_waiters();
+    }
+
+    /// Whether the queued replies are over the budget: the connection must not be read
+    /// until [`reply_room`](Self::reply_room) resolves.
+    pub(crate) fn replies_backed_up(&self) -> bool {
+        self.replies_over_budget.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the queued replies are within the budget again (or the queue was
+    /// dropped).
+    pub(crate) async fn reply_room(&self) {
+        loop {
+            let notified = self.reply_room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.replies_backed_up() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// How far the writer has got; see [`WriteProgress`].
+    pub(crate) fn write_progress(&self) -> WriteProgress {
+        let state = self.lock();
+        WriteProgress {
+            batches_taken: state.batches_taken,
+            writing: state.writer_busy,
+        }
     }
 
     pub(crate) fn close_reason(&self) -> Option<CloseReason> {
@@ -264,28 +394,49 @@ impl Outbound {
         }
     }
 
-    /// Waits for work and moves every queued frame into `out`.
+    /// Waits for work and moves every queued frame into `out`. Calling it again means the
+    /// previous batch was written.
     pub(crate) async fn next_batch(&self, out: &mut Vec<Frame>) -> Batch {
         loop {
             {
                 let mut state = self.lock();
+                state.writer_busy = false;
                 let ready = state
                     .slots
                     .iter()
-                    .take_while(|slot| matches!(slot, Slot::Frame(_)))
+                    .take_while(|slot| slot.is_frame())
                     .count();
                 if ready > 0 {
-                    let mut taken = 0;
+                    let (mut replies, mut pushes) = (0, 0);
                     for slot in state.slots.drain(..ready) {
-                        if let Slot::Frame(frame) = slot {
-                            taken += frame.len();
-                            out.push(frame);
+                        match slot {
+                            Slot::Reply(frame) => {
+                                replies += frame.len();
+                                out.push(frame);
+                            }
+                            Slot::Push(frame) => {
+                                pushes += frame.len();
+                                out.push(frame);
+                            }
+                            Slot::Reserved(_) => {}
                         }
                     }
-                    state.bytes = state.bytes.saturating_sub(taken);
+                    state.reply_bytes = state.reply_bytes.saturating_sub(replies);
+                    state.push_bytes = state.push_bytes.saturating_sub(pushes);
+                    state.batches_taken += 1;
+                    state.writer_busy = true;
                     if state.slots.capacity() > 64 && state.slots.len() < 8 {
                         // A burst grew the ring; an idle connection should not keep it.
                         state.slots.shrink_to(8);
+                    }
+                    let room_for_replies = state.reply_bytes <= self.max_bytes
+                        && self.replies_over_budget.load(Ordering::Relaxed);
+                    if room_for_replies {
+                        self.replies_over_budget.store(false, Ordering::Release);
+                    }
+                    drop(state);
+                    if room_for_replies {
+                        self.reply_room.notify_waiters();
                     }
                     return Batch::Frames;
                 }
@@ -367,6 +518,62 @@ mod tests {
             queue.next_batch(&mut out).await,
             Batch::Close(CloseReason::GoingAway)
         ));
+    }
+
+    #[test]
+    fn replies_never_close_and_back_up_past_the_budget() {
+        let queue = Outbound::new(10);
+        assert!(queue.reply(Frame::from("1234567890123")).is_ok());
+        assert!(queue.replies_backed_up());
+        assert!(queue.reply(Frame::from("more")).is_ok());
+        assert_eq!(queue.close_reason(), None);
+    }
+
+    #[tokio::test]
+    async fn taking_the_replies_makes_room() {
+        let queue = Outbound::new(10);
+        queue.reply(Frame::from("1234567890123")).unwrap();
+        let room = queue.reply_room();
+        tokio::pin!(room);
+        assert!(futures_util::poll!(room.as_mut()).is_pending());
+        let mut out = Vec::new();
+        assert!(matches!(queue.next_batch(&mut out).await, Batch::Frames));
+        assert!(!queue.replies_backed_up());
+        room.await;
+    }
+
+    #[test]
+    fn replies_and_pushes_are_counted_apart() {
+        let queue = Outbound::new(10);
+        queue.reply(Frame::from("123456789")).unwrap();
+        // Queued replies do not make a push overflow...
+        assert!(queue.push(Frame::from("123456789")).is_ok());
+        // ...nor do they keep one from overflowing.
+        assert_eq!(queue.push(Frame::from("12")), Err(SendError::QueueFull));
+        assert_eq!(queue.close_reason(), Some(CloseReason::SlowConsumer));
+        assert!(!queue.replies_backed_up());
+    }
+
+    #[test]
+    fn a_filled_reservation_is_a_reply() {
+        let queue = Outbound::new(10);
+        let place = queue.reserve().unwrap();
+        queue.fill(place, Some(Frame::from("much larger than ten bytes")));
+        assert!(queue.replies_backed_up());
+        assert!(queue.push(Frame::from("push")).is_ok());
+    }
+
+    #[tokio::test]
+    async fn write_progress_counts_batches_and_knows_when_the_writer_is_writing() {
+        let queue = Outbound::new(100);
+        let idle = queue.write_progress();
+        assert!(!idle.writing);
+        queue.push(Frame::from("a")).unwrap();
+        let mut out = Vec::new();
+        assert!(matches!(queue.next_batch(&mut out).await, Batch::Frames));
+        let writing = queue.write_progress();
+        assert!(writing.writing);
+        assert_eq!(writing.batches_taken, idle.batches_taken + 1);
     }
 
     #[test]
