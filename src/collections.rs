@@ -504,7 +504,9 @@ impl Mesh {
             self.leave_out(connection, collection_id, &joined[added.len()..]);
         }
         let diff = protocol::collection_diff(collection_id, &added, &removed, version, truncated);
-        connection.push_reply(reservation, Frame::from(diff));
+        // Unasked for: it counts against the push budget, like the updates it precedes.
+        let pushed = connection.push_in_reserved_place(reservation, Frame::from(diff));
+        let _ = self.registry().counted(connection, pushed);
         Ok(())
     }
 }

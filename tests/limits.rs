@@ -27,6 +27,7 @@ conformance!(
     a_client_that_stops_reading_under_a_broadcast_flood_is_closed,
     pushes_over_the_budget_close_even_while_replies_are_queued,
     a_pipelining_client_that_never_reads_is_closed,
+    collection_diffs_count_against_the_push_budget,
 );
 
 /// Pushes the test sends to the client that keeps reading.
@@ -652,5 +653,48 @@ async fn a_pipelining_client_that_never_reads_is_closed(backend: Backend) {
     assert_eq!(
         (stats.ping_timeout_closes, stats.slow_consumer_closes),
         (1, 0)
+    );
+}
+
+/// A collection diff is a push the client never asked for, although it takes a reserved
+/// place in the queue (before the updates of the records it adds): a subscriber that
+/// stops reading while its collection keeps growing is closed as a slow consumer, instead
+/// of piling up diffs for ever.
+async fn collection_diffs_count_against_the_push_budget(backend: Backend) {
+    let builder = backend
+        .builder()
+        .max_outbound_bytes(64 * 1024)
+        .ping_interval(Duration::from_secs(3600))
+        .latency_interval(Duration::from_secs(3600))
+        .expose_record(tower_mesh::Regex::new("^flood:").expect("regex"), Access::open())
+        .expose_collection(
+            "flood",
+            Collection::matching(tower_mesh::Regex::new("^flood:").expect("regex")),
+        );
+    let server = serve(builder).await;
+    let mut slow = RawClient::connect(&server.url()).await;
+    let reply = slow
+        .command(1, "mesh/subscribe-collection", json!({"collectionId": "flood"}))
+        .await;
+    assert_eq!(reply["payload"]["success"], true, "{reply}");
+    // From now on it never reads: every new record reaches it in a diff.
+    let chunk = "d".repeat(8 * 1024);
+    let mut written = 0u64;
+    while server.mesh.stats().slow_consumer_closes == 0 && written < 20_000 {
+        written += 1;
+        server
+            .mesh
+            .write_record(
+                &format!("flood:{written}"),
+                json!({ "data": chunk }),
+                Default::default(),
+            )
+            .await
+            .expect("write_record");
+    }
+    assert_eq!(
+        server.mesh.stats().slow_consumer_closes,
+        1,
+        "{written} records written without closing the subscriber"
     );
 }

@@ -183,6 +183,19 @@ impl Connection {
         }
     }
 
+    /// Queues a push in its reserved place: it counts against the push budget (see
+    /// [`Outbound::fill_push`]).
+    pub(crate) fn push_in_reserved_place(
+        &self,
+        reservation: Option<u64>,
+        frame: Frame,
+    ) -> Result<(), SendError> {
+        match reservation {
+            Some(reservation) => self.shared.outbound.fill_push(reservation, frame),
+            None => self.push_frame(frame),
+        }
+    }
+
     /// Closes the connection with close code 1000 and `reason`, after the frames already
     /// queued for it are written.
     pub fn close(&self, reason: impl Into<String>) {

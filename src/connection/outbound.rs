@@ -324,6 +324,34 @@ impl Outbound {
         self.wake_writer.notify_one();
     }
 
+    /// Puts the push `frame` in a reserved place (a push that must reach the client before
+    /// what was queued after the reservation, such as a collection diff before the
+    /// updates of the records it adds). It counts as a push: over the budget it closes
+    /// the connection as a slow consumer, as [`Outbound::push`] does.
+    pub(crate) fn fill_push(&self, reservation: u64, frame: Frame) -> Result<(), SendError> {
+        let mut state = self.lock();
+        let Some(index) = state
+            .slots
+            .iter()
+            .position(|slot| matches!(slot, Slot::Reserved(id) if *id == reservation))
+        else {
+            return Err(SendError::Closed);
+        };
+        let len = frame.len();
+        if state.push_bytes > 0 && state.push_bytes + len > self.max_bytes {
+            self.drop_queue(&mut state);
+            state.close = Some(CloseReason::SlowConsumer);
+            drop(state);
+            self.wake_all();
+            return Err(SendError::QueueFull);
+        }
+        state.push_bytes += len;
+        state.slots[index] = Slot::Push(frame);
+        drop(state);
+        self.wake_writer.notify_one();
+        Ok(())
+    }
+
     /// Starts closing; the first reason wins. Returns whether this call started it.
     pub(crate) fn close(&self, reason: CloseReason) -> bool {
         let mut state = self.lock();

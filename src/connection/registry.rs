@@ -54,7 +54,16 @@ impl Registry {
         connection: &Connection,
         frame: Frame,
     ) -> Result<(), SendError> {
-        let sent = connection.push_frame(frame);
+        self.counted(connection, connection.push_frame(frame))
+    }
+
+    /// Passes on how queueing a push for `connection` went, counting (and logging) a
+    /// slow-consumer close.
+    pub(crate) fn counted(
+        &self,
+        connection: &Connection,
+        sent: Result<(), SendError>,
+    ) -> Result<(), SendError> {
         if sent == Err(SendError::QueueFull) {
             self.slow_consumer_closes
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
