@@ -40,6 +40,12 @@ pub(crate) struct MeshConfig {
     pub max_collection_members: usize,
     /// Channel names clients may never use. Default `Some("mesh:")`.
     pub reserved_channel_prefix: Option<String>,
+
+    // Connection limits (issue 12).
+    /// Bytes of upgrade-request header names and values a connection keeps. Default 16 KiB.
+    pub max_kept_header_bytes: usize,
+    /// WebSocket connections this instance holds at once. Default 100 000.
+    pub max_connections: usize,
 }
 
 impl Default for MeshConfig {
@@ -60,6 +66,10 @@ impl Default for MeshConfig {
             max_subscriptions_per_connection: 1024,
             max_collection_members: 10_000,
             reserved_channel_prefix: Some("mesh:".to_owned()),
+
+            // Connection limits (issue 12).
+            max_kept_header_bytes: 16 * 1024,
+            max_connections: 100_000,
         }
     }
 }
