@@ -112,11 +112,9 @@ where
                 // Dropped sender or `true`: stop either way.
                 let _ = stop.wait_for(|stop| *stop).await;
             };
-            let mut builder = http1::Builder::new();
-            builder
+            let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(header_read_timeout);
-            let connection = builder
+                .header_read_timeout(header_read_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             tokio::pin!(connection);
