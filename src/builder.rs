@@ -416,8 +416,8 @@ impl MeshBuilder {
     /// WebSocket exists, and counted in [`MeshStats::refused_connections`](crate::MeshStats::refused_connections).
     /// Default 100 000; `usize::MAX` lifts it.
     ///
-    /// A place is taken when the upgrade is answered `101` and given back once the
-    /// connection has ended (its `on_disconnect` has run and it has left the backend),
+    /// A place is taken when an upgrade is accepted (before its `101`) and given back once
+    /// the connection's task has ended (after its `on_disconnect` hook and its cleanup),
     /// so the count never exceeds the limit however many clients upgrade at once. Set it
     /// below the process's file-descriptor limit (each connection holds one socket), so
     /// that clients over capacity get a `503` they can retry elsewhere rather than a

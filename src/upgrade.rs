@@ -162,7 +162,7 @@ pub(crate) fn accept<B>(
 /// a few hundred bytes, and never more than the budget.
 fn detach_from_read_buffer(parts: &mut http::request::Parts, max_header_bytes: usize) {
     let shared = std::mem::take(&mut parts.headers);
-    let mut headers = HeaderMap::new();
+    let mut headers = HeaderMap::with_capacity(shared.len());
     let mut budget = max_header_bytes;
     let mut left_out = 0usize;
     for (name, value) in &shared {

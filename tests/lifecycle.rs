@@ -1,6 +1,8 @@
 //! A connection's life: `on_connect` (sees the request, sets metadata, may refuse),
 //! liveness (ping/pong), `on_disconnect` exactly once whatever ended the connection, and
-//! graceful shutdown, on every backend. Hook calls are awaited through channels.
+//! graceful shutdown, on every backend. Hook calls are awaited through channels. The
+//! interop example's binary is run too: its SIGTERM shutdown, and its handling of sockets
+//! that never finish a request and of running out of file descriptors.
 
 mod common;
 
