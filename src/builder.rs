@@ -431,6 +431,41 @@ impl MeshBuilder {
         self
     }
 
+    // Connection limits (issue 12).
+
+    /// Bytes of upgrade-request headers a connection keeps for its whole life, for
+    /// [`Connection::headers`] and [`Connection::request_parts`]; each header counts its
+    /// name's and its value's length. Default 16 KiB.
+    ///
+    /// Headers are kept in the order of the request; one that would take the total over
+    /// the budget is left out, and the ones after it are still kept if they fit. So a
+    /// huge header costs nothing for the connection's life, and the small headers sent
+    /// with it (a user, a token, a trace id) are all there. Layers outside the mesh layer
+    /// (auth, for example) always see every header; the URI and the request's extensions
+    /// (the app's own values, such as the user an auth layer stored) are kept whole.
+    /// The handshake is never refused for its headers' size: hyper's own limit on the
+    /// request head (about 400 KB by default) applies before this.
+    pub fn max_kept_header_bytes(mut self, bytes: usize) -> Self {
+        self.config.max_kept_header_bytes = bytes;
+        self
+    }
+
+    /// WebSocket connections this instance holds at once. An upgrade beyond it is
+    /// answered `503 Service Unavailable` with `Retry-After: 5` (seconds) before any
+    /// WebSocket exists, and counted in [`MeshStats::refused_connections`](crate::MeshStats::refused_connections).
+    /// Default 100 000; `usize::MAX` lifts it.
+    ///
+    /// A place is taken when an upgrade is accepted (before its `101`) and given back once
+    /// the connection's task has ended (after its `on_disconnect` hook and its cleanup),
+    /// so the count never exceeds the limit however many clients upgrade at once. Set it
+    /// below the process's file-descriptor limit (each connection holds one socket), so
+    /// that clients over capacity get a `503` they can retry elsewhere rather than a
+    /// connection the server cannot accept.
+    pub fn max_connections(mut self, connections: usize) -> Self {
+        self.config.max_connections = connections;
+        self
+    }
+
     /// Builds the mesh: the layer to mount and the handle for the server-side API.
     ///
     /// Nothing is started until the first connection arrives or the handle is first used,
@@ -524,6 +559,9 @@ impl MeshBuilder {
             collections,
             collection_exposures,
             collection_subscriptions: Default::default(),
+
+            // Connection limits (issue 12).
+            connection_slots: Default::default(),
         });
         (MeshLayer::new(mesh.clone()), mesh)
     }

@@ -43,6 +43,10 @@ pub(crate) struct MeshConfig {
     pub reserved_channel_prefix: Option<String>,
     /// Byte limits on what clients and the server store (see [`ByteLimits`]).
     pub bytes: ByteLimits,
+    /// Bytes of upgrade-request header names and values a connection keeps. Default 16 KiB.
+    pub max_kept_header_bytes: usize,
+    /// WebSocket connections this instance holds at once. Default 100 000.
+    pub max_connections: usize,
 }
 
 /// The most bytes, as JSON text, of each thing a client can make the mesh store or send
@@ -94,6 +98,8 @@ impl Default for MeshConfig {
             max_collection_members: 10_000,
             reserved_channel_prefix: Some("mesh:".to_owned()),
             bytes: ByteLimits::default(),
+            max_kept_header_bytes: 16 * 1024,
+            max_connections: 100_000,
         }
     }
 }

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use serde::Serialize;
@@ -81,6 +81,11 @@ pub(crate) struct MeshInner {
     pub(crate) collections: Rules<Arc<CollectionExposure>>,
     pub(crate) collection_exposures: Vec<Arc<CollectionExposure>>,
     pub(crate) collection_subscriptions: CollectionSubscriptions,
+
+    // Connection limits (issue 12).
+    /// Places taken of the `max_connections` this instance may hold: one per upgrade
+    /// answered and not yet ended.
+    pub(crate) connection_slots: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -89,6 +94,7 @@ pub(crate) struct Counters {
     closed: AtomicU64,
     oversize_closes: AtomicU64,
     ping_timeout_closes: AtomicU64,
+    refused: AtomicU64,
 }
 
 /// Counters of one instance, for monitoring.
@@ -107,6 +113,9 @@ pub struct MeshStats {
     pub oversize_closes: u64,
     /// Connections closed for missing pongs.
     pub ping_timeout_closes: u64,
+    /// Upgrades answered `503` because the instance held
+    /// [`max_connections`](crate::MeshBuilder::max_connections) already.
+    pub refused_connections: u64,
 }
 
 impl std::fmt::Debug for Mesh {
@@ -117,18 +126,45 @@ impl std::fmt::Debug for Mesh {
     }
 }
 
-/// Decrements the live-connection count when a connection's task ends, however it ends.
+/// Decrements the live-connection count when a connection's task ends, however it ends,
+/// and gives back the place its upgrade took (see [`ConnectionSlot::hand_over`]).
 pub(crate) struct LiveConnection {
     mesh: Mesh,
 }
 
 impl Drop for LiveConnection {
     fn drop(&mut self) {
+        // Before the close is counted: whoever sees the count may connect again at once.
+        self.mesh.release_connection_slot();
         self.mesh.inner.stats.closed.fetch_add(1, Ordering::Relaxed);
         self.mesh
             .inner
             .live_connections
             .send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// One of the places of [`MeshBuilder::max_connections`], taken by an upgrade. Dropped, it
+/// gives the place back (the upgrade failed); handed over, the connection holds it.
+pub(crate) struct ConnectionSlot {
+    mesh: Mesh,
+    handed_over: bool,
+}
+
+impl ConnectionSlot {
+    /// The upgrade became a connection: the place is now the connection's, given back by
+    /// its [`LiveConnection`] when it ends. Call it just before serving the connection,
+    /// which takes its `LiveConnection` before its first await.
+    pub(crate) fn hand_over(mut self) {
+        self.handed_over = true;
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        if !self.handed_over {
+            self.mesh.release_connection_slot();
+        }
     }
 }
 
@@ -187,6 +223,7 @@ impl Mesh {
             slow_consumer_closes: self.inner.registry.slow_consumer_closes(),
             oversize_closes: stats.oversize_closes.load(Ordering::Relaxed),
             ping_timeout_closes: stats.ping_timeout_closes.load(Ordering::Relaxed),
+            refused_connections: stats.refused.load(Ordering::Relaxed),
         }
     }
 
@@ -358,6 +395,37 @@ impl Mesh {
         Arc::from(format!("{}-{n:x}", self.inner.instance_id))
     }
 
+    /// Takes one of the instance's `max_connections` places; `None` (counted as refused)
+    /// when every place is taken.
+    pub(crate) fn take_connection_slot(&self) -> Option<ConnectionSlot> {
+        let limit = self.inner.config.max_connections;
+        let taken = self
+            .inner
+            .connection_slots
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |taken| {
+                (taken < limit).then_some(taken + 1)
+            })
+            .is_ok();
+        if !taken {
+            self.inner.stats.refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(ConnectionSlot {
+            mesh: self.clone(),
+            handed_over: false,
+        })
+    }
+
+    fn release_connection_slot(&self) {
+        let _ = self.inner.connection_slots.fetch_update(
+            Ordering::AcqRel,
+            Ordering::Acquire,
+            |taken| taken.checked_sub(1),
+        );
+    }
+
+    /// Counts a connection as live until the returned guard drops. The connection holds
+    /// the place its upgrade took ([`ConnectionSlot::hand_over`]); the guard gives it back.
     pub(crate) fn connection_started(&self) -> LiveConnection {
         self.inner.stats.opened.fetch_add(1, Ordering::Relaxed);
         self.inner.live_connections.send_modify(|n| *n += 1);

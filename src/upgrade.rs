@@ -12,6 +12,10 @@ use tracing::Instrument;
 use crate::connection;
 use crate::mesh::Mesh;
 
+/// `Retry-After` of an upgrade refused for `max_connections`, in seconds: long enough for
+/// a few connections to end, short enough that a client does not give up on the instance.
+const RETRY_AFTER_SECONDS: u32 = 5;
+
 /// What a request to the mesh path asks for.
 pub(crate) enum Upgrade {
     /// No WebSocket upgrade: the inner service answers.
@@ -91,6 +95,20 @@ pub(crate) fn accept<B>(
     if mesh.is_shutting_down() {
         return plain(StatusCode::SERVICE_UNAVAILABLE, "server shutting down");
     }
+    let Some(slot) = mesh.take_connection_slot() else {
+        tracing::debug!(
+            max_connections = mesh.config().max_connections,
+            "upgrade refused: too many connections"
+        );
+        let mut response = plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many connections, retry later",
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+        return response;
+    };
     let Some(on_upgrade) = request
         .extensions_mut()
         .remove::<hyper::upgrade::OnUpgrade>()
@@ -101,7 +119,7 @@ pub(crate) fn accept<B>(
         );
     };
     let (mut parts, _body) = request.into_parts();
-    detach_from_read_buffer(&mut parts);
+    detach_from_read_buffer(&mut parts, mesh.config().max_kept_header_bytes);
     let config = websocket_config(mesh);
     let mesh = mesh.clone();
     tokio::spawn(
@@ -114,8 +132,10 @@ pub(crate) fn accept<B>(
                         Some(config),
                     )
                     .await;
+                    slot.hand_over();
                     connection::serve(mesh, socket, parts).await;
                 }
+                // The slot is dropped with this task: the place is given back.
                 Err(err) => tracing::debug!(%err, "upgrade failed"),
             }
         }
@@ -132,15 +152,26 @@ pub(crate) fn accept<B>(
     response
 }
 
-/// Copies the header values and URI out of the buffer hyper read the request into.
+/// Copies the header values and URI out of the buffer hyper read the request into,
+/// keeping at most `max_header_bytes` of header names and values: in request order, each
+/// header that would not fit left out (see `MeshBuilder::max_kept_header_bytes`).
 ///
-/// hyper parses them without copying, as slices of its (8 to 16 KiB) read buffer, so
-/// keeping the request's parts for the connection's whole life would keep that buffer
-/// too: most of an idle connection's memory. The copies take a few hundred bytes.
-fn detach_from_read_buffer(parts: &mut http::request::Parts) {
+/// hyper parses them without copying, as slices of its (8 to 16 KiB, or as large as the
+/// request head) read buffer, so keeping the request's parts for the connection's whole
+/// life would keep that buffer too: most of an idle connection's memory. The copies take
+/// a few hundred bytes, and never more than the budget.
+fn detach_from_read_buffer(parts: &mut http::request::Parts, max_header_bytes: usize) {
     let shared = std::mem::take(&mut parts.headers);
     let mut headers = HeaderMap::with_capacity(shared.len());
+    let mut budget = max_header_bytes;
+    let mut left_out = 0usize;
     for (name, value) in &shared {
+        let size = name.as_str().len() + value.len();
+        if size > budget {
+            left_out += 1;
+            continue;
+        }
+        budget -= size;
         let value = match HeaderValue::from_bytes(value.as_bytes()) {
             Ok(mut copied) => {
                 copied.set_sensitive(value.is_sensitive());
@@ -149,6 +180,13 @@ fn detach_from_read_buffer(parts: &mut http::request::Parts) {
             Err(_) => value.clone(),
         };
         headers.append(name.clone(), value);
+    }
+    if left_out > 0 {
+        tracing::debug!(
+            left_out,
+            max_header_bytes,
+            "upgrade request headers over max_kept_header_bytes are not kept"
+        );
     }
     parts.headers = headers;
     if let Ok(uri) = parts.uri.to_string().parse() {

@@ -1,6 +1,8 @@
 //! A connection's life: `on_connect` (sees the request, sets metadata, may refuse),
 //! liveness (ping/pong), `on_disconnect` exactly once whatever ended the connection, and
-//! graceful shutdown, on every backend. Hook calls are awaited through channels.
+//! graceful shutdown, on every backend. Hook calls are awaited through channels. The
+//! interop example's binary is run too: its SIGTERM shutdown, and its handling of sockets
+//! that never finish a request and of running out of file descriptors.
 
 mod common;
 
@@ -473,42 +475,91 @@ async fn on_disconnect_once_after_oversize_close(backend: Backend) {
     assert!(server.mesh.connections().is_empty());
 }
 
+/// An example binary running on a free port, with its log lines on a channel.
+struct ExampleProcess {
+    process: tokio::process::Child,
+    port: u16,
+    log: mpsc::UnboundedReceiver<String>,
+}
+
+impl ExampleProcess {
+    /// Starts the interop example with `env`, and with at most `fd_limit` open files when
+    /// given; returns once it listens.
+    async fn start_interop(env: &[(&str, &str)], fd_limit: Option<u32>) -> ExampleProcess {
+        use tokio::io::AsyncBufReadExt;
+
+        let binary = example_binary("interop");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("free port")
+            .port();
+        let mut command = match fd_limit {
+            // The shell sets the limit, then becomes the example (same pid).
+            Some(limit) => {
+                let mut command = tokio::process::Command::new("sh");
+                command
+                    .arg("-c")
+                    .arg(format!("ulimit -n {limit} && exec \"$0\""))
+                    .arg(&binary);
+                command
+            }
+            None => tokio::process::Command::new(&binary),
+        };
+        command
+            .env("PORT", port.to_string())
+            .env("RUST_LOG", "info")
+            .env_remove("REDIS_URL")
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let mut process = command
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()));
+        // Every log line is forwarded, so the example never blocks on a full pipe.
+        let mut lines = tokio::io::BufReader::new(process.stdout.take().expect("stdout")).lines();
+        let (log_tx, log) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = log_tx.send(line);
+            }
+        });
+        let mut example = ExampleProcess { process, port, log };
+        example.logged("interop server on port").await;
+        example
+    }
+
+    /// Waits for a log line containing `text`.
+    async fn logged(&mut self, text: &str) {
+        within(&format!("the example to log {text:?}"), async {
+            while let Some(line) = self.log.recv().await {
+                if line.contains(text) {
+                    return;
+                }
+            }
+            panic!("the example exited without logging {text:?}");
+        })
+        .await;
+    }
+
+    fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}/", self.addr())
+    }
+}
+
 /// The example servers shut down on SIGTERM (what orchestrators send) as on Ctrl-C: with
 /// 1,000 clients connected to the interop example, every client gets a 1001 close frame
 /// and the process exits in time, cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_interop_example_shuts_down_gracefully_on_sigterm() {
-    use tokio::io::AsyncBufReadExt;
-
     const CLIENTS: usize = 1000;
-    let binary = example_binary("interop");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("free port")
-        .port();
-    let mut server = tokio::process::Command::new(&binary)
-        .env("PORT", port.to_string())
-        .env("RUST_LOG", "info")
-        .env_remove("REDIS_URL")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()));
-    // It logs its port once it listens; the rest of its log is drained so it never blocks.
-    let mut log = tokio::io::BufReader::new(server.stdout.take().expect("stdout")).lines();
-    within("the example to listen", async {
-        while let Some(line) = log.next_line().await.expect("read the log") {
-            if line.contains("interop server on port") {
-                return;
-            }
-        }
-        panic!("the example exited before listening");
-    })
-    .await;
-    tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
+    let mut server = ExampleProcess::start_interop(&[], None).await;
 
-    let url = format!("ws://127.0.0.1:{port}/");
+    let url = server.url();
     let mut clients = Vec::with_capacity(CLIENTS);
     for batch in 0..CLIENTS / 100 {
         let connecting = (0..100).map(|_| RawClient::connect(&url));
@@ -520,7 +571,7 @@ async fn the_interop_example_shuts_down_gracefully_on_sigterm() {
         clients.extend(connected);
     }
 
-    let pid = server.id().expect("pid").to_string();
+    let pid = server.process.id().expect("pid").to_string();
     let status = std::process::Command::new("kill")
         .args(["-TERM", &pid])
         .status()
@@ -538,11 +589,126 @@ async fn the_interop_example_shuts_down_gracefully_on_sigterm() {
         &closes[..3]
     );
     // Within the mesh's shutdown timeout (10 s by default), with room to spare.
-    let exited = tokio::time::timeout(Duration::from_secs(15), server.wait())
+    let exited = tokio::time::timeout(Duration::from_secs(15), server.process.wait())
         .await
         .expect("the example exits after SIGTERM")
         .expect("exit status");
     assert!(exited.success(), "{exited}");
+}
+
+/// Reads (and drops) what the server sends until it closes the socket; returns when that
+/// was, or `None` when it did not within `limit`.
+async fn closed_by_server(
+    mut stream: impl tokio::io::AsyncRead + Unpin,
+    limit: Duration,
+) -> Option<tokio::time::Instant> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(limit, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return tokio::time::Instant::now(),
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
+/// The examples give a client 30 s (here `HEADER_READ_TIMEOUT_MS=500`) to send a request
+/// head, then close its socket: a socket that sends nothing, one that trickles a request
+/// head a byte at a time without ever finishing it (slowloris), and a keep-alive connection
+/// idle after its request. A WebSocket open all the while is not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_interop_example_closes_sockets_that_send_no_request_head_in_time() {
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+
+    const HEADER_READ_TIMEOUT: Duration = Duration::from_millis(500);
+    // Far above the timeout: a busy machine may be slow to close, never early.
+    const CLOSE_WITHIN: Duration = Duration::from_secs(10);
+    let server = ExampleProcess::start_interop(
+        &[(
+            "HEADER_READ_TIMEOUT_MS",
+            &HEADER_READ_TIMEOUT.as_millis().to_string(),
+        )],
+        None,
+    )
+    .await;
+    let mut websocket = RawClient::connect(&server.url()).await;
+
+    let started = tokio::time::Instant::now();
+    let idle = TcpStream::connect(server.addr()).await.expect("connect");
+    let (slowloris, mut trickle) = TcpStream::connect(server.addr())
+        .await
+        .expect("connect")
+        .into_split();
+    let trickling = tokio::spawn(async move {
+        let head = b"GET /health HTTP/1.1\r\nHost: mesh.test\r\nX-Slow: ";
+        for byte in head.iter().chain(std::iter::repeat(&b'a')) {
+            if trickle.write_all(&[*byte]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let mut keep_alive = TcpStream::connect(server.addr()).await.expect("connect");
+    keep_alive
+        .write_all(b"GET /health HTTP/1.1\r\nHost: mesh.test\r\n\r\n")
+        .await
+        .expect("write");
+
+    let (idle, slowloris, keep_alive) = tokio::join!(
+        closed_by_server(idle, CLOSE_WITHIN),
+        closed_by_server(slowloris, CLOSE_WITHIN),
+        closed_by_server(keep_alive, CLOSE_WITHIN),
+    );
+    for (socket, closed) in [
+        ("idle", idle),
+        ("slowloris", slowloris),
+        ("keep-alive", keep_alive),
+    ] {
+        let closed = closed.unwrap_or_else(|| panic!("the {socket} socket is still open"));
+        assert!(
+            closed - started >= HEADER_READ_TIMEOUT,
+            "the {socket} socket was closed before its time: {:?}",
+            closed - started
+        );
+    }
+    trickling.abort();
+    // Open since before the other sockets, so for longer than the header timeout.
+    let reply = websocket.command(1, "echo", json!("still here")).await;
+    assert_eq!(reply["payload"], "still here");
+}
+
+/// When idle sockets exhaust the process's file descriptors, the examples' accept loop
+/// backs off and waits, and serves again once the header timeout has closed them: the
+/// interop example, limited to 64 open files, with 150 idle sockets, still answers a
+/// WebSocket client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_interop_example_serves_again_once_idle_sockets_free_their_descriptors() {
+    const IDLE_SOCKETS: usize = 150;
+    let mut server =
+        ExampleProcess::start_interop(&[("HEADER_READ_TIMEOUT_MS", "500")], Some(64)).await;
+    let mut idle = Vec::with_capacity(IDLE_SOCKETS);
+    for _ in 0..IDLE_SOCKETS {
+        // The kernel completes each connection; the server accepts what it has room for.
+        idle.push(
+            tokio::net::TcpStream::connect(server.addr())
+                .await
+                .expect("connect"),
+        );
+    }
+    server.logged("accept error").await;
+    // Queued behind every idle socket: it is accepted once they have been, and closed.
+    let mut client =
+        tokio::time::timeout(Duration::from_secs(30), RawClient::connect(&server.url()))
+            .await
+            .expect("a client is served once the idle sockets are closed");
+    let reply = client.command(1, "echo", json!("served")).await;
+    assert_eq!(reply["payload"], "served");
+    drop(idle);
 }
 
 /// The path of an example binary that `cargo test` built beside this test's own.

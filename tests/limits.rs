@@ -1,6 +1,7 @@
 //! Bounded connections: the outbound queue budget (a client that stops reading is closed
-//! while everyone else keeps receiving) and the per-connection in-flight limit, on every
-//! backend. (The inbound frame limit is in bad_input.rs.)
+//! while everyone else keeps receiving), the per-connection in-flight limit, the upgrade
+//! headers a connection keeps, and the connections an instance holds, on every backend.
+//! (The inbound frame limit is in bad_input.rs.)
 
 mod common;
 
@@ -28,6 +29,10 @@ conformance!(
     pushes_over_the_budget_close_even_while_replies_are_queued,
     a_pipelining_client_that_never_reads_is_closed,
     collection_diffs_count_against_the_push_budget,
+    a_huge_upgrade_header_is_not_kept_but_the_small_ones_are,
+    kept_headers_are_taken_in_request_order_within_the_budget,
+    upgrades_beyond_max_connections_get_503_until_one_closes,
+    concurrent_upgrades_never_exceed_max_connections,
 );
 
 /// Pushes the test sends to the client that keeps reading.
@@ -666,7 +671,10 @@ async fn collection_diffs_count_against_the_push_budget(backend: Backend) {
         .max_outbound_bytes(64 * 1024)
         .ping_interval(Duration::from_secs(3600))
         .latency_interval(Duration::from_secs(3600))
-        .expose_record(tower_mesh::Regex::new("^flood:").expect("regex"), Access::open())
+        .expose_record(
+            tower_mesh::Regex::new("^flood:").expect("regex"),
+            Access::open(),
+        )
         .expose_collection(
             "flood",
             Collection::matching(tower_mesh::Regex::new("^flood:").expect("regex")),
@@ -674,7 +682,11 @@ async fn collection_diffs_count_against_the_push_budget(backend: Backend) {
     let server = serve(builder).await;
     let mut slow = RawClient::connect(&server.url()).await;
     let reply = slow
-        .command(1, "mesh/subscribe-collection", json!({"collectionId": "flood"}))
+        .command(
+            1,
+            "mesh/subscribe-collection",
+            json!({"collectionId": "flood"}),
+        )
         .await;
     assert_eq!(reply["payload"]["success"], true, "{reply}");
     // From now on it never reads: every new record reaches it in a diff.
@@ -697,4 +709,242 @@ async fn collection_diffs_count_against_the_push_budget(backend: Backend) {
         1,
         "{written} records written without closing the subscriber"
     );
+}
+
+/// `headers`: the names of the upgrade request's headers the connection kept, with the
+/// value of `x-user`.
+async fn kept_headers(connection: Connection) -> Value {
+    let names: Vec<&str> = connection
+        .headers()
+        .keys()
+        .map(|name| name.as_str())
+        .collect();
+    let kept_bytes: usize = connection
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum();
+    let user = connection
+        .headers()
+        .get("x-user")
+        .and_then(|value| value.to_str().ok());
+    json!({ "names": names, "bytes": kept_bytes, "x-user": user })
+}
+
+/// The WebSocket handshake headers a raw upgrade sends before its own, in this order.
+fn handshake_headers() -> Vec<(String, String)> {
+    [
+        ("host", "mesh.test".to_owned()),
+        ("upgrade", "websocket".to_owned()),
+        ("connection", "upgrade".to_owned()),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==".to_owned()),
+        ("sec-websocket-version", "13".to_owned()),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_owned(), value))
+    .collect()
+}
+
+/// Upgrades with exactly `headers`, in this order on the wire, and waits for the id.
+async fn raw_upgrade(addr: std::net::SocketAddr, headers: &[(String, String)]) -> RawClient {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut head = String::from("GET / HTTP/1.1\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await.expect("write");
+    // Frames may follow the 101 in the same read: what is past the head is handed on.
+    let mut received = Vec::new();
+    let end = within("the 101", async {
+        loop {
+            if let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+                return end + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "closed before answering: {received:?}");
+            received.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    let answer = String::from_utf8_lossy(&received[..end]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+    let mut socket = tokio_tungstenite::WebSocketStream::from_partially_read(
+        tokio_tungstenite::MaybeTlsStream::Plain(stream),
+        received[end..].to_vec(),
+        Role::Client,
+        None,
+    )
+    .await;
+    let first = next_json(&mut socket).await;
+    assert_eq!(first["command"], "mesh/assign-id", "first frame: {first}");
+    let id = first["payload"].as_str().expect("id").to_owned();
+    RawClient { socket, id }
+}
+
+/// The names of the headers a connection kept, in order, as `headers` reports them.
+async fn kept_names(client: &mut RawClient) -> (Vec<String>, Value) {
+    let kept = client.command(1, "headers", json!({})).await["payload"].clone();
+    let names = serde_json::from_value(kept["names"].clone()).expect("header names");
+    (names, kept)
+}
+
+fn names(headers: &[(String, String)]) -> Vec<String> {
+    headers.iter().map(|(name, _)| name.clone()).collect()
+}
+
+fn with(mut headers: Vec<(String, String)>, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    headers.extend(
+        extra
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), (*value).to_owned())),
+    );
+    headers
+}
+
+async fn a_huge_upgrade_header_is_not_kept_but_the_small_ones_are(backend: Backend) {
+    let builder = backend.builder().command("headers", kept_headers);
+    let server = serve(builder).await;
+
+    // 300 KB (within hyper's limit on a request head), then the small headers a command
+    // typically reads.
+    let huge = "h".repeat(300_000);
+    let sent = with(
+        handshake_headers(),
+        &[
+            ("x-huge", huge.as_str()),
+            ("x-user", "alice"),
+            ("x-trace", "t-1"),
+        ],
+    );
+    let mut client = raw_upgrade(server.addr, &sent).await;
+    let (kept, report) = kept_names(&mut client).await;
+    // Every other header, the ones after the huge one included, in order.
+    let expected: Vec<String> = names(&sent)
+        .into_iter()
+        .filter(|name| name != "x-huge")
+        .collect();
+    assert_eq!(kept, expected, "{report}");
+    assert_eq!(report["x-user"], "alice");
+
+    // A request of ordinary size keeps every header.
+    let sent = with(
+        handshake_headers(),
+        &[("x-user", "bob"), ("x-trace", "t-2")],
+    );
+    let mut client = raw_upgrade(server.addr, &sent).await;
+    let (kept, report) = kept_names(&mut client).await;
+    assert_eq!(kept, names(&sent));
+    assert_eq!(report["x-user"], "bob");
+}
+
+async fn kept_headers_are_taken_in_request_order_within_the_budget(backend: Backend) {
+    let header = |name: &str, size: usize| (name.to_owned(), "v".repeat(size - name.len()));
+    let handshake = handshake_headers();
+    let handshake_bytes: usize = handshake
+        .iter()
+        .map(|(name, value)| name.len() + value.len())
+        .sum();
+    // Room for the handshake and 150 bytes more: the first 100-byte header fits, the
+    // second would not (it is left out), the 40-byte one after it still fits.
+    let builder = backend
+        .builder()
+        .command("headers", kept_headers)
+        .max_kept_header_bytes(handshake_bytes + 150);
+    let server = serve(builder).await;
+    let mut sent = handshake.clone();
+    sent.extend([
+        header("x-first", 100),
+        header("x-second", 100),
+        header("x-third", 40),
+    ]);
+    let mut client = raw_upgrade(server.addr, &sent).await;
+    let (kept, report) = kept_names(&mut client).await;
+    let mut expected = names(&handshake);
+    expected.extend(["x-first".to_owned(), "x-third".to_owned()]);
+    assert_eq!(kept, expected, "{report}");
+    assert_eq!(report["bytes"], handshake_bytes + 140);
+}
+
+/// Connects, or returns the refusal: its status and `Retry-After` header.
+async fn connect_or_refusal(url: &str) -> Result<RawClient, (u16, Option<String>)> {
+    use tokio_tungstenite::tungstenite::Error;
+    let (mut socket, _) = match tokio_tungstenite::connect_async(url).await {
+        Ok(connected) => connected,
+        Err(Error::Http(response)) => {
+            let retry_after = response
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .map(|value| value.to_str().expect("ASCII").to_owned());
+            return Err((response.status().as_u16(), retry_after));
+        }
+        Err(other) => panic!("upgrade failed without an HTTP answer: {other}"),
+    };
+    let first = next_json(&mut socket).await;
+    assert_eq!(first["command"], "mesh/assign-id", "first frame: {first}");
+    let id = first["payload"].as_str().expect("id").to_owned();
+    Ok(RawClient { socket, id })
+}
+
+async fn upgrades_beyond_max_connections_get_503_until_one_closes(backend: Backend) {
+    let (gone_tx, mut gone) = mpsc::unbounded_channel();
+    let builder = backend
+        .builder()
+        .command("echo", echo)
+        .max_connections(2)
+        .on_disconnect(move |connection: Connection| {
+            let _ = gone_tx.send(connection.id().to_owned());
+            async {}
+        });
+    let server = serve(builder).await;
+    let mut first = RawClient::connect(&server.url()).await;
+    let mut second = RawClient::connect(&server.url()).await;
+
+    let refusal = connect_or_refusal(&server.url()).await.err();
+    assert_eq!(refusal, Some((503, Some("5".to_owned()))));
+    assert_eq!(server.mesh.stats().refused_connections, 1);
+    assert_eq!(server.mesh.stats().connections, 2);
+    // The two connected are served as before.
+    assert_echo_is_next(&mut second, 1).await;
+
+    first.close().await;
+    assert_eq!(recv_within(&mut gone).await, first.id);
+    // Its place is given back when its task ends, just before the close is counted.
+    within("the closed connection to be counted", async {
+        while server.mesh.stats().connections_closed < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let mut third = connect_or_refusal(&server.url())
+        .await
+        .unwrap_or_else(|refusal| panic!("refused after a connection closed: {refusal:?}"));
+    assert_echo_is_next(&mut third, 2).await;
+    assert_eq!(server.mesh.stats().refused_connections, 1);
+    assert_eq!(server.mesh.stats().connections_opened, 3);
+}
+
+async fn concurrent_upgrades_never_exceed_max_connections(backend: Backend) {
+    const LIMIT: usize = 4;
+    const ATTEMPTS: usize = 24;
+    let server = serve(backend.builder().max_connections(LIMIT)).await;
+    let url = server.url();
+    let attempts = (0..ATTEMPTS).map(|_| connect_or_refusal(&url));
+    let outcomes = within(
+        "every upgrade to be answered",
+        futures_util::future::join_all(attempts),
+    )
+    .await;
+    let (connected, refused): (Vec<_>, Vec<_>) = outcomes.into_iter().partition(Result::is_ok);
+    assert_eq!(connected.len(), LIMIT);
+    for refusal in &refused {
+        assert_eq!(refusal.as_ref().err(), Some(&(503, Some("5".to_owned()))));
+    }
+    let stats = server.mesh.stats();
+    assert_eq!(stats.refused_connections, (ATTEMPTS - LIMIT) as u64);
+    assert_eq!(stats.connections, LIMIT);
+    assert_eq!(stats.connections_opened, LIMIT as u64);
 }

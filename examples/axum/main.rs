@@ -13,8 +13,12 @@
 //! - commands `say {text}` (pushed to the lobby as `chat`) and `whoami`;
 //! - an `on_connect` hook that stores `{"name": user}` as the connection's metadata;
 //! - tower layers as command middleware (`TimeoutLayer` around every command);
-//! - graceful shutdown on Ctrl-C or SIGTERM: axum stops accepting, mesh closes every WebSocket with
-//!   a going-away frame.
+//! - serving hardened for the open internet (`examples/common/serve.rs`, shared with the
+//!   other examples): hyper with a time limit on request heads, so slowloris and idle sockets
+//!   are dropped, `TCP_NODELAY`, and an accept loop that backs off when the process runs out
+//!   of file descriptors;
+//! - graceful shutdown on Ctrl-C or SIGTERM: stop accepting, mesh closes every WebSocket with
+//!   a going-away frame, HTTP requests in flight finish.
 //!
 //! The page speaks the mesh wire protocol with the browser's own `WebSocket`, no library.
 //!
@@ -25,8 +29,11 @@
 //! ```
 //!
 //! `PORT` sets the port (default 3000); `RUST_LOG` the log filter (default `info`);
-//! `REDIS_URL` switches to the Redis backend, so several instances serve one chat.
+//! `REDIS_URL` switches to the Redis backend, so several instances serve one chat;
+//! `HEADER_READ_TIMEOUT_MS` the time a client has to send a request head (default 30 000).
 
+#[path = "../common/serve.rs"]
+mod serve;
 #[path = "../common/shutdown.rs"]
 mod shutdown;
 
@@ -37,7 +44,6 @@ use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use axum::Router;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -45,6 +51,7 @@ use tower::timeout::TimeoutLayer;
 use tower_mesh::extract::{Extension, Payload};
 use tower_mesh::{CommandError, Connection, MergeStrategy, Mesh, PresenceOptions};
 
+use serve::{header_read_timeout, serve};
 use shutdown::shutdown_signal;
 
 /// The chat page: plain HTML and JavaScript, no external scripts.
@@ -181,17 +188,14 @@ async fn main() -> std::io::Result<()> {
         .layer(mesh_layer)
         .layer(middleware::from_fn(auth));
 
-    // Mesh frames are small: send each at once rather than wait for Nagle's algorithm.
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await?
-        .tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     tracing::info!("chat on http://127.0.0.1:{port}/?token=alice-token (or bob-token)");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            mesh.shutdown().await;
-        })
-        .await
+    serve(
+        listener,
+        app,
+        mesh,
+        header_read_timeout(),
+        shutdown_signal(),
+    )
+    .await
 }

@@ -3,14 +3,16 @@
 //! What it shows:
 //! - the inner HTTP service is a plain `tower::service_fn` (`GET /health` answers `ok`,
 //!   everything else `404`);
-//! - `MeshLayer` wraps it (mesh on `/`), and `hyper_util::service::TowerToHyperService`
-//!   turns the tower service into a hyper one;
-//! - the accept loop serves each connection **with upgrades enabled**
-//!   (`serve_connection_with_upgrades`): without them hyper never hands over the socket and
-//!   the WebSocket handshake cannot complete;
+//! - `MeshLayer` wraps it (mesh on `/`), and the accept loop of `examples/common/serve.rs`
+//!   (shared with the other examples) serves it with hyper's HTTP/1 connection builder:
+//!   `hyper_util::service::TowerToHyperService` turns the tower service into a hyper one,
+//!   each connection is served **with upgrades enabled** (`.with_upgrades()`: without them
+//!   hyper never hands over the socket and the WebSocket handshake cannot complete), with a
+//!   time limit on request heads (`header_read_timeout`, so slowloris and idle sockets are
+//!   dropped) and `TCP_NODELAY`; accept errors back off;
 //! - commands `echo` (reply = payload) and `time` (reply = Unix time in milliseconds);
-//! - graceful shutdown on Ctrl-C or SIGTERM: stop accepting, let open HTTP connections finish, and
-//!   close every WebSocket with a going-away frame through `Mesh::shutdown`.
+//! - graceful shutdown on Ctrl-C or SIGTERM: stop accepting, close every WebSocket with a
+//!   going-away frame through `Mesh::shutdown`, and let open HTTP connections finish.
 //!
 //! ```text
 //! cargo run --example hyper
@@ -18,32 +20,28 @@
 //! # any mesh client on ws://127.0.0.1:3001/
 //! ```
 //!
-//! `PORT` sets the port (default 3001); `RUST_LOG` the log filter (default `info`).
+//! `PORT` sets the port (default 3001); `RUST_LOG` the log filter (default `info`);
+//! `HEADER_READ_TIMEOUT_MS` the time a client has to send a request head (default 30 000).
 
+#[path = "../common/serve.rs"]
+mod serve;
 #[path = "../common/shutdown.rs"]
 mod shutdown;
 
 use std::convert::Infallible;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use serde_json::Value;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tower::{service_fn, Layer};
 use tower_mesh::extract::Payload;
 use tower_mesh::Mesh;
 
+use serve::{header_read_timeout, serve};
 use shutdown::shutdown_signal;
-
-/// How long open HTTP connections get to finish once shutdown starts.
-const HTTP_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `echo`: replies with the payload it was sent.
 async fn echo(Payload(payload): Payload<Value>) -> Value {
@@ -92,64 +90,12 @@ async fn main() -> std::io::Result<()> {
     let listener = TcpListener::bind(("127.0.0.1", port)).await?;
     tracing::info!("mesh on ws://127.0.0.1:{port}/, health on http://127.0.0.1:{port}/health");
 
-    // Tells every HTTP connection task to finish its current request and stop.
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut connections = JoinSet::new();
-    let signal = shutdown_signal();
-    tokio::pin!(signal);
-
-    loop {
-        let (stream, peer) = tokio::select! {
-            () = &mut signal => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    tracing::warn!(%err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        // Mesh frames are small: send each at once rather than wait for Nagle's algorithm.
-        let _ = stream.set_nodelay(true);
-        // Forget connection tasks that have already finished.
-        while connections.try_join_next().is_some() {}
-
-        let service = TowerToHyperService::new(service.clone());
-        let mut stop = stop_rx.clone();
-        connections.spawn(async move {
-            let builder = auto::Builder::new(TokioExecutor::new());
-            // Upgrades must be enabled, or the WebSocket handshake cannot happen.
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                _ = async { stop.wait_for(|stop| *stop).await.is_ok() } => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            };
-            if let Err(err) = result {
-                tracing::debug!(%peer, %err, "http connection ended with an error");
-            }
-        });
-    }
-
-    // Stop accepting (the listener goes away), close every WebSocket (1001 going away,
-    // `on_disconnect` hooks run), then let in-flight HTTP requests finish.
-    drop(listener);
-    tracing::info!("shutting down");
-    if !mesh.shutdown().await {
-        tracing::warn!("some WebSocket connections did not close in time");
-    }
-    let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(HTTP_DRAIN_TIMEOUT, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!("some HTTP connections did not finish in time");
-        connections.shutdown().await;
-    }
-    Ok(())
+    serve(
+        listener,
+        service,
+        mesh,
+        header_read_timeout(),
+        shutdown_signal(),
+    )
+    .await
 }

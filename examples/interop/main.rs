@@ -12,25 +12,29 @@
 //! `write-record {recordId, value, strategy?}` and `delete-record {recordId}`, each
 //! replying `{success: true}`. Optional `PING_INTERVAL_MS`, `LATENCY_INTERVAL_MS` and
 //! `MAX_MISSED_PONGS` tune liveness for protocol tests. Ctrl-C or SIGTERM shuts it down
-//! gracefully (every WebSocket gets 1001).
+//! gracefully (every WebSocket gets 1001). It serves through `examples/common/serve.rs`: a
+//! socket that has not sent a complete request head within `HEADER_READ_TIMEOUT_MS`
+//! (default 30 000) is closed, and accept errors back off.
 //!
 //! ```text
 //! cargo run --example interop
 //! ```
 
+#[path = "../common/serve.rs"]
+mod serve;
 #[path = "../common/shutdown.rs"]
 mod shutdown;
 
 use std::time::Duration;
 
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use axum::Router;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tower_mesh::extract::Payload;
 use tower_mesh::{Access, Collection, CommandError, MergeStrategy, Mesh, PresenceOptions, Regex};
 
+use serve::{header_read_timeout, serve};
 use shutdown::shutdown_signal;
 
 fn env_ms(name: &str) -> Option<Duration> {
@@ -181,17 +185,14 @@ async fn main() -> std::io::Result<()> {
     let app = Router::new()
         .route("/health", get(|| async { "ok" }))
         .layer(mesh_layer);
-    // Mesh frames are small: send each at once rather than wait for Nagle's algorithm.
-    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
-        .await?
-        .tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
     tracing::info!("interop server on port {port}");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            mesh.shutdown().await;
-        })
-        .await
+    serve(
+        listener,
+        app,
+        mesh,
+        header_read_timeout(),
+        shutdown_signal(),
+    )
+    .await
 }

@@ -26,7 +26,8 @@ pub(crate) use registry::Registry;
 /// A handle to one client connection. Cheap to clone.
 ///
 /// It keeps the WebSocket upgrade request's parts (headers, URI, extensions such as the
-/// user an auth layer stored), so every command of the connection can see them.
+/// user an auth layer stored), so every command of the connection can see them; of the
+/// headers, at most [`max_kept_header_bytes`](crate::MeshBuilder::max_kept_header_bytes).
 #[derive(Clone)]
 pub struct Connection {
     shared: Arc<Shared>,
@@ -102,12 +103,18 @@ impl Connection {
         self.shared.id.clone()
     }
 
-    /// The upgrade request's method, URI, headers and extensions.
+    /// The upgrade request's method, URI, headers and extensions; the headers as
+    /// [`headers`](Self::headers) describes.
     pub fn request_parts(&self) -> &http::request::Parts {
         &self.shared.parts
     }
 
-    /// The upgrade request's headers.
+    /// The upgrade request's headers, as many as
+    /// [`max_kept_header_bytes`](crate::MeshBuilder::max_kept_header_bytes) allows (16 KiB
+    /// of names and values by default): in request order, a header that would take the
+    /// total over the budget is left out and the ones after it that fit are kept. Read a
+    /// header that may be large in an HTTP layer outside the mesh layer, which sees every
+    /// header, and store what the commands need in the request's extensions.
     pub fn headers(&self) -> &http::HeaderMap {
         &self.shared.parts.headers
     }
