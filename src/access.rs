@@ -55,6 +55,47 @@ impl Pattern {
             Pattern::Regex(regex) => regex.is_match(name),
         }
     }
+
+    /// A text every name this pattern matches starts with (`""` when there is none to
+    /// tell), so that a listing can read just that range of an ordered index.
+    pub(crate) fn literal_prefix(&self) -> String {
+        match self {
+            Pattern::Exact(name) => name.clone(),
+            Pattern::Regex(regex) => regex_literal_prefix(regex.as_str()),
+        }
+    }
+}
+
+/// The literal text an anchored regex (`^task:` or `^a\.b`) requires its matches to start
+/// with; `""` when it is not anchored, or may branch (`|`) before any fixed text.
+fn regex_literal_prefix(source: &str) -> String {
+    let Some(rest) = source.strip_prefix('^') else {
+        return String::new();
+    };
+    if source.contains('|') {
+        return String::new();
+    }
+    let mut prefix = String::new();
+    let mut chars = rest.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.peek() {
+                Some(&escaped) if escaped.is_ascii_punctuation() => {
+                    prefix.push(escaped);
+                    chars.next();
+                }
+                _ => break,
+            },
+            '?' | '*' | '{' => {
+                // The last character may be absent (or repeated zero times).
+                prefix.pop();
+                break;
+            }
+            '.' | '[' | ']' | '(' | ')' | '}' | '+' | '^' | '$' => break,
+            literal => prefix.push(literal),
+        }
+    }
+    prefix
 }
 
 impl From<&str> for Pattern {
@@ -210,6 +251,21 @@ impl<T> Rules<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn literal_prefixes_of_patterns() {
+        let prefix = |source: &str| Pattern::from(Regex::new(source).unwrap()).literal_prefix();
+        assert_eq!(prefix("^task:"), "task:");
+        assert_eq!(prefix("^task:[0-9]+$"), "task:");
+        assert_eq!(prefix(r"^a\.b\d"), "a.b");
+        assert_eq!(prefix("^tasks?:"), "task");
+        assert_eq!(prefix("^ab+"), "ab");
+        assert_eq!(prefix("task:"), "");
+        assert_eq!(prefix("^a|^b"), "");
+        assert_eq!(prefix("(?i)^task"), "");
+        assert_eq!(prefix(""), "");
+        assert_eq!(Pattern::from("exact").literal_prefix(), "exact");
+    }
 
     #[test]
     fn exact_beats_regex_and_later_replaces_earlier() {

@@ -5,14 +5,28 @@
 //! `mesh/collection-diff` (version + 1) whenever records join or leave its collection,
 //! and each member's changes as `mesh/record-update` pushes with the whole value.
 //!
-//! mesh re-runs every subscriber's resolver on every record write. Here an exposure
-//! declares which records its collections can hold ([`Collection::holding`]; a
-//! [`Collection::matching`] collection holds what it matches): a write to any other
-//! record re-resolves nothing. A write to a record it can hold is published once, on the
-//! exposure's topic, to the instances that have subscribers of its collections, and each
-//! of those subscriptions re-resolves once per burst of writes (debounced), on its own
-//! connection's instance. Members pass the record read rules, and a collection holds at
-//! most [`max_collection_members`](crate::MeshBuilder::max_collection_members) records.
+//! mesh re-runs every subscriber's resolver on every record write (PROTOCOL.md §8). Here a
+//! write costs what it can change:
+//! - An exposure declares which records its collections can hold
+//!   ([`Collection::holding`]; a [`Collection::matching`] collection holds what it
+//!   matches): a write to any other record is not even announced.
+//! - A write to a record it can hold is published once, on the exposure's topic, to the
+//!   instances that have subscribers of its collections. There, only the collections whose
+//!   id can hold that record ([`Collection::holding_for`]) re-resolve: one check per
+//!   subscribed collection id, whatever its size and however many subscribers it has.
+//! - A collection re-resolves once per burst of writes (debounced), once per instance: a
+//!   resolver that depends only on the collection id ([`Collection::resolved_by_id`],
+//!   [`Collection::matching`]) runs once for all of the instance's subscribers of that
+//!   collection; one that takes the connection ([`Collection::resolved_by`]) runs for
+//!   each. Re-resolutions of an instance run one at a time, in the order they were due.
+//! - Membership that depends only on which records exist
+//!   ([`Collection::membership_by_existence`]) re-resolves only on creations and
+//!   deletions; updates of members are record updates alone.
+//! - Listings by pattern read an ordered index of record ids, only the range of the
+//!   pattern's fixed start ([`Mesh::record_ids_matching`]).
+//!
+//! Members pass the record read rules, and a collection holds at most
+//! [`max_collection_members`](crate::MeshBuilder::max_collection_members) records.
 //!
 //! A resolver runs while its connection's membership changes are held (so resolutions,
 //! subscriptions and the connection's end are ordered): it must not change the rooms or
@@ -25,6 +39,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tokio::sync::mpsc;
 
 use crate::access::{valid_name, Access, Pattern};
 use crate::connection::{Connection, MembershipGuard};
@@ -40,8 +55,20 @@ use crate::topics::{Form, Topic};
 /// of writes costs one resolution.
 const DEBOUNCE: Duration = Duration::from_millis(20);
 
-type Resolver =
-    Arc<dyn Fn(Mesh, Connection, String) -> BoxFuture<Result<Vec<String>, BoxError>> + Send + Sync>;
+type Resolver<A> =
+    Arc<dyn Fn(Mesh, A, String) -> BoxFuture<Result<Vec<String>, BoxError>> + Send + Sync>;
+
+/// How a collection's members are decided.
+#[derive(Clone)]
+enum Resolve {
+    /// By the collection id and the subscribing connection: runs for each subscriber.
+    PerConnection(Resolver<Connection>),
+    /// By the collection id alone: runs once per burst of changes for all of an
+    /// instance's subscribers of the collection.
+    PerCollection(Resolver<()>),
+}
+
+type Holds = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
 
 /// A collection exposure; give it to
 /// [`MeshBuilder::expose_collection`](crate::MeshBuilder::expose_collection).
@@ -77,8 +104,9 @@ type Resolver =
 #[derive(Clone)]
 #[must_use]
 pub struct Collection {
-    resolver: Resolver,
+    resolve: Resolve,
     holding: Option<Pattern>,
+    holding_for: Option<Holds>,
     access: Access,
     /// Whether membership depends on which records exist only (not on their values), so
     /// that only creations and deletions can change it.
@@ -96,41 +124,82 @@ impl std::fmt::Debug for Collection {
 
 impl Collection {
     /// Every stored record whose id `records` matches; only the creation or deletion of
-    /// such a record re-resolves it (updates reach subscribers as record updates).
+    /// such a record re-resolves it (updates reach subscribers as record updates). Give
+    /// the pattern a fixed start (`^task:`): the ids are read from an ordered index, only
+    /// that range.
     pub fn matching(records: impl Into<Pattern>) -> Self {
         let records = records.into();
         let pattern = records.clone();
-        let mut collection = Collection::resolved_by(move |mesh, _connection, _collection_id| {
+        Collection::resolved_by_id(move |mesh, _collection_id| {
             let pattern = pattern.clone();
             async move { Ok(mesh.record_ids_matching(pattern).await?) }
         })
-        .holding(records);
-        collection.by_existence = true;
-        collection
+        .holding(records)
+        .membership_by_existence()
     }
 
     /// Members decided by `resolver`, which gets the mesh, the subscribing connection and
-    /// the collection id, and returns the ids of the records that connection sees.
-    /// Without [`holding`](Self::holding), a write to any record re-resolves it.
+    /// the collection id, and returns the ids of the records that connection sees. It
+    /// runs for each subscriber; when the connection does not matter, prefer
+    /// [`resolved_by_id`](Self::resolved_by_id). Without [`holding`](Self::holding) or
+    /// [`holding_for`](Self::holding_for), a write to any record re-resolves it.
     pub fn resolved_by<F, Fut>(resolver: F) -> Self
     where
         F: Fn(Mesh, Connection, String) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<String>, BoxError>> + Send + 'static,
     {
+        Collection::with(Resolve::PerConnection(Arc::new(
+            move |mesh, connection, id| Box::pin(resolver(mesh, connection, id)),
+        )))
+    }
+
+    /// Members decided by `resolver` from the collection id alone (every subscriber sees
+    /// the same records, less those its record read rules refuse): after a change it runs
+    /// once per instance for all of that instance's subscribers of the collection.
+    pub fn resolved_by_id<F, Fut>(resolver: F) -> Self
+    where
+        F: Fn(Mesh, String) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<String>, BoxError>> + Send + 'static,
+    {
+        Collection::with(Resolve::PerCollection(Arc::new(move |mesh, (), id| {
+            Box::pin(resolver(mesh, id))
+        })))
+    }
+
+    fn with(resolve: Resolve) -> Self {
         Collection {
-            resolver: Arc::new(move |mesh, connection, id| {
-                Box::pin(resolver(mesh, connection, id))
-            }),
+            resolve,
             holding: None,
+            holding_for: None,
             access: Access::open(),
             by_existence: false,
         }
     }
 
     /// The records its collections can hold: writes to other records never re-resolve
-    /// them.
+    /// them, and cost nothing beyond this check on the writer.
     pub fn holding(mut self, records: impl Into<Pattern>) -> Self {
         self.holding = Some(records.into());
+        self
+    }
+
+    /// Which records the collection with a given id can hold (`holds(collection_id,
+    /// record_id)`; for example "records whose id starts with the collection id and a
+    /// colon"): a write to a record re-resolves only the collections that can hold it.
+    /// Combines with [`holding`](Self::holding).
+    pub fn holding_for<F>(mut self, holds: F) -> Self
+    where
+        F: Fn(&str, &str) -> bool + Send + Sync + 'static,
+    {
+        self.holding_for = Some(Arc::new(holds));
+        self
+    }
+
+    /// Says that membership depends only on which records exist, not on their values (as
+    /// for [`matching`](Self::matching)): only creations and deletions re-resolve it;
+    /// updates of members reach subscribers as record updates alone.
+    pub fn membership_by_existence(mut self) -> Self {
+        self.by_existence = true;
         self
     }
 
@@ -138,6 +207,17 @@ impl Collection {
     pub fn access(mut self, access: Access) -> Self {
         self.access = access;
         self
+    }
+
+    /// Whether the collection `collection_id` can hold `record_id`.
+    fn can_hold(&self, collection_id: &str, record_id: &str) -> bool {
+        self.holding
+            .as_ref()
+            .is_none_or(|records| records.matches(record_id))
+            && self
+                .holding_for
+                .as_ref()
+                .is_none_or(|holds| holds(collection_id, record_id))
     }
 }
 
@@ -161,28 +241,125 @@ struct Subscription {
     exposure: Arc<CollectionExposure>,
     members: Vec<String>,
     version: u64,
+}
+
+/// The local subscribers of one collection: a change re-resolves them together.
+struct Group {
+    exposure: Arc<CollectionExposure>,
+    subscribers: HashSet<Arc<str>>,
     /// A re-resolution is scheduled and has not started.
     pending: bool,
 }
 
-/// One connection's collection subscriptions, by collection id.
-type OfConnection = HashMap<Arc<str>, Subscription>;
+/// Every local collection subscription: by connection, then collection id; and the
+/// subscribers of each collection, by exposure, then collection id.
+#[derive(Default)]
+struct Index {
+    by_connection: HashMap<Arc<str>, HashMap<Arc<str>, Subscription>>,
+    groups: HashMap<Arc<str>, HashMap<Arc<str>, Group>>,
+}
 
-/// Every local collection subscription, by connection, then collection id.
+impl Index {
+    fn subscription(
+        &mut self,
+        connection_id: &str,
+        collection_id: &str,
+    ) -> Option<&mut Subscription> {
+        self.by_connection
+            .get_mut(connection_id)
+            .and_then(|collections| collections.get_mut(collection_id))
+    }
+
+    fn subscribe(
+        &mut self,
+        connection_id: Arc<str>,
+        collection_id: Arc<str>,
+        subscription: Subscription,
+    ) {
+        let exposure = subscription.exposure.clone();
+        self.by_connection
+            .entry(connection_id.clone())
+            .or_default()
+            .insert(collection_id.clone(), subscription);
+        self.groups
+            .entry(exposure.key.clone())
+            .or_default()
+            .entry(collection_id)
+            .or_insert_with(|| Group {
+                exposure,
+                subscribers: HashSet::new(),
+                pending: false,
+            })
+            .subscribers
+            .insert(connection_id);
+    }
+
+    /// Ends one subscription; returns it.
+    fn unsubscribe(&mut self, connection_id: &str, collection_id: &str) -> Option<Subscription> {
+        let collections = self.by_connection.get_mut(connection_id)?;
+        let removed = collections.remove(collection_id)?;
+        if collections.is_empty() {
+            self.by_connection.remove(connection_id);
+        }
+        self.leave_group(&removed.exposure.key, collection_id, connection_id);
+        Some(removed)
+    }
+
+    /// Ends every subscription of a connection.
+    fn forget(&mut self, connection_id: &str) {
+        for (collection_id, subscription) in
+            self.by_connection.remove(connection_id).unwrap_or_default()
+        {
+            self.leave_group(&subscription.exposure.key, &collection_id, connection_id);
+        }
+    }
+
+    fn leave_group(&mut self, exposure: &str, collection_id: &str, connection_id: &str) {
+        let Some(groups) = self.groups.get_mut(exposure) else {
+            return;
+        };
+        if let Some(group) = groups.get_mut(collection_id) {
+            group.subscribers.remove(connection_id);
+            if group.subscribers.is_empty() {
+                groups.remove(collection_id);
+            }
+        }
+        if groups.is_empty() {
+            self.groups.remove(exposure);
+        }
+    }
+}
+
+/// Every local collection subscription (see [`Index`]), and the queue of their
+/// re-resolutions.
 #[derive(Default)]
 pub(crate) struct CollectionSubscriptions {
-    by_connection: Mutex<HashMap<Arc<str>, OfConnection>>,
+    index: Mutex<Index>,
+    /// Re-resolutions run one at a time, in the order they were scheduled, by one task
+    /// per instance: a connection's collections change in the order their changes
+    /// arrived, and a burst of changes to many collections costs one resolution at a time.
+    queue: std::sync::OnceLock<mpsc::UnboundedSender<Scheduled>>,
+}
+
+/// A re-resolution due at a time.
+struct Scheduled {
+    exposure: Arc<str>,
+    collection_id: Arc<str>,
+    due: tokio::time::Instant,
 }
 
 impl CollectionSubscriptions {
-    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, OfConnection>> {
-        self.by_connection
+    fn lock(&self) -> MutexGuard<'_, Index> {
+        self.index
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub(crate) fn count(&self, connection_id: &str) -> usize {
-        self.lock().get(connection_id).map_or(0, HashMap::len)
+        self.lock()
+            .by_connection
+            .get(connection_id)
+            .map_or(0, HashMap::len)
     }
 }
 
@@ -210,43 +387,77 @@ impl Mesh {
             .collect()
     }
 
-    /// A record that collections of `exposure` can hold changed: every local subscription
-    /// to one of them re-resolves once the burst is over.
-    pub(crate) fn collections_changed(&self, exposure: &str) {
-        let topic = Topic::Collections(Arc::from(exposure));
-        for listener in self.inner().topics.listeners(&topic) {
-            let connection_id = listener.connection.shared_id();
-            let mut subscriptions = self.inner().collection_subscriptions.lock();
-            let Some(collections) = subscriptions.get_mut(&connection_id) else {
-                continue;
+    /// `record_id` changed, and collections of `exposure` may hold it: every local
+    /// collection of that exposure that can hold it re-resolves once the burst is over,
+    /// once for all its local subscribers. Collections that cannot hold it cost one check
+    /// each, whatever their size.
+    pub(crate) fn collections_changed(&self, exposure: &str, record_id: &str) {
+        let due: Vec<Arc<str>> = {
+            let mut index = self.inner().collection_subscriptions.lock();
+            let Some(groups) = index.groups.get_mut(exposure) else {
+                return;
             };
-            for (collection_id, subscription) in collections.iter_mut() {
-                if &*subscription.exposure.key != exposure || subscription.pending {
-                    continue;
-                }
-                subscription.pending = true;
-                let mesh = self.clone();
-                let connection_id = connection_id.clone();
-                let collection_id = collection_id.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(DEBOUNCE).await;
-                    mesh.re_resolve(&connection_id, &collection_id).await;
-                });
-            }
+            groups
+                .iter_mut()
+                .filter(|(collection_id, group)| {
+                    !group.pending && group.exposure.collection.can_hold(collection_id, record_id)
+                })
+                .map(|(collection_id, group)| {
+                    group.pending = true;
+                    collection_id.clone()
+                })
+                .collect()
+        };
+        for collection_id in due {
+            self.schedule_resolution(Arc::from(exposure), collection_id);
         }
+    }
+
+    /// Queues a re-resolution of one collection's local subscribers, after the debounce.
+    fn schedule_resolution(&self, exposure: Arc<str>, collection_id: Arc<str>) {
+        let queue = self.inner().collection_subscriptions.queue.get_or_init(|| {
+            let (queue, mut scheduled) = mpsc::unbounded_channel::<Scheduled>();
+            let mesh = self.downgrade();
+            // Ends when the mesh (which holds the sender) is gone.
+            tokio::spawn(async move {
+                while let Some(run) = scheduled.recv().await {
+                    tokio::time::sleep_until(run.due).await;
+                    let Some(mesh) = Mesh::from_weak(&mesh) else {
+                        return;
+                    };
+                    mesh.re_resolve(&run.exposure, &run.collection_id).await;
+                }
+            });
+            queue
+        });
+        // Every run waits the same debounce, so the queue is in order of due times.
+        let _ = queue.send(Scheduled {
+            exposure,
+            collection_id,
+            due: tokio::time::Instant::now() + DEBOUNCE,
+        });
     }
 
     /// Re-resolves every local collection subscription (after changes may have been
     /// missed).
     pub(crate) fn re_resolve_all_collections(&self) {
-        let exposures: HashSet<Arc<str>> = self
-            .inner()
-            .collection_exposures
-            .iter()
-            .map(|exposure| exposure.key.clone())
-            .collect();
-        for exposure in exposures {
-            self.collections_changed(&exposure);
+        let due: Vec<(Arc<str>, Arc<str>)> = {
+            let mut index = self.inner().collection_subscriptions.lock();
+            index
+                .groups
+                .iter_mut()
+                .flat_map(|(exposure, groups)| {
+                    groups.iter_mut().filter(|(_, group)| !group.pending).map(
+                        move |(collection_id, group)| {
+                            group.pending = true;
+                            (exposure.clone(), collection_id.clone())
+                        },
+                    )
+                })
+                .collect()
+        };
+        for (exposure, collection_id) in due {
+            self.schedule_resolution(exposure, collection_id);
         }
     }
 
@@ -255,7 +466,26 @@ impl Mesh {
         self.inner()
             .collection_subscriptions
             .lock()
-            .remove(connection_id);
+            .forget(connection_id);
+    }
+
+    /// The ids the exposure's resolver gives for a collection (for a connection, when the
+    /// resolver needs one).
+    async fn resolved_ids(
+        &self,
+        exposure: &CollectionExposure,
+        connection: &Connection,
+        collection_id: &str,
+    ) -> Result<Vec<String>, CommandError> {
+        let resolved = match &exposure.collection.resolve {
+            Resolve::PerConnection(resolver) => {
+                resolver(self.clone(), connection.clone(), collection_id.to_owned()).await
+            }
+            Resolve::PerCollection(resolver) => {
+                resolver(self.clone(), (), collection_id.to_owned()).await
+            }
+        };
+        resolved.map_err(CommandError::from_box)
     }
 
     /// The readable members of a collection for a connection, in the resolver's order.
@@ -265,13 +495,20 @@ impl Mesh {
         connection: &Connection,
         collection_id: &str,
     ) -> Result<Vec<String>, CommandError> {
-        let resolved = (exposure.collection.resolver)(
-            self.clone(),
-            connection.clone(),
-            collection_id.to_owned(),
-        )
-        .await
-        .map_err(CommandError::from_box)?;
+        let resolved = self
+            .resolved_ids(exposure, connection, collection_id)
+            .await?;
+        Ok(self.readable(connection, collection_id, resolved).await)
+    }
+
+    /// The ids a connection may see of those resolved: each once, those its record read
+    /// rules allow, at most the member cap.
+    async fn readable(
+        &self,
+        connection: &Connection,
+        collection_id: &str,
+        resolved: Vec<String>,
+    ) -> Vec<String> {
         let cap = self.config().max_collection_members;
         let mut seen = HashSet::new();
         let mut members = Vec::with_capacity(resolved.len().min(cap));
@@ -288,7 +525,7 @@ impl Mesh {
                 members.push(id);
             }
         }
-        Ok(members)
+        members
     }
 
     /// `{id, record}` for each id (`record` is `null` for one not stored), read as the
@@ -367,8 +604,7 @@ impl Mesh {
             .inner()
             .collection_subscriptions
             .lock()
-            .get_mut(connection.id())
-            .and_then(|collections| collections.get_mut(collection_id))
+            .subscription(connection.id(), collection_id)
         {
             let excess: HashSet<&String> = excess.iter().collect();
             subscription.members.retain(|id| !excess.contains(id));
@@ -385,51 +621,77 @@ impl Mesh {
         }
     }
 
-    /// Resolves a subscription again and sends the difference, if any, as the next
-    /// version. Runs under the connection's membership lock, so it is ordered with the
-    /// subscription's start and end and with other re-resolutions.
-    async fn re_resolve(&self, connection_id: &Arc<str>, collection_id: &Arc<str>) {
-        let Some(connection) = self.connection(connection_id) else {
-            return;
-        };
-        let membership = connection.lock_membership().await;
-        if connection.is_closed() {
-            return;
-        }
-        let exposure = {
-            let mut subscriptions = self.inner().collection_subscriptions.lock();
-            let Some(subscription) = subscriptions
-                .get_mut(connection_id)
-                .and_then(|collections| collections.get_mut(collection_id))
+    /// Resolves a collection again for its local subscribers, and sends each the
+    /// difference, if any, as its next version. A resolver that depends only on the
+    /// collection id runs once for all of them. Each subscriber's change runs under its
+    /// connection's membership lock, so it is ordered with the subscription's start and
+    /// end and with other re-resolutions.
+    async fn re_resolve(&self, exposure_key: &str, collection_id: &Arc<str>) {
+        let (exposure, subscribers) = {
+            let mut index = self.inner().collection_subscriptions.lock();
+            let Some(group) = index
+                .groups
+                .get_mut(exposure_key)
+                .and_then(|groups| groups.get_mut(collection_id))
             else {
                 return;
             };
             // A change from now on schedules another run.
-            subscription.pending = false;
-            subscription.exposure.clone()
+            group.pending = false;
+            (
+                group.exposure.clone(),
+                group.subscribers.iter().cloned().collect::<Vec<_>>(),
+            )
         };
-        if let Err(err) = self
-            .apply_resolution(&membership, &connection, &exposure, collection_id)
-            .await
-        {
-            tracing::warn!(collection = %collection_id, error = err.message(), "could not re-resolve a collection");
+        let shared = match &exposure.collection.resolve {
+            Resolve::PerCollection(resolver) => {
+                match resolver(self.clone(), (), collection_id.to_string()).await {
+                    Ok(ids) => Some(ids),
+                    Err(err) => {
+                        tracing::warn!(collection = %collection_id, error = %err, "could not re-resolve a collection");
+                        return;
+                    }
+                }
+            }
+            Resolve::PerConnection(_) => None,
+        };
+        for connection_id in subscribers {
+            let Some(connection) = self.connection(&connection_id) else {
+                continue;
+            };
+            let membership = connection.lock_membership().await;
+            if connection.is_closed() {
+                continue;
+            }
+            let resolved = match &shared {
+                Some(ids) => Ok(self.readable(&connection, collection_id, ids.clone()).await),
+                None => self.resolve(&exposure, &connection, collection_id).await,
+            };
+            let applied = match resolved {
+                Ok(members) => {
+                    self.apply_resolution(&membership, &connection, collection_id, members)
+                        .await
+                }
+                Err(err) => Err(err),
+            };
+            if let Err(err) = applied {
+                tracing::warn!(collection = %collection_id, error = err.message(), "could not re-resolve a collection");
+            }
         }
     }
 
+    /// Makes `members` a subscription's membership, sending the difference as its next
+    /// version. The caller holds the connection's membership lock.
     async fn apply_resolution(
         &self,
         _membership: &MembershipGuard<'_>,
         connection: &Connection,
-        exposure: &CollectionExposure,
         collection_id: &Arc<str>,
+        members: Vec<String>,
     ) -> Result<(), CommandError> {
-        let members = self.resolve(exposure, connection, collection_id).await?;
         let (joined, left) = {
-            let subscriptions = self.inner().collection_subscriptions.lock();
-            let Some(subscription) = subscriptions
-                .get(connection.id())
-                .and_then(|collections| collections.get(collection_id))
-            else {
+            let mut index = self.inner().collection_subscriptions.lock();
+            let Some(subscription) = index.subscription(connection.id(), collection_id) else {
                 return Ok(());
             };
             let before: HashSet<&String> = subscription.members.iter().collect();
@@ -463,11 +725,8 @@ impl Mesh {
         // Only now the new membership counts: a failure above leaves the old one whole.
         // (The membership lock keeps every other change of this subscription out.)
         let version = {
-            let mut subscriptions = self.inner().collection_subscriptions.lock();
-            let Some(subscription) = subscriptions
-                .get_mut(connection.id())
-                .and_then(|collections| collections.get_mut(collection_id))
-            else {
+            let mut index = self.inner().collection_subscriptions.lock();
+            let Some(subscription) = index.subscription(connection.id(), collection_id) else {
                 connection.release_reservation(reservation);
                 return Ok(());
             };
@@ -561,13 +820,12 @@ pub(crate) async fn subscribe_collection(
     if connection.is_closed() {
         return Ok(refused);
     }
-    let subscribed_already = {
-        let subscriptions = mesh.inner().collection_subscriptions.lock();
-        subscriptions
-            .get(connection.id())
-            .and_then(|collections| collections.get(&collection_id))
-            .map(|subscription| subscription.members.clone())
-    };
+    let subscribed_already = mesh
+        .inner()
+        .collection_subscriptions
+        .lock()
+        .subscription(connection.id(), &collection_id)
+        .map(|subscription| subscription.members.clone());
     let limit = mesh.config().max_subscriptions_per_connection;
     if subscribed_already.is_none() && mesh.subscription_count(connection.id()) >= limit {
         return Err(CommandError::limit(format!(
@@ -580,21 +838,16 @@ pub(crate) async fn subscribe_collection(
     crate::connection::reserve_reply_place(&connection);
     mesh.listen(&membership, &connection, topic, Form::Full)
         .await?;
-    mesh.inner()
-        .collection_subscriptions
-        .lock()
-        .entry(connection.shared_id())
-        .or_default()
-        .insert(
-            collection_id.clone(),
-            Subscription {
-                exposure: exposure.clone(),
-                // What it holds: the previous members when subscribing again.
-                members: subscribed_already.clone().unwrap_or_default(),
-                version: 1,
-                pending: false,
-            },
-        );
+    mesh.inner().collection_subscriptions.lock().subscribe(
+        connection.shared_id(),
+        collection_id.clone(),
+        Subscription {
+            exposure: exposure.clone(),
+            // What it holds: the previous members when subscribing again.
+            members: subscribed_already.clone().unwrap_or_default(),
+            version: 1,
+        },
+    );
     let subscribed = async {
         let members = mesh.resolve(&exposure, &connection, &collection_id).await?;
         let previous = subscribed_already.unwrap_or_default();
@@ -603,8 +856,7 @@ pub(crate) async fn subscribe_collection(
             .inner()
             .collection_subscriptions
             .lock()
-            .get_mut(connection.id())
-            .and_then(|collections| collections.get_mut(&collection_id))
+            .subscription(connection.id(), &collection_id)
         {
             subscription.members = members.clone();
         }
@@ -645,19 +897,18 @@ pub(crate) async fn subscribe_collection(
 async fn unsubscribe(mesh: &Mesh, connection: &Connection, collection_id: &str) -> bool {
     let _membership = connection.lock_membership().await;
     let (removed, exposure_still_heard) = {
-        let mut subscriptions = mesh.inner().collection_subscriptions.lock();
-        let Some(collections) = subscriptions.get_mut(connection.id()) else {
+        let mut index = mesh.inner().collection_subscriptions.lock();
+        let Some(removed) = index.unsubscribe(connection.id(), collection_id) else {
             return false;
         };
-        let Some(removed) = collections.remove(collection_id) else {
-            return false;
-        };
-        let still = collections
-            .values()
-            .any(|other| Arc::ptr_eq(&other.exposure, &removed.exposure));
-        if collections.is_empty() {
-            subscriptions.remove(connection.id());
-        }
+        let still = index
+            .by_connection
+            .get(connection.id())
+            .is_some_and(|collections| {
+                collections
+                    .values()
+                    .any(|other| Arc::ptr_eq(&other.exposure, &removed.exposure))
+            });
         (removed, still)
     };
     if let Err(err) = mesh.hold_members(connection, &[], &removed.members).await {

@@ -842,9 +842,12 @@ impl Inbox for MeshInner {
                     }
                 }
             }
-            Delivery::RecordsChanged { exposure } => {
+            Delivery::RecordsChanged {
+                exposure,
+                record_id,
+            } => {
                 if let Some(mesh) = Mesh::from_weak(&self.this) {
-                    mesh.collections_changed(&exposure);
+                    mesh.collections_changed(&exposure, &record_id);
                 }
             }
             Delivery::Call {

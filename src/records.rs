@@ -111,12 +111,12 @@ impl Mesh {
             } else {
                 &on_any_write
             };
-            announcements.extend(
-                changed
-                    .iter()
-                    .cloned()
-                    .map(|exposure| Delivery::RecordsChanged { exposure }),
-            );
+            announcements.extend(changed.iter().cloned().map(|exposure| {
+                Delivery::RecordsChanged {
+                    exposure,
+                    record_id: id.clone(),
+                }
+            }));
             Ok(Some(RecordWrite {
                 value: next,
                 json,
@@ -157,12 +157,12 @@ impl Mesh {
                 record_id: id.clone(),
                 version: stored.version,
             }];
-            announcements.extend(
-                changed
-                    .iter()
-                    .cloned()
-                    .map(|exposure| Delivery::RecordsChanged { exposure }),
-            );
+            announcements.extend(changed.iter().cloned().map(|exposure| {
+                Delivery::RecordsChanged {
+                    exposure,
+                    record_id: id.clone(),
+                }
+            }));
             announcements
         };
         let removed = self
@@ -175,20 +175,25 @@ impl Mesh {
             .is_some())
     }
 
-    /// The ids of every stored record `pattern` matches, sorted.
+    /// The ids of every stored record `pattern` matches, sorted by bytes. The ids are read
+    /// from an ordered index, only the range of the pattern's literal prefix (`task:` for
+    /// `^task:`; an exact name is its own prefix): a pattern anchored with `^` and a fixed
+    /// start costs what it lists, one without reads every id.
     pub async fn record_ids_matching(
         &self,
         pattern: impl Into<Pattern>,
     ) -> Result<Vec<String>, MeshError> {
         self.ready().await?;
         let pattern = pattern.into();
-        let mut ids = self.inner().backend.record_ids().await?;
+        let prefix = pattern.literal_prefix();
+        let mut ids = self.inner().backend.record_ids(&prefix).await?;
         ids.retain(|id| pattern.matches(id));
         Ok(ids)
     }
 
     /// Every stored record whose id `pattern` matches, sorted by id (for collection
-    /// resolvers). It lists every record id to filter them, so prefer narrow patterns.
+    /// resolvers). Listed as [`Mesh::record_ids_matching`] does: give the pattern a fixed
+    /// start (`^task:`) so it reads only that range.
     pub async fn list_records_matching(
         &self,
         pattern: impl Into<Pattern>,

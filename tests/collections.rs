@@ -38,6 +38,8 @@ conformance!(
     bad_collection_input_is_einvalid,
     collection_subscription_limit_answers_eoverloaded,
     resubscribing_while_another_instance_writes_a_member_never_goes_backwards,
+    a_resolver_by_id_runs_once_per_change_for_every_local_subscriber,
+    writes_to_records_a_collection_cannot_hold_resolve_nothing,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -1183,4 +1185,93 @@ async fn resubscribing_while_another_instance_writes_a_member_never_goes_backwar
         assert_eq!(reply.expect("the unsubscribe reply")["payload"], true);
     }
     assert!(writer.stop().await > 0);
+}
+
+/// `box:N` holds every record whose id starts with `N:`, resolved from the id alone, with
+/// a count of its resolver's runs.
+fn with_boxes(backend: &Backend, runs: &Arc<std::sync::atomic::AtomicUsize>) -> MeshBuilder {
+    let runs = runs.clone();
+    with_probe(backend)
+        .expose_record(regex("^[a-z]+:"), Access::open())
+        .expose_collection(
+            regex("^box:"),
+            Collection::resolved_by_id(move |mesh, collection_id| {
+                runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    let name = collection_id.trim_start_matches("box:").to_owned();
+                    Ok(mesh
+                        .record_ids_matching(Regex::new(&format!("^{name}:"))?)
+                        .await?)
+                }
+            })
+            .holding_for(|collection_id, record_id| {
+                let name = collection_id.trim_start_matches("box:");
+                record_id
+                    .strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(':'))
+            }),
+        )
+}
+
+/// A resolver that depends only on the collection id runs once per change on an
+/// instance, for all of that instance's subscribers of the collection, and each of them
+/// gets the diff.
+async fn a_resolver_by_id_runs_once_per_change_for_every_local_subscriber(backend: Backend) {
+    let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let a = serve(with_boxes(&backend, &runs)).await;
+    let b = serve(with_boxes(&backend, &Arc::new(Default::default()))).await;
+    let mut clients = Vec::new();
+    for n in 0..3 {
+        let mut client = RawClient::connect(&a.url()).await;
+        let reply = subscribe(&mut client, 1, "box:fruit").await;
+        assert_eq!(reply["ids"], json!([]), "subscriber {n}: {reply}");
+        clients.push(client);
+    }
+    let subscribed = runs.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(subscribed, 3, "one resolution per subscribe");
+    write(&b.mesh, "fruit:apple", json!({"n": 1})).await;
+    for client in &mut clients {
+        let (_, diff) = next_diff(client, "box:fruit").await;
+        assert_eq!(
+            diff["added"],
+            json!([{"id": "fruit:apple", "n": 1}]),
+            "{diff}"
+        );
+    }
+    assert_eq!(
+        runs.load(std::sync::atomic::Ordering::SeqCst),
+        subscribed + 1,
+        "one resolution for the change, shared by the three subscribers"
+    );
+}
+
+/// A write to a record that no subscribed collection can hold (`holding_for`) resolves
+/// nothing and sends nothing, while a write to one it can hold does.
+async fn writes_to_records_a_collection_cannot_hold_resolve_nothing(backend: Backend) {
+    let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let a = serve(with_boxes(&backend, &runs)).await;
+    let b = serve(with_boxes(&backend, &Arc::new(Default::default()))).await;
+    let mut client = RawClient::connect(&a.url()).await;
+    subscribe_probe(&mut client, 1).await;
+    let reply = subscribe(&mut client, 2, "box:fruit").await;
+    assert_eq!(reply["success"], true, "{reply}");
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+    for n in 0..20 {
+        write(&b.mesh, &format!("veg:{n}"), json!({"n": n})).await;
+        write(&b.mesh, &format!("fruity:{n}"), json!({"n": n})).await;
+    }
+    assert_settled_quietly(&b.mesh, &mut [&mut client], "unrelated").await;
+    assert_eq!(
+        runs.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "no resolution for records the collection cannot hold"
+    );
+    write(&b.mesh, "fruit:pear", json!({"n": 1})).await;
+    let (_, diff) = next_diff(&mut client, "box:fruit").await;
+    assert_eq!(
+        diff["added"],
+        json!([{"id": "fruit:pear", "n": 1}]),
+        "{diff}"
+    );
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 2);
 }

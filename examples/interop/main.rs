@@ -117,18 +117,26 @@ async fn delete_record(
     Ok(json!({ "success": true }))
 }
 
-/// The collection named `C` holds every record whose id starts with `C:`.
+/// The collection named `C` holds every record whose id starts with `C:`. It says so
+/// (`holding_for`), so a write to any other record re-resolves nothing; only creations
+/// and deletions change it (`membership_by_existence`), so updates of its members are
+/// record updates alone; and its members depend on the collection id alone
+/// (`resolved_by_id`), so one resolution per change serves every subscriber. The listing
+/// reads only the `C:` range of the record index.
 fn records_under_collection_id() -> Collection {
-    Collection::resolved_by(|mesh, _connection, collection_id| async move {
+    Collection::resolved_by_id(|mesh, collection_id| async move {
         let prefix = format!("{collection_id}:");
         let ids = mesh
-            .list_records_matching(Regex::new(&format!("^{}", regex::escape(&prefix)))?)
-            .await?
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
+            .record_ids_matching(Regex::new(&format!("^{}", regex::escape(&prefix)))?)
+            .await?;
         Ok(ids)
     })
+    .holding_for(|collection_id, record_id| {
+        record_id
+            .strip_prefix(collection_id)
+            .is_some_and(|rest| rest.starts_with(':'))
+    })
+    .membership_by_existence()
 }
 
 #[tokio::main]

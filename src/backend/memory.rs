@@ -688,8 +688,19 @@ impl Backend for MemoryBackend {
         )
     }
 
-    fn record_ids(&self) -> BackendFuture<'_, Vec<String>> {
-        ready(self.lock().records.keys().cloned().collect())
+    fn record_ids<'a>(&'a self, prefix: &'a str) -> BackendFuture<'a, Vec<String>> {
+        let ids = self
+            .lock()
+            .records
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
+            .map(|(id, _)| id)
+            .take_while(|id| id.starts_with(prefix))
+            .cloned()
+            .collect();
+        ready(ids)
     }
 
     fn update_record<'a>(

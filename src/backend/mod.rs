@@ -68,7 +68,11 @@ pub(crate) enum Delivery {
     RecordDeleted { record_id: Arc<str>, version: u64 },
     /// Records that the collections of one exposure may hold changed: instances with
     /// subscribers of those collections re-resolve them.
-    RecordsChanged { exposure: Arc<str> },
+    RecordsChanged {
+        exposure: Arc<str>,
+        /// The record that changed: only collections that can hold it re-resolve.
+        record_id: Arc<str>,
+    },
     /// An operation on a connection, for the instance that holds it to run; it answers
     /// with [`Delivery::Answer`] to instance `from`.
     Call {
@@ -326,8 +330,9 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// The stored records with these ids, in the same order (`None` for a missing one).
     fn records<'a>(&'a self, ids: &'a [String]) -> BackendFuture<'a, Vec<Option<StoredRecord>>>;
 
-    /// The ids of every stored record, sorted.
-    fn record_ids(&self) -> BackendFuture<'_, Vec<String>>;
+    /// The ids of the stored records that start with `prefix` (every one for `""`), in
+    /// byte order: read from an ordered index, so a narrow prefix costs what it lists.
+    fn record_ids<'a>(&'a self, prefix: &'a str) -> BackendFuture<'a, Vec<String>>;
 
     /// Replaces a record with what `update` computes from the stored one, as version + 1,
     /// publishing the write's announcements atomically with it. Concurrent writers, on

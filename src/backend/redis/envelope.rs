@@ -125,9 +125,12 @@ pub(super) fn encode(delivery: &Delivery) -> Vec<u8> {
                 .field(record_id.as_bytes())
                 .field(version.to_string().as_bytes())
         }
-        Delivery::RecordsChanged { exposure } => {
-            Writer::new(RECORDS_CHANGED, 4 + exposure.len()).field(exposure.as_bytes())
-        }
+        Delivery::RecordsChanged {
+            exposure,
+            record_id,
+        } => Writer::new(RECORDS_CHANGED, 8 + exposure.len() + record_id.len())
+            .field(exposure.as_bytes())
+            .field(record_id.as_bytes()),
         Delivery::Call {
             connection_id,
             from,
@@ -206,6 +209,7 @@ pub(super) fn decode(bytes: &[u8]) -> Option<Delivery> {
         },
         RECORDS_CHANGED => Delivery::RecordsChanged {
             exposure: fields.id()?,
+            record_id: fields.id()?,
         },
         CALL => {
             let connection_id = fields.id()?;
@@ -318,8 +322,12 @@ mod tests {
         }
         match round_trip(Delivery::RecordsChanged {
             exposure: Arc::from("^task:"),
+            record_id: Arc::from("task:1"),
         }) {
-            Delivery::RecordsChanged { exposure } => assert_eq!(&*exposure, "^task:"),
+            Delivery::RecordsChanged {
+                exposure,
+                record_id,
+            } => assert_eq!((&*exposure, &*record_id), ("^task:", "task:1")),
             other => panic!("{other:?}"),
         }
         match round_trip(Delivery::Answer {

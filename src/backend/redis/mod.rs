@@ -26,7 +26,7 @@
 //! | `P dead-connections` | set | connections of dead instances not forgotten yet |
 //! | `P history:{channel}` | list | a channel's kept messages, newest first |
 //! | `P record:{id}` | hash | `value`: a record's JSON; `version`: its version; `token`: renewed by every write (the compare-and-set key) |
-//! | `P records` | set | every stored record id |
+//! | `P record-ids` | sorted set, every score 0 | every stored record id, in byte order: prefix listings read a range (`ZRANGEBYLEX`) |
 //!
 //! Routing and metadata are two fields of one hash, written by different commands, so
 //! setting metadata can never redirect a connection's pushes (mesh's fault, PROTOCOL.md §8).
@@ -191,8 +191,8 @@ impl Keys {
     fn record(&self, id: &str) -> String {
         format!("{}record:{id}", self.prefix)
     }
-    fn records(&self) -> String {
-        format!("{}records", self.prefix)
+    fn record_ids(&self) -> String {
+        format!("{}record-ids", self.prefix)
     }
     /// The pub/sub channel of a delivery that is not routed to one connection's holder.
     fn channel_of(&self, delivery: &Delivery) -> Option<String> {
@@ -202,7 +202,7 @@ impl Keys {
             Delivery::Record { record_id, .. } | Delivery::RecordDeleted { record_id, .. } => {
                 self.topic_channel(&Topic::Record(record_id.clone()))
             }
-            Delivery::RecordsChanged { exposure } => {
+            Delivery::RecordsChanged { exposure, .. } => {
                 self.topic_channel(&Topic::Collections(exposure.clone()))
             }
             Delivery::Answer { to, .. } => self.instance_channel(to),
@@ -980,16 +980,23 @@ impl Backend for RedisBackend {
         }))
     }
 
-    fn record_ids(&self) -> BackendFuture<'_, Vec<String>> {
+    fn record_ids<'a>(&'a self, prefix: &'a str) -> BackendFuture<'a, Vec<String>> {
         Box::pin(self.run(async move {
             let mut conn = self.connection().await?;
-            let mut ids: Vec<String> = redis::cmd("SMEMBERS")
-                .arg(self.shared.keys.records())
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            ids.sort_unstable();
-            Ok(ids)
+            let mut listing = redis::cmd("ZRANGEBYLEX");
+            listing.arg(self.shared.keys.record_ids());
+            if prefix.is_empty() {
+                listing.arg("-").arg("+");
+            } else {
+                // No UTF-8 text holds the byte 0xff: every id with the prefix sorts
+                // between the prefix itself and the prefix followed by it.
+                let mut upper = Vec::with_capacity(prefix.len() + 2);
+                upper.push(b'[');
+                upper.extend_from_slice(prefix.as_bytes());
+                upper.push(0xff);
+                listing.arg(format!("[{prefix}")).arg(upper);
+            }
+            listing.query_async(&mut conn).await.map_err(redis_error)
         }))
     }
 

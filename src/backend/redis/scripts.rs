@@ -392,10 +392,10 @@ impl Scripts {
                 if current ~= ARGV[3] then return 0 end
                 if ARGV[4] == '' then
                   redis.call('DEL', key)
-                  redis.call('SREM', p .. 'records', id)
+                  redis.call('ZREM', p .. 'record-ids', id)
                 else
                   redis.call('HSET', key, 'value', ARGV[4], 'version', ARGV[5], 'token', ARGV[6])
-                  redis.call('SADD', p .. 'records', id)
+                  redis.call('ZADD', p .. 'record-ids', 0, id)
                 end
                 for i = 7, #ARGV, 2 do
                   redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
