@@ -33,6 +33,9 @@ conformance!(
     messages_reach_only_their_channel,
     bad_channel_input_is_einvalid_and_subscribes_nothing,
     channel_subscription_limit_answers_eoverloaded,
+    a_message_over_max_channel_message_bytes_is_neither_sent_nor_kept,
+    history_keeps_the_newest_messages_that_fit_in_max_history_bytes,
+    history_replies_hold_the_newest_messages_that_fit_in_a_frame,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -1028,4 +1031,238 @@ async fn channel_subscription_limit_answers_eoverloaded(backend: Backend) {
         );
     }
     assert_eq!(call(&mut client, 8, "mesh/noop", json!({})).await, true);
+}
+
+// ---------------------------------------------------------------------------------------
+// Byte limits (issue 12 §1).
+
+/// A message of exactly `bytes` bytes that starts with `tag` (so its place is visible).
+fn message_of_size(tag: &str, bytes: usize) -> String {
+    format!("{tag}:{}", "x".repeat(bytes - tag.len() - 1))
+}
+
+/// The reply with this id exactly as the server wrote it (other frames skipped).
+async fn reply_text(client: &mut RawClient, id: u64) -> String {
+    within(&format!("the reply #{id}"), async {
+        loop {
+            let text = client.next_text().await;
+            let frame: Value = serde_json::from_str(&text).expect("JSON");
+            if frame["id"] == json!(id) {
+                return text;
+            }
+        }
+    })
+    .await
+}
+
+async fn a_message_over_max_channel_message_bytes_is_neither_sent_nor_kept(backend: Backend) {
+    const LIMIT: usize = 100;
+    let a = serve(
+        backend
+            .builder()
+            .max_channel_message_bytes(LIMIT)
+            .expose_channel("chat", Access::open()),
+    )
+    .await;
+    let b = serve(
+        backend
+            .builder()
+            .max_channel_message_bytes(LIMIT)
+            .expose_channel("chat", Access::open()),
+    )
+    .await;
+    let mut subscriber = RawClient::connect(&b.url()).await;
+    subscribe(&mut subscriber, 1, "chat").await;
+
+    // Exactly the limit is sent and kept.
+    let at_limit = message_of_size("first", LIMIT);
+    write(&a.mesh, "chat", &at_limit, 10).await;
+    assert_eq!(
+        message(&mut subscriber).await,
+        json!({"channel": "chat", "message": at_limit})
+    );
+
+    // One byte more is refused, however it is given: a string, a string whose characters
+    // are fewer than its bytes, a value whose JSON text is over the limit.
+    let over = message_of_size("over", LIMIT + 1);
+    assert_too_large(
+        a.mesh.write_channel("chat", &over, 10).await,
+        "max_channel_message_bytes",
+        LIMIT,
+        LIMIT + 1,
+    );
+    let accented = "é".repeat(LIMIT / 2 + 1);
+    assert!(accented.chars().count() <= LIMIT);
+    assert_too_large(
+        a.mesh.write_channel("chat", &accented, 10).await,
+        "max_channel_message_bytes",
+        LIMIT,
+        accented.len(),
+    );
+    let value = object_of_size("pad", LIMIT + 1);
+    assert_too_large(
+        a.mesh.write_channel("chat", &value, 10).await,
+        "max_channel_message_bytes",
+        LIMIT,
+        LIMIT + 1,
+    );
+    // Nothing was sent, and nothing kept, on any instance.
+    assert_no_message(&a.mesh, "marker", &mut [&mut subscriber]).await;
+    for mesh in [&a.mesh, &b.mesh] {
+        assert_eq!(
+            mesh.channel_history("chat", 10).await.expect("history"),
+            [at_limit.as_str()]
+        );
+    }
+    assert_eq!(
+        history(&mut subscriber, 2, json!({"channel": "chat"})).await,
+        json!({"success": true, "history": [at_limit]})
+    );
+}
+
+async fn history_keeps_the_newest_messages_that_fit_in_max_history_bytes(backend: Backend) {
+    const BYTES: usize = 100;
+    const SIZE: usize = 30;
+    let a = serve(
+        backend
+            .builder()
+            .max_history_bytes(BYTES)
+            .expose_channel("log", Access::open()),
+    )
+    .await;
+    let b = serve(
+        backend
+            .builder()
+            .max_history_bytes(BYTES)
+            .expose_channel("log", Access::open()),
+    )
+    .await;
+    let m = |n: u32| message_of_size(&format!("m{n}"), SIZE);
+    for n in 1..=6 {
+        write(&a.mesh, "log", &m(n), 10).await;
+    }
+    // Three messages are 90 bytes, a fourth would make 120: the three newest stay.
+    let newest_three = [m(6), m(5), m(4)];
+    for mesh in [&a.mesh, &b.mesh] {
+        assert_eq!(
+            mesh.channel_history("log", 10).await.expect("history"),
+            newest_three
+        );
+    }
+    let mut client = RawClient::connect(&b.url()).await;
+    assert_eq!(
+        subscribe_with_history(&mut client, 1, "log", 10).await,
+        json!({"success": true, "history": newest_three})
+    );
+    assert_eq!(
+        history(&mut client, 2, json!({"channel": "log", "limit": 10})).await,
+        json!({"success": true, "history": newest_three})
+    );
+
+    // The count a write asks for still applies, and what it drops no longer counts: after
+    // keeping two (60 bytes), two more messages fit again before the oldest goes.
+    write(&b.mesh, "log", &m(7), 2).await;
+    assert_eq!(
+        a.mesh.channel_history("log", 10).await.expect("history"),
+        [m(7), m(6)]
+    );
+    write(&b.mesh, "log", &m(8), 10).await;
+    assert_eq!(
+        a.mesh.channel_history("log", 10).await.expect("history"),
+        [m(8), m(7), m(6)]
+    );
+    write(&a.mesh, "log", &m(9), 10).await;
+    assert_eq!(
+        b.mesh.channel_history("log", 10).await.expect("history"),
+        [m(9), m(8), m(7)]
+    );
+
+    // A message larger than the whole budget is sent, but nothing can be kept beside it,
+    // not even itself; the next message is counted from nothing.
+    let huge = message_of_size("huge", BYTES + 1);
+    write(&a.mesh, "log", &huge, 10).await;
+    for sent in [m(7), m(8), m(9), huge] {
+        assert_eq!(
+            message(&mut client).await,
+            json!({"channel": "log", "message": sent})
+        );
+    }
+    assert_eq!(
+        b.mesh.channel_history("log", 10).await.expect("history"),
+        Vec::<String>::new()
+    );
+    for n in 10..=13 {
+        write(&b.mesh, "log", &m(n), 10).await;
+    }
+    assert_eq!(
+        a.mesh.channel_history("log", 10).await.expect("history"),
+        [m(13), m(12), m(11)]
+    );
+}
+
+async fn history_replies_hold_the_newest_messages_that_fit_in_a_frame(backend: Backend) {
+    const FRAME: usize = 4096;
+    const SIZE: usize = 900;
+    let a = serve(
+        backend
+            .builder()
+            .max_frame_size(FRAME)
+            .expose_channel("big", Access::open()),
+    )
+    .await;
+    let b = serve(backend.builder().max_frame_size(FRAME)).await;
+    let m = |n: u32| message_of_size(&format!("m{n}"), SIZE);
+    for n in 1..=5 {
+        write(&b.mesh, "big", &m(n), 10).await;
+    }
+    let mut client = RawClient::connect(&a.url()).await;
+
+    // Three messages fit in the reply (with its envelope) within a frame; four would not.
+    let newest_that_fit = json!([m(5), m(4), m(3)]);
+    let truncated = json!({"success": true, "history": newest_that_fit, "truncated": true});
+    for (id, command, payload) in [
+        (
+            1,
+            "mesh/get-channel-history",
+            json!({"channel": "big", "limit": 10}),
+        ),
+        (2, "mesh/get-channel-history", json!({"channel": "big"})),
+        (
+            3,
+            "mesh/subscribe-channel",
+            json!({"channel": "big", "historyLimit": 10}),
+        ),
+    ] {
+        client
+            .send_json(json!({"id": id, "command": command, "payload": payload}))
+            .await;
+        let text = reply_text(&mut client, id).await;
+        assert!(text.len() <= FRAME, "{} bytes: {text}", text.len());
+        let reply: Value = serde_json::from_str(&text).expect("JSON");
+        assert_eq!(
+            reply,
+            json!({"id": id, "command": command, "payload": truncated}),
+            "{command} {payload}"
+        );
+    }
+    // Everything is still kept: only the replies hold less.
+    assert_eq!(
+        a.mesh.channel_history("big", 10).await.expect("history"),
+        [m(5), m(4), m(3), m(2), m(1)]
+    );
+    // A reply that holds everything asked for has no `truncated` field at all.
+    assert_eq!(
+        history(&mut client, 4, json!({"channel": "big", "limit": 3})).await,
+        json!({"success": true, "history": newest_that_fit})
+    );
+    assert_eq!(
+        subscribe_with_history(&mut client, 5, "big", 2).await,
+        json!({"success": true, "history": [m(5), m(4)]})
+    );
+    // The subscription made with a truncated reply is live.
+    write(&b.mesh, "big", "after", 10).await;
+    assert_eq!(
+        message(&mut client).await,
+        json!({"channel": "big", "message": "after"})
+    );
 }

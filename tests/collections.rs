@@ -40,6 +40,8 @@ conformance!(
     resubscribing_while_another_instance_writes_a_member_never_goes_backwards,
     a_resolver_by_id_runs_once_per_change_for_every_local_subscriber,
     writes_to_records_a_collection_cannot_hold_resolve_nothing,
+    a_snapshot_holds_the_leading_members_that_fit_and_the_rest_get_no_updates,
+    a_diff_holds_the_leading_members_that_fit_and_the_rest_get_no_updates,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -1274,4 +1276,179 @@ async fn writes_to_records_a_collection_cannot_hold_resolve_nothing(backend: Bac
         "{diff}"
     );
     assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+// ---------------------------------------------------------------------------------------
+// Byte limits (issue 12 §1): snapshots and diffs hold the members that fit in a frame.
+
+const FRAME: usize = 4096;
+
+/// [`with_probe`] with a frame limit of [`FRAME`], the `big` collection of every `big:`
+/// record and the `few` collection of every `few:` record.
+fn with_big_members(backend: &Backend) -> MeshBuilder {
+    with_probe(backend)
+        .max_frame_size(FRAME)
+        .expose_record(regex("^(big|few):"), Access::open())
+        .expose_collection("big", Collection::matching(regex("^big:")))
+        .expose_collection("few", Collection::matching(regex("^few:")))
+}
+
+/// A member of about 1,200 bytes: two fit in a reply within [`FRAME`], a third would not.
+fn big_member(n: usize) -> Value {
+    let mut value = object_of_size("pad", 1200);
+    value["n"] = json!(n);
+    value
+}
+
+/// Sends a command and returns its reply's payload, checking that the reply fits in a
+/// frame.
+async fn call_within_frame(
+    client: &mut RawClient,
+    id: u64,
+    command: &str,
+    payload: Value,
+) -> Value {
+    client
+        .send_json(json!({"id": id, "command": command, "payload": payload}))
+        .await;
+    let text = within(&format!("the reply to {command}"), async {
+        loop {
+            let text = client.next_text().await;
+            let frame: Value = serde_json::from_str(&text).expect("JSON");
+            if frame["id"] == json!(id) {
+                return text;
+            }
+        }
+    })
+    .await;
+    assert!(text.len() <= FRAME, "{} bytes: {text}", text.len());
+    let reply: Value = serde_json::from_str(&text).expect("JSON");
+    reply["payload"].clone()
+}
+
+fn snapshot_entry(id: &str, record: Value) -> Value {
+    json!({ "id": id, "record": record })
+}
+
+/// The entry of a record that joined, as a diff lists it: its own object with its id.
+fn added_entry(id: &str, record: Value) -> Value {
+    let mut entry = serde_json::Map::new();
+    entry.insert("id".to_owned(), json!(id));
+    entry.extend(record.as_object().expect("an object").clone());
+    Value::Object(entry)
+}
+
+async fn a_snapshot_holds_the_leading_members_that_fit_and_the_rest_get_no_updates(
+    backend: Backend,
+) {
+    let a = serve(with_big_members(&backend)).await;
+    let b = serve(with_big_members(&backend)).await;
+    for n in 1..=5 {
+        write(&b.mesh, &format!("big:{n}"), big_member(n)).await;
+    }
+    write(&b.mesh, "few:1", json!({"small": true})).await;
+    let mut client = RawClient::connect(&a.url()).await;
+
+    // The leading members (ids in order) that fit, and `truncated`.
+    assert_eq!(
+        call_within_frame(
+            &mut client,
+            1,
+            "mesh/subscribe-collection",
+            json!({"collectionId": "big"})
+        )
+        .await,
+        json!({"success": true, "ids": ["big:1", "big:2"], "records": [
+            snapshot_entry("big:1", big_member(1)),
+            snapshot_entry("big:2", big_member(2)),
+        ], "version": 1, "truncated": true})
+    );
+    // A snapshot that holds every member has no `truncated` field at all.
+    assert_eq!(
+        call_within_frame(
+            &mut client,
+            2,
+            "mesh/subscribe-collection",
+            json!({"collectionId": "few"})
+        )
+        .await,
+        json!({"success": true, "ids": ["few:1"], "records": [
+            snapshot_entry("few:1", json!({"small": true})),
+        ], "version": 1})
+    );
+    subscribe_probe(&mut client, 3).await;
+
+    // A member that was left out is not held: its updates are not sent; a held member's
+    // are.
+    let changed = |n: usize| json!({"n": n, "changed": true});
+    for n in [4, 1, 3, 5] {
+        write(&b.mesh, &format!("big:{n}"), changed(n)).await;
+    }
+    assert_eq!(
+        settle(&a.mesh, &mut [&mut client], "updated").await,
+        [vec![full("big:1", changed(1), 2)]]
+    );
+}
+
+async fn a_diff_holds_the_leading_members_that_fit_and_the_rest_get_no_updates(backend: Backend) {
+    let a = serve(with_big_members(&backend)).await;
+    let b = serve(with_big_members(&backend)).await;
+    for n in 1..=5 {
+        write(&b.mesh, &format!("big:{n}"), big_member(n)).await;
+    }
+    let mut client = RawClient::connect(&a.url()).await;
+    let snapshot = subscribe(&mut client, 1, "big").await;
+    assert_eq!(
+        (&snapshot["ids"], &snapshot["truncated"]),
+        (&json!(["big:1", "big:2"]), &json!(true)),
+        "{snapshot}"
+    );
+    subscribe_probe(&mut client, 2).await;
+
+    // A new member re-resolves the collection: every member not held joins, and the diff
+    // holds the leading ones that fit.
+    write(&b.mesh, "big:6", json!({"n": 6})).await;
+    let (before, text) = next_diff_text(&mut client, "big").await;
+    assert!(before.is_empty(), "frames before the diff: {before:?}");
+    assert!(text.len() <= FRAME, "{} bytes: {text}", text.len());
+    let pushed: Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(
+        pushed["payload"],
+        json!({"collectionId": "big", "added": [
+            added_entry("big:3", big_member(3)),
+            added_entry("big:4", big_member(4)),
+        ], "removed": [], "version": 2, "truncated": true})
+    );
+
+    // The members the diff left out are not held; those it added are.
+    let changed = |n: usize| json!({"n": n, "changed": true});
+    for n in [5, 6, 3] {
+        write(&b.mesh, &format!("big:{n}"), changed(n)).await;
+    }
+    assert_eq!(
+        settle(&a.mesh, &mut [&mut client], "updated").await,
+        [vec![full("big:3", changed(3), 2)]]
+    );
+
+    // The next re-resolution adds them; a diff that holds every change has no
+    // `truncated` field at all.
+    assert!(delete(&b.mesh, "big:1").await);
+    let (before, text) = next_diff_text(&mut client, "big").await;
+    assert_eq!(
+        before,
+        [json!({"command": DELETED, "payload": {"recordId": "big:1", "version": 1}})]
+    );
+    assert_eq!(
+        text,
+        json!({"command": DIFF, "payload": {"collectionId": "big", "added": [
+            added_entry("big:5", changed(5)),
+            added_entry("big:6", changed(6)),
+        ], "removed": [{"id": "big:1"}], "version": 3}})
+        .to_string()
+    );
+    write(&b.mesh, "big:5", json!({"n": 5, "final": true})).await;
+    assert_eq!(
+        settle(&a.mesh, &mut [&mut client], "held").await,
+        [vec![full("big:5", json!({"n": 5, "final": true}), 3)]]
+    );
 }

@@ -39,6 +39,9 @@ conformance!(
     late_subscriber_sees_members_and_states_of_every_instance,
     presence_replies_show_metadata_only_to_members_of_the_room,
     open_connection_metadata_shows_it_in_presence_replies_to_anyone,
+    a_state_over_max_presence_state_bytes_is_refused_and_nothing_is_stored_or_sent,
+    presence_replies_hold_the_states_that_fit_in_a_frame,
+    presence_replies_hold_the_leading_members_that_fit_in_a_frame,
 );
 
 /// PROTOCOL.md §10: pongs extend presence, so a TTL shorter than the ping interval is
@@ -1874,4 +1877,265 @@ async fn open_connection_metadata_shows_it_in_presence_replies_to_anyone(backend
         presence_state(&mut outsider, 2, "room").await,
         json!({"success": true, "present": [m1.id, m2.id], "states": {}})
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Byte limits (issue 12 §1).
+
+async fn a_state_over_max_presence_state_bytes_is_refused_and_nothing_is_stored_or_sent(
+    backend: Backend,
+) {
+    const LIMIT: usize = 100;
+    let a = serve(tracking(&backend, "room").max_presence_state_bytes(LIMIT)).await;
+    let b = serve(tracking(&backend, "room").max_presence_state_bytes(LIMIT)).await;
+    let mut watcher = RawClient::connect(&a.url()).await;
+    subscribe(&mut watcher, 1, "room").await;
+    let mut member = RawClient::connect(&b.url()).await;
+    join(&mut member, 1, "room").await;
+    expect_update(&mut watcher, membership_update("join", &member.id, "room")).await;
+
+    // Exactly the limit is stored and announced.
+    let at_limit = object_of_size("pad", LIMIT);
+    assert_eq!(
+        publish(&mut member, 2, "room", at_limit.clone()).await,
+        true
+    );
+    expect_update(
+        &mut watcher,
+        state_update(&member.id, "room", at_limit.clone()),
+    )
+    .await;
+
+    // One byte more is refused, silent or expiring alike.
+    let over = object_of_size("pad", LIMIT + 1);
+    for (n, payload) in [
+        json!({"roomName": "room", "state": over}),
+        json!({"roomName": "room", "state": over, "silent": true}),
+        json!({"roomName": "room", "state": over, "expireAfter": 60_000}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let reply = member
+            .command_within(10 + n as u64, "mesh/publish-presence-state", payload)
+            .await;
+        assert_eq!(reply["command"], "mesh/publish-presence-state");
+        assert_over_byte_limit(&reply["payload"], "max_presence_state_bytes");
+    }
+    // The stored state stays, on every instance, and no update was sent.
+    assert_eq!(
+        updates_before_marker(&b.mesh, "marker", &mut [&mut watcher]).await,
+        [Vec::<Value>::new()]
+    );
+    for server in [&a, &b] {
+        assert_eq!(
+            server.mesh.presence_states("room").await.expect("states"),
+            [(member.id.clone(), at_limit.clone())]
+        );
+    }
+    assert_eq!(
+        presence_state(&mut watcher, 2, "room").await,
+        json!({"success": true, "present": [member.id], "states": {member.id.as_str(): at_limit}})
+    );
+    // The member can still publish a state within the limit.
+    assert_eq!(
+        publish(&mut member, 20, "room", json!({"ok": 1})).await,
+        true
+    );
+    expect_update(
+        &mut watcher,
+        state_update(&member.id, "room", json!({"ok": 1})),
+    )
+    .await;
+}
+
+const PRESENCE_FRAME: usize = 4096;
+
+/// Connects `n` members to `server` and joins them to `room`, one after the other (so
+/// they are listed in this order).
+async fn members_in_order(server: &TestServer, room: &str, n: usize) -> Vec<RawClient> {
+    let mut members = Vec::new();
+    for _ in 0..n {
+        let mut member = RawClient::connect(&server.url()).await;
+        assert_eq!(join(&mut member, 1, room).await["success"], true);
+        members.push(member);
+    }
+    members
+}
+
+/// The reply with this id exactly as the server wrote it, checked to fit in a frame.
+async fn reply_within_frame(
+    client: &mut RawClient,
+    id: u64,
+    command: &str,
+    payload: Value,
+) -> Value {
+    client
+        .send_json(json!({"id": id, "command": command, "payload": payload}))
+        .await;
+    let text = within(&format!("the reply to {command}"), async {
+        loop {
+            let text = client.next_text().await;
+            let frame: Value = serde_json::from_str(&text).expect("JSON");
+            if frame["id"] == json!(id) {
+                return text;
+            }
+        }
+    })
+    .await;
+    assert!(text.len() <= PRESENCE_FRAME, "{} bytes: {text}", text.len());
+    let reply: Value = serde_json::from_str(&text).expect("JSON");
+    reply["payload"].clone()
+}
+
+async fn presence_replies_hold_the_states_that_fit_in_a_frame(backend: Backend) {
+    let a = serve(tracking(&backend, "room").max_frame_size(PRESENCE_FRAME)).await;
+    let b = serve(tracking(&backend, "room").max_frame_size(PRESENCE_FRAME)).await;
+    let mut members = members_in_order(&b, "room", 4).await;
+    // Two states of 1,200 bytes fit beside the member list; a third would not.
+    let state = |n: usize| {
+        let mut state = object_of_size("pad", 1200);
+        state["n"] = json!(n);
+        state
+    };
+    for (n, member) in members.iter_mut().enumerate() {
+        assert_eq!(publish(member, 2, "room", state(n)).await, true);
+    }
+    let ids: Vec<String> = members.iter().map(|member| member.id.clone()).collect();
+    let mut watcher = RawClient::connect(&a.url()).await;
+
+    // Every member is listed (their metadata is not shown outside the room); the states
+    // are those of the leading members that fit.
+    let leading_states = json!({ids[0].as_str(): state(0), ids[1].as_str(): state(1)});
+    assert_eq!(
+        reply_within_frame(
+            &mut watcher,
+            1,
+            "mesh/subscribe-presence",
+            json!({"roomName": "room"})
+        )
+        .await,
+        json!({"success": true,
+               "present": ids.iter().map(|id| json!({"id": id, "metadata": null})).collect::<Vec<_>>(),
+               "states": leading_states,
+               "truncated": true})
+    );
+    assert_eq!(
+        reply_within_frame(
+            &mut watcher,
+            2,
+            "mesh/get-presence-state",
+            json!({"roomName": "room"})
+        )
+        .await,
+        json!({"success": true, "present": ids, "states": leading_states, "truncated": true})
+    );
+    // Every state is still stored: only the replies hold less.
+    assert_eq!(
+        sorted(b.mesh.presence_states("room").await.expect("states")),
+        sorted(
+            ids.iter()
+                .enumerate()
+                .map(|(n, id)| (id.clone(), state(n)))
+                .collect()
+        )
+    );
+    // The subscription made with a truncated reply is live.
+    assert_eq!(
+        publish(&mut members[3], 3, "room", json!({"small": true})).await,
+        true
+    );
+    expect_update(
+        &mut watcher,
+        state_update(&ids[3], "room", json!({"small": true})),
+    )
+    .await;
+    // Once everything fits, there is no `truncated` field at all.
+    for (n, member) in members.iter_mut().enumerate().skip(1) {
+        assert_eq!(publish(member, 4, "room", json!({"n": n})).await, true);
+    }
+    let all_small: serde_json::Map<String, Value> = ids
+        .iter()
+        .enumerate()
+        .map(|(n, id)| {
+            let state = if n == 0 { state(0) } else { json!({"n": n}) };
+            (id.clone(), state)
+        })
+        .collect();
+    assert_eq!(
+        reply_within_frame(
+            &mut watcher,
+            3,
+            "mesh/get-presence-state",
+            json!({"roomName": "room"})
+        )
+        .await,
+        json!({"success": true, "present": ids, "states": all_small})
+    );
+}
+
+async fn presence_replies_hold_the_leading_members_that_fit_in_a_frame(backend: Backend) {
+    // Metadata is shown to anyone, so members' entries are large; two fit, a third would not.
+    let open = |backend: &Backend| {
+        tracking(backend, "room")
+            .max_frame_size(PRESENCE_FRAME)
+            .open_connection_metadata(true)
+    };
+    let a = serve(open(&backend)).await;
+    let b = serve(open(&backend)).await;
+    let metadata = |n: usize| {
+        let mut metadata = object_of_size("pad", 1200);
+        metadata["n"] = json!(n);
+        metadata
+    };
+    let mut members = Vec::new();
+    for n in 0..4 {
+        let mut member = RawClient::connect(&b.url()).await;
+        b.mesh
+            .set_connection_metadata(&member.id, metadata(n), MergeStrategy::Replace)
+            .await
+            .expect("set metadata");
+        assert_eq!(join(&mut member, 1, "room").await["success"], true);
+        assert_eq!(publish(&mut member, 2, "room", json!({"n": n})).await, true);
+        members.push(member);
+    }
+    let ids: Vec<String> = members.iter().map(|member| member.id.clone()).collect();
+    let mut watcher = RawClient::connect(&a.url()).await;
+
+    // The leading members in join order, and only their states.
+    assert_eq!(
+        reply_within_frame(
+            &mut watcher,
+            1,
+            "mesh/subscribe-presence",
+            json!({"roomName": "room"})
+        )
+        .await,
+        json!({"success": true,
+               "present": [
+                   {"id": ids[0], "metadata": metadata(0)},
+                   {"id": ids[1], "metadata": metadata(1)},
+               ],
+               "states": {ids[0].as_str(): {"n": 0}, ids[1].as_str(): {"n": 1}},
+               "truncated": true})
+    );
+    // The same room without metadata in the reply fits whole: no `truncated` field.
+    let states: serde_json::Map<String, Value> = ids
+        .iter()
+        .enumerate()
+        .map(|(n, id)| (id.clone(), json!({"n": n})))
+        .collect();
+    assert_eq!(
+        reply_within_frame(
+            &mut watcher,
+            2,
+            "mesh/get-presence-state",
+            json!({"roomName": "room"})
+        )
+        .await,
+        json!({"success": true, "present": ids, "states": states})
+    );
+    // The watcher hears every member, listed or not.
+    assert_eq!(leave(&mut members[3], 3, "room").await["success"], true);
+    expect_update(&mut watcher, membership_update("leave", &ids[3], "room")).await;
 }

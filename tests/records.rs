@@ -45,6 +45,10 @@ conformance!(
     a_reconnected_client_subscribes_again,
     bad_record_input_is_einvalid_and_stores_nothing,
     record_subscription_limit_answers_eoverloaded,
+    a_record_over_max_record_bytes_is_refused_and_nothing_is_stored_or_sent,
+    merges_growing_a_record_past_max_record_bytes_are_refused_and_the_record_stays,
+    write_record_over_max_record_bytes_is_mesh_error_too_large,
+    max_record_bytes_is_never_above_max_frame_size,
     concurrent_merges_from_two_instances_are_gap_free_and_lose_nothing,
 );
 
@@ -1936,6 +1940,262 @@ async fn record_subscription_limit_answers_eoverloaded(backend: Backend) {
         .command_within(9, "mesh/subscribe-record", json!({"recordId": "r5"}))
         .await;
     assert_eq!(reply["payload"]["code"], "EOVERLOADED", "{reply}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Byte limits (issue 12 §1): a record's stored JSON text, after any merge.
+
+const RECORD_LIMIT: usize = 200;
+
+/// Instance A takes client writes, with `max_record_bytes` of [`RECORD_LIMIT`] (the writer's
+/// instance is the one that enforces it); B only serves readers.
+async fn record_limit_pair(backend: &Backend) -> (TestServer, TestServer, Events) {
+    let (hook, events) = reporter();
+    let a = serve(
+        backend
+            .builder()
+            .max_record_bytes(RECORD_LIMIT)
+            .expose_writable_record(everything(), Access::open())
+            .on_record_update(hook),
+    )
+    .await;
+    let b = serve(
+        backend
+            .builder()
+            .max_record_bytes(RECORD_LIMIT)
+            .expose_record(everything(), Access::open()),
+    )
+    .await;
+    (a, b, events)
+}
+
+async fn a_record_over_max_record_bytes_is_refused_and_nothing_is_stored_or_sent(backend: Backend) {
+    let (a, b, mut events) = record_limit_pair(&backend).await;
+    let mut writer = RawClient::connect(&a.url()).await;
+    let mut full_b = RawClient::connect(&b.url()).await;
+    let mut patch_b = RawClient::connect(&b.url()).await;
+    subscribe(&mut full_b, 1, "doc", None).await;
+    subscribe(&mut patch_b, 1, "doc", Some("patch")).await;
+    let at_limit = object_of_size("pad", RECORD_LIMIT);
+    let over = object_of_size("pad", RECORD_LIMIT + 1);
+
+    // A record that does not exist yet: refused, and it still does not exist.
+    let reply = writer
+        .command_within(
+            1,
+            "mesh/publish-record-update",
+            json!({"recordId": "doc", "newValue": over}),
+        )
+        .await;
+    assert_eq!(reply["command"], "mesh/publish-record-update");
+    assert_over_byte_limit(&reply["payload"], "max_record_bytes");
+    assert_eq!(stored(&a.mesh, "doc").await, None);
+    assert_eq!(stored(&b.mesh, "doc").await, None);
+    assert_no_record_push(&b.mesh, "marker-1", &mut [&mut full_b, &mut patch_b]).await;
+
+    // Exactly the limit is stored and sent.
+    assert_eq!(
+        publish(&mut writer, 2, "doc", at_limit.clone(), None).await,
+        json!({"success": true})
+    );
+    assert_eq!(update(&mut full_b).await, full("doc", at_limit.clone(), 1));
+    assert_eq!(update(&mut patch_b).await["version"], 1);
+
+    // Over it on a record that exists: refused, the stored version stays.
+    let reply = writer
+        .command_within(
+            3,
+            "mesh/publish-record-update",
+            json!({"recordId": "doc", "newValue": over}),
+        )
+        .await;
+    assert_over_byte_limit(&reply["payload"], "max_record_bytes");
+    assert_eq!(stored(&b.mesh, "doc").await, Some((at_limit.clone(), 1)));
+    assert_no_record_push(&b.mesh, "marker-2", &mut [&mut full_b, &mut patch_b]).await;
+    assert_eq!(
+        subscribe(&mut full_b, 2, "doc", None).await,
+        subscribed(at_limit.clone(), 1)
+    );
+
+    // The hooks heard only the stored write: the next event is the next version.
+    write(&a.mesh, "doc", json!({"small": true})).await;
+    assert_eq!(
+        events_sorted(&mut events, 2).await,
+        [
+            event("doc", at_limit, 1),
+            event("doc", json!({"small": true}), 2)
+        ]
+    );
+}
+
+async fn merges_growing_a_record_past_max_record_bytes_are_refused_and_the_record_stays(
+    backend: Backend,
+) {
+    let (a, b, _events) = record_limit_pair(&backend).await;
+    let mut writer = RawClient::connect(&a.url()).await;
+    let mut full_b = RawClient::connect(&b.url()).await;
+    let mut patch_b = RawClient::connect(&b.url()).await;
+    subscribe(&mut full_b, 1, "doc", None).await;
+    subscribe(&mut patch_b, 1, "doc", Some("patch")).await;
+
+    let base = json!({"a": "x".repeat(100), "nested": {"keep": 1}});
+    assert_eq!(
+        publish(&mut writer, 1, "doc", base.clone(), None).await,
+        json!({"success": true})
+    );
+    assert_eq!(update(&mut full_b).await, full("doc", base.clone(), 1));
+    assert_eq!(update(&mut patch_b).await["version"], 1);
+
+    // Each value fits on its own; merged into the stored one, it would not.
+    let top_level = json!({"b": "y".repeat(80)});
+    let nested = json!({"nested": {"more": "z".repeat(80)}});
+    for (n, (value, strategy)) in [(&top_level, "merge"), (&nested, "deepMerge")]
+        .into_iter()
+        .enumerate()
+    {
+        assert!(value.to_string().len() <= RECORD_LIMIT);
+        let mut merged = base.clone();
+        if strategy == "merge" {
+            merged["b"] = value["b"].clone();
+        } else {
+            merged["nested"]["more"] = value["nested"]["more"].clone();
+        }
+        assert!(merged.to_string().len() > RECORD_LIMIT, "{merged}");
+        let reply = writer
+            .command_within(
+                10 + n as u64,
+                "mesh/publish-record-update",
+                json!({"recordId": "doc", "newValue": value,
+                       "options": {"strategy": strategy}}),
+            )
+            .await;
+        assert_over_byte_limit(&reply["payload"], "max_record_bytes");
+        assert_eq!(stored(&b.mesh, "doc").await, Some((base.clone(), 1)));
+    }
+
+    // A merge that stays within the limit is stored as version 2, and it is the very next
+    // update each subscriber gets: the refused merges sent nothing.
+    let grown = json!({"a": "x".repeat(100), "nested": {"keep": 1, "more": 2}});
+    assert_eq!(
+        publish(
+            &mut writer,
+            20,
+            "doc",
+            json!({"nested": {"more": 2}}),
+            Some("deepMerge")
+        )
+        .await,
+        json!({"success": true})
+    );
+    assert_eq!(update(&mut full_b).await, full("doc", grown.clone(), 2));
+    assert_eq!(
+        update(&mut patch_b).await,
+        patched(
+            "doc",
+            json!([{"op": "add", "path": "/nested/more", "value": 2}]),
+            2
+        )
+    );
+    assert_eq!(stored(&a.mesh, "doc").await, Some((grown, 2)));
+}
+
+async fn write_record_over_max_record_bytes_is_mesh_error_too_large(backend: Backend) {
+    let (a, b, _events) = record_limit_pair(&backend).await;
+    let mut reader = RawClient::connect(&b.url()).await;
+    subscribe(&mut reader, 1, "doc", None).await;
+
+    let over = object_of_size("pad", RECORD_LIMIT + 1);
+    assert_too_large(
+        a.mesh
+            .write_record("doc", over, MergeStrategy::Replace)
+            .await,
+        "max_record_bytes",
+        RECORD_LIMIT,
+        RECORD_LIMIT + 1,
+    );
+    assert_eq!(stored(&b.mesh, "doc").await, None);
+
+    let base = object_of_size("a", 150);
+    assert_eq!(write(&a.mesh, "doc", base.clone()).await, Some(1));
+    assert_eq!(update(&mut reader).await, full("doc", base.clone(), 1));
+    // The size reported is the merged value's.
+    let addition = json!({"b": "y".repeat(60)});
+    let mut merged = base.clone();
+    merged["b"] = addition["b"].clone();
+    for strategy in [MergeStrategy::Merge, MergeStrategy::DeepMerge] {
+        assert_too_large(
+            a.mesh.write_record("doc", addition.clone(), strategy).await,
+            "max_record_bytes",
+            RECORD_LIMIT,
+            merged.to_string().len(),
+        );
+    }
+    assert_eq!(stored(&b.mesh, "doc").await, Some((base, 1)));
+    assert_no_record_push(&a.mesh, "marker", &mut [&mut reader]).await;
+}
+
+/// A record is sent whole in a reply or a push, so `max_record_bytes` is lowered to the
+/// frame limit: a record between the two sizes is refused.
+async fn max_record_bytes_is_never_above_max_frame_size(backend: Backend) {
+    const FRAME: usize = 4096;
+    let a = serve(
+        backend
+            .builder()
+            .max_frame_size(FRAME)
+            .max_record_bytes(1024 * 1024)
+            .expose_writable_record(everything(), Access::open()),
+    )
+    .await;
+    // Without max_record_bytes, the default (1 MiB) is lowered the same way.
+    let b = serve(
+        backend
+            .builder()
+            .max_frame_size(FRAME)
+            .expose_record(everything(), Access::open()),
+    )
+    .await;
+    let mut reader = RawClient::connect(&b.url()).await;
+    subscribe(&mut reader, 1, "doc", None).await;
+
+    for mesh in [&a.mesh, &b.mesh] {
+        assert_too_large(
+            mesh.write_record(
+                "doc",
+                object_of_size("pad", FRAME + 1),
+                MergeStrategy::Replace,
+            )
+            .await,
+            "max_record_bytes",
+            FRAME,
+            FRAME + 1,
+        );
+    }
+    assert_eq!(stored(&a.mesh, "doc").await, None);
+
+    // A client cannot send such a record in one frame, but it can grow one by merging.
+    let mut writer = RawClient::connect(&a.url()).await;
+    let half = object_of_size("a", 3000);
+    assert_eq!(
+        publish(&mut writer, 1, "doc", half.clone(), None).await,
+        json!({"success": true})
+    );
+    assert_eq!(update(&mut reader).await, full("doc", half.clone(), 1));
+    let reply = writer
+        .command_within(
+            2,
+            "mesh/publish-record-update",
+            json!({"recordId": "doc", "newValue": object_of_size("b", 1500),
+                   "options": {"strategy": "merge"}}),
+        )
+        .await;
+    assert_over_byte_limit(&reply["payload"], "max_record_bytes");
+    assert_eq!(stored(&b.mesh, "doc").await, Some((half, 1)));
+    assert_no_record_push(&a.mesh, "marker", &mut [&mut reader]).await;
+
+    // Exactly the frame limit is still a record.
+    let at_frame = object_of_size("pad", FRAME);
+    assert_eq!(write(&b.mesh, "doc", at_frame.clone()).await, Some(2));
+    assert_eq!(update(&mut reader).await, full("doc", at_frame, 2));
 }
 
 // ---------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ conformance!(
     two_instances_broadcast_reaches_both,
     two_instances_share_metadata,
     two_instances_close_a_connection_on_the_other,
+    connection_metadata_over_max_metadata_bytes_is_refused_and_the_old_value_stays,
 );
 
 fn sorted(mut ids: Vec<String>) -> Vec<String> {
@@ -482,4 +483,107 @@ async fn two_instances_close_a_connection_on_the_other(backend: Backend) {
         .expect("close");
     assert_eq!(on_b.closed().await, (1000, "moved".to_owned()));
     assert_echo_is_next(&mut also_b, 1).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Byte limits (issue 12 §1).
+
+async fn connection_metadata_over_max_metadata_bytes_is_refused_and_the_old_value_stays(
+    backend: Backend,
+) {
+    const LIMIT: usize = 200;
+    let a = serve(backend.builder().max_metadata_bytes(LIMIT)).await;
+    let b = serve(backend.builder().max_metadata_bytes(LIMIT)).await;
+    let mut c = RawClient::connect(&a.url()).await;
+    let success = |id: u64| json!({"id": id, "command": "mesh/set-my-connection-metadata", "payload": {"success": true}});
+
+    // Over the limit with nothing stored: refused, still nothing.
+    let over = json!({"metadata": object_of_size("pad", LIMIT + 1)});
+    let reply = set_mine(&mut c, 1, over.clone()).await;
+    assert_eq!(reply["command"], "mesh/set-my-connection-metadata");
+    assert_over_byte_limit(&reply["payload"], "max_metadata_bytes");
+    assert_eq!(get_mine(&mut c, 2).await, Value::Null);
+    assert_eq!(b.mesh.connection_metadata(&c.id).await.expect("read"), None);
+
+    // Exactly the limit is stored; one byte more does not replace it.
+    let at_limit = object_of_size("pad", LIMIT);
+    assert_eq!(
+        set_mine(&mut c, 3, json!({"metadata": at_limit})).await,
+        success(3)
+    );
+    let reply = set_mine(&mut c, 4, over).await;
+    assert_over_byte_limit(&reply["payload"], "max_metadata_bytes");
+    assert_eq!(get_mine(&mut c, 5).await, at_limit);
+
+    // Values that fit on their own, merged into what is stored, would not: refused, and
+    // the stored metadata stays, on every instance.
+    let base = json!({"name": "x".repeat(100), "preferences": {"theme": "dark"}});
+    assert_eq!(
+        set_mine(&mut c, 6, json!({"metadata": base})).await,
+        success(6)
+    );
+    let top_level = json!({"status": "y".repeat(80)});
+    let nested = json!({"preferences": {"motto": "z".repeat(80)}});
+    let mut merged = base.clone();
+    merged["status"] = top_level["status"].clone();
+    let mut deep_merged = base.clone();
+    deep_merged["preferences"]["motto"] = nested["preferences"]["motto"].clone();
+    for (n, (value, strategy)) in [(&top_level, "merge"), (&nested, "deepMerge")]
+        .into_iter()
+        .enumerate()
+    {
+        assert!(value.to_string().len() <= LIMIT);
+        let reply = set_mine(
+            &mut c,
+            10 + n as u64,
+            json!({"metadata": value, "options": {"strategy": strategy}}),
+        )
+        .await;
+        assert_over_byte_limit(&reply["payload"], "max_metadata_bytes");
+    }
+    assert_eq!(get_mine(&mut c, 12).await, base);
+
+    // The server API refuses the same writes with MeshError::TooLarge, on any instance and
+    // through the connection's own handle.
+    assert_too_large(
+        b.mesh
+            .set_connection_metadata(&c.id, top_level.clone(), MergeStrategy::Merge)
+            .await,
+        "max_metadata_bytes",
+        LIMIT,
+        merged.to_string().len(),
+    );
+    let handle = a.mesh.connection(&c.id).expect("a connection of A");
+    assert_too_large(
+        handle
+            .set_metadata(nested.clone(), MergeStrategy::DeepMerge)
+            .await,
+        "max_metadata_bytes",
+        LIMIT,
+        deep_merged.to_string().len(),
+    );
+    assert_too_large(
+        handle
+            .set_metadata(object_of_size("pad", LIMIT + 1), MergeStrategy::Replace)
+            .await,
+        "max_metadata_bytes",
+        LIMIT,
+        LIMIT + 1,
+    );
+    for server in [&a, &b] {
+        assert_eq!(
+            server.mesh.connection_metadata(&c.id).await.expect("read"),
+            Some(base.clone())
+        );
+    }
+    assert_eq!(handle.metadata().await.expect("read"), Some(base.clone()));
+    // A merge that stays within the limit is stored.
+    handle
+        .set_metadata(json!({"status": "away"}), MergeStrategy::Merge)
+        .await
+        .expect("merge");
+    assert_eq!(
+        get_mine(&mut c, 13).await,
+        json!({"name": "x".repeat(100), "preferences": {"theme": "dark"}, "status": "away"})
+    );
 }

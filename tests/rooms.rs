@@ -41,6 +41,8 @@ conformance!(
     connection_metadata_is_readable_only_while_sharing_a_room,
     join_reply_shows_no_metadata_to_a_caller_removed_before_it,
     join_reply_with_open_metadata_shows_it_to_a_caller_removed_before_it,
+    join_reply_holds_the_leading_members_that_fit_in_a_frame,
+    room_metadata_over_max_metadata_bytes_is_refused_and_the_old_value_stays,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -1560,5 +1562,183 @@ async fn join_reply_with_open_metadata_shows_it_to_a_caller_removed_before_it(ba
     assert_eq!(
         reply,
         json!({"success": true, "present": [{"id": member, "metadata": {"name": "member"}}]})
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Byte limits (issue 12 §1).
+
+async fn join_reply_holds_the_leading_members_that_fit_in_a_frame(backend: Backend) {
+    const FRAME: usize = 4096;
+    let a = serve(backend.builder().max_frame_size(FRAME)).await;
+    let b = serve(backend.builder().max_frame_size(FRAME)).await;
+    // Members on B with metadata of about 1,200 bytes: two entries fit in a reply, a third
+    // would not.
+    let metadata = |n: usize| {
+        let mut metadata = object_of_size("pad", 1200);
+        metadata["n"] = json!(n);
+        metadata
+    };
+    let mut members = Vec::new();
+    for n in 0..3 {
+        let mut member = RawClient::connect(&b.url()).await;
+        call(
+            &mut member,
+            1,
+            "mesh/set-my-connection-metadata",
+            json!({ "metadata": metadata(n) }),
+        )
+        .await;
+        assert_eq!(join(&mut member, 2, "big").await["success"], true);
+        members.push(member);
+    }
+    let mut joiner = RawClient::connect(&a.url()).await;
+    joiner
+        .send_json(json!({"id": 1, "command": "mesh/join-room", "payload": {"roomName": "big"}}))
+        .await;
+    let text = within("the join reply", async {
+        loop {
+            let text = joiner.next_text().await;
+            if serde_json::from_str::<Value>(&text).expect("JSON")["id"] == 1 {
+                return text;
+            }
+        }
+    })
+    .await;
+    assert!(text.len() <= FRAME, "{} bytes: {text}", text.len());
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).expect("JSON")["payload"],
+        json!({"success": true, "present": [
+            {"id": members[0].id, "metadata": metadata(0)},
+            {"id": members[1].id, "metadata": metadata(1)},
+        ], "truncated": true})
+    );
+    // The join itself is whole: the joiner is a member, listed last.
+    assert_eq!(
+        b.mesh.room_members("big").await.expect("members"),
+        [
+            members[0].id.clone(),
+            members[1].id.clone(),
+            members[2].id.clone(),
+            joiner.id.clone()
+        ]
+    );
+    // A reply that lists every member has no `truncated` field at all.
+    let mut small = RawClient::connect(&a.url()).await;
+    assert_eq!(
+        join(&mut small, 1, "small").await,
+        json!({"success": true, "present": [{"id": small.id, "metadata": null}]})
+    );
+    assert_eq!(
+        join(&mut members[0], 3, "small").await,
+        json!({"success": true, "present": [
+            {"id": small.id, "metadata": null},
+            {"id": members[0].id, "metadata": metadata(0)},
+        ]})
+    );
+}
+
+async fn room_metadata_over_max_metadata_bytes_is_refused_and_the_old_value_stays(
+    backend: Backend,
+) {
+    const LIMIT: usize = 200;
+    let a = serve(backend.builder().max_metadata_bytes(LIMIT)).await;
+    let b = serve(backend.builder().max_metadata_bytes(LIMIT)).await;
+    let mut reader = RawClient::connect(&b.url()).await;
+    let (ma, mb) = (&a.mesh, &b.mesh);
+
+    // A room without metadata: refused, it still has none.
+    let over = object_of_size("pad", LIMIT + 1);
+    assert_too_large(
+        ma.set_room_metadata("lobby", over.clone(), MergeStrategy::Replace)
+            .await,
+        "max_metadata_bytes",
+        LIMIT,
+        LIMIT + 1,
+    );
+    assert_eq!(mb.room_metadata("lobby").await.expect("get"), None);
+    assert_eq!(mb.all_room_metadata().await.expect("all"), vec![]);
+    // Merging into nothing is measured the same way.
+    assert_too_large(
+        ma.update_room_metadata("lobby", over.clone()).await,
+        "max_metadata_bytes",
+        LIMIT,
+        LIMIT + 1,
+    );
+    assert_eq!(mb.room_metadata("lobby").await.expect("get"), None);
+
+    // Exactly the limit is stored.
+    let at_limit = object_of_size("pad", LIMIT);
+    ma.set_room_metadata("lobby", at_limit.clone(), MergeStrategy::Replace)
+        .await
+        .expect("set");
+    assert_eq!(
+        mb.room_metadata("lobby").await.expect("get"),
+        Some(at_limit)
+    );
+
+    // Values that fit on their own, merged into what is stored, would not: refused, and the
+    // stored metadata stays.
+    let base = json!({"title": "x".repeat(100), "settings": {"theme": "dark"}});
+    mb.set_room_metadata("lobby", base.clone(), MergeStrategy::Replace)
+        .await
+        .expect("set");
+    let top_level = json!({"topic": "y".repeat(80)});
+    let nested = json!({"settings": {"motto": "z".repeat(80)}});
+    let mut merged = base.clone();
+    merged["topic"] = top_level["topic"].clone();
+    let mut deep_merged = base.clone();
+    deep_merged["settings"]["motto"] = nested["settings"]["motto"].clone();
+    assert_too_large(
+        ma.update_room_metadata("lobby", top_level.clone()).await,
+        "max_metadata_bytes",
+        LIMIT,
+        merged.to_string().len(),
+    );
+    assert_too_large(
+        ma.set_room_metadata("lobby", top_level, MergeStrategy::Merge)
+            .await,
+        "max_metadata_bytes",
+        LIMIT,
+        merged.to_string().len(),
+    );
+    assert_too_large(
+        mb.set_room_metadata("lobby", nested, MergeStrategy::DeepMerge)
+            .await,
+        "max_metadata_bytes",
+        LIMIT,
+        deep_merged.to_string().len(),
+    );
+    assert_eq!(
+        ma.room_metadata("lobby").await.expect("get"),
+        Some(base.clone())
+    );
+    assert_eq!(
+        call(
+            &mut reader,
+            1,
+            "mesh/get-room-metadata",
+            json!({"roomName": "lobby"})
+        )
+        .await,
+        json!({ "metadata": base })
+    );
+    // A merge that stays within the limit is stored.
+    ma.set_room_metadata(
+        "lobby",
+        json!({"settings": {"motto": "short"}}),
+        MergeStrategy::DeepMerge,
+    )
+    .await
+    .expect("deep merge");
+    assert_eq!(
+        call(
+            &mut reader,
+            2,
+            "mesh/get-room-metadata",
+            json!({"roomName": "lobby"})
+        )
+        .await,
+        json!({"metadata": {"title": "x".repeat(100), "settings": {"theme": "dark", "motto": "short"}}})
     );
 }
