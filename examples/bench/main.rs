@@ -21,6 +21,13 @@
 //! # two instances (e.g. on one Redis): members / connections alternate between the URLs
 //! cargo run --release --example bench -- cross --url ws://127.0.0.1:18789/ \
 //!     --url2 ws://127.0.0.1:18790/ --kind broadcast|rpc [options of that scenario]
+//! # the interop example's collection `big` of N records with S subscribers: server CPU per
+//! # write to an unrelated record, and the pushes a write to a member causes
+//! cargo run --release --example bench -- collection --url ws://127.0.0.1:8787/ \
+//!     --records 12000 --subscribers 30 --writes 2000 --server-pid P
+//! # server memory (VmRSS sampled) under the history or record attack, and a canary's echoes
+//! cargo run --release --example bench -- attack --url ws://127.0.0.1:8787/ \
+//!     --kind history|record --writes 120 --bytes 500000 --readers 8 --server-pid P
 //! ```
 //!
 //! `--raw` (rpc only) drives a plain echo server (`examples/raw_echo`): no `mesh/assign-id` is
@@ -46,6 +53,8 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+mod limits;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -129,6 +138,24 @@ enum Scenario {
         rpc: RpcOpts,
         #[command(flatten)]
         broadcast: BroadcastOpts,
+    },
+    /// A large collection with many subscribers: server CPU per unrelated write, pushes
+    /// per member write (needs the interop example's `write-record` and `broadcast-room`).
+    Collection {
+        /// WebSocket URL of the server.
+        #[arg(long, default_value = "ws://127.0.0.1:8787/")]
+        url: String,
+        #[command(flatten)]
+        opts: limits::CollectionOpts,
+    },
+    /// The history or record attack: server memory, and whether a prompt client is still
+    /// served (needs the interop example's `write-channel` / `write-record`).
+    Attack {
+        /// WebSocket URL of the server.
+        #[arg(long, default_value = "ws://127.0.0.1:8787/")]
+        url: String,
+        #[command(flatten)]
+        opts: limits::AttackOpts,
     },
 }
 
@@ -226,6 +253,18 @@ fn main() {
                     out,
                 )
             }
+            Scenario::Collection { url, opts } => prefixed(
+                json!({"scenario": "collection", "url": url}),
+                limits::collection(&url, &opts)
+                    .await
+                    .unwrap_or_else(|err| json!({ "error": err })),
+            ),
+            Scenario::Attack { url, opts } => prefixed(
+                json!({"scenario": "attack", "url": url}),
+                limits::attack(&url, &opts)
+                    .await
+                    .unwrap_or_else(|err| json!({ "error": err })),
+            ),
         }
     });
     // Connections still closing must not delay the report.
