@@ -16,11 +16,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::access::valid_name;
+use crate::backend::Push;
 use crate::connection::Connection;
 use crate::error::{CommandError, MeshError};
 use crate::extract::Payload;
 use crate::mesh::Mesh;
-use crate::protocol::{self, Frame};
+use crate::protocol;
 use crate::reply_budget;
 use crate::topics::{Form, Topic};
 
@@ -63,7 +64,10 @@ impl Mesh {
         }
         let announcement = crate::backend::Delivery::Topic {
             topic: Topic::Channel(Arc::from(channel)),
-            frame: Frame::from(protocol::subscription_message(channel, &message)),
+            push: Push {
+                command: Arc::from(protocol::SUBSCRIPTION_MESSAGE),
+                payload: Arc::from(protocol::subscription_message_payload(channel, &message)),
+            },
             exclude: Arc::from([]),
         };
         self.ready().await?;

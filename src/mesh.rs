@@ -11,7 +11,7 @@ use serde_json::Value;
 use tokio::sync::{oneshot, watch, OnceCell};
 
 use crate::access::{Access, Guard, Rules};
-use crate::backend::{Backend, ConnectionOp, Delivery, Inbox};
+use crate::backend::{Backend, ConnectionOp, Delivery, Inbox, Push};
 use crate::builder::MeshBuilder;
 use crate::collections::{CollectionExposure, CollectionSubscriptions};
 use crate::command::Route;
@@ -235,9 +235,9 @@ impl Mesh {
         command: &str,
         payload: &P,
     ) -> Result<(), MeshError> {
-        let frame = Frame::from(protocol::push(command, payload));
+        let push = push_of(command, payload)?;
         if let Some(connection) = self.inner.registry.get(connection_id) {
-            let _ = self.inner.registry.send_frame(&connection, frame);
+            let _ = self.inner.registry.send_frame(&connection, render(&push));
             return Ok(());
         }
         self.ready().await?;
@@ -245,7 +245,7 @@ impl Mesh {
             .backend
             .publish(Delivery::ToConnection {
                 connection_id: Arc::from(connection_id),
-                frame,
+                push,
             })
             .await
             .map(drop)
@@ -258,11 +258,11 @@ impl Mesh {
         command: &str,
         payload: &P,
     ) -> Result<(), MeshError> {
-        let frame = Frame::from(protocol::push(command, payload));
+        let push = push_of(command, payload)?;
         self.ready().await?;
         self.inner
             .backend
-            .publish(Delivery::Broadcast { frame })
+            .publish(Delivery::Broadcast { push })
             .await
             .map(drop)
     }
@@ -565,11 +565,11 @@ impl Mesh {
         was_listening
     }
 
-    /// Sends a frame to every listener of a topic on every instance, except `exclude`.
+    /// Sends a push to every listener of a topic on every instance, except `exclude`.
     pub(crate) async fn publish_topic(
         &self,
         topic: Topic,
-        frame: Frame,
+        push: Push,
         exclude: Arc<[Arc<str>]>,
     ) -> Result<(), MeshError> {
         self.ready().await?;
@@ -577,7 +577,7 @@ impl Mesh {
             .backend
             .publish(Delivery::Topic {
                 topic,
-                frame,
+                push,
                 exclude,
             })
             .await
@@ -744,6 +744,22 @@ impl Mesh {
     }
 }
 
+/// A push for a delivery to carry: its payload serialised once, here.
+pub(crate) fn push_of<P: Serialize + ?Sized>(
+    command: &str,
+    payload: &P,
+) -> Result<Push, MeshError> {
+    Ok(Push {
+        command: Arc::from(command),
+        payload: Arc::from(protocol::payload_json(payload)?),
+    })
+}
+
+/// The frame of a push, rendered once per instance and shared by every local recipient.
+pub(crate) fn render(push: &Push) -> Frame {
+    Frame::from(protocol::push_with_json(&push.command, &push.payload))
+}
+
 type Calls = Mutex<HashMap<u64, oneshot::Sender<Option<bool>>>>;
 
 struct PendingCall<'a> {
@@ -770,14 +786,29 @@ impl Inbox for MeshInner {
         match delivery {
             Delivery::Topic {
                 topic,
-                frame,
+                push,
                 exclude,
             } => {
+                let frame = render(&push);
                 for listener in self.topics.listeners(&topic) {
                     let connection = &listener.connection;
                     if !exclude.iter().any(|id| **id == *connection.id()) {
                         let _ = self.registry.send_frame(connection, frame.clone());
                     }
+                }
+            }
+            Delivery::Presence {
+                room,
+                connection_id,
+                change,
+                timestamp,
+            } => {
+                let frame =
+                    crate::presence::update_frame(&room, &connection_id, &change, timestamp);
+                for listener in self.topics.listeners(&Topic::Presence(room)) {
+                    let _ = self
+                        .registry
+                        .send_frame(&listener.connection, frame.clone());
                 }
             }
             Delivery::Record {

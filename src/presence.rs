@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::access::{self, Guard};
-use crate::backend::{Delivery, PresenceRefresh};
+use crate::backend::{PresenceChange, PresenceRefresh};
 use crate::connection::Connection;
 use crate::error::{CommandError, MeshError};
 use crate::extract::Payload;
@@ -130,33 +130,25 @@ pub(crate) struct PresenceRule {
     pub(crate) guard: Option<Guard>,
 }
 
-/// A presence change, as announced to subscribers.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Change {
-    Join,
-    Leave,
-    /// A new state, or `None` when it was cleared or expired.
-    State(Option<Value>),
-}
-
-/// The delivery that announces a presence change to the room's subscribers.
-pub(crate) fn announcement(room: &str, connection_id: &str, change: &Change) -> Delivery {
+/// The `mesh/presence-update` frame of a presence change (rendered once per instance).
+pub(crate) fn update_frame(
+    room: &str,
+    connection_id: &str,
+    change: &PresenceChange,
+    timestamp: u64,
+) -> Frame {
     let (kind, state) = match change {
-        Change::Join => ("join", None),
-        Change::Leave => ("leave", None),
-        Change::State(state) => ("state", Some(state.as_ref().unwrap_or(&Value::Null))),
+        PresenceChange::Join => ("join", None),
+        PresenceChange::Leave => ("leave", None),
+        PresenceChange::State(state) => ("state", Some(state.as_deref().unwrap_or("null"))),
     };
-    Delivery::Topic {
-        topic: Topic::Presence(Arc::from(room)),
-        frame: Frame::from(protocol::presence_update(
-            kind,
-            connection_id,
-            room,
-            state,
-            protocol::now_ms(),
-        )),
-        exclude: Arc::from([]),
-    }
+    Frame::from(protocol::presence_update(
+        kind,
+        connection_id,
+        room,
+        state,
+        timestamp,
+    ))
 }
 
 /// How many connections one presence refresh call carries, so no single script runs long.

@@ -29,7 +29,7 @@ use serde::de::{IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
-use crate::error::CommandError;
+use crate::error::{CommandError, MeshError};
 
 /// One outbound text frame, shared: a broadcast serialises once and every recipient's
 /// queue holds the same bytes.
@@ -346,37 +346,48 @@ pub(crate) fn push<P: Serialize + ?Sized>(command: &str, payload: &P) -> String 
     to_json(&PushFrame { command, payload })
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct PresenceUpdate<'a> {
-    #[serde(rename = "type")]
-    kind: &'a str,
-    connection_id: &'a str,
-    room_name: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    state: Option<&'a Value>,
-    timestamp: u64,
+/// A push's payload as JSON text, for a delivery to carry to other instances.
+pub(crate) fn payload_json<P: Serialize + ?Sized>(payload: &P) -> Result<String, MeshError> {
+    serde_json::to_string(payload).map_err(|err| MeshError::Encode(err.to_string()))
+}
+
+/// The JSON text of a push whose payload is JSON text already (byte for byte what
+/// [`push`] makes of the same payload).
+pub(crate) fn push_with_json(command: &str, payload_json: &str) -> String {
+    let command = to_json(&command);
+    let mut out = String::with_capacity(24 + command.len() + payload_json.len());
+    out.push_str(r#"{"command":"#);
+    out.push_str(&command);
+    out.push_str(r#","payload":"#);
+    out.push_str(payload_json);
+    out.push('}');
+    out
 }
 
 /// The JSON text of a `mesh/presence-update` push. `kind` is `join`, `leave` or `state`;
-/// a `state` update always carries `state` (`null` when cleared or expired).
+/// a `state` update always carries `state` (JSON text; `null` when cleared or expired).
 pub(crate) fn presence_update(
     kind: &str,
     connection_id: &str,
     room_name: &str,
-    state: Option<&Value>,
+    state: Option<&str>,
     timestamp: u64,
 ) -> String {
-    push(
-        PRESENCE_UPDATE,
-        &PresenceUpdate {
-            kind,
-            connection_id,
-            room_name,
-            state,
-            timestamp,
-        },
-    )
+    let mut payload = String::with_capacity(96 + state.map_or(0, str::len));
+    payload.push_str(r#"{"type":"#);
+    payload.push_str(&to_json(&kind));
+    payload.push_str(r#","connectionId":"#);
+    payload.push_str(&to_json(&connection_id));
+    payload.push_str(r#","roomName":"#);
+    payload.push_str(&to_json(&room_name));
+    if let Some(state) = state {
+        payload.push_str(r#","state":"#);
+        payload.push_str(state);
+    }
+    payload.push_str(r#","timestamp":"#);
+    payload.push_str(&timestamp.to_string());
+    payload.push('}');
+    push_with_json(PRESENCE_UPDATE, &payload)
 }
 
 #[derive(Serialize)]
@@ -385,9 +396,18 @@ struct ChannelMessage<'a> {
     message: &'a str,
 }
 
+/// The payload of a `mesh/subscription-message` push, as JSON text.
+pub(crate) fn subscription_message_payload(channel: &str, message: &str) -> String {
+    to_json(&ChannelMessage { channel, message })
+}
+
 /// The JSON text of a `mesh/subscription-message` push.
-pub(crate) fn subscription_message(channel: &str, message: &str) -> String {
-    push(SUBSCRIPTION_MESSAGE, &ChannelMessage { channel, message })
+#[cfg(test)]
+fn subscription_message(channel: &str, message: &str) -> String {
+    push_with_json(
+        SUBSCRIPTION_MESSAGE,
+        &subscription_message_payload(channel, message),
+    )
 }
 
 /// The JSON text of a `mesh/record-update` push, from JSON texts: the whole value, the
@@ -463,14 +483,6 @@ pub(crate) fn collection_diff(
             truncated,
         },
     )
-}
-
-/// Milliseconds since the Unix epoch, as mesh timestamps its events.
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or_default()
 }
 
 /// Serialising our own frame types cannot fail: every map key is a string and every
@@ -659,7 +671,7 @@ mod tests {
             r#"{"command":"mesh/presence-update","payload":{"type":"join","connectionId":"c1","roomName":"smoke-room","timestamp":1795373456537}}"#
         );
         assert_eq!(
-            presence_update("state", "c1", "r", Some(&json!({"status":"typing"})), 5),
+            presence_update("state", "c1", "r", Some(r#"{"status":"typing"}"#), 5),
             r#"{"command":"mesh/presence-update","payload":{"type":"state","connectionId":"c1","roomName":"r","state":{"status":"typing"},"timestamp":5}}"#
         );
         assert_eq!(
@@ -702,7 +714,7 @@ mod tests {
             r#"{"command":"mesh/collection-diff","payload":{"collectionId":"c","added":[],"removed":[],"version":3,"truncated":true}}"#
         );
         assert_eq!(
-            presence_update("state", "c1", "r", Some(&Value::Null), 5),
+            presence_update("state", "c1", "r", Some("null"), 5),
             r#"{"command":"mesh/presence-update","payload":{"type":"state","connectionId":"c1","roomName":"r","state":null,"timestamp":5}}"#
         );
     }

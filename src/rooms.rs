@@ -19,7 +19,6 @@ use crate::error::{CommandError, MeshError};
 use crate::extract::Payload;
 use crate::mesh::Mesh;
 use crate::metadata::{MergeStrategy, MetadataOwners, MetadataVisibility, MetadataWrite};
-use crate::protocol::{self, Frame};
 use crate::reply_budget;
 use crate::topics::{Form, Topic};
 
@@ -157,9 +156,9 @@ impl Mesh {
         payload: &P,
         exclude: &[&str],
     ) -> Result<(), MeshError> {
-        let frame = Frame::from(protocol::push(command, payload));
+        let push = crate::mesh::push_of(command, payload)?;
         let exclude: Arc<[Arc<str>]> = exclude.iter().map(|id| Arc::from(*id)).collect();
-        self.publish_topic(Topic::Room(Arc::from(room)), frame, exclude)
+        self.publish_topic(Topic::Room(Arc::from(room)), push, exclude)
             .await
     }
 

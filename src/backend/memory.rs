@@ -13,11 +13,10 @@ use tokio::time::Instant;
 use serde_json::Value;
 
 use super::{
-    Backend, BackendFuture, Delivery, Inbox, PresenceRefresh, PresenceView, RecordRemover,
-    RecordUpdater, StoredRecord,
+    now_ms, Backend, BackendFuture, Delivery, Inbox, PresenceChange, PresenceRefresh, PresenceView,
+    RecordRemover, RecordUpdater, StoredRecord,
 };
 use crate::metadata::MetadataWrite;
-use crate::presence::{self, Change};
 use crate::topics::Topic;
 
 /// Shared state kept in this process. Cheap to clone; clones share the state.
@@ -136,9 +135,13 @@ impl MemoryState {
         true
     }
 
-    fn announce(&mut self, room: &str, connection_id: &str, change: Change) {
-        self.announcements
-            .push(presence::announcement(room, connection_id, &change));
+    fn announce(&mut self, room: &str, connection_id: &str, change: PresenceChange) {
+        self.announcements.push(Delivery::Presence {
+            room: Arc::from(room),
+            connection_id: Arc::from(connection_id),
+            change,
+            timestamp: now_ms(),
+        });
     }
 
     /// Delivers the pending announcements to every live instance.
@@ -172,7 +175,7 @@ impl MemoryState {
             entry.rooms.remove(room);
         }
         if self.remove_presence(connection_id, room) {
-            self.announce(room, connection_id, Change::Leave);
+            self.announce(room, connection_id, PresenceChange::Leave);
         }
         was_member
     }
@@ -399,6 +402,7 @@ impl Backend for MemoryBackend {
                     .collect(),
                 Delivery::Broadcast { .. }
                 | Delivery::Topic { .. }
+                | Delivery::Presence { .. }
                 | Delivery::Record { .. }
                 | Delivery::RecordDeleted { .. }
                 | Delivery::RecordsChanged { .. } => {
@@ -448,7 +452,7 @@ impl Backend for MemoryBackend {
         }
         if let Some(ttl) = presence_ttl {
             if state.make_present(connection_id, room, deadline(ttl)) {
-                state.announce(room, connection_id, Change::Join);
+                state.announce(room, connection_id, PresenceChange::Join);
             }
         }
         state.flush();
@@ -540,7 +544,7 @@ impl Backend for MemoryBackend {
                 if state.is_member(connection_id, room)
                     && state.make_present(connection_id, room, deadline(*ttl))
                 {
-                    state.announce(room, connection_id, Change::Join);
+                    state.announce(room, connection_id, PresenceChange::Join);
                 }
             }
         }
@@ -589,7 +593,11 @@ impl Backend for MemoryBackend {
             .or_default()
             .insert(connection_id.to_owned(), (value.clone(), expiry));
         if !silent {
-            state.announce(room, connection_id, Change::State(Some(value.clone())));
+            state.announce(
+                room,
+                connection_id,
+                PresenceChange::State(Some(Arc::from(value.to_string()))),
+            );
         }
         state.flush();
         ready(true)
@@ -605,7 +613,7 @@ impl Backend for MemoryBackend {
             return ready(false);
         }
         if state.remove_state(connection_id, room) {
-            state.announce(room, connection_id, Change::State(None));
+            state.announce(room, connection_id, PresenceChange::State(None));
         }
         state.flush();
         ready(true)
@@ -628,14 +636,14 @@ impl Backend for MemoryBackend {
                 break;
             }
             state.remove_presence(&connection_id, &room);
-            state.announce(&room, &connection_id, Change::Leave);
+            state.announce(&room, &connection_id, PresenceChange::Leave);
         }
         while let Some((deadline, room, connection_id)) = state.state_expiry.first().cloned() {
             if deadline > now {
                 break;
             }
             state.remove_state(&connection_id, &room);
-            state.announce(&room, &connection_id, Change::State(None));
+            state.announce(&room, &connection_id, PresenceChange::State(None));
         }
         state.flush();
         let next = [state.presence_expiry.first(), state.state_expiry.first()]

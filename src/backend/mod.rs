@@ -22,7 +22,6 @@ use serde_json::Value;
 
 use crate::error::MeshError;
 use crate::metadata::MetadataWrite;
-use crate::protocol::Frame;
 use crate::topics::Topic;
 
 #[cfg(feature = "redis")]
@@ -33,26 +32,64 @@ pub use memory::MemoryBackend;
 pub(crate) type BackendFuture<'a, T> =
     Pin<Box<dyn Future<Output = Result<T, MeshError>> + Send + 'a>>;
 
+/// A push as deliveries carry it: its command and its payload as JSON text. The backends
+/// never build or read frames: each receiving instance renders a push once, and every
+/// local recipient shares those bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Push {
+    pub(crate) command: Arc<str>,
+    pub(crate) payload: Arc<str>,
+}
+
+impl Push {
+    /// Its size in bytes (command and payload).
+    pub(crate) fn len(&self) -> usize {
+        self.command.len() + self.payload.len()
+    }
+}
+
+/// A presence change, as deliveries carry it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PresenceChange {
+    Join,
+    Leave,
+    /// A new state (JSON text), or `None` when it was cleared or expired.
+    State(Option<Arc<str>>),
+}
+
+/// Milliseconds since the Unix epoch: the clock events are stamped with.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or_default()
+}
+
 /// A message for connections that some instance holds, or for an instance itself.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Delivery {
-    /// One frame for one connection.
-    ToConnection {
-        connection_id: Arc<str>,
-        frame: Frame,
-    },
-    /// One frame for every connection of every instance.
-    Broadcast { frame: Frame },
+    /// A push for one connection.
+    ToConnection { connection_id: Arc<str>, push: Push },
+    /// A push for every connection of every instance.
+    Broadcast { push: Push },
     /// Close one connection with a normal close frame and this reason.
     Close {
         connection_id: Arc<str>,
         reason: String,
     },
-    /// One frame for every listener of a topic, on every instance, except `exclude`.
+    /// A push for every listener of a topic, on every instance, except `exclude`.
     Topic {
         topic: Topic,
-        frame: Frame,
+        push: Push,
         exclude: Arc<[Arc<str>]>,
+    },
+    /// A presence change in a room, for the listeners of its presence on every instance,
+    /// stamped (milliseconds since the epoch) where it was made.
+    Presence {
+        room: Arc<str>,
+        connection_id: Arc<str>,
+        change: PresenceChange,
+        timestamp: u64,
     },
     /// A record's new version for its listeners on every instance, as JSON texts: each
     /// instance builds the frames its listeners need (whole values, patches when the

@@ -96,15 +96,18 @@ impl Registry {
         match delivery {
             Delivery::ToConnection {
                 connection_id,
-                frame,
+                push,
             } => {
                 if let Some(connection) = self.get(&connection_id) {
-                    let _ = self.send_frame(&connection, frame);
+                    let _ = self.send_frame(&connection, crate::mesh::render(&push));
                 }
             }
-            Delivery::Broadcast { frame } => self.for_each(|connection| {
-                let _ = self.send_frame(connection, frame.clone());
-            }),
+            Delivery::Broadcast { push } => {
+                let frame = crate::mesh::render(&push);
+                self.for_each(|connection| {
+                    let _ = self.send_frame(connection, frame.clone());
+                });
+            }
             Delivery::Close {
                 connection_id,
                 reason,
@@ -114,6 +117,7 @@ impl Registry {
                 }
             }
             Delivery::Topic { .. }
+            | Delivery::Presence { .. }
             | Delivery::Record { .. }
             | Delivery::RecordDeleted { .. }
             | Delivery::RecordsChanged { .. }

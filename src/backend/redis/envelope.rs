@@ -1,11 +1,12 @@
 //! The pub/sub envelope: a tag byte, then length-prefixed fields (a little-endian `u32`
-//! length, then the bytes). Frames travel verbatim, so an instance parses a delivery once
-//! and every local recipient shares the same bytes.
+//! length, then the bytes). Deliveries travel as events (a push's command and payload
+//! text, a presence change), never as frames: an instance parses a delivery once, renders
+//! it once, and every local recipient shares the same bytes. The Lua scripts publish
+//! presence changes in this same layout (see `scripts.rs`).
 
 use std::sync::Arc;
 
-use crate::backend::{ConnectionOp, Delivery};
-use crate::protocol::Frame;
+use crate::backend::{ConnectionOp, Delivery, PresenceChange, Push};
 use crate::topics::Topic;
 
 const TO_CONNECTION: u8 = b'c';
@@ -17,6 +18,9 @@ const ANSWER: u8 = b'a';
 const RECORD: u8 = b'r';
 const RECORDS_CHANGED: u8 = b'm';
 const RECORD_DELETED: u8 = b'd';
+/// Written by the Lua scripts too: room, connection id, kind (`join`, `leave`, `state`),
+/// state JSON text (empty: `null`), timestamp in milliseconds.
+const PRESENCE: u8 = b'p';
 
 const JOIN_ROOM: &str = "join";
 const LEAVE_ROOM: &str = "leave";
@@ -32,11 +36,17 @@ impl Writer {
     }
 
     fn field(mut self, bytes: &[u8]) -> Self {
-        // Fields are frames (bounded by the frame limit) and ids: far below 4 GiB.
+        // Fields are payloads (bounded by the frame and byte limits) and ids: far below
+        // 4 GiB.
         let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
         self.0.extend_from_slice(&len.to_le_bytes());
         self.0.extend_from_slice(bytes);
         self
+    }
+
+    fn push(self, push: &Push) -> Self {
+        self.field(push.command.as_bytes())
+            .field(push.payload.as_bytes())
     }
 }
 
@@ -62,8 +72,11 @@ impl<'a> Reader<'a> {
         self.text().map(Arc::from)
     }
 
-    fn frame(&mut self) -> Option<Frame> {
-        Frame::try_from(bytes::Bytes::copy_from_slice(self.bytes()?)).ok()
+    fn push(&mut self) -> Option<Push> {
+        Some(Push {
+            command: self.id()?,
+            payload: self.id()?,
+        })
     }
 
     fn number(&mut self) -> Option<u64> {
@@ -79,13 +92,11 @@ pub(super) fn encode(delivery: &Delivery) -> Vec<u8> {
     match delivery {
         Delivery::ToConnection {
             connection_id,
-            frame,
-        } => Writer::new(TO_CONNECTION, 8 + connection_id.len() + frame.len())
+            push,
+        } => Writer::new(TO_CONNECTION, 12 + connection_id.len() + push.len())
             .field(connection_id.as_bytes())
-            .field(frame.as_bytes()),
-        Delivery::Broadcast { frame } => {
-            Writer::new(BROADCAST, 4 + frame.len()).field(frame.as_bytes())
-        }
+            .push(push),
+        Delivery::Broadcast { push } => Writer::new(BROADCAST, 8 + push.len()).push(push),
         Delivery::Close {
             connection_id,
             reason,
@@ -94,18 +105,41 @@ pub(super) fn encode(delivery: &Delivery) -> Vec<u8> {
             .field(reason.as_bytes()),
         Delivery::Topic {
             topic,
-            frame,
+            push,
             exclude,
         } => {
             let key = topic.key();
             let excluded: usize = exclude.iter().map(|id| 4 + id.len()).sum();
-            let mut writer = Writer::new(TOPIC, 8 + key.len() + frame.len() + excluded)
+            let mut writer = Writer::new(TOPIC, 12 + key.len() + push.len() + excluded)
                 .field(key.as_bytes())
-                .field(frame.as_bytes());
+                .push(push);
             for id in exclude.iter() {
                 writer = writer.field(id.as_bytes());
             }
             writer
+        }
+        Delivery::Presence {
+            room,
+            connection_id,
+            change,
+            timestamp,
+        } => {
+            let (kind, state): (&[u8], &[u8]) = match change {
+                PresenceChange::Join => (b"join", b""),
+                PresenceChange::Leave => (b"leave", b""),
+                PresenceChange::State(state) => {
+                    (b"state", state.as_deref().map_or(&[][..], str::as_bytes))
+                }
+            };
+            Writer::new(
+                PRESENCE,
+                64 + room.len() + connection_id.len() + state.len(),
+            )
+            .field(room.as_bytes())
+            .field(connection_id.as_bytes())
+            .field(kind)
+            .field(state)
+            .field(timestamp.to_string().as_bytes())
         }
         Delivery::Record {
             record_id,
@@ -174,10 +208,10 @@ pub(super) fn decode(bytes: &[u8]) -> Option<Delivery> {
     let delivery = match tag {
         TO_CONNECTION => Delivery::ToConnection {
             connection_id: fields.id()?,
-            frame: fields.frame()?,
+            push: fields.push()?,
         },
         BROADCAST => Delivery::Broadcast {
-            frame: fields.frame()?,
+            push: fields.push()?,
         },
         CLOSE => Delivery::Close {
             connection_id: fields.id()?,
@@ -185,15 +219,32 @@ pub(super) fn decode(bytes: &[u8]) -> Option<Delivery> {
         },
         TOPIC => {
             let topic = Topic::from_key(fields.text()?)?;
-            let frame = fields.frame()?;
+            let push = fields.push()?;
             let mut exclude = Vec::new();
             while !fields.is_empty() {
                 exclude.push(fields.id()?);
             }
             Delivery::Topic {
                 topic,
-                frame,
+                push,
                 exclude: exclude.into(),
+            }
+        }
+        PRESENCE => {
+            let room = fields.id()?;
+            let connection_id = fields.id()?;
+            let change = match (fields.text()?, fields.text()?) {
+                ("join", "") => PresenceChange::Join,
+                ("leave", "") => PresenceChange::Leave,
+                ("state", "") => PresenceChange::State(None),
+                ("state", state) => PresenceChange::State(Some(Arc::from(state))),
+                _ => return None,
+            };
+            Delivery::Presence {
+                room,
+                connection_id,
+                change,
+                timestamp: fields.number()?,
             }
         }
         RECORD => Delivery::Record {
@@ -253,92 +304,70 @@ mod tests {
 
     #[test]
     fn every_kind_round_trips() {
-        let frame = Frame::from(r#"{"command":"x","payload":"a\nb"}"#);
-        match round_trip(Delivery::ToConnection {
-            connection_id: Arc::from("abc-1"),
-            frame: frame.clone(),
-        }) {
+        let push = Push {
+            command: Arc::from("x"),
+            payload: Arc::from(r#""a\nb""#),
+        };
+        for delivery in [
             Delivery::ToConnection {
-                connection_id,
-                frame: decoded,
-            } => {
-                assert_eq!(&*connection_id, "abc-1");
-                assert_eq!(decoded, frame);
-            }
-            other => panic!("{other:?}"),
-        }
-        match round_trip(Delivery::Topic {
-            topic: Topic::Room(Arc::from("a\nroom")),
-            frame: frame.clone(),
-            exclude: vec![Arc::from("x"), Arc::from("")].into(),
-        }) {
+                connection_id: Arc::from("abc-1"),
+                push: push.clone(),
+            },
+            Delivery::Broadcast { push: push.clone() },
+            Delivery::Close {
+                connection_id: Arc::from("abc-1"),
+                reason: "bye".to_owned(),
+            },
             Delivery::Topic {
-                topic,
-                frame: decoded,
-                exclude,
-            } => {
-                assert_eq!(topic, Topic::Room(Arc::from("a\nroom")));
-                assert_eq!(decoded, frame);
-                assert_eq!(exclude.len(), 2);
-            }
-            other => panic!("{other:?}"),
-        }
-        match round_trip(Delivery::Call {
-            connection_id: Arc::from("c"),
-            from: Arc::from("i"),
-            call_id: 42,
-            op: ConnectionOp::JoinRoom(Arc::from("r")),
-        }) {
-            Delivery::Call { call_id, op, .. } => {
-                assert_eq!(call_id, 42);
-                assert_eq!(op, ConnectionOp::JoinRoom(Arc::from("r")));
-            }
-            other => panic!("{other:?}"),
-        }
-        match round_trip(Delivery::Record {
-            record_id: Arc::from("r"),
-            version: 9,
-            value: Arc::from(r#"{"a":1}"#),
-            patch: None,
-        }) {
+                topic: Topic::Room(Arc::from("a\nroom")),
+                push,
+                exclude: vec![Arc::from("x"), Arc::from("")].into(),
+            },
+            Delivery::Presence {
+                room: Arc::from("lobby"),
+                connection_id: Arc::from("c"),
+                change: PresenceChange::Join,
+                timestamp: 1_795_373_456_537,
+            },
+            Delivery::Presence {
+                room: Arc::from("lobby"),
+                connection_id: Arc::from("c"),
+                change: PresenceChange::State(Some(Arc::from(r#"{"s":1}"#))),
+                timestamp: 5,
+            },
+            Delivery::Presence {
+                room: Arc::from("lobby"),
+                connection_id: Arc::from("c"),
+                change: PresenceChange::State(None),
+                timestamp: 5,
+            },
+            Delivery::Call {
+                connection_id: Arc::from("c"),
+                from: Arc::from("i"),
+                call_id: 42,
+                op: ConnectionOp::JoinRoom(Arc::from("r")),
+            },
             Delivery::Record {
-                version,
-                value,
-                patch,
-                ..
-            } => {
-                assert_eq!((version, &*value, patch), (9, r#"{"a":1}"#, None));
-            }
-            other => panic!("{other:?}"),
-        }
-        match round_trip(Delivery::RecordDeleted {
-            record_id: Arc::from("r"),
-            version: 3,
-        }) {
-            Delivery::RecordDeleted { record_id, version } => {
-                assert_eq!((&*record_id, version), ("r", 3));
-            }
-            other => panic!("{other:?}"),
-        }
-        match round_trip(Delivery::RecordsChanged {
-            exposure: Arc::from("^task:"),
-            record_id: Arc::from("task:1"),
-        }) {
+                record_id: Arc::from("r"),
+                version: 9,
+                value: Arc::from(r#"{"a":1}"#),
+                patch: None,
+            },
+            Delivery::RecordDeleted {
+                record_id: Arc::from("r"),
+                version: 3,
+            },
             Delivery::RecordsChanged {
-                exposure,
-                record_id,
-            } => assert_eq!((&*exposure, &*record_id), ("^task:", "task:1")),
-            other => panic!("{other:?}"),
-        }
-        match round_trip(Delivery::Answer {
-            to: Arc::from("i"),
-            call_id: 7,
-            outcome: None,
-        }) {
+                exposure: Arc::from("^task:"),
+                record_id: Arc::from("task:1"),
+            },
             Delivery::Answer {
-                call_id, outcome, ..
-            } => assert_eq!((call_id, outcome), (7, None)),
-            other => panic!("{other:?}"),
+                to: Arc::from("i"),
+                call_id: 7,
+                outcome: None,
+            },
+        ] {
+            assert_eq!(round_trip(delivery.clone()), delivery);
         }
     }
 
@@ -348,7 +377,10 @@ mod tests {
         assert!(decode(b"z").is_none());
         assert!(decode(b"c\x05\x00\x00\x00ab").is_none());
         let mut trailing = encode(&Delivery::Broadcast {
-            frame: Frame::from("{}"),
+            push: Push {
+                command: Arc::from("x"),
+                payload: Arc::from("{}"),
+            },
         });
         trailing.push(0);
         assert!(decode(&trailing).is_none());

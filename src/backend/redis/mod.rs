@@ -199,6 +199,7 @@ impl Keys {
         Some(match delivery {
             Delivery::Broadcast { .. } => self.broadcast_channel(),
             Delivery::Topic { topic, .. } => self.topic_channel(topic),
+            Delivery::Presence { room, .. } => self.topic_channel(&Topic::Presence(room.clone())),
             Delivery::Record { record_id, .. } | Delivery::RecordDeleted { record_id, .. } => {
                 self.topic_channel(&Topic::Record(record_id.clone()))
             }

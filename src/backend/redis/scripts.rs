@@ -25,18 +25,18 @@ local function u32(n)
   return struct.pack('<I4', n)
 end
 
--- Publishes a mesh/presence-update push to the room's presence topic, in the envelope
--- the subscribers parse (src/backend/redis/envelope.rs), from inside the script that made
--- the change: announcements are ordered exactly as the changes, and a change whose reply
--- is lost is still announced. `state` is JSON text or nil.
+-- Publishes a presence change to the room's presence topic, from inside the script that
+-- made it: announcements are ordered exactly as the changes, and a change whose reply is
+-- lost is still announced. It goes as the envelope the subscribers parse (tag 'p' in
+-- src/backend/redis/envelope.rs): room, connection id, kind, state (JSON text; empty for
+-- a cleared state), timestamp. Each instance renders the push itself. `state` is JSON
+-- text, 'null', or nil.
 local function announce(p, kind, cid, room, state)
-  local payload = '{"type":"' .. kind .. '","connectionId":' .. cjson.encode(cid)
-    .. ',"roomName":' .. cjson.encode(room)
-  if state then payload = payload .. ',"state":' .. state end
-  payload = payload .. ',"timestamp":' .. string.format('%.0f', now_ms()) .. '}'
-  local frame = '{"command":"mesh/presence-update","payload":' .. payload .. '}'
-  local topic = 'presence:' .. room
-  redis.call('PUBLISH', p .. 'topic:' .. topic, 't' .. u32(#topic) .. topic .. u32(#frame) .. frame)
+  if state == nil or state == 'null' then state = '' end
+  local ts = string.format('%.0f', now_ms())
+  redis.call('PUBLISH', p .. 'topic:presence:' .. room,
+    'p' .. u32(#room) .. room .. u32(#cid) .. cid .. u32(#kind) .. kind
+      .. u32(#state) .. state .. u32(#ts) .. ts)
 end
 
 -- Removes a connection from a room with its presence and state there, announcing its
