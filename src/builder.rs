@@ -551,7 +551,6 @@ impl MeshBuilder {
             presence,
             room_guards,
             calls: Default::default(),
-            next_call: AtomicU64::new(1),
             sweeps: Default::default(),
             unregister_later: Default::default(),
             channels,

@@ -8,11 +8,12 @@ use std::sync::{Arc, Mutex, Weak};
 
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::{oneshot, watch, OnceCell};
+use tokio::sync::{watch, OnceCell};
 
 use crate::access::{Access, Guard, Rules};
-use crate::backend::{Backend, ConnectionOp, Delivery, Inbox, Push};
+use crate::backend::{Backend, Delivery, Inbox, Push};
 use crate::builder::MeshBuilder;
+use crate::calls::Calls;
 use crate::collections::{CollectionExposure, CollectionSubscriptions};
 use crate::command::Route;
 use crate::config::MeshConfig;
@@ -24,11 +25,6 @@ use crate::presence::{PresenceRule, SweepSchedule};
 use crate::protocol::{self, Frame};
 use crate::records::RecordRules;
 use crate::topics::{Form, Listen, LocalTopics, Topic};
-
-/// Longest an instance waits for the holder of a connection to apply a change to it: above
-/// the holder's worst case (its membership lock, then a subscribe and a script, each
-/// bounded by the backend's 3 s operation timeout).
-const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 pub(crate) type OnConnect =
@@ -69,7 +65,6 @@ pub(crate) struct MeshInner {
     pub(crate) room_guards: Rules<Guard>,
     /// Calls to other instances awaiting their answer.
     pub(crate) calls: Calls,
-    pub(crate) next_call: AtomicU64,
     pub(crate) sweeps: Arc<SweepSchedule>,
     /// Connections that ended but whose unregistration failed, for the sweeper to retry.
     pub(crate) unregister_later: Mutex<Vec<Arc<str>>>,
@@ -584,64 +579,6 @@ impl Mesh {
             .map(drop)
     }
 
-    /// Runs a membership change on the instance that holds the connection: here, or by
-    /// a call to its instance, answered once the change is done. `Ok(false)` when no
-    /// instance holds it.
-    pub(crate) async fn on_holder(
-        &self,
-        connection_id: &str,
-        op: ConnectionOp,
-    ) -> Result<bool, MeshError> {
-        self.ready().await?;
-        if let Some(connection) = self.connection(connection_id) {
-            return self.apply(&connection, op).await;
-        }
-        let call_id = self.inner.next_call.fetch_add(1, Ordering::Relaxed);
-        let (answer, answered) = oneshot::channel();
-        lock(&self.inner.calls).insert(call_id, answer);
-        // Forgets the call however this future ends (answered, timed out, or dropped).
-        let _pending = PendingCall {
-            calls: &self.inner.calls,
-            call_id,
-        };
-        let routed = self
-            .inner
-            .backend
-            .publish(Delivery::Call {
-                connection_id: Arc::from(connection_id),
-                from: self.inner.instance_id.clone(),
-                call_id,
-                op,
-            })
-            .await;
-        let outcome = match routed {
-            Ok(true) => match tokio::time::timeout(CALL_TIMEOUT, answered).await {
-                Ok(Ok(Some(done))) => Ok(done),
-                Ok(Ok(None)) => Err(MeshError::Unavailable(
-                    "the instance holding the connection could not apply the change".into(),
-                )),
-                _ => Err(MeshError::Unavailable(
-                    "the instance holding the connection did not answer".into(),
-                )),
-            },
-            Ok(false) => Ok(false),
-            Err(err) => Err(err),
-        };
-        outcome
-    }
-
-    /// Runs a membership change on a local connection.
-    async fn apply(&self, connection: &Connection, op: ConnectionOp) -> Result<bool, MeshError> {
-        match op {
-            ConnectionOp::JoinRoom(room) => Ok(matches!(
-                self.join_local(connection, &room, None).await?,
-                crate::rooms::JoinOutcome::Joined
-            )),
-            ConnectionOp::LeaveRoom(room) => self.leave_local(connection, &room).await,
-            ConnectionOp::LeaveAllRooms => self.leave_all_local(connection).await.map(|()| true),
-        }
-    }
-
     /// Runs `on_connect`; an error (or a panic) refuses the connection with its message.
     pub(crate) async fn run_on_connect(&self, connection: &Connection) -> Result<(), String> {
         use futures_util::FutureExt;
@@ -671,38 +608,6 @@ impl Mesh {
 
     pub(crate) fn pong_received(&self, connection: &Connection) {
         connection.pong_received();
-    }
-
-    /// Sends every local record listener the record's current value, and re-resolves
-    /// every local collection subscription, after deliveries may have been lost.
-    async fn catch_up(&self) {
-        let ids: Vec<String> = self
-            .inner
-            .topics
-            .all_topics()
-            .into_iter()
-            .filter_map(|topic| match topic {
-                Topic::Record(id) => Some(id.to_string()),
-                _ => None,
-            })
-            .collect();
-        for batch in ids.chunks(256) {
-            match self.inner.backend.records(batch).await {
-                Ok(stored) => {
-                    for (id, stored) in batch.iter().zip(stored) {
-                        let Some(stored) = stored else { continue };
-                        self.inner.deliver(Delivery::Record {
-                            record_id: Arc::from(id.as_str()),
-                            version: stored.version,
-                            value: Arc::from(stored.value.to_string()),
-                            patch: None,
-                        });
-                    }
-                }
-                Err(err) => tracing::warn!(%err, "could not catch records up after a reconnect"),
-            }
-        }
-        self.re_resolve_all_collections();
     }
 
     /// Retries the unregistrations that failed; called by the sweeper.
@@ -739,6 +644,10 @@ impl Mesh {
         &self.inner.registry
     }
 
+    pub(crate) fn backend(&self) -> &dyn Backend {
+        &*self.inner.backend
+    }
+
     pub(crate) fn inner(&self) -> &MeshInner {
         &self.inner
     }
@@ -760,195 +669,8 @@ pub(crate) fn render(push: &Push) -> Frame {
     Frame::from(protocol::push_with_json(&push.command, &push.payload))
 }
 
-type Calls = Mutex<HashMap<u64, oneshot::Sender<Option<bool>>>>;
-
-struct PendingCall<'a> {
-    calls: &'a Calls,
-    call_id: u64,
-}
-
-impl Drop for PendingCall<'_> {
-    fn drop(&mut self) {
-        lock(self.calls).remove(&self.call_id);
-    }
-}
-
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// The mesh is its instance's inbox: connection deliveries go to the registry, topic
-/// deliveries to the topic's local listeners, calls run on their connection.
-impl Inbox for MeshInner {
-    fn deliver(&self, delivery: Delivery) {
-        match delivery {
-            Delivery::Topic {
-                topic,
-                push,
-                exclude,
-            } => {
-                let frame = render(&push);
-                for listener in self.topics.listeners(&topic) {
-                    let connection = &listener.connection;
-                    if !exclude.iter().any(|id| **id == *connection.id()) {
-                        let _ = self.registry.send_frame(connection, frame.clone());
-                    }
-                }
-            }
-            Delivery::Presence {
-                room,
-                connection_id,
-                change,
-                timestamp,
-            } => {
-                let frame =
-                    crate::presence::update_frame(&room, &connection_id, &change, timestamp);
-                for listener in self.topics.listeners(&Topic::Presence(room)) {
-                    let _ = self
-                        .registry
-                        .send_frame(&listener.connection, frame.clone());
-                }
-            }
-            Delivery::Record {
-                record_id,
-                version,
-                value,
-                patch,
-            } => {
-                // Each form is built once, and only if some listener here needs it.
-                let build = |full: bool, with_patch: bool| {
-                    Frame::from(protocol::record_update(
-                        &record_id,
-                        full.then_some(&*value),
-                        patch.as_deref().filter(|_| with_patch),
-                        version,
-                    ))
-                };
-                let (mut full, mut patched, mut both) = (None, None, None);
-                for listener in self.topics.listeners(&Topic::Record(record_id.clone())) {
-                    let frame = match (
-                        listener.form,
-                        patch.is_some(),
-                        listener.held_by_collection(),
-                    ) {
-                        (Form::Patch, true, false) => {
-                            patched.get_or_insert_with(|| build(false, true))
-                        }
-                        (Form::Patch, true, true) => both.get_or_insert_with(|| build(true, true)),
-                        _ => full.get_or_insert_with(|| build(true, false)),
-                    };
-                    match listener.record_stream() {
-                        Some(stream) => {
-                            stream.offer_update(&listener.connection, version, frame.clone())
-                        }
-                        None => {
-                            let _ = self
-                                .registry
-                                .send_frame(&listener.connection, frame.clone());
-                        }
-                    }
-                }
-            }
-            Delivery::RecordDeleted { record_id, version } => {
-                let topic = Topic::Record(record_id.clone());
-                let frame = Frame::from(protocol::record_deleted(&record_id, version));
-                for listener in self.topics.listeners(&topic) {
-                    match listener.record_stream() {
-                        Some(stream) => stream.offer_deleted(&listener.connection, frame.clone()),
-                        None => {
-                            let _ = self
-                                .registry
-                                .send_frame(&listener.connection, frame.clone());
-                        }
-                    }
-                    // The client drops its subscription on the notice; so does the server,
-                    // keeping only what the connection's collections hold.
-                    if listener.is_direct() {
-                        let (_, unheard) = self.topics.remove(&topic, listener.connection.id());
-                        if unheard {
-                            self.backend.unsubscribe(&self.instance_id, &topic);
-                        }
-                    }
-                }
-            }
-            Delivery::RecordsChanged {
-                exposure,
-                record_id,
-            } => {
-                if let Some(mesh) = Mesh::from_weak(&self.this) {
-                    mesh.collections_changed(&exposure, &record_id);
-                }
-            }
-            Delivery::Call {
-                connection_id,
-                from,
-                call_id,
-                op,
-            } => {
-                let Some(mesh) = Mesh::from_weak(&self.this) else {
-                    return;
-                };
-                tokio::spawn(async move {
-                    let outcome = match mesh.connection(&connection_id) {
-                        Some(connection) => match mesh.apply(&connection, op).await {
-                            Ok(done) => Some(done),
-                            Err(err) => {
-                                tracing::warn!(%err, "could not apply a change asked by another instance");
-                                None
-                            }
-                        },
-                        None => Some(false),
-                    };
-                    let answer = Delivery::Answer {
-                        to: from,
-                        call_id,
-                        outcome,
-                    };
-                    if let Err(err) = mesh.inner.backend.publish(answer).await {
-                        tracing::warn!(%err, "could not answer another instance");
-                    }
-                });
-            }
-            Delivery::Answer {
-                call_id, outcome, ..
-            } => {
-                if let Some(waiter) = lock(&self.calls).remove(&call_id) {
-                    let _ = waiter.send(outcome);
-                }
-            }
-            other => self.registry.deliver(other),
-        }
-    }
-
-    fn resubscribed(&self) {
-        // Pub/sub delivers at most once: what was published while the subscription was
-        // down is lost. Records and collections can be caught up, from what is stored.
-        let Some(mesh) = Mesh::from_weak(&self.this) else {
-            return;
-        };
-        tokio::spawn(async move { mesh.catch_up().await });
-    }
-
-    fn registration_lost(&self) {
-        let connections = self.registry.all();
-        if !connections.is_empty() {
-            tracing::warn!(
-                connections = connections.len(),
-                "the backend lost this instance's connections; closing them so their clients reconnect"
-            );
-        }
-        for connection in connections {
-            connection.close_with(CloseReason::StateLost);
-        }
-    }
-
-    fn has_listeners(&self, topic: &Topic) -> bool {
-        self.topics.has_listeners(topic)
-    }
-
-    fn topics(&self) -> Vec<Topic> {
-        self.topics.all_topics()
-    }
 }

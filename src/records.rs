@@ -29,7 +29,8 @@ use crate::error::{CommandError, MeshError};
 use crate::extract::Payload;
 use crate::mesh::{BoxFuture, Mesh};
 use crate::metadata::MergeStrategy;
-use crate::topics::{Form, Topic};
+use crate::protocol::{self, Frame};
+use crate::topics::{Form, LocalTopics, Topic};
 
 /// A record's value and version.
 #[derive(Debug, Clone, PartialEq)]
@@ -237,6 +238,96 @@ impl Mesh {
                 version: stored.version,
             },
         );
+    }
+}
+
+/// Hands a record's new version to its local listeners' streams, each in the form it
+/// needs; each form is built once, and only if some listener here needs it.
+pub(crate) fn deliver_update(
+    topics: &LocalTopics,
+    record_id: &Arc<str>,
+    version: u64,
+    value: &str,
+    patch: Option<&str>,
+) {
+    let build = |full: bool, with_patch: bool| {
+        Frame::from(protocol::record_update(
+            record_id,
+            full.then_some(value),
+            patch.filter(|_| with_patch),
+            version,
+        ))
+    };
+    let (mut full, mut patched, mut both) = (None, None, None);
+    for listener in topics.listeners(&Topic::Record(record_id.clone())) {
+        let frame = match (
+            listener.form,
+            patch.is_some(),
+            listener.held_by_collection(),
+        ) {
+            (Form::Patch, true, false) => patched.get_or_insert_with(|| build(false, true)),
+            (Form::Patch, true, true) => both.get_or_insert_with(|| build(true, true)),
+            _ => full.get_or_insert_with(|| build(true, false)),
+        };
+        if let Some(stream) = listener.record_stream() {
+            stream.offer_update(&listener.connection, version, frame.clone());
+        }
+    }
+}
+
+/// Tells a deleted record's local listeners, and ends the direct subscriptions to it (the
+/// client drops its subscription on the notice; what the connection's collections hold
+/// stays). Returns the topic when no local listener is left, to unsubscribe from.
+pub(crate) fn deliver_deletion(
+    topics: &LocalTopics,
+    record_id: &Arc<str>,
+    version: u64,
+) -> Option<Topic> {
+    let topic = Topic::Record(record_id.clone());
+    let frame = Frame::from(protocol::record_deleted(record_id, version));
+    let mut emptied = false;
+    for listener in topics.listeners(&topic) {
+        if let Some(stream) = listener.record_stream() {
+            stream.offer_deleted(&listener.connection, frame.clone());
+        }
+        if listener.is_direct() {
+            emptied |= topics.remove(&topic, listener.connection.id()).1;
+        }
+    }
+    emptied.then_some(topic)
+}
+
+impl Mesh {
+    /// Sends every local record listener the record's current value, after deliveries may
+    /// have been lost; the streams drop what a listener already has.
+    pub(crate) async fn catch_up_records(&self) {
+        let ids: Vec<String> = self
+            .inner()
+            .topics
+            .all_topics()
+            .into_iter()
+            .filter_map(|topic| match topic {
+                Topic::Record(id) => Some(id.to_string()),
+                _ => None,
+            })
+            .collect();
+        for batch in ids.chunks(256) {
+            match self.backend().records(batch).await {
+                Ok(stored) => {
+                    for (id, stored) in batch.iter().zip(stored) {
+                        let Some(stored) = stored else { continue };
+                        deliver_update(
+                            &self.inner().topics,
+                            &Arc::from(id.as_str()),
+                            stored.version,
+                            &stored.value.to_string(),
+                            None,
+                        );
+                    }
+                }
+                Err(err) => tracing::warn!(%err, "could not catch records up after a reconnect"),
+            }
+        }
     }
 }
 

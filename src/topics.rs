@@ -14,7 +14,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::connection::Connection;
+use crate::connection::{Connection, Registry};
+use crate::protocol::Frame;
 use crate::record_stream::{RecordStream, Snapshot};
 
 /// Something connections listen to.
@@ -276,6 +277,22 @@ impl LocalTopics {
             .get(topic)
             .map(|members| members.values().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// Sends `frame` to every local listener of `topic` but those in `exclude`.
+    pub(crate) fn fan_out(
+        &self,
+        topic: &Topic,
+        frame: &Frame,
+        exclude: &[Arc<str>],
+        registry: &Registry,
+    ) {
+        for listener in self.listeners(topic) {
+            let connection = &listener.connection;
+            if !exclude.iter().any(|id| **id == *connection.id()) {
+                let _ = registry.send_frame(connection, frame.clone());
+            }
+        }
     }
 
     /// Whether any local connection listens to `topic`.
