@@ -13,15 +13,18 @@ use tower::{Layer, Service, ServiceExt};
 
 use crate::access::{self, Access, Guard, Pattern, Rules};
 use crate::backend::{Backend, MemoryBackend};
-use crate::collections::{Collection, CollectionExposure};
+use crate::channels::Channels;
+use crate::collections::{Collection, CollectionExposure, Collections};
 use crate::command::{CommandRequest, CommandService, Handler, Route};
 use crate::config::MeshConfig;
 use crate::connection::{Connection, Registry};
 use crate::error::{BoxError, CommandError};
 use crate::layer::MeshLayer;
 use crate::mesh::{Mesh, MeshInner, OnConnect, OnDisconnect};
+use crate::presence::Presence;
 use crate::presence::PresenceOptions;
-use crate::records::{RecordEvent, RecordRules};
+use crate::records::{RecordEvent, Records};
+use crate::rooms::Rooms;
 
 type BoxLayer = Arc<dyn Fn(CommandService) -> CommandService + Send + Sync>;
 
@@ -44,7 +47,7 @@ pub struct MeshBuilder {
     presence: Vec<(Pattern, PresenceOptions)>,
     room_guards: Rules<Guard>,
     channels: Rules<Access>,
-    records: RecordRules,
+    records: Records,
     collections: Vec<(Pattern, Collection)>,
 }
 
@@ -88,7 +91,7 @@ impl MeshBuilder {
             presence: Vec::new(),
             room_guards: Rules::default(),
             channels: Rules::default(),
-            records: RecordRules::default(),
+            records: Records::default(),
             collections: Vec::new(),
         }
     }
@@ -493,12 +496,11 @@ impl MeshBuilder {
         } = self;
         // A record is sent whole in a reply or push: it must fit in a frame.
         config.bytes.record = config.bytes.record.min(config.max_frame_bytes);
-        let mut collections = Rules::default();
-        let mut collection_exposures = Vec::new();
+        let mut collections = Collections::default();
         for (pattern, collection) in exposed_collections {
             let exposure = Arc::new(CollectionExposure::new(&pattern, collection));
-            collection_exposures.push(exposure.clone());
-            collections.insert(pattern, exposure);
+            collections.exposures.push(exposure.clone());
+            collections.by_pattern.insert(pattern, exposure);
         }
         let mut presence = Rules::default();
         for (pattern, options) in tracked {
@@ -548,18 +550,18 @@ impl MeshBuilder {
             next_connection: AtomicU64::new(1),
             stats: Default::default(),
             topics: Default::default(),
-            presence,
-            room_guards,
+            rooms: Rooms {
+                guards: room_guards,
+            },
+            presence: Presence {
+                rules: presence,
+                sweeps: Default::default(),
+            },
             calls: Default::default(),
-            sweeps: Default::default(),
             unregister_later: Default::default(),
-            channels,
+            channels: Channels { access: channels },
             records,
             collections,
-            collection_exposures,
-            collection_subscriptions: Default::default(),
-
-            // Connection limits (issue 12).
             connection_slots: Default::default(),
         });
         (MeshLayer::new(mesh.clone()), mesh)

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::access::valid_name;
+use crate::access::{valid_name, Access, Rules};
 use crate::backend::Push;
 use crate::connection::Connection;
 use crate::error::{CommandError, MeshError};
@@ -33,6 +33,13 @@ const MAX_KEPT_HISTORY: usize = 1_000_000;
 
 /// How many messages `mesh/get-channel-history` returns without a `limit`.
 const DEFAULT_HISTORY_LIMIT: usize = 50;
+
+/// The channels of a mesh: which are exposed, and to whom.
+#[derive(Default)]
+pub(crate) struct Channels {
+    /// Access by channel pattern.
+    pub(crate) access: Rules<Access>,
+}
 
 impl Mesh {
     /// Publishes `message` on a channel to its subscribers on every instance, keeping the
@@ -101,7 +108,7 @@ impl Mesh {
                 return false;
             }
         }
-        match self.inner().channels.find(channel) {
+        match self.inner().channels.access.find(channel) {
             Some(access) => access.allows(connection, channel).await,
             None => false,
         }

@@ -10,20 +10,21 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{watch, OnceCell};
 
-use crate::access::{Access, Guard, Rules};
 use crate::backend::{Backend, Delivery, Inbox, Push};
 use crate::builder::MeshBuilder;
 use crate::calls::Calls;
-use crate::collections::{CollectionExposure, CollectionSubscriptions};
+use crate::channels::Channels;
+use crate::collections::Collections;
 use crate::command::Route;
 use crate::config::MeshConfig;
 use crate::connection::{CloseReason, Connection, Registry};
 use crate::error::{CommandError, MeshError};
 use crate::layer::MeshLayer;
 use crate::metadata::{MergeStrategy, MetadataWrite};
-use crate::presence::{PresenceRule, SweepSchedule};
+use crate::presence::Presence;
 use crate::protocol::{self, Frame};
-use crate::records::RecordRules;
+use crate::records::Records;
+use crate::rooms::Rooms;
 use crate::topics::{Form, Listen, LocalTopics, Topic};
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -59,23 +60,20 @@ pub(crate) struct MeshInner {
     pub(crate) stats: Counters,
     /// What local connections listen to.
     pub(crate) topics: LocalTopics,
-    /// Rooms with presence, by pattern.
-    pub(crate) presence: Rules<PresenceRule>,
-    /// Who may join which rooms with `mesh/join-room`.
-    pub(crate) room_guards: Rules<Guard>,
+    /// Who may join which rooms.
+    pub(crate) rooms: Rooms,
+    /// Rooms with presence, and the sweeps of what lapsed.
+    pub(crate) presence: Presence,
     /// Calls to other instances awaiting their answer.
     pub(crate) calls: Calls,
-    pub(crate) sweeps: Arc<SweepSchedule>,
     /// Connections that ended but whose unregistration failed, for the sweeper to retry.
     pub(crate) unregister_later: Mutex<Vec<Arc<str>>>,
     /// Who may subscribe to which channels.
-    pub(crate) channels: Rules<Access>,
+    pub(crate) channels: Channels,
     /// Who may read and write which records, and the record hooks.
-    pub(crate) records: RecordRules,
+    pub(crate) records: Records,
     /// Collection exposures by pattern, and all of them (to find those a write concerns).
-    pub(crate) collections: Rules<Arc<CollectionExposure>>,
-    pub(crate) collection_exposures: Vec<Arc<CollectionExposure>>,
-    pub(crate) collection_subscriptions: CollectionSubscriptions,
+    pub(crate) collections: Collections,
 
     // Connection limits (issue 12).
     /// Places taken of the `max_connections` this instance may hold: one per upgrade
@@ -465,6 +463,7 @@ impl Mesh {
             tracing::warn!(%err, "could not unregister connection from the backend; will retry");
             lock(&self.inner.unregister_later).push(connection.shared_id());
             self.inner
+                .presence
                 .sweeps
                 .due_within(std::time::Duration::from_secs(1));
         }
@@ -546,7 +545,7 @@ impl Mesh {
         let topics = self.inner.topics.topics_of(connection_id, |topic| {
             (!matches!(topic, Topic::Room(_) | Topic::Collections(_))).then_some(())
         });
-        topics.len() + self.inner.collection_subscriptions.count(connection_id)
+        topics.len() + self.inner.collections.subscriptions.count(connection_id)
     }
 
     /// Stops a connection listening to `topic`; returns whether it was.

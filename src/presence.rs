@@ -22,7 +22,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::access::{self, Guard};
+use crate::access::{self, Guard, Rules};
 use crate::backend::{PresenceChange, PresenceRefresh};
 use crate::connection::Connection;
 use crate::error::{CommandError, MeshError};
@@ -124,6 +124,13 @@ impl PresenceOptions {
     }
 }
 
+/// Presence in a mesh: the tracked rooms, and when lapsed entries are next swept.
+pub(crate) struct Presence {
+    /// Tracked rooms, by pattern.
+    pub(crate) rules: Rules<PresenceRule>,
+    pub(crate) sweeps: Arc<SweepSchedule>,
+}
+
 /// A tracked room pattern's settings.
 pub(crate) struct PresenceRule {
     pub(crate) ttl: Duration,
@@ -170,13 +177,13 @@ impl Mesh {
 
     /// The presence TTL of `room`, or `None` when it is not tracked.
     pub(crate) fn presence_ttl(&self, room: &str) -> Option<Duration> {
-        self.inner().presence.find(room).map(|rule| rule.ttl)
+        self.inner().presence.rules.find(room).map(|rule| rule.ttl)
     }
 
     /// Whether `connection` may see who is present in `room`: always for an untracked
     /// room, else as the room's presence guard says.
     pub(crate) async fn may_watch_presence(&self, connection: &Connection, room: &str) -> bool {
-        match self.inner().presence.find(room) {
+        match self.inner().presence.rules.find(room) {
             Some(rule) => access::allows(rule.guard.as_ref(), connection, room).await,
             None => true,
         }
@@ -213,7 +220,7 @@ impl Mesh {
                     tracing::warn!(%err, "could not refresh presence");
                 }
             }
-            mesh.inner().sweeps.due_within(shortest);
+            mesh.inner().presence.sweeps.due_within(shortest);
         });
     }
 }
@@ -266,7 +273,8 @@ impl SweepSchedule {
 
 /// Runs the sweeper of one instance until the mesh is dropped or shut down.
 pub(crate) fn start_sweeper(inner: Weak<MeshInner>) {
-    let Some(schedule) = Mesh::from_weak(&inner).map(|mesh| mesh.inner().sweeps.clone()) else {
+    let Some(schedule) = Mesh::from_weak(&inner).map(|mesh| mesh.inner().presence.sweeps.clone())
+    else {
         return;
     };
     tokio::spawn(async move {
@@ -403,7 +411,7 @@ pub(crate) async fn publish_presence_state(
         .set_presence_state(connection.id(), room, &state, expire_after, silent)
         .await?;
     if let (true, Some(after)) = (stored, expire_after) {
-        mesh.inner().sweeps.due_within(after);
+        mesh.inner().presence.sweeps.due_within(after);
     }
     Ok(stored)
 }

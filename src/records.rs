@@ -59,7 +59,7 @@ pub(crate) type RecordHook = Arc<dyn Fn(RecordEvent) -> BoxFuture<()> + Send + S
 
 /// Who may read and write which records, and who hears of changes.
 #[derive(Default)]
-pub(crate) struct RecordRules {
+pub(crate) struct Records {
     pub(crate) readable: Rules<Access>,
     pub(crate) writable: Rules<Access>,
     pub(crate) hooks: RecordHooks,

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::access::{Guard, Rules};
 use crate::backend::ConnectionOp;
 use crate::connection::{Connection, MembershipGuard};
 use crate::error::{CommandError, MeshError};
@@ -29,6 +30,13 @@ pub(crate) enum JoinOutcome {
     Closed,
     /// The connection is already in as many rooms as it may be.
     OverLimit,
+}
+
+/// The rooms of a mesh: who may join which (besides global layers).
+#[derive(Default)]
+pub(crate) struct Rooms {
+    /// Join guards, by room pattern.
+    pub(crate) guards: Rules<Guard>,
 }
 
 impl Mesh {
@@ -242,7 +250,7 @@ impl Mesh {
             return Ok(JoinOutcome::Closed);
         }
         if let Some(ttl) = ttl {
-            self.inner().sweeps.due_within(ttl);
+            self.inner().presence.sweeps.due_within(ttl);
         }
         Ok(JoinOutcome::Joined)
     }
@@ -332,7 +340,7 @@ pub(crate) async fn join_room(
 ) -> Result<Value, CommandError> {
     let room = valid_room_name(&request.room_name)?;
     let refused = json!({ "success": false, "present": [] });
-    let guard = mesh.inner().room_guards.find(room);
+    let guard = mesh.inner().rooms.guards.find(room);
     if !crate::access::allows(guard, &connection, room).await {
         return Ok(refused);
     }
