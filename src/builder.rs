@@ -300,7 +300,7 @@ impl MeshBuilder {
     }
 
     /// Channel names clients may never use, even where an exposed pattern matches them.
-    /// Default `Some("mesh:")` (PROTOCOL.md §9); `None` opens every name to exposure.
+    /// Default `Some("mesh:")` (docs/protocol.md §6); `None` opens every name to exposure.
     pub fn reserved_channel_prefix(mut self, prefix: Option<&str>) -> Self {
         self.config.reserved_channel_prefix = prefix.map(str::to_owned);
         self
@@ -428,7 +428,7 @@ impl MeshBuilder {
     /// `mesh/get-connection-metadata` and in the `present` lists of `mesh/join-room` and
     /// `mesh/subscribe-presence`. Default `false`: a connection reads its own and that of
     /// connections sharing a room with it, and a room's member list shows metadata only
-    /// to members of that room (PROTOCOL.md §9).
+    /// to members of that room (docs/protocol.md §6).
     pub fn open_connection_metadata(mut self, open: bool) -> Self {
         self.config.open_connection_metadata = open;
         self

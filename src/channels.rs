@@ -8,7 +8,7 @@
 //! subscriber listens before it reads the history, so a message written at that moment
 //! may reach it twice: in the history and live.
 //! Names starting with the reserved prefix (`mesh:` by default) are never open to clients
-//! (PROTOCOL.md §9), and stay apart from the engine's own channels in Redis anyway.
+//! (docs/protocol.md §6), and stay apart from the engine's own channels in Redis anyway.
 
 use std::sync::Arc;
 

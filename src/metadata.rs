@@ -103,7 +103,7 @@ impl MetadataVisibility<'_> {
 }
 
 impl Mesh {
-    /// The rule for reading other connections' metadata (PROTOCOL.md §9). It is decided
+    /// The rule for reading other connections' metadata (docs/protocol.md §6). It is decided
     /// here only: every path metadata leaves the server by asks this function.
     ///
     /// A connection always sees its own metadata, and with

@@ -7,7 +7,7 @@
 //! different connection than the read), and a catch-up after a pub/sub reconnect
 //! re-sends what may already have arrived. mesh's client answers a patch whose version is
 //! not its current one + 1 by subscribing again, so each stale or repeated update would
-//! cost a resync round trip (PROTOCOL.md §11, "record streams never go backwards").
+//! cost a resync round trip (docs/protocol.md §7.2).
 //!
 //! So each listener remembers the highest version it was given (a snapshot's version
 //! counts) and drops any update at or below it. While a snapshot is being read, updates

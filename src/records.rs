@@ -9,7 +9,7 @@
 //! subscriber. The backend makes the read-modify-write atomic across instances (a
 //! compare-and-set on the version on Redis) and publishes the update with the write.
 //!
-//! Access (PROTOCOL.md §9): a connection may read a record when a read pattern
+//! Access (docs/protocol.md §6): a connection may read a record when a read pattern
 //! ([`expose_record`](crate::MeshBuilder::expose_record)) matches and its guard allows, or
 //! when no read pattern matches and a writable pattern
 //! ([`expose_writable_record`](crate::MeshBuilder::expose_writable_record)) does and its

@@ -1,6 +1,6 @@
 //! Replies that list many things (channel history, presence, collection members) never
 //! grow past the frame limit: they hold the entries that fit, in the order the reply
-//! lists them (for history, newest first), and say `truncated: true` (PROTOCOL.md §11;
+//! lists them (for history, newest first), and say `truncated: true` (docs/protocol.md §7;
 //! mesh's client ignores the field).
 
 use serde::Serialize;

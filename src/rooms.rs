@@ -330,7 +330,7 @@ pub(crate) fn members_json(
 
 /// `mesh/join-room {roomName}` -> `{success, present: [{id, metadata}]}`. A room guard
 /// that refuses gives `{success: false, present: []}`; `present` is empty too when the
-/// room is tracked and its presence guard refuses the caller (PROTOCOL.md §9). The
+/// room is tracked and its presence guard refuses the caller (docs/protocol.md §6). The
 /// metadata is shown as [`Mesh::metadata_visibility`] decides: to a caller still in the
 /// room when the reply is made.
 pub(crate) async fn join_room(

@@ -1,4 +1,4 @@
-//! Load tool for any server speaking the mesh wire protocol (see `PROTOCOL.md` §1-3).
+//! Load tool for any server speaking the mesh wire protocol (see `docs/protocol.md` §1-3).
 //!
 //! It uses only the wire protocol plus the interop commands `echo` (replies with its payload),
 //! `broadcast-room {room, message}` (pushes `room-message` with `message` to every member of

@@ -5,7 +5,7 @@
 //! `mesh/collection-diff` (version + 1) whenever records join or leave its collection,
 //! and each member's changes as `mesh/record-update` pushes with the whole value.
 //!
-//! mesh re-runs every subscriber's resolver on every record write (PROTOCOL.md §8). Here a
+//! mesh re-runs every subscriber's resolver on every record write (docs/protocol.md §6). Here a
 //! write costs what it can change:
 //! - An exposure declares which records its collections can hold
 //!   ([`Collection::holding`]; a [`Collection::matching`] collection holds what it

@@ -85,7 +85,7 @@ async fn serve_connection(
     );
     let (mut sink, mut stream) = socket.split();
 
-    // Register first, then assign the id, then read (PROTOCOL.md §8): no command can run
+    // Register first, then assign the id, then read (docs/protocol.md §6): no command can run
     // for a connection the mesh does not know yet.
     let _live = mesh.connection_started();
     if let Err(err) = mesh.register(&connection).await {
@@ -251,7 +251,7 @@ where
             None => return CloseReason::PeerClosed,
             Some(Err(err)) => return read_error(mesh, err),
             Some(Ok(Message::Text(text))) => text,
-            // Read as UTF-8 text (PROTOCOL.md §1); bytes that are not UTF-8 are the same
+            // Read as UTF-8 text (docs/protocol.md §1); bytes that are not UTF-8 are the same
             // bad input as in a text frame, which the WebSocket layer refuses.
             Some(Ok(Message::Binary(bytes))) => match Frame::try_from(bytes) {
                 Ok(text) => text,
@@ -272,7 +272,7 @@ where
                 Some((name, route)) => {
                     running.push(run_command(id, (Arc::clone(name), route.clone()), payload));
                 }
-                // Unknown commands are answered before any middleware runs (PROTOCOL.md §1).
+                // Unknown commands are answered before any middleware runs (docs/protocol.md §1).
                 None => {
                     let error = CommandError::not_found(&command);
                     let reply = protocol::error_reply(id, &*command, &error);

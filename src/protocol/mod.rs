@@ -1,6 +1,6 @@
 //! The mesh wire protocol: frames in and out, as JSON, without I/O.
 //!
-//! Every frame is one JSON object in one WebSocket text frame (see `PROTOCOL.md`):
+//! Every frame is one JSON object in one WebSocket text frame (see `docs/protocol.md` in the repository):
 //! commands `{"id":N,"command":"name","payload":...}`, replies that repeat `id` and
 //! `command`, and pushes `{"command":"name","payload":...}` without an id. This module
 //! turns client text into an [`Inbound`] frame and builds the exact JSON of every frame

@@ -29,7 +29,7 @@
 //! | `P record-ids` | sorted set, every score 0 | every stored record id, in byte order: prefix listings read a range (`ZRANGEBYLEX`) |
 //!
 //! Routing and metadata are two fields of one hash, written by different commands, so
-//! setting metadata can never redirect a connection's pushes (mesh's fault, PROTOCOL.md §8).
+//! setting metadata can never redirect a connection's pushes (mesh's fault, docs/protocol.md §6).
 //!
 //! | channel | carries |
 //! |---|---|
