@@ -130,6 +130,12 @@ pub struct HandlerService<H, T> {
     _args: PhantomData<fn() -> T>,
 }
 
+impl<H, T> std::fmt::Debug for HandlerService<H, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandlerService").finish_non_exhaustive()
+    }
+}
+
 /// Turns an async-fn handler into a tower `Service<CommandRequest>`, for wrapping it in
 /// layers yourself (`ServiceBuilder::new().layer(..).service(handler_service(f))`).
 pub fn handler_service<H: Handler<T>, T>(handler: H) -> HandlerService<H, T> {

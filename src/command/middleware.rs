@@ -76,6 +76,12 @@ pub struct FromFn<F> {
     inner: CommandService,
 }
 
+impl<F> std::fmt::Debug for FromFn<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FromFn").finish_non_exhaustive()
+    }
+}
+
 impl<F, Fut> Service<CommandRequest> for FromFn<F>
 where
     F: Fn(CommandRequest, Next) -> Fut + Clone + Send + Sync + 'static,

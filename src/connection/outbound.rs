@@ -50,6 +50,7 @@ use crate::protocol::Frame;
 
 /// Why a connection is being closed by the server (or was closed by the peer).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CloseReason {
     /// The client closed the connection, or the network dropped it.
     PeerClosed,
@@ -130,6 +131,7 @@ fn truncate_utf8(text: &str, max: usize) -> &str {
 
 /// Why a frame was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SendError {
     /// The connection is closed or closing.
     Closed,

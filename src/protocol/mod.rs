@@ -23,27 +23,27 @@ pub(crate) use inbound::Inbound;
 pub(crate) type Frame = tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// The push that tells a client its connection id.
-pub const ASSIGN_ID: &str = "mesh/assign-id";
+pub(crate) const ASSIGN_ID: &str = "mesh/assign-id";
 /// Liveness probe sent by the server; the client answers [`PONG`].
-pub const PING: &str = "ping";
+pub(crate) const PING: &str = "ping";
 /// The client's answer to [`PING`]; never replied to.
-pub const PONG: &str = "pong";
+pub(crate) const PONG: &str = "pong";
 /// Latency probe sent by the server; the client answers [`LATENCY_RESPONSE`].
-pub const LATENCY_REQUEST: &str = "latency:request";
+pub(crate) const LATENCY_REQUEST: &str = "latency:request";
 /// The client's answer to [`LATENCY_REQUEST`]; never replied to.
-pub const LATENCY_RESPONSE: &str = "latency:response";
+pub(crate) const LATENCY_RESPONSE: &str = "latency:response";
 /// The push that reports the last measured round trip in milliseconds.
-pub const LATENCY: &str = "latency";
+pub(crate) const LATENCY: &str = "latency";
 /// The push that tells presence subscribers who joined, left, or changed state.
-pub const PRESENCE_UPDATE: &str = "mesh/presence-update";
+pub(crate) const PRESENCE_UPDATE: &str = "mesh/presence-update";
 /// The push that carries a channel message to its subscribers.
-pub const SUBSCRIPTION_MESSAGE: &str = "mesh/subscription-message";
+pub(crate) const SUBSCRIPTION_MESSAGE: &str = "mesh/subscription-message";
 /// The push that carries a record's new version, whole or as a patch.
-pub const RECORD_UPDATE: &str = "mesh/record-update";
+pub(crate) const RECORD_UPDATE: &str = "mesh/record-update";
 /// The push that tells a record's subscribers it was deleted.
-pub const RECORD_DELETED: &str = "mesh/record-deleted";
+pub(crate) const RECORD_DELETED: &str = "mesh/record-deleted";
 /// The push that tells a collection's subscriber which records joined or left it.
-pub const COLLECTION_DIFF: &str = "mesh/collection-diff";
+pub(crate) const COLLECTION_DIFF: &str = "mesh/collection-diff";
 
 #[derive(Serialize)]
 struct ReplyFrame<'a, C: Serialize + ?Sized, P: Serialize + ?Sized> {
