@@ -13,14 +13,8 @@ impl RedisBackend {
         &self,
         connection_id: &str,
     ) -> Result<Option<Value>, MeshError> {
-        let mut conn = self.connection().await?;
-        let raw: Option<String> = redis::cmd("HGET")
-            .arg(self.shared.keys.connection(connection_id))
-            .arg("meta")
-            .query_async(&mut conn)
+        self.read_json(&self.shared.keys.connection(connection_id))
             .await
-            .map_err(redis_error)?;
-        raw.map(|raw| parse_json(&raw)).transpose()
     }
 
     pub(super) async fn write_connection_metadata(
@@ -59,14 +53,7 @@ impl RedisBackend {
     }
 
     pub(super) async fn read_room_metadata(&self, room: &str) -> Result<Option<Value>, MeshError> {
-        let mut conn = self.connection().await?;
-        let raw: Option<String> = redis::cmd("HGET")
-            .arg(self.shared.keys.room_metadata(room))
-            .arg("meta")
-            .query_async(&mut conn)
-            .await
-            .map_err(redis_error)?;
-        raw.map(|raw| parse_json(&raw)).transpose()
+        self.read_json(&self.shared.keys.room_metadata(room)).await
     }
 
     pub(super) async fn write_room_metadata(
@@ -116,6 +103,18 @@ impl RedisBackend {
             .collect::<Result<Vec<_>, MeshError>>()?;
         all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         Ok(all)
+    }
+
+    /// The JSON in field `meta` of hash `key`; `None` when there is none.
+    async fn read_json(&self, key: &str) -> Result<Option<Value>, MeshError> {
+        let mut conn = self.connection().await?;
+        let raw: Option<String> = redis::cmd("HGET")
+            .arg(key)
+            .arg("meta")
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        raw.map(|raw| parse_json(&raw)).transpose()
     }
 
     /// Optimistic read-modify-write of the JSON in field `meta` of hash `key`: `WATCH`
