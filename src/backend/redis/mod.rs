@@ -16,6 +16,7 @@
 //! | `P conn:{cid}` | hash | `instance`: the holder's id (routing); `meta`: the metadata JSON |
 //! | `P conn:{cid}:rooms` | set | the rooms a connection is in |
 //! | `P room:{room}` | sorted set | a room's members, scored by join order (`P join-order` counts) |
+//! | `P join-order` | string | a counter every join increments: the next join order |
 //! | `P rooms` | set | every room with at least one member |
 //! | `P room-meta:{room}` | hash | `meta`: a room's metadata JSON |
 //! | `P rooms-with-meta` | set | every room that has metadata |
@@ -25,6 +26,7 @@
 //! | `P state-expiry` | sorted set | `"{cid}\n{room}"` for every state with `expireAfter`, scored by its deadline |
 //! | `P dead-connections` | set | connections of dead instances not forgotten yet |
 //! | `P history:{channel}` | list | a channel's kept messages, newest first |
+//! | `P history-bytes:{channel}` | string | the total size in bytes of a channel's kept messages (absent when none are kept) |
 //! | `P record:{id}` | hash | `value`: a record's JSON; `version`: its version; `token`: renewed by every write (the compare-and-set key) |
 //! | `P record-ids` | sorted set, every score 0 | every stored record id, in byte order: prefix listings read a range (`ZRANGEBYLEX`) |
 //!
@@ -40,8 +42,8 @@
 //!
 //! A push to one connection is one script call that looks up the holder and publishes on
 //! its channel: one round trip, and only the holder receives it. A delivery is a short
-//! binary envelope (a tag, then length-prefixed fields, the frame's JSON text verbatim)
-//! parsed once per instance.
+//! binary envelope (a tag, then length-prefixed fields: ids, a push's command and its
+//! payload's JSON text verbatim) parsed once per instance.
 //!
 //! # Liveness and expiry
 //!
@@ -71,8 +73,35 @@
 //! Scripts touch keys they compute from the prefix, so this layout targets a single Redis
 //! (or a primary with replicas), not Redis Cluster. They write after reading `TIME`,
 //! which needs Redis 5 or newer (script effects replication).
+//!
+//! # Where the code lives
+//!
+//! This file holds the backend itself (its builder, shared state, helpers) and the
+//! `Backend` implementation, whose every method hands over to one of:
+//!
+//! | file | concern |
+//! |---|---|
+//! | `keys.rs` | every key and channel name |
+//! | `liveness.rs` | attach and detach, connection registration, the heartbeat, the sweep |
+//! | `publish.rs` | routing a delivery to its holder's channel or its topic's |
+//! | `subscriber.rs` | the pub/sub connection, topic subscriptions |
+//! | `metadata.rs` | connection and room metadata |
+//! | `rooms.rs` | joining, leaving, member and room listings |
+//! | `presence.rs` | presence and presence states |
+//! | `channels.rs` | channel messages and their history |
+//! | `records.rs` | records, their id index, compare-and-set writes |
+//! | `scripts.rs` | the Lua scripts every multi-key change runs as |
+//! | `envelope.rs` | the binary form deliveries travel in |
 
+mod channels;
 mod envelope;
+mod keys;
+mod liveness;
+mod metadata;
+mod presence;
+mod publish;
+mod records;
+mod rooms;
 mod scripts;
 mod subscriber;
 
@@ -82,9 +111,10 @@ use std::time::Duration;
 
 use deadpool_redis::{Pool, Runtime};
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use self::keys::Keys;
 use self::scripts::Scripts;
 use self::subscriber::Command;
 use super::{
@@ -99,8 +129,6 @@ use crate::topics::Topic;
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(3);
 /// The longest pause between two attempts of a contended read-modify-write.
 const MAX_CONFLICT_PAUSE: Duration = Duration::from_millis(8);
-/// Most entries of each kind one sweep removes; more are left for an immediate next sweep.
-const SWEEP_BATCH: usize = 256;
 
 /// A Redis-backed mesh. Cheap to clone.
 #[derive(Clone)]
@@ -136,81 +164,6 @@ impl Drop for Shared {
                 task.abort();
             }
         }
-    }
-}
-
-#[derive(Clone)]
-struct Keys {
-    prefix: String,
-}
-
-impl Keys {
-    fn instances(&self) -> String {
-        format!("{}instances", self.prefix)
-    }
-    fn instance_connections(&self, instance_id: &str) -> String {
-        format!("{}instance:{instance_id}:connections", self.prefix)
-    }
-    fn connections(&self) -> String {
-        format!("{}connections", self.prefix)
-    }
-    fn connection(&self, connection_id: &str) -> String {
-        format!("{}conn:{connection_id}", self.prefix)
-    }
-    fn instance_channel(&self, instance_id: &str) -> String {
-        format!("{}instance:{instance_id}", self.prefix)
-    }
-    fn broadcast_channel(&self) -> String {
-        format!("{}broadcast", self.prefix)
-    }
-    fn topic_channel(&self, topic: &Topic) -> String {
-        format!("{}topic:{}", self.prefix, topic.key())
-    }
-    fn connection_rooms(&self, connection_id: &str) -> String {
-        format!("{}conn:{connection_id}:rooms", self.prefix)
-    }
-    fn room(&self, room: &str) -> String {
-        format!("{}room:{room}", self.prefix)
-    }
-    fn rooms(&self) -> String {
-        format!("{}rooms", self.prefix)
-    }
-    fn room_metadata(&self, room: &str) -> String {
-        format!("{}room-meta:{room}", self.prefix)
-    }
-    fn rooms_with_metadata(&self) -> String {
-        format!("{}rooms-with-meta", self.prefix)
-    }
-    fn channel_history(&self, channel: &str) -> String {
-        format!("{}history:{channel}", self.prefix)
-    }
-    /// The total size of a channel's kept messages, kept beside them by `write_channel`.
-    fn channel_history_bytes(&self, channel: &str) -> String {
-        format!("{}history-bytes:{channel}", self.prefix)
-    }
-    fn record(&self, id: &str) -> String {
-        format!("{}record:{id}", self.prefix)
-    }
-    fn record_ids(&self) -> String {
-        format!("{}record-ids", self.prefix)
-    }
-    /// The pub/sub channel of a delivery that is not routed to one connection's holder.
-    fn channel_of(&self, delivery: &Delivery) -> Option<String> {
-        Some(match delivery {
-            Delivery::Broadcast { .. } => self.broadcast_channel(),
-            Delivery::Topic { topic, .. } => self.topic_channel(topic),
-            Delivery::Presence { room, .. } => self.topic_channel(&Topic::Presence(room.clone())),
-            Delivery::Record { record_id, .. } | Delivery::RecordDeleted { record_id, .. } => {
-                self.topic_channel(&Topic::Record(record_id.clone()))
-            }
-            Delivery::RecordsChanged { exposure, .. } => {
-                self.topic_channel(&Topic::Collections(exposure.clone()))
-            }
-            Delivery::Answer { to, .. } => self.instance_channel(to),
-            Delivery::ToConnection { .. } | Delivery::Close { .. } | Delivery::Call { .. } => {
-                return None
-            }
-        })
     }
 }
 
@@ -333,132 +286,15 @@ impl RedisBackend {
             .await
             .unwrap_or_else(|_| Err(MeshError::Unavailable("Redis operation timed out".into())))
     }
-
-    /// Extends the instance's deadline; `false` when it is no longer registered.
-    async fn heartbeat(&self, instance_id: &str) -> Result<bool, MeshError> {
-        self.liveness(&self.shared.scripts.heartbeat, instance_id)
-            .await
-    }
-
-    /// Registers the instance (again), with a fresh deadline.
-    async fn enter(&self, instance_id: &str) -> Result<(), MeshError> {
-        self.liveness(&self.shared.scripts.enter, instance_id)
-            .await
-            .map(drop)
-    }
-
-    async fn liveness(&self, script: &redis::Script, instance_id: &str) -> Result<bool, MeshError> {
-        let mut conn = self.connection().await?;
-        let ttl_ms = u64::try_from(self.shared.instance_ttl.as_millis()).unwrap_or(u64::MAX);
-        let registered: i64 = script
-            .key(self.shared.keys.instances())
-            .arg(instance_id)
-            .arg(ttl_ms)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(redis_error)?;
-        Ok(registered == 1)
-    }
-
-    fn spawn(&self, instance_id: &Arc<str>, task: JoinHandle<()>) {
-        if let Ok(mut tasks) = self.shared.tasks.lock() {
-            tasks.entry(instance_id.clone()).or_default().push(task);
-        }
-    }
-}
-
-/// Proves this instance alive, forever; the engine's sweeper removes dead ones.
-async fn run_heartbeat(backend: WeakBackend, instance_id: Arc<str>, inbox: Weak<dyn Inbox>) {
-    let Some(interval) = backend
-        .upgrade()
-        .map(|backend| backend.shared.heartbeat_interval)
-    else {
-        return;
-    };
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let (Some(local), Some(backend)) = (inbox.upgrade(), backend.upgrade()) else {
-            return;
-        };
-        match backend.run(backend.heartbeat(&instance_id)).await {
-            Ok(true) => {}
-            Ok(false) => {
-                // Its connections were forgotten with it: they are closed first, and
-                // only then does the instance enter again. Were the heartbeat to add it
-                // back, a heartbeat that ran late, after a sweep, and whose reply was
-                // lost would leave them open with nothing stored for them.
-                local.registration_lost();
-                if let Err(err) = backend.run(backend.enter(&instance_id)).await {
-                    tracing::warn!(%err, "could not register the instance again; will retry");
-                }
-            }
-            Err(err) => tracing::warn!(%err, "Redis heartbeat failed"),
-        }
-    }
 }
 
 impl Backend for RedisBackend {
     fn attach(&self, instance_id: Arc<str>, inbox: Weak<dyn Inbox>) -> BackendFuture<'_, ()> {
-        Box::pin(async move {
-            self.run(self.enter(&instance_id)).await?;
-            let (first, subscribed) = oneshot::channel();
-            let (commands, receiver) = mpsc::unbounded_channel();
-            let subscriber = tokio::spawn(subscriber::run(
-                self.downgrade(),
-                instance_id.clone(),
-                inbox.clone(),
-                receiver,
-                first,
-            ));
-            match subscribed.await {
-                Ok(Ok(())) => {}
-                Ok(Err(err)) => return Err(err),
-                Err(_) => return Err(MeshError::Unavailable("Redis subscriber stopped".into())),
-            }
-            if let Ok(mut subscribers) = self.shared.subscribers.lock() {
-                subscribers.insert(instance_id.clone(), commands);
-            }
-            let heartbeat =
-                tokio::spawn(run_heartbeat(self.downgrade(), instance_id.clone(), inbox));
-            self.spawn(&instance_id, subscriber);
-            self.spawn(&instance_id, heartbeat);
-            Ok(())
-        })
+        Box::pin(self.attach_instance(instance_id, inbox))
     }
 
     fn detach<'a>(&'a self, instance_id: &'a str) -> BackendFuture<'a, ()> {
-        Box::pin(async move {
-            let stopped = self
-                .shared
-                .tasks
-                .lock()
-                .ok()
-                .and_then(|mut tasks| tasks.remove(instance_id));
-            for task in stopped.into_iter().flatten() {
-                task.abort();
-            }
-            if let Ok(mut subscribers) = self.shared.subscribers.lock() {
-                subscribers.remove(instance_id);
-            }
-            let keys = &self.shared.keys;
-            self.run(async {
-                let mut conn = self.connection().await?;
-                self.shared
-                    .scripts
-                    .detach
-                    .key(keys.instances())
-                    .key(keys.instance_connections(instance_id))
-                    .arg(&keys.prefix)
-                    .arg(instance_id)
-                    .invoke_async::<i64>(&mut conn)
-                    .await
-                    .map_err(redis_error)?;
-                Ok(())
-            })
-            .await
-        })
+        Box::pin(self.detach_instance(instance_id))
     }
 
     fn register_connection<'a>(
@@ -466,21 +302,7 @@ impl Backend for RedisBackend {
         instance_id: &'a str,
         connection_id: &'a str,
     ) -> BackendFuture<'a, ()> {
-        Box::pin(async move {
-            self.run(async {
-                let mut conn = self.connection().await?;
-                self.shared
-                    .scripts
-                    .register
-                    .arg(&self.shared.keys.prefix)
-                    .arg(instance_id)
-                    .arg(connection_id)
-                    .invoke_async::<()>(&mut conn)
-                    .await
-                    .map_err(redis_error)
-            })
-            .await
-        })
+        Box::pin(self.run(self.register(instance_id, connection_id)))
     }
 
     fn unregister_connection<'a>(
@@ -488,35 +310,14 @@ impl Backend for RedisBackend {
         instance_id: &'a str,
         connection_id: &'a str,
     ) -> BackendFuture<'a, ()> {
-        Box::pin(self.run(async move {
-            let keys = &self.shared.keys;
-            let mut conn = self.connection().await?;
-            self.shared
-                .scripts
-                .unregister
-                .key(keys.instance_connections(instance_id))
-                .arg(&keys.prefix)
-                .arg(connection_id)
-                .invoke_async::<()>(&mut conn)
-                .await
-                .map_err(redis_error)
-        }))
+        Box::pin(self.run(self.unregister(instance_id, connection_id)))
     }
 
     fn connection_metadata<'a>(
         &'a self,
         connection_id: &'a str,
     ) -> BackendFuture<'a, Option<Value>> {
-        Box::pin(self.run(async move {
-            let mut conn = self.connection().await?;
-            let raw: Option<String> = redis::cmd("HGET")
-                .arg(self.shared.keys.connection(connection_id))
-                .arg("meta")
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            raw.map(|raw| parse_json(&raw)).transpose()
-        }))
+        Box::pin(self.run(self.read_connection_metadata(connection_id)))
     }
 
     fn set_connection_metadata<'a>(
@@ -524,96 +325,23 @@ impl Backend for RedisBackend {
         connection_id: &'a str,
         write: &'a MetadataWrite,
     ) -> BackendFuture<'a, bool> {
-        Box::pin(self.run(async move {
-            let key = self.shared.keys.connection(connection_id);
-            // A connection's metadata may only be set while it is registered.
-            self.merge_json(&key, Some("instance"), write, |_| {}).await
-        }))
+        Box::pin(self.run(self.write_connection_metadata(connection_id, write)))
     }
 
     fn all_connection_metadata(&self) -> BackendFuture<'_, Vec<(String, Value)>> {
-        Box::pin(self.run(async move {
-            let keys = &self.shared.keys;
-            let mut conn = self.connection().await?;
-            let ids: Vec<String> = redis::cmd("ZRANGE")
-                .arg(keys.connections())
-                .arg(0)
-                .arg(-1)
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            if ids.is_empty() {
-                return Ok(Vec::new());
-            }
-            let mut pipe = redis::pipe();
-            for id in &ids {
-                pipe.cmd("HGET").arg(keys.connection(id)).arg("meta");
-            }
-            let metadata: Vec<Option<String>> =
-                pipe.query_async(&mut conn).await.map_err(redis_error)?;
-            ids.into_iter()
-                .zip(metadata)
-                .map(|(id, raw)| Ok((id, parse_json_or_null(raw.as_deref())?)))
-                .collect()
-        }))
+        Box::pin(self.run(self.list_connection_metadata()))
     }
 
     fn publish(&self, delivery: Delivery) -> BackendFuture<'_, bool> {
-        Box::pin(self.run(async move {
-            let keys = &self.shared.keys;
-            let envelope = envelope::encode(&delivery);
-            let channel = match (keys.channel_of(&delivery), &delivery) {
-                (Some(channel), _) => channel,
-                (
-                    None,
-                    Delivery::ToConnection { connection_id, .. }
-                    | Delivery::Close { connection_id, .. }
-                    | Delivery::Call { connection_id, .. },
-                ) => {
-                    let mut conn = self.connection().await?;
-                    let routed: i64 = self
-                        .shared
-                        .scripts
-                        .route
-                        .key(keys.connection(connection_id))
-                        .arg(&keys.prefix)
-                        .arg(envelope)
-                        .invoke_async(&mut conn)
-                        .await
-                        .map_err(redis_error)?;
-                    return Ok(routed > 0);
-                }
-                (None, _) => return Ok(false),
-            };
-            let mut conn = self.connection().await?;
-            redis::cmd("PUBLISH")
-                .arg(channel)
-                .arg(envelope)
-                .query_async::<i64>(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            Ok(true)
-        }))
+        Box::pin(self.run(self.publish_delivery(delivery)))
     }
 
     fn subscribe<'a>(&'a self, instance_id: &'a str, topic: &'a Topic) -> BackendFuture<'a, ()> {
-        Box::pin(async move {
-            let (done, subscribed) = oneshot::channel();
-            self.subscriber_command(instance_id, Command::Subscribe(topic.clone(), done))?;
-            // While the pub/sub connection is re-established, the subscribe waits for it.
-            match tokio::time::timeout(OPERATION_TIMEOUT, subscribed).await {
-                Ok(Ok(subscribed)) => subscribed,
-                Ok(Err(_)) => Err(MeshError::Unavailable("Redis subscriber stopped".into())),
-                Err(_) => Err(MeshError::Unavailable(
-                    "Redis pub/sub is reconnecting".into(),
-                )),
-            }
-        })
+        Box::pin(self.subscribe_topic(instance_id, topic))
     }
 
     fn unsubscribe(&self, instance_id: &str, topic: &Topic) {
-        // A stopped subscriber has no subscriptions left to drop.
-        let _ = self.subscriber_command(instance_id, Command::Unsubscribe(topic.clone()));
+        self.unsubscribe_topic(instance_id, topic);
     }
 
     fn join_room<'a>(
@@ -622,126 +350,38 @@ impl Backend for RedisBackend {
         room: &'a str,
         presence_ttl: Option<Duration>,
     ) -> BackendFuture<'a, bool> {
-        Box::pin(self.run(async move {
-            let mut conn = self.connection().await?;
-            let registered: i64 = self
-                .shared
-                .scripts
-                .join
-                .arg(&self.shared.keys.prefix)
-                .arg(connection_id)
-                .arg(room)
-                .arg(presence_ttl.map_or(0, millis))
-                .invoke_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            Ok(registered == 1)
-        }))
+        Box::pin(self.run(self.join(connection_id, room, presence_ttl)))
     }
 
     fn leave_room<'a>(&'a self, connection_id: &'a str, room: &'a str) -> BackendFuture<'a, bool> {
-        Box::pin(self.run(async move {
-            let mut conn = self.connection().await?;
-            let was_member: i64 = self
-                .shared
-                .scripts
-                .leave
-                .arg(&self.shared.keys.prefix)
-                .arg(connection_id)
-                .arg(room)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            Ok(was_member == 1)
-        }))
+        Box::pin(self.run(self.leave(connection_id, room)))
     }
 
     fn room_members<'a>(&'a self, room: &'a str) -> BackendFuture<'a, Vec<String>> {
-        Box::pin(self.run(async move {
-            let mut conn = self.connection().await?;
-            redis::cmd("ZRANGE")
-                .arg(self.shared.keys.room(room))
-                .arg(0)
-                .arg(-1)
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_error)
-        }))
+        Box::pin(self.run(self.members(room)))
     }
 
     fn room_members_with_metadata<'a>(
         &'a self,
         room: &'a str,
     ) -> BackendFuture<'a, Vec<(String, Value)>> {
-        Box::pin(self.run(async move {
-            let mut conn = self.connection().await?;
-            let pairs: Vec<(String, Option<String>)> = self
-                .shared
-                .scripts
-                .members_with_metadata
-                .arg(&self.shared.keys.prefix)
-                .arg(room)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            pairs
-                .into_iter()
-                .map(|(id, raw)| Ok((id, parse_json_or_null(raw.as_deref())?)))
-                .collect()
-        }))
+        Box::pin(self.run(self.members_with_metadata(room)))
     }
 
     fn connection_rooms<'a>(&'a self, connection_id: &'a str) -> BackendFuture<'a, Vec<String>> {
-        Box::pin(self.run(async move {
-            let mut conn = self.connection().await?;
-            let mut rooms: Vec<String> = redis::cmd("SMEMBERS")
-                .arg(self.shared.keys.connection_rooms(connection_id))
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            rooms.sort_unstable();
-            Ok(rooms)
-        }))
+        Box::pin(self.run(self.rooms_of(connection_id)))
     }
 
     fn rooms(&self) -> BackendFuture<'_, Vec<String>> {
-        Box::pin(self.run(async move {
-            let mut conn = self.connection().await?;
-            let mut rooms: Vec<String> = redis::cmd("SMEMBERS")
-                .arg(self.shared.keys.rooms())
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            rooms.sort_unstable();
-            Ok(rooms)
-        }))
+        Box::pin(self.run(self.list_rooms()))
     }
 
     fn share_a_room<'a>(&'a self, a: &'a str, b: &'a str) -> BackendFuture<'a, bool> {
-        Box::pin(self.run(async move {
-            let keys = &self.shared.keys;
-            let mut conn = self.connection().await?;
-            let common: Vec<String> = redis::cmd("SINTER")
-                .arg(keys.connection_rooms(a))
-                .arg(keys.connection_rooms(b))
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            Ok(!common.is_empty())
-        }))
+        Box::pin(self.run(self.in_a_common_room(a, b)))
     }
 
     fn room_metadata<'a>(&'a self, room: &'a str) -> BackendFuture<'a, Option<Value>> {
-        Box::pin(self.run(async move {
-            let mut conn = self.connection().await?;
-            let raw: Option<String> = redis::cmd("HGET")
-                .arg(self.shared.keys.room_metadata(room))
-                .arg("meta")
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            raw.map(|raw| parse_json(&raw)).transpose()
-        }))
+        Box::pin(self.run(self.read_room_metadata(room)))
     }
 
     fn set_room_metadata<'a>(
@@ -749,96 +389,23 @@ impl Backend for RedisBackend {
         room: &'a str,
         write: &'a MetadataWrite,
     ) -> BackendFuture<'a, ()> {
-        Box::pin(self.run(async move {
-            let keys = &self.shared.keys;
-            let index = keys.rooms_with_metadata();
-            self.merge_json(&keys.room_metadata(room), None, write, |pipe| {
-                pipe.cmd("SADD").arg(&index).arg(room).ignore();
-            })
-            .await
-            .map(drop)
-        }))
+        Box::pin(self.run(self.write_room_metadata(room, write)))
     }
 
     fn delete_room_metadata<'a>(&'a self, room: &'a str) -> BackendFuture<'a, ()> {
-        Box::pin(self.run(async move {
-            let keys = &self.shared.keys;
-            let mut conn = self.connection().await?;
-            redis::pipe()
-                .atomic()
-                .cmd("DEL")
-                .arg(keys.room_metadata(room))
-                .ignore()
-                .cmd("SREM")
-                .arg(keys.rooms_with_metadata())
-                .arg(room)
-                .ignore()
-                .query_async::<()>(&mut conn)
-                .await
-                .map_err(redis_error)
-        }))
+        Box::pin(self.run(self.remove_room_metadata(room)))
     }
 
     fn all_room_metadata(&self) -> BackendFuture<'_, Vec<(String, Value)>> {
-        Box::pin(self.run(async move {
-            let mut conn = self.connection().await?;
-            let pairs: Vec<(String, String)> = self
-                .shared
-                .scripts
-                .all_room_metadata
-                .arg(&self.shared.keys.prefix)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            let mut all = pairs
-                .into_iter()
-                .map(|(room, raw)| Ok((room, parse_json(&raw)?)))
-                .collect::<Result<Vec<_>, MeshError>>()?;
-            all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            Ok(all)
-        }))
+        Box::pin(self.run(self.list_room_metadata()))
     }
 
     fn refresh_presence<'a>(&'a self, refreshes: &'a [PresenceRefresh]) -> BackendFuture<'a, ()> {
-        Box::pin(self.run(async move {
-            let mut conn = self.connection().await?;
-            let mut invocation = self.shared.scripts.refresh_presence.prepare_invoke();
-            invocation.arg(&self.shared.keys.prefix);
-            for (connection_id, rooms) in refreshes {
-                invocation.arg(&**connection_id).arg(rooms.len());
-                for (room, ttl) in rooms {
-                    invocation.arg(&**room).arg(millis(*ttl));
-                }
-            }
-            invocation
-                .invoke_async::<()>(&mut conn)
-                .await
-                .map_err(redis_error)
-        }))
+        Box::pin(self.run(self.extend_presence(refreshes)))
     }
 
     fn presence<'a>(&'a self, room: &'a str) -> BackendFuture<'a, PresenceView> {
-        Box::pin(self.run(async move {
-            let mut conn = self.connection().await?;
-            let entries: Vec<(String, Option<String>, Option<String>)> = self
-                .shared
-                .scripts
-                .presence
-                .arg(&self.shared.keys.prefix)
-                .arg(room)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            let mut view = PresenceView::default();
-            for (id, metadata, state) in entries {
-                if let Some(state) = state {
-                    view.states.push((id.clone(), parse_json(&state)?));
-                }
-                view.present
-                    .push((id, parse_json_or_null(metadata.as_deref())?));
-            }
-            Ok(view)
-        }))
+        Box::pin(self.run(self.presence_view(room)))
     }
 
     fn set_presence_state<'a>(
@@ -849,23 +416,13 @@ impl Backend for RedisBackend {
         expire_after: Option<Duration>,
         silent: bool,
     ) -> BackendFuture<'a, bool> {
-        Box::pin(self.run(async move {
-            let mut conn = self.connection().await?;
-            let stored: i64 = self
-                .shared
-                .scripts
-                .set_state
-                .arg(&self.shared.keys.prefix)
-                .arg(connection_id)
-                .arg(room)
-                .arg(state.to_string())
-                .arg(expire_after.map_or(0, millis))
-                .arg(if silent { 0 } else { 1 })
-                .invoke_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            Ok(stored == 1)
-        }))
+        Box::pin(self.run(self.write_presence_state(
+            connection_id,
+            room,
+            state,
+            expire_after,
+            silent,
+        )))
     }
 
     fn clear_presence_state<'a>(
@@ -873,41 +430,11 @@ impl Backend for RedisBackend {
         connection_id: &'a str,
         room: &'a str,
     ) -> BackendFuture<'a, bool> {
-        Box::pin(self.run(async move {
-            let mut conn = self.connection().await?;
-            let present: i64 = self
-                .shared
-                .scripts
-                .clear_state
-                .arg(&self.shared.keys.prefix)
-                .arg(connection_id)
-                .arg(room)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            Ok(present == 1)
-        }))
+        Box::pin(self.run(self.remove_presence_state(connection_id, room)))
     }
 
     fn sweep(&self) -> BackendFuture<'_, Duration> {
-        Box::pin(self.run(async move {
-            let mut conn = self.connection().await?;
-            let next_due: i64 = self
-                .shared
-                .scripts
-                .sweep
-                .arg(&self.shared.keys.prefix)
-                .arg(SWEEP_BATCH)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            // Entries made by other instances after this sweep are caught by their own
-            // sweepers, or by this one within a heartbeat interval if they die.
-            Ok(u64::try_from(next_due)
-                .map(Duration::from_millis)
-                .unwrap_or(self.shared.heartbeat_interval)
-                .min(self.shared.heartbeat_interval))
-        }))
+        Box::pin(self.run(self.sweep_expired()))
     }
 
     fn write_channel<'a>(
@@ -918,28 +445,13 @@ impl Backend for RedisBackend {
         history_bytes: usize,
         announcement: Delivery,
     ) -> BackendFuture<'a, ()> {
-        Box::pin(self.run(async move {
-            let keys = &self.shared.keys;
-            let Some(pubsub_channel) = keys.channel_of(&announcement) else {
-                return Err(MeshError::Corrupt(
-                    "a channel message must go to a topic".into(),
-                ));
-            };
-            let mut conn = self.connection().await?;
-            self.shared
-                .scripts
-                .write_channel
-                .arg(keys.channel_history(channel))
-                .arg(message)
-                .arg(history)
-                .arg(pubsub_channel)
-                .arg(envelope::encode(&announcement))
-                .arg(keys.channel_history_bytes(channel))
-                .arg(history_bytes)
-                .invoke_async::<()>(&mut conn)
-                .await
-                .map_err(redis_error)
-        }))
+        Box::pin(self.run(self.append_to_channel(
+            channel,
+            message,
+            history,
+            history_bytes,
+            announcement,
+        )))
     }
 
     fn channel_history<'a>(
@@ -947,58 +459,15 @@ impl Backend for RedisBackend {
         channel: &'a str,
         limit: usize,
     ) -> BackendFuture<'a, Vec<String>> {
-        Box::pin(self.run(async move {
-            if limit == 0 {
-                return Ok(Vec::new());
-            }
-            let mut conn = self.connection().await?;
-            redis::cmd("LRANGE")
-                .arg(self.shared.keys.channel_history(channel))
-                .arg(0)
-                .arg(limit.saturating_sub(1))
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_error)
-        }))
+        Box::pin(self.run(self.read_channel_history(channel, limit)))
     }
 
     fn records<'a>(&'a self, ids: &'a [String]) -> BackendFuture<'a, Vec<Option<StoredRecord>>> {
-        Box::pin(self.run(async move {
-            if ids.is_empty() {
-                return Ok(Vec::new());
-            }
-            let mut pipe = redis::pipe();
-            for id in ids {
-                pipe.cmd("HMGET")
-                    .arg(self.shared.keys.record(id))
-                    .arg("value")
-                    .arg("version");
-            }
-            let mut conn = self.connection().await?;
-            let stored: Vec<(Option<String>, Option<u64>)> =
-                pipe.query_async(&mut conn).await.map_err(redis_error)?;
-            stored.into_iter().map(stored_record).collect()
-        }))
+        Box::pin(self.run(self.read_records(ids)))
     }
 
     fn record_ids<'a>(&'a self, prefix: &'a str) -> BackendFuture<'a, Vec<String>> {
-        Box::pin(self.run(async move {
-            let mut conn = self.connection().await?;
-            let mut listing = redis::cmd("ZRANGEBYLEX");
-            listing.arg(self.shared.keys.record_ids());
-            if prefix.is_empty() {
-                listing.arg("-").arg("+");
-            } else {
-                // No UTF-8 text holds the byte 0xff: every id with the prefix sorts
-                // between the prefix itself and the prefix followed by it.
-                let mut upper = Vec::with_capacity(prefix.len() + 2);
-                upper.push(b'[');
-                upper.extend_from_slice(prefix.as_bytes());
-                upper.push(0xff);
-                listing.arg(format!("[{prefix}")).arg(upper);
-            }
-            listing.query_async(&mut conn).await.map_err(redis_error)
-        }))
+        Box::pin(self.run(self.list_record_ids(prefix)))
     }
 
     fn update_record<'a>(
@@ -1006,40 +475,7 @@ impl Backend for RedisBackend {
         id: &'a str,
         update: &'a RecordUpdater,
     ) -> BackendFuture<'a, Option<StoredRecord>> {
-        Box::pin(self.run(async move {
-            let mut conn = self.connection().await?;
-            // Compare-and-set: read, compute in Rust (merges and diffs keep key order,
-            // which Lua's cjson would not), then write only if no other writer got in,
-            // else compute again on what that writer stored. The check is on a token
-            // that every write renews, not on the version, which a deletion resets: a
-            // record deleted and created again never passes for the one read.
-            let mut attempt = 0;
-            loop {
-                let (current, token) = self.read_record(&mut conn, id).await?;
-                let version = current.as_ref().map_or(0, |record| record.version);
-                let Some(write) = update(current.as_ref())? else {
-                    return Ok(None);
-                };
-                let stored = StoredRecord {
-                    value: write.value,
-                    version: version + 1,
-                };
-                let written = self
-                    .record_cas(
-                        &mut conn,
-                        id,
-                        &token,
-                        Some((&write.json, stored.version)),
-                        &write.announcements,
-                    )
-                    .await?;
-                if written {
-                    return Ok(Some(stored));
-                }
-                attempt += 1;
-                conflict_pause(attempt).await;
-            }
-        }))
+        Box::pin(self.run(self.write_record(id, update)))
     }
 
     fn delete_record<'a>(
@@ -1047,151 +483,7 @@ impl Backend for RedisBackend {
         id: &'a str,
         announce: &'a RecordRemover,
     ) -> BackendFuture<'a, Option<StoredRecord>> {
-        Box::pin(self.run(async move {
-            let mut conn = self.connection().await?;
-            let mut attempt = 0;
-            loop {
-                let (Some(current), token) = self.read_record(&mut conn, id).await? else {
-                    return Ok(None);
-                };
-                let announcements = announce(&current);
-                if self
-                    .record_cas(&mut conn, id, &token, None, &announcements)
-                    .await?
-                {
-                    return Ok(Some(current));
-                }
-                attempt += 1;
-                conflict_pause(attempt).await;
-            }
-        }))
-    }
-}
-
-impl RedisBackend {
-    /// A record and its write token (empty when there is no record).
-    async fn read_record(
-        &self,
-        conn: &mut deadpool_redis::Connection,
-        id: &str,
-    ) -> Result<(Option<StoredRecord>, String), MeshError> {
-        let (value, version, token): (Option<String>, Option<u64>, Option<String>) =
-            redis::cmd("HMGET")
-                .arg(self.shared.keys.record(id))
-                .arg("value")
-                .arg("version")
-                .arg("token")
-                .query_async(conn)
-                .await
-                .map_err(redis_error)?;
-        Ok((stored_record((value, version))?, token.unwrap_or_default()))
-    }
-
-    /// Writes `(value, version)` (or, with `None`, deletes) a record if its token is still
-    /// `expected`, publishing `announcements` with it. Returns whether it did.
-    async fn record_cas(
-        &self,
-        conn: &mut deadpool_redis::Connection,
-        id: &str,
-        expected: &str,
-        write: Option<(&str, u64)>,
-        announcements: &[Delivery],
-    ) -> Result<bool, MeshError> {
-        let keys = &self.shared.keys;
-        let (value, version) = write.unwrap_or(("", 0));
-        let mut invocation = self.shared.scripts.record_cas.prepare_invoke();
-        invocation
-            .arg(&keys.prefix)
-            .arg(id)
-            .arg(expected)
-            .arg(value)
-            .arg(version)
-            .arg(uuid::Uuid::new_v4().simple().to_string());
-        for announcement in announcements {
-            let Some(channel) = keys.channel_of(announcement) else {
-                return Err(MeshError::Corrupt(
-                    "a record announcement must go to a topic".into(),
-                ));
-            };
-            invocation.arg(channel).arg(envelope::encode(announcement));
-        }
-        let written: i64 = invocation.invoke_async(conn).await.map_err(redis_error)?;
-        Ok(written == 1)
-    }
-
-    fn subscriber_command(&self, instance_id: &str, command: Command) -> Result<(), MeshError> {
-        let sent = self
-            .shared
-            .subscribers
-            .lock()
-            .ok()
-            .and_then(|subscribers| subscribers.get(instance_id).map(|s| s.send(command)));
-        match sent {
-            Some(Ok(())) => Ok(()),
-            _ => Err(MeshError::Unavailable("Redis subscriber stopped".into())),
-        }
-    }
-
-    /// Optimistic read-modify-write of the JSON in field `meta` of hash `key`: `WATCH`
-    /// the hash, merge in Rust (deepMerge is not worth re-implementing in Lua), write it
-    /// back in `MULTI` with whatever `also` adds, and retry if another writer got in
-    /// between. With `require`, the update happens only while that field exists (the
-    /// answer is then whether it did). Retries end with the operation timeout.
-    async fn merge_json(
-        &self,
-        key: &str,
-        require: Option<&str>,
-        write: &MetadataWrite,
-        also: impl Fn(&mut redis::Pipeline),
-    ) -> Result<bool, MeshError> {
-        let mut conn = self.connection().await?;
-        let mut attempt = 0;
-        loop {
-            redis::cmd("WATCH")
-                .arg(key)
-                .query_async::<()>(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            let (required, stored): (Option<String>, Option<String>) = redis::cmd("HMGET")
-                .arg(key)
-                .arg(require.unwrap_or("meta"))
-                .arg("meta")
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            if require.is_some() && required.is_none() {
-                redis::cmd("UNWATCH")
-                    .query_async::<()>(&mut conn)
-                    .await
-                    .map_err(redis_error)?;
-                return Ok(false);
-            }
-            let old = stored.map(|raw| parse_json(&raw)).transpose()?;
-            let merged = match write.apply(old) {
-                Ok((_, json)) => json,
-                Err(refused) => {
-                    redis::cmd("UNWATCH")
-                        .query_async::<()>(&mut conn)
-                        .await
-                        .map_err(redis_error)?;
-                    return Err(refused);
-                }
-            };
-            let mut pipe = redis::pipe();
-            pipe.atomic()
-                .cmd("HSET")
-                .arg(key)
-                .arg("meta")
-                .arg(merged)
-                .ignore();
-            also(&mut pipe);
-            let committed: Option<()> = pipe.query_async(&mut conn).await.map_err(redis_error)?;
-            if committed.is_some() {
-                return Ok(true);
-            }
-            attempt += 1;
-            conflict_pause(attempt).await;
-        }
+        Box::pin(self.run(self.remove_record(id, announce)))
     }
 }
 
@@ -1232,21 +524,6 @@ impl RedisBackend {
 fn parse_json(raw: &str) -> Result<Value, MeshError> {
     serde_json::from_str(raw)
         .map_err(|err| MeshError::Corrupt(format!("stored JSON does not parse: {err}")))
-}
-
-fn stored_record(
-    (value, version): (Option<String>, Option<u64>),
-) -> Result<Option<StoredRecord>, MeshError> {
-    match (value, version) {
-        (Some(value), Some(version)) => Ok(Some(StoredRecord {
-            value: parse_json(&value)?,
-            version,
-        })),
-        (None, None) => Ok(None),
-        _ => Err(MeshError::Corrupt(
-            "a record hash lacks its value or version".into(),
-        )),
-    }
 }
 
 fn parse_json_or_null(raw: Option<&str>) -> Result<Value, MeshError> {

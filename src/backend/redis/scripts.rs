@@ -39,6 +39,15 @@ local function announce(p, kind, cid, room, state)
       .. u32(#state) .. state .. u32(#ts) .. ts)
 end
 
+-- Makes a connection present in a room until `deadline` (extending its presence there),
+-- announcing its join when it was not present.
+local function make_present(p, cid, room, deadline)
+  if redis.call('ZADD', p .. 'presence:' .. room, deadline, cid) == 1 then
+    announce(p, 'join', cid, room, nil)
+  end
+  redis.call('ZADD', p .. 'presence-expiry', deadline, cid .. '\n' .. room)
+end
+
 -- Removes a connection from a room with its presence and state there, announcing its
 -- leave if it was present. Returns whether it was a member.
 local function leave(p, cid, room)
@@ -173,13 +182,7 @@ impl Scripts {
                 redis.call('SADD', p .. 'conn:' .. cid .. ':rooms', room)
                 redis.call('SADD', p .. 'rooms', room)
                 local ttl = tonumber(ARGV[4])
-                if ttl > 0 then
-                  local deadline = now_ms() + ttl
-                  if redis.call('ZADD', p .. 'presence:' .. room, deadline, cid) == 1 then
-                    announce(p, 'join', cid, room, nil)
-                  end
-                  redis.call('ZADD', p .. 'presence-expiry', deadline, cid .. '\n' .. room)
-                end
+                if ttl > 0 then make_present(p, cid, room, now_ms() + ttl) end
                 return 1
                 ",
             ),
@@ -232,11 +235,7 @@ impl Scripts {
                     local room, ttl = ARGV[i], tonumber(ARGV[i + 1])
                     i = i + 2
                     if redis.call('ZSCORE', p .. 'room:' .. room, cid) then
-                      local deadline = now + ttl
-                      if redis.call('ZADD', p .. 'presence:' .. room, deadline, cid) == 1 then
-                        announce(p, 'join', cid, room, nil)
-                      end
-                      redis.call('ZADD', p .. 'presence-expiry', deadline, cid .. '\n' .. room)
+                      make_present(p, cid, room, now + ttl)
                     end
                   end
                 end

@@ -11,6 +11,9 @@
 //! after Redis comes back, the instance closes its connections so that their clients set
 //! themselves up again, and their joins must not fail merely because this task was still
 //! sleeping off its backoff.
+//!
+//! `Backend::subscribe` and `Backend::unsubscribe` hand their changes to this task (at the
+//! end of this file).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Weak};
@@ -19,7 +22,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{envelope, unavailable, Keys, WeakBackend, OPERATION_TIMEOUT};
+use super::keys::Keys;
+use super::{envelope, unavailable, RedisBackend, WeakBackend, OPERATION_TIMEOUT};
 use crate::backend::Inbox;
 use crate::error::MeshError;
 use crate::topics::Topic;
@@ -221,6 +225,43 @@ async fn apply(
                 tokio::time::timeout(OPERATION_TIMEOUT, sink.unsubscribe(&channel)).await,
                 Ok(Ok(()))
             )
+        }
+    }
+}
+
+impl RedisBackend {
+    pub(super) async fn subscribe_topic(
+        &self,
+        instance_id: &str,
+        topic: &Topic,
+    ) -> Result<(), MeshError> {
+        let (done, subscribed) = oneshot::channel();
+        self.subscriber_command(instance_id, Command::Subscribe(topic.clone(), done))?;
+        // While the pub/sub connection is re-established, the subscribe waits for it.
+        match tokio::time::timeout(OPERATION_TIMEOUT, subscribed).await {
+            Ok(Ok(subscribed)) => subscribed,
+            Ok(Err(_)) => Err(MeshError::Unavailable("Redis subscriber stopped".into())),
+            Err(_) => Err(MeshError::Unavailable(
+                "Redis pub/sub is reconnecting".into(),
+            )),
+        }
+    }
+
+    pub(super) fn unsubscribe_topic(&self, instance_id: &str, topic: &Topic) {
+        // A stopped subscriber has no subscriptions left to drop.
+        let _ = self.subscriber_command(instance_id, Command::Unsubscribe(topic.clone()));
+    }
+
+    fn subscriber_command(&self, instance_id: &str, command: Command) -> Result<(), MeshError> {
+        let sent = self
+            .shared
+            .subscribers
+            .lock()
+            .ok()
+            .and_then(|subscribers| subscribers.get(instance_id).map(|s| s.send(command)));
+        match sent {
+            Some(Ok(())) => Ok(()),
+            _ => Err(MeshError::Unavailable("Redis subscriber stopped".into())),
         }
     }
 }

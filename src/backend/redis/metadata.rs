@@ -1,0 +1,181 @@
+//! Connection and room metadata: JSON in field `meta` of a hash (`P conn:{cid}`, beside
+//! the `instance` routing field; `P room-meta:{room}`), merged in Rust by an optimistic
+//! read-modify-write (`merge_json`).
+
+use serde_json::Value;
+
+use super::{conflict_pause, parse_json, parse_json_or_null, redis_error, RedisBackend};
+use crate::error::MeshError;
+use crate::metadata::MetadataWrite;
+
+impl RedisBackend {
+    pub(super) async fn read_connection_metadata(
+        &self,
+        connection_id: &str,
+    ) -> Result<Option<Value>, MeshError> {
+        self.read_json(&self.shared.keys.connection(connection_id))
+            .await
+    }
+
+    pub(super) async fn write_connection_metadata(
+        &self,
+        connection_id: &str,
+        write: &MetadataWrite,
+    ) -> Result<bool, MeshError> {
+        let key = self.shared.keys.connection(connection_id);
+        // A connection's metadata may only be set while it is registered.
+        self.merge_json(&key, Some("instance"), write, |_| {}).await
+    }
+
+    pub(super) async fn list_connection_metadata(&self) -> Result<Vec<(String, Value)>, MeshError> {
+        let keys = &self.shared.keys;
+        let mut conn = self.connection().await?;
+        let ids: Vec<String> = redis::cmd("ZRANGE")
+            .arg(keys.connections())
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.cmd("HGET").arg(keys.connection(id)).arg("meta");
+        }
+        let metadata: Vec<Option<String>> =
+            pipe.query_async(&mut conn).await.map_err(redis_error)?;
+        ids.into_iter()
+            .zip(metadata)
+            .map(|(id, raw)| Ok((id, parse_json_or_null(raw.as_deref())?)))
+            .collect()
+    }
+
+    pub(super) async fn read_room_metadata(&self, room: &str) -> Result<Option<Value>, MeshError> {
+        self.read_json(&self.shared.keys.room_metadata(room)).await
+    }
+
+    pub(super) async fn write_room_metadata(
+        &self,
+        room: &str,
+        write: &MetadataWrite,
+    ) -> Result<(), MeshError> {
+        let keys = &self.shared.keys;
+        let index = keys.rooms_with_metadata();
+        self.merge_json(&keys.room_metadata(room), None, write, |pipe| {
+            pipe.cmd("SADD").arg(&index).arg(room).ignore();
+        })
+        .await
+        .map(drop)
+    }
+
+    pub(super) async fn remove_room_metadata(&self, room: &str) -> Result<(), MeshError> {
+        let keys = &self.shared.keys;
+        let mut conn = self.connection().await?;
+        redis::pipe()
+            .atomic()
+            .cmd("DEL")
+            .arg(keys.room_metadata(room))
+            .ignore()
+            .cmd("SREM")
+            .arg(keys.rooms_with_metadata())
+            .arg(room)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(redis_error)
+    }
+
+    pub(super) async fn list_room_metadata(&self) -> Result<Vec<(String, Value)>, MeshError> {
+        let mut conn = self.connection().await?;
+        let pairs: Vec<(String, String)> = self
+            .shared
+            .scripts
+            .all_room_metadata
+            .arg(&self.shared.keys.prefix)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        let mut all = pairs
+            .into_iter()
+            .map(|(room, raw)| Ok((room, parse_json(&raw)?)))
+            .collect::<Result<Vec<_>, MeshError>>()?;
+        all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Ok(all)
+    }
+
+    /// The JSON in field `meta` of hash `key`; `None` when there is none.
+    async fn read_json(&self, key: &str) -> Result<Option<Value>, MeshError> {
+        let mut conn = self.connection().await?;
+        let raw: Option<String> = redis::cmd("HGET")
+            .arg(key)
+            .arg("meta")
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        raw.map(|raw| parse_json(&raw)).transpose()
+    }
+
+    /// Optimistic read-modify-write of the JSON in field `meta` of hash `key`: `WATCH`
+    /// the hash, merge in Rust (deepMerge is not worth re-implementing in Lua), write it
+    /// back in `MULTI` with whatever `also` adds, and retry if another writer got in
+    /// between. With `require`, the update happens only while that field exists (the
+    /// answer is then whether it did). Retries end with the operation timeout.
+    async fn merge_json(
+        &self,
+        key: &str,
+        require: Option<&str>,
+        write: &MetadataWrite,
+        also: impl Fn(&mut redis::Pipeline),
+    ) -> Result<bool, MeshError> {
+        let mut conn = self.connection().await?;
+        let mut attempt = 0;
+        loop {
+            redis::cmd("WATCH")
+                .arg(key)
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(redis_error)?;
+            let (required, stored): (Option<String>, Option<String>) = redis::cmd("HMGET")
+                .arg(key)
+                .arg(require.unwrap_or("meta"))
+                .arg("meta")
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_error)?;
+            if require.is_some() && required.is_none() {
+                redis::cmd("UNWATCH")
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .map_err(redis_error)?;
+                return Ok(false);
+            }
+            let old = stored.map(|raw| parse_json(&raw)).transpose()?;
+            let merged = match write.apply(old) {
+                Ok((_, json)) => json,
+                Err(refused) => {
+                    redis::cmd("UNWATCH")
+                        .query_async::<()>(&mut conn)
+                        .await
+                        .map_err(redis_error)?;
+                    return Err(refused);
+                }
+            };
+            let mut pipe = redis::pipe();
+            pipe.atomic()
+                .cmd("HSET")
+                .arg(key)
+                .arg("meta")
+                .arg(merged)
+                .ignore();
+            also(&mut pipe);
+            let committed: Option<()> = pipe.query_async(&mut conn).await.map_err(redis_error)?;
+            if committed.is_some() {
+                return Ok(true);
+            }
+            attempt += 1;
+            conflict_pause(attempt).await;
+        }
+    }
+}

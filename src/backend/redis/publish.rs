@@ -1,0 +1,45 @@
+//! Publishing a delivery: one for a connection goes to its holder's instance channel
+//! (the `route` Lua script looks the holder up and publishes, in one round trip), any
+//! other to its channel (`Keys::channel_of`).
+
+use super::{envelope, redis_error, RedisBackend};
+use crate::backend::Delivery;
+use crate::error::MeshError;
+
+impl RedisBackend {
+    pub(super) async fn publish_delivery(&self, delivery: Delivery) -> Result<bool, MeshError> {
+        let keys = &self.shared.keys;
+        let envelope = envelope::encode(&delivery);
+        let channel = match (keys.channel_of(&delivery), &delivery) {
+            (Some(channel), _) => channel,
+            (
+                None,
+                Delivery::ToConnection { connection_id, .. }
+                | Delivery::Close { connection_id, .. }
+                | Delivery::Call { connection_id, .. },
+            ) => {
+                let mut conn = self.connection().await?;
+                let routed: i64 = self
+                    .shared
+                    .scripts
+                    .route
+                    .key(keys.connection(connection_id))
+                    .arg(&keys.prefix)
+                    .arg(envelope)
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(redis_error)?;
+                return Ok(routed > 0);
+            }
+            (None, _) => return Ok(false),
+        };
+        let mut conn = self.connection().await?;
+        redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(envelope)
+            .query_async::<i64>(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        Ok(true)
+    }
+}

@@ -1,0 +1,174 @@
+//! Records: reads, the ordered id index, and writes and deletions by compare-and-set on
+//! a write token (the `record_cas` Lua script), which also publishes the write's
+//! announcements.
+
+use super::{conflict_pause, envelope, parse_json, redis_error, RedisBackend};
+use crate::backend::{Delivery, RecordRemover, RecordUpdater, StoredRecord};
+use crate::error::MeshError;
+
+impl RedisBackend {
+    pub(super) async fn read_records(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<Option<StoredRecord>>, MeshError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("HMGET")
+                .arg(self.shared.keys.record(id))
+                .arg("value")
+                .arg("version");
+        }
+        let mut conn = self.connection().await?;
+        let stored: Vec<(Option<String>, Option<u64>)> =
+            pipe.query_async(&mut conn).await.map_err(redis_error)?;
+        stored.into_iter().map(stored_record).collect()
+    }
+
+    pub(super) async fn list_record_ids(&self, prefix: &str) -> Result<Vec<String>, MeshError> {
+        let mut conn = self.connection().await?;
+        let mut listing = redis::cmd("ZRANGEBYLEX");
+        listing.arg(self.shared.keys.record_ids());
+        if prefix.is_empty() {
+            listing.arg("-").arg("+");
+        } else {
+            // No UTF-8 text holds the byte 0xff: every id with the prefix sorts
+            // between the prefix itself and the prefix followed by it.
+            let mut upper = Vec::with_capacity(prefix.len() + 2);
+            upper.push(b'[');
+            upper.extend_from_slice(prefix.as_bytes());
+            upper.push(0xff);
+            listing.arg(format!("[{prefix}")).arg(upper);
+        }
+        listing.query_async(&mut conn).await.map_err(redis_error)
+    }
+
+    pub(super) async fn write_record(
+        &self,
+        id: &str,
+        update: &RecordUpdater,
+    ) -> Result<Option<StoredRecord>, MeshError> {
+        let mut conn = self.connection().await?;
+        // Compare-and-set: read, compute in Rust (merges and diffs keep key order,
+        // which Lua's cjson would not), then write only if no other writer got in,
+        // else compute again on what that writer stored. The check is on a token
+        // that every write renews, not on the version, which a deletion resets: a
+        // record deleted and created again never passes for the one read.
+        let mut attempt = 0;
+        loop {
+            let (current, token) = self.read_record(&mut conn, id).await?;
+            let version = current.as_ref().map_or(0, |record| record.version);
+            let Some(write) = update(current.as_ref())? else {
+                return Ok(None);
+            };
+            let stored = StoredRecord {
+                value: write.value,
+                version: version + 1,
+            };
+            let written = self
+                .record_cas(
+                    &mut conn,
+                    id,
+                    &token,
+                    Some((&write.json, stored.version)),
+                    &write.announcements,
+                )
+                .await?;
+            if written {
+                return Ok(Some(stored));
+            }
+            attempt += 1;
+            conflict_pause(attempt).await;
+        }
+    }
+
+    pub(super) async fn remove_record(
+        &self,
+        id: &str,
+        announce: &RecordRemover,
+    ) -> Result<Option<StoredRecord>, MeshError> {
+        let mut conn = self.connection().await?;
+        let mut attempt = 0;
+        loop {
+            let (Some(current), token) = self.read_record(&mut conn, id).await? else {
+                return Ok(None);
+            };
+            let announcements = announce(&current);
+            if self
+                .record_cas(&mut conn, id, &token, None, &announcements)
+                .await?
+            {
+                return Ok(Some(current));
+            }
+            attempt += 1;
+            conflict_pause(attempt).await;
+        }
+    }
+
+    /// A record and its write token (empty when there is no record).
+    async fn read_record(
+        &self,
+        conn: &mut deadpool_redis::Connection,
+        id: &str,
+    ) -> Result<(Option<StoredRecord>, String), MeshError> {
+        let (value, version, token): (Option<String>, Option<u64>, Option<String>) =
+            redis::cmd("HMGET")
+                .arg(self.shared.keys.record(id))
+                .arg("value")
+                .arg("version")
+                .arg("token")
+                .query_async(conn)
+                .await
+                .map_err(redis_error)?;
+        Ok((stored_record((value, version))?, token.unwrap_or_default()))
+    }
+
+    /// Writes `(value, version)` (or, with `None`, deletes) a record if its token is still
+    /// `expected`, publishing `announcements` with it. Returns whether it did.
+    async fn record_cas(
+        &self,
+        conn: &mut deadpool_redis::Connection,
+        id: &str,
+        expected: &str,
+        write: Option<(&str, u64)>,
+        announcements: &[Delivery],
+    ) -> Result<bool, MeshError> {
+        let keys = &self.shared.keys;
+        let (value, version) = write.unwrap_or(("", 0));
+        let mut invocation = self.shared.scripts.record_cas.prepare_invoke();
+        invocation
+            .arg(&keys.prefix)
+            .arg(id)
+            .arg(expected)
+            .arg(value)
+            .arg(version)
+            .arg(uuid::Uuid::new_v4().simple().to_string());
+        for announcement in announcements {
+            let Some(channel) = keys.channel_of(announcement) else {
+                return Err(MeshError::Corrupt(
+                    "a record announcement must go to a topic".into(),
+                ));
+            };
+            invocation.arg(channel).arg(envelope::encode(announcement));
+        }
+        let written: i64 = invocation.invoke_async(conn).await.map_err(redis_error)?;
+        Ok(written == 1)
+    }
+}
+
+fn stored_record(
+    (value, version): (Option<String>, Option<u64>),
+) -> Result<Option<StoredRecord>, MeshError> {
+    match (value, version) {
+        (Some(value), Some(version)) => Ok(Some(StoredRecord {
+            value: parse_json(&value)?,
+            version,
+        })),
+        (None, None) => Ok(None),
+        _ => Err(MeshError::Corrupt(
+            "a record hash lacks its value or version".into(),
+        )),
+    }
+}
