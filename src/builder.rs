@@ -196,6 +196,15 @@ impl MeshBuilder {
         self
     }
 
+    /// Uses a backend of your own: any [`Backend`](crate::backend::Backend) that passes
+    /// [`backend::conformance`](crate::backend::conformance). Unstable: see the
+    /// `unstable-backend` feature.
+    #[cfg(feature = "unstable-backend")]
+    pub fn backend(mut self, backend: impl Backend) -> Self {
+        self.backend = Some(Arc::new(backend));
+        self
+    }
+
     /// Uses the Redis at `url` with default settings (key prefix `mesh:`). Fails only on
     /// a malformed URL; nothing connects until the mesh needs Redis.
     #[cfg(feature = "redis")]

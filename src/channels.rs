@@ -17,13 +17,14 @@ use serde_json::{json, Value};
 
 use crate::access::{valid_name, Access, Rules};
 use crate::backend::Push;
+use crate::backend::Topic;
 use crate::connection::Connection;
 use crate::error::{CommandError, MeshError};
 use crate::extract::Payload;
 use crate::mesh::Mesh;
 use crate::protocol;
 use crate::reply_budget;
-use crate::topics::{Form, Topic};
+use crate::topics::Form;
 
 /// The most history messages one request returns.
 pub const MAX_HISTORY_LIMIT: usize = 10_000;

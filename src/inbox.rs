@@ -4,10 +4,10 @@
 //! record listeners' streams, collection changes to the collections, and calls to the
 //! connection they concern.
 
+use crate::backend::Topic;
 use crate::backend::{Delivery, Inbox};
 use crate::connection::CloseReason;
 use crate::mesh::{render, Mesh, MeshInner};
-use crate::topics::Topic;
 
 impl Inbox for MeshInner {
     fn deliver(&self, delivery: Delivery) {

@@ -8,6 +8,10 @@
 mod access;
 #[cfg(feature = "axum")]
 mod axum_extract;
+#[cfg(feature = "unstable-backend")]
+pub mod backend;
+#[cfg(not(feature = "unstable-backend"))]
+#[allow(unreachable_pub)] // the seam is public with `unstable-backend` only
 mod backend;
 mod builder;
 mod builtin;
@@ -21,6 +25,7 @@ mod error;
 mod heartbeat;
 mod inbox;
 mod layer;
+mod merge;
 mod mesh;
 mod metadata;
 mod presence;
@@ -54,8 +59,8 @@ pub use config::MAX_NAME_BYTES;
 pub use connection::{CloseReason, Connection, SendError};
 pub use error::{BoxError, CommandError, MeshError};
 pub use layer::{MeshBody, MeshFuture, MeshLayer, MeshService};
+pub use merge::MergeStrategy;
 pub use mesh::{Mesh, MeshStats};
-pub use metadata::MergeStrategy;
 pub use presence::{PresenceOptions, MAX_STATE_EXPIRY};
 pub use records::{Record, RecordEvent};
 /// Regular expressions for name patterns (`track_presence(Regex::new("^game:")?, ..)`).

@@ -10,7 +10,9 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{watch, OnceCell};
 
+use crate::backend::Topic;
 use crate::backend::{Backend, Delivery, Inbox, Push};
+use crate::backend::{MetadataKind, MetadataOf, MetadataWrite};
 use crate::builder::MeshBuilder;
 use crate::calls::Calls;
 use crate::channels::Channels;
@@ -20,12 +22,12 @@ use crate::config::MeshConfig;
 use crate::connection::{CloseReason, Connection, Registry};
 use crate::error::{CommandError, MeshError};
 use crate::layer::MeshLayer;
-use crate::metadata::{MergeStrategy, MetadataWrite};
+use crate::merge::MergeStrategy;
 use crate::presence::Presence;
 use crate::protocol::{self, Frame};
 use crate::records::Records;
 use crate::rooms::Rooms;
-use crate::topics::{Form, Listen, LocalTopics, Topic};
+use crate::topics::{Form, Listen, LocalTopics};
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 pub(crate) type OnConnect =
@@ -287,7 +289,10 @@ impl Mesh {
         connection_id: &str,
     ) -> Result<Option<Value>, MeshError> {
         self.ready().await?;
-        self.inner.backend.connection_metadata(connection_id).await
+        self.inner
+            .backend
+            .metadata(MetadataOf::Connection(connection_id))
+            .await
     }
 
     /// Combines `metadata` into a connection's metadata with `strategy`. Returns `false`
@@ -301,15 +306,15 @@ impl Mesh {
         strategy: MergeStrategy,
     ) -> Result<bool, MeshError> {
         self.ready().await?;
-        let write = MetadataWrite {
-            value: metadata,
+        let write = MetadataWrite::new(
+            metadata,
             strategy,
-            max_bytes: self.config().bytes.metadata,
-            owner: format!("the metadata of connection \"{connection_id}\""),
-        };
+            self.config().bytes.metadata,
+            format!("the metadata of connection \"{connection_id}\""),
+        );
         self.inner
             .backend
-            .set_connection_metadata(connection_id, &write)
+            .set_metadata(MetadataOf::Connection(connection_id), &write)
             .await
     }
 
@@ -317,7 +322,10 @@ impl Mesh {
     /// they connected.
     pub async fn all_connection_metadata(&self) -> Result<Vec<(String, Value)>, MeshError> {
         self.ready().await?;
-        self.inner.backend.all_connection_metadata().await
+        self.inner
+            .backend
+            .all_metadata(MetadataKind::Connection)
+            .await
     }
 
     /// Stops accepting connections, closes every local connection with a going-away close

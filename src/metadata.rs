@@ -1,74 +1,11 @@
-//! Merge strategies for metadata (connections now; rooms and records later), and the rule
-//! for who may read a connection's metadata.
+//! Connection metadata: the rule for who may read it, and its commands. Merge strategies
+//! are in `merge.rs`; room metadata is with rooms.
 
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::connection::Connection;
 use crate::error::MeshError;
 use crate::mesh::Mesh;
-
-/// How a new metadata value combines with the stored one.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub enum MergeStrategy {
-    /// Store the new value as it is (the default).
-    #[default]
-    Replace,
-    /// When both values are objects, overlay the new keys on the old (one level deep);
-    /// otherwise store the new value.
-    Merge,
-    /// Like `Merge`, but nested objects merge recursively; arrays and scalars replace.
-    DeepMerge,
-}
-
-impl MergeStrategy {
-    /// Combines `old` (absent when nothing is stored) with `new`.
-    pub fn apply(self, old: Option<Value>, new: Value) -> Value {
-        match (self, old) {
-            (MergeStrategy::Replace, _) | (_, None) => new,
-            (MergeStrategy::Merge, Some(Value::Object(mut old))) => match new {
-                Value::Object(new) => {
-                    old.extend(new);
-                    Value::Object(old)
-                }
-                new => new,
-            },
-            (MergeStrategy::DeepMerge, Some(old)) => deep_merge(old, new),
-            (MergeStrategy::Merge, Some(_)) => new,
-        }
-    }
-}
-
-/// A metadata write as a backend applies it: what to combine into the stored value, and
-/// how large the result may be.
-pub(crate) struct MetadataWrite {
-    pub(crate) value: Value,
-    pub(crate) strategy: MergeStrategy,
-    /// At most this many bytes of JSON text after the merge.
-    pub(crate) max_bytes: usize,
-    /// Whose metadata, for the error (for example `the metadata of room "lobby"`).
-    pub(crate) owner: String,
-}
-
-impl MetadataWrite {
-    /// Combines the write into `old`: the new value and its JSON text, or
-    /// [`MeshError::TooLarge`] when the result would be over the limit (then nothing may
-    /// be stored).
-    pub(crate) fn apply(&self, old: Option<Value>) -> Result<(Value, String), MeshError> {
-        let merged = self.strategy.apply(old, self.value.clone());
-        let json = merged.to_string();
-        if json.len() > self.max_bytes {
-            return Err(MeshError::TooLarge {
-                what: self.owner.clone(),
-                setting: "max_metadata_bytes",
-                limit: self.max_bytes,
-                size: json.len(),
-            });
-        }
-        Ok((merged, json))
-    }
-}
 
 /// Whose connection metadata a reply is about to show.
 pub(crate) enum MetadataOwners<'a> {
@@ -133,67 +70,15 @@ impl Mesh {
     }
 }
 
-fn deep_merge(old: Value, new: Value) -> Value {
-    match (old, new) {
-        (Value::Object(mut old), Value::Object(new)) => {
-            for (key, value) in new {
-                // In place: removing and inserting again would move the key to the end.
-                match old.get_mut(&key) {
-                    Some(previous) => *previous = deep_merge(previous.take(), value),
-                    None => {
-                        old.insert(key, value);
-                    }
-                }
-            }
-            Value::Object(old)
-        }
-        (_, new) => new,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn strategies() {
-        let old = json!({"name":"a","preferences":{"notifications":{"email":true},"theme":"dark"}});
-        let new = json!({"preferences":{"notifications":{"push":false}}});
-        assert_eq!(
-            MergeStrategy::Replace.apply(Some(old.clone()), new.clone()),
-            new
-        );
-        assert_eq!(
-            MergeStrategy::Merge.apply(Some(old.clone()), new.clone()),
-            json!({"name":"a","preferences":{"notifications":{"push":false}}})
-        );
-        assert_eq!(
-            MergeStrategy::DeepMerge.apply(Some(old), new),
-            json!({"name":"a","preferences":{"notifications":{"email":true,"push":false},"theme":"dark"}})
-        );
-        assert_eq!(
-            MergeStrategy::Merge.apply(Some(json!("initial-string")), json!({"a":1})),
-            json!({"a":1})
-        );
-        assert_eq!(MergeStrategy::DeepMerge.apply(None, json!([1])), json!([1]));
-    }
-
-    #[test]
-    fn parses_wire_names() {
-        let parsed: MergeStrategy = serde_json::from_value(json!("deepMerge")).unwrap();
-        assert_eq!(parsed, MergeStrategy::DeepMerge);
-    }
-}
-
 mod commands {
     use serde::Deserialize;
     use serde_json::{json, Value};
 
-    use super::{MergeStrategy, MetadataOwners};
+    use super::MetadataOwners;
     use crate::connection::Connection;
     use crate::error::CommandError;
     use crate::extract::Payload;
+    use crate::merge::MergeStrategy;
     use crate::mesh::Mesh;
 
     #[derive(Deserialize)]

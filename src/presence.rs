@@ -23,6 +23,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::access::{self, Guard, Rules};
+use crate::backend::Topic;
 use crate::backend::{PresenceChange, PresenceRefresh};
 use crate::connection::Connection;
 use crate::error::{CommandError, MeshError};
@@ -32,7 +33,7 @@ use crate::metadata::MetadataOwners;
 use crate::protocol::{self, Frame};
 use crate::reply_budget;
 use crate::rooms::{members_json, valid_room_name, RoomRequest};
-use crate::topics::{Form, Topic};
+use crate::topics::Form;
 
 /// The longest `expireAfter` a presence state may ask for: one day.
 pub const MAX_STATE_EXPIRY: Duration = Duration::from_secs(24 * 60 * 60);
@@ -408,7 +409,7 @@ pub(crate) async fn publish_presence_state(
     let stored = mesh
         .inner()
         .backend
-        .set_presence_state(connection.id(), room, &state, expire_after, silent)
+        .set_presence_state(connection.id(), room, Some(&state), expire_after, silent)
         .await?;
     if let (true, Some(after)) = (stored, expire_after) {
         mesh.inner().presence.sweeps.due_within(after);
@@ -430,7 +431,7 @@ pub(crate) async fn clear_presence_state(
     Ok(mesh
         .inner()
         .backend
-        .clear_presence_state(connection.id(), room)
+        .set_presence_state(connection.id(), room, None, None, false)
         .await?)
 }
 

@@ -23,14 +23,15 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::access::{valid_name, Access, Pattern, Rules};
+use crate::backend::Topic;
 use crate::backend::{Delivery, RecordWrite, StoredRecord};
 use crate::connection::Connection;
 use crate::error::{CommandError, MeshError};
 use crate::extract::Payload;
+use crate::merge::MergeStrategy;
 use crate::mesh::{BoxFuture, Mesh};
-use crate::metadata::MergeStrategy;
 use crate::protocol::{self, Frame};
-use crate::topics::{Form, LocalTopics, Topic};
+use crate::topics::{Form, LocalTopics};
 
 /// A record's value and version.
 #[derive(Debug, Clone, PartialEq)]

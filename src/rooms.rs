@@ -15,13 +15,16 @@ use serde_json::{json, Value};
 
 use crate::access::{Guard, Rules};
 use crate::backend::ConnectionOp;
+use crate::backend::Topic;
+use crate::backend::{MetadataKind, MetadataOf, MetadataWrite};
 use crate::connection::{Connection, MembershipGuard};
 use crate::error::{CommandError, MeshError};
 use crate::extract::Payload;
+use crate::merge::MergeStrategy;
 use crate::mesh::Mesh;
-use crate::metadata::{MergeStrategy, MetadataOwners, MetadataVisibility, MetadataWrite};
+use crate::metadata::{MetadataOwners, MetadataVisibility};
 use crate::reply_budget;
-use crate::topics::{Form, Topic};
+use crate::topics::Form;
 
 /// What a local join did.
 pub(crate) enum JoinOutcome {
@@ -173,7 +176,7 @@ impl Mesh {
     /// A room's metadata; `None` when it has none.
     pub async fn room_metadata(&self, room: &str) -> Result<Option<Value>, MeshError> {
         self.ready().await?;
-        self.inner().backend.room_metadata(room).await
+        self.inner().backend.metadata(MetadataOf::Room(room)).await
     }
 
     /// Combines `metadata` into a room's metadata with `strategy`. A room need not have
@@ -187,13 +190,17 @@ impl Mesh {
         strategy: MergeStrategy,
     ) -> Result<(), MeshError> {
         self.ready().await?;
-        let write = MetadataWrite {
-            value: metadata,
+        let write = MetadataWrite::new(
+            metadata,
             strategy,
-            max_bytes: self.config().bytes.metadata,
-            owner: format!("the metadata of room \"{room}\""),
-        };
-        self.inner().backend.set_room_metadata(room, &write).await
+            self.config().bytes.metadata,
+            format!("the metadata of room \"{room}\""),
+        );
+        self.inner()
+            .backend
+            .set_metadata(MetadataOf::Room(room), &write)
+            .await
+            .map(|_| ())
     }
 
     /// Shallow-merges `metadata` into a room's metadata
@@ -207,7 +214,7 @@ impl Mesh {
     /// ordinary iterator adapters.
     pub async fn all_room_metadata(&self) -> Result<Vec<(String, Value)>, MeshError> {
         self.ready().await?;
-        self.inner().backend.all_room_metadata().await
+        self.inner().backend.all_metadata(MetadataKind::Room).await
     }
 
     /// Joins a local connection to a room: its topic index first (so the instance hears

@@ -14,57 +14,11 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::backend::Topic;
+
 use crate::connection::{Connection, Registry};
 use crate::protocol::Frame;
 use crate::record_stream::{RecordStream, Snapshot};
-
-/// Something connections listen to.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) enum Topic {
-    /// The members of a room (room broadcasts).
-    Room(Arc<str>),
-    /// The presence updates of a room (`mesh/presence-update`).
-    Presence(Arc<str>),
-    /// A channel's messages (`mesh/subscription-message`).
-    Channel(Arc<str>),
-    /// A record's updates and deletion (`mesh/record-update`, `mesh/record-deleted`).
-    Record(Arc<str>),
-    /// Changes to the records that the collections of one exposure (named by its
-    /// pattern) may hold: their subscribers re-resolve. Never seen by clients.
-    Collections(Arc<str>),
-}
-
-impl Topic {
-    /// A stable text form, used for Redis channel names and envelopes.
-    pub(crate) fn key(&self) -> String {
-        let (kind, name) = self.parts();
-        format!("{kind}:{name}")
-    }
-
-    fn parts(&self) -> (&'static str, &str) {
-        match self {
-            Topic::Room(name) => ("room", name),
-            Topic::Presence(name) => ("presence", name),
-            Topic::Channel(name) => ("channel", name),
-            Topic::Record(name) => ("record", name),
-            Topic::Collections(name) => ("collections", name),
-        }
-    }
-
-    /// The inverse of [`Topic::key`].
-    pub(crate) fn from_key(key: &str) -> Option<Topic> {
-        let (kind, name) = key.split_once(':')?;
-        let name = Arc::from(name);
-        match kind {
-            "room" => Some(Topic::Room(name)),
-            "presence" => Some(Topic::Presence(name)),
-            "channel" => Some(Topic::Channel(name)),
-            "record" => Some(Topic::Record(name)),
-            "collections" => Some(Topic::Collections(name)),
-            _ => None,
-        }
-    }
-}
 
 /// How a listener wants record updates.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

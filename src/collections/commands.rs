@@ -7,12 +7,13 @@ use serde_json::{json, Value};
 
 use super::index::Subscription;
 use crate::access::valid_name;
+use crate::backend::Topic;
 use crate::connection::Connection;
 use crate::error::CommandError;
 use crate::extract::Payload;
 use crate::mesh::Mesh;
 use crate::reply_budget;
-use crate::topics::{Form, Topic};
+use crate::topics::Form;
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]

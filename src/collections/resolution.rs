@@ -9,13 +9,13 @@ use tokio::sync::mpsc;
 
 use super::index::Scheduled;
 use super::{member_as_added, CollectionExposure, Resolve, DEBOUNCE};
+use crate::backend::Topic;
 use crate::connection::{Connection, MembershipGuard};
 use crate::error::CommandError;
 use crate::mesh::Mesh;
 use crate::protocol::{self, Frame};
 use crate::record_stream::Snapshot;
 use crate::reply_budget;
-use crate::topics::Topic;
 
 impl Mesh {
     /// The keys of the exposures whose collections can hold `record_id` and must

@@ -12,8 +12,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::MeshError;
+use crate::merge::MergeStrategy;
 use crate::mesh::{Mesh, MeshInner};
-use crate::metadata::MergeStrategy;
 use crate::protocol::{self, Frame};
 
 pub(crate) use driver::{reserve_reply_place, serve};

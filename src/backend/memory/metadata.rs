@@ -3,18 +3,43 @@
 use serde_json::Value;
 
 use super::MemoryBackend;
+use crate::backend::{MetadataKind, MetadataOf, MetadataWrite};
 use crate::error::MeshError;
-use crate::metadata::MetadataWrite;
 
 impl MemoryBackend {
-    pub(super) fn read_connection_metadata(&self, connection_id: &str) -> Option<Value> {
+    pub(super) fn read_metadata(&self, of: MetadataOf<'_>) -> Option<Value> {
+        match of {
+            MetadataOf::Connection(id) => self.read_connection_metadata(id),
+            MetadataOf::Room(room) => self.read_room_metadata(room),
+        }
+    }
+
+    pub(super) fn write_metadata(
+        &self,
+        of: MetadataOf<'_>,
+        write: &MetadataWrite,
+    ) -> Result<bool, MeshError> {
+        match of {
+            MetadataOf::Connection(id) => self.write_connection_metadata(id, write),
+            MetadataOf::Room(room) => self.write_room_metadata(room, write).map(|()| true),
+        }
+    }
+
+    pub(super) fn list_metadata(&self, kind: MetadataKind) -> Vec<(String, Value)> {
+        match kind {
+            MetadataKind::Connection => self.list_connection_metadata(),
+            MetadataKind::Room => self.list_room_metadata(),
+        }
+    }
+
+    fn read_connection_metadata(&self, connection_id: &str) -> Option<Value> {
         self.lock()
             .connections
             .get(connection_id)
             .and_then(|entry| entry.metadata.clone())
     }
 
-    pub(super) fn write_connection_metadata(
+    fn write_connection_metadata(
         &self,
         connection_id: &str,
         write: &MetadataWrite,
@@ -28,7 +53,7 @@ impl MemoryBackend {
         Ok(true)
     }
 
-    pub(super) fn list_connection_metadata(&self) -> Vec<(String, Value)> {
+    fn list_connection_metadata(&self) -> Vec<(String, Value)> {
         let state = self.lock();
         let mut all: Vec<_> = state
             .connections
@@ -47,15 +72,11 @@ impl MemoryBackend {
             .collect()
     }
 
-    pub(super) fn read_room_metadata(&self, room: &str) -> Option<Value> {
+    fn read_room_metadata(&self, room: &str) -> Option<Value> {
         self.lock().room_metadata.get(room).cloned()
     }
 
-    pub(super) fn write_room_metadata(
-        &self,
-        room: &str,
-        write: &MetadataWrite,
-    ) -> Result<(), MeshError> {
+    fn write_room_metadata(&self, room: &str, write: &MetadataWrite) -> Result<(), MeshError> {
         let mut state = self.lock();
         let (merged, _) = write.apply(state.room_metadata.get(room).cloned())?;
         state.room_metadata.insert(room.to_owned(), merged);
@@ -66,7 +87,7 @@ impl MemoryBackend {
         self.lock().room_metadata.remove(room);
     }
 
-    pub(super) fn list_room_metadata(&self) -> Vec<(String, Value)> {
+    fn list_room_metadata(&self) -> Vec<(String, Value)> {
         self.lock()
             .room_metadata
             .iter()

@@ -31,12 +31,10 @@ use serde_json::Value;
 
 use self::channels::History;
 use super::{
-    now_ms, Backend, BackendFuture, Delivery, Inbox, PresenceChange, PresenceRefresh, PresenceView,
-    RecordRemover, RecordUpdater, StoredRecord,
+    now_ms, Backend, BackendFuture, Delivery, Inbox, MetadataKind, MetadataOf, MetadataWrite,
+    PresenceChange, PresenceRefresh, PresenceView, RecordRemover, RecordUpdater, StoredRecord,
 };
 use crate::error::MeshError;
-use crate::metadata::MetadataWrite;
-use crate::topics::Topic;
 
 /// Shared state kept in this process. Cheap to clone; clones share the state.
 #[derive(Clone, Default)]
@@ -171,35 +169,36 @@ impl Backend for MemoryBackend {
         ready(())
     }
 
-    fn connection_metadata<'a>(
-        &'a self,
-        connection_id: &'a str,
-    ) -> BackendFuture<'a, Option<Value>> {
-        ready(self.read_connection_metadata(connection_id))
+    fn sweep(&self) -> BackendFuture<'_, Duration> {
+        ready(self.sweep_expired())
     }
 
-    fn set_connection_metadata<'a>(
-        &'a self,
-        connection_id: &'a str,
-        write: &'a MetadataWrite,
-    ) -> BackendFuture<'a, bool> {
-        settled(self.write_connection_metadata(connection_id, write))
-    }
-
-    fn all_connection_metadata(&self) -> BackendFuture<'_, Vec<(String, Value)>> {
-        ready(self.list_connection_metadata())
-    }
-
+    // Topic deliveries reach every instance in-process, and each filters by its own
+    // listeners: the default (no) subscriptions are right.
     fn publish(&self, delivery: Delivery) -> BackendFuture<'_, bool> {
         ready(self.publish_delivery(delivery))
     }
 
-    fn subscribe<'a>(&'a self, _instance_id: &'a str, _topic: &'a Topic) -> BackendFuture<'a, ()> {
-        // Topic deliveries reach every instance in-process; each filters by its listeners.
+    fn metadata<'a>(&'a self, of: MetadataOf<'a>) -> BackendFuture<'a, Option<Value>> {
+        ready(self.read_metadata(of))
+    }
+
+    fn set_metadata<'a>(
+        &'a self,
+        of: MetadataOf<'a>,
+        write: &'a MetadataWrite,
+    ) -> BackendFuture<'a, bool> {
+        settled(self.write_metadata(of, write))
+    }
+
+    fn delete_room_metadata<'a>(&'a self, room: &'a str) -> BackendFuture<'a, ()> {
+        self.remove_room_metadata(room);
         ready(())
     }
 
-    fn unsubscribe(&self, _instance_id: &str, _topic: &Topic) {}
+    fn all_metadata(&self, kind: MetadataKind) -> BackendFuture<'_, Vec<(String, Value)>> {
+        ready(self.list_metadata(kind))
+    }
 
     fn join_room<'a>(
         &'a self,
@@ -237,27 +236,6 @@ impl Backend for MemoryBackend {
         ready(self.in_a_common_room(a, b))
     }
 
-    fn room_metadata<'a>(&'a self, room: &'a str) -> BackendFuture<'a, Option<Value>> {
-        ready(self.read_room_metadata(room))
-    }
-
-    fn set_room_metadata<'a>(
-        &'a self,
-        room: &'a str,
-        write: &'a MetadataWrite,
-    ) -> BackendFuture<'a, ()> {
-        settled(self.write_room_metadata(room, write))
-    }
-
-    fn delete_room_metadata<'a>(&'a self, room: &'a str) -> BackendFuture<'a, ()> {
-        self.remove_room_metadata(room);
-        ready(())
-    }
-
-    fn all_room_metadata(&self) -> BackendFuture<'_, Vec<(String, Value)>> {
-        ready(self.list_room_metadata())
-    }
-
     fn refresh_presence<'a>(&'a self, refreshes: &'a [PresenceRefresh]) -> BackendFuture<'a, ()> {
         self.extend_presence(refreshes);
         ready(())
@@ -271,23 +249,16 @@ impl Backend for MemoryBackend {
         &'a self,
         connection_id: &'a str,
         room: &'a str,
-        value: &'a Value,
+        state: Option<&'a Value>,
         expire_after: Option<Duration>,
         silent: bool,
     ) -> BackendFuture<'a, bool> {
-        ready(self.write_presence_state(connection_id, room, value, expire_after, silent))
-    }
-
-    fn clear_presence_state<'a>(
-        &'a self,
-        connection_id: &'a str,
-        room: &'a str,
-    ) -> BackendFuture<'a, bool> {
-        ready(self.remove_presence_state(connection_id, room))
-    }
-
-    fn sweep(&self) -> BackendFuture<'_, Duration> {
-        ready(self.sweep_expired())
+        ready(match state {
+            Some(state) => {
+                self.write_presence_state(connection_id, room, state, expire_after, silent)
+            }
+            None => self.remove_presence_state(connection_id, room),
+        })
     }
 
     fn write_channel<'a>(

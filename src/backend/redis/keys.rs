@@ -3,7 +3,7 @@
 //! build the same names from the prefix themselves.
 
 use crate::backend::Delivery;
-use crate::topics::Topic;
+use crate::backend::Topic;
 
 #[derive(Clone)]
 pub(super) struct Keys {

@@ -5,11 +5,42 @@
 use serde_json::Value;
 
 use super::{conflict_pause, parse_json, parse_json_or_null, redis_error, RedisBackend};
+use crate::backend::{MetadataKind, MetadataOf, MetadataWrite};
 use crate::error::MeshError;
-use crate::metadata::MetadataWrite;
 
 impl RedisBackend {
-    pub(super) async fn read_connection_metadata(
+    pub(super) async fn read_metadata(
+        &self,
+        of: MetadataOf<'_>,
+    ) -> Result<Option<Value>, MeshError> {
+        match of {
+            MetadataOf::Connection(id) => self.read_connection_metadata(id).await,
+            MetadataOf::Room(room) => self.read_room_metadata(room).await,
+        }
+    }
+
+    pub(super) async fn write_metadata(
+        &self,
+        of: MetadataOf<'_>,
+        write: &MetadataWrite,
+    ) -> Result<bool, MeshError> {
+        match of {
+            MetadataOf::Connection(id) => self.write_connection_metadata(id, write).await,
+            MetadataOf::Room(room) => self.write_room_metadata(room, write).await.map(|()| true),
+        }
+    }
+
+    pub(super) async fn list_metadata(
+        &self,
+        kind: MetadataKind,
+    ) -> Result<Vec<(String, Value)>, MeshError> {
+        match kind {
+            MetadataKind::Connection => self.list_connection_metadata().await,
+            MetadataKind::Room => self.list_room_metadata().await,
+        }
+    }
+
+    async fn read_connection_metadata(
         &self,
         connection_id: &str,
     ) -> Result<Option<Value>, MeshError> {
@@ -17,7 +48,7 @@ impl RedisBackend {
             .await
     }
 
-    pub(super) async fn write_connection_metadata(
+    async fn write_connection_metadata(
         &self,
         connection_id: &str,
         write: &MetadataWrite,
@@ -27,7 +58,7 @@ impl RedisBackend {
         self.merge_json(&key, Some("instance"), write, |_| {}).await
     }
 
-    pub(super) async fn list_connection_metadata(&self) -> Result<Vec<(String, Value)>, MeshError> {
+    async fn list_connection_metadata(&self) -> Result<Vec<(String, Value)>, MeshError> {
         let keys = &self.shared.keys;
         let mut conn = self.connection().await?;
         let ids: Vec<String> = redis::cmd("ZRANGE")
@@ -52,11 +83,11 @@ impl RedisBackend {
             .collect()
     }
 
-    pub(super) async fn read_room_metadata(&self, room: &str) -> Result<Option<Value>, MeshError> {
+    async fn read_room_metadata(&self, room: &str) -> Result<Option<Value>, MeshError> {
         self.read_json(&self.shared.keys.room_metadata(room)).await
     }
 
-    pub(super) async fn write_room_metadata(
+    async fn write_room_metadata(
         &self,
         room: &str,
         write: &MetadataWrite,
@@ -87,7 +118,7 @@ impl RedisBackend {
             .map_err(redis_error)
     }
 
-    pub(super) async fn list_room_metadata(&self) -> Result<Vec<(String, Value)>, MeshError> {
+    async fn list_room_metadata(&self) -> Result<Vec<(String, Value)>, MeshError> {
         let mut conn = self.connection().await?;
         let pairs: Vec<(String, String)> = self
             .shared

@@ -118,12 +118,10 @@ use self::keys::Keys;
 use self::scripts::Scripts;
 use self::subscriber::Command;
 use super::{
-    Backend, BackendFuture, Delivery, Inbox, PresenceRefresh, PresenceView, RecordRemover,
-    RecordUpdater, StoredRecord,
+    Backend, BackendFuture, Delivery, Inbox, MetadataKind, MetadataOf, MetadataWrite,
+    PresenceRefresh, PresenceView, RecordRemover, RecordUpdater, StoredRecord, Topic,
 };
 use crate::error::MeshError;
-use crate::metadata::MetadataWrite;
-use crate::topics::Topic;
 
 /// Longest any single Redis operation may take before it counts as unavailable.
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(3);
@@ -313,25 +311,6 @@ impl Backend for RedisBackend {
         Box::pin(self.run(self.unregister(instance_id, connection_id)))
     }
 
-    fn connection_metadata<'a>(
-        &'a self,
-        connection_id: &'a str,
-    ) -> BackendFuture<'a, Option<Value>> {
-        Box::pin(self.run(self.read_connection_metadata(connection_id)))
-    }
-
-    fn set_connection_metadata<'a>(
-        &'a self,
-        connection_id: &'a str,
-        write: &'a MetadataWrite,
-    ) -> BackendFuture<'a, bool> {
-        Box::pin(self.run(self.write_connection_metadata(connection_id, write)))
-    }
-
-    fn all_connection_metadata(&self) -> BackendFuture<'_, Vec<(String, Value)>> {
-        Box::pin(self.run(self.list_connection_metadata()))
-    }
-
     fn publish(&self, delivery: Delivery) -> BackendFuture<'_, bool> {
         Box::pin(self.run(self.publish_delivery(delivery)))
     }
@@ -380,24 +359,24 @@ impl Backend for RedisBackend {
         Box::pin(self.run(self.in_a_common_room(a, b)))
     }
 
-    fn room_metadata<'a>(&'a self, room: &'a str) -> BackendFuture<'a, Option<Value>> {
-        Box::pin(self.run(self.read_room_metadata(room)))
+    fn metadata<'a>(&'a self, of: MetadataOf<'a>) -> BackendFuture<'a, Option<Value>> {
+        Box::pin(self.run(self.read_metadata(of)))
     }
 
-    fn set_room_metadata<'a>(
+    fn set_metadata<'a>(
         &'a self,
-        room: &'a str,
+        of: MetadataOf<'a>,
         write: &'a MetadataWrite,
-    ) -> BackendFuture<'a, ()> {
-        Box::pin(self.run(self.write_room_metadata(room, write)))
+    ) -> BackendFuture<'a, bool> {
+        Box::pin(self.run(self.write_metadata(of, write)))
     }
 
     fn delete_room_metadata<'a>(&'a self, room: &'a str) -> BackendFuture<'a, ()> {
         Box::pin(self.run(self.remove_room_metadata(room)))
     }
 
-    fn all_room_metadata(&self) -> BackendFuture<'_, Vec<(String, Value)>> {
-        Box::pin(self.run(self.list_room_metadata()))
+    fn all_metadata(&self, kind: MetadataKind) -> BackendFuture<'_, Vec<(String, Value)>> {
+        Box::pin(self.run(self.list_metadata(kind)))
     }
 
     fn refresh_presence<'a>(&'a self, refreshes: &'a [PresenceRefresh]) -> BackendFuture<'a, ()> {
@@ -412,25 +391,19 @@ impl Backend for RedisBackend {
         &'a self,
         connection_id: &'a str,
         room: &'a str,
-        state: &'a Value,
+        state: Option<&'a Value>,
         expire_after: Option<Duration>,
         silent: bool,
     ) -> BackendFuture<'a, bool> {
-        Box::pin(self.run(self.write_presence_state(
-            connection_id,
-            room,
-            state,
-            expire_after,
-            silent,
-        )))
-    }
-
-    fn clear_presence_state<'a>(
-        &'a self,
-        connection_id: &'a str,
-        room: &'a str,
-    ) -> BackendFuture<'a, bool> {
-        Box::pin(self.run(self.remove_presence_state(connection_id, room)))
+        Box::pin(self.run(async move {
+            match state {
+                Some(state) => {
+                    self.write_presence_state(connection_id, room, state, expire_after, silent)
+                        .await
+                }
+                None => self.remove_presence_state(connection_id, room).await,
+            }
+        }))
     }
 
     fn sweep(&self) -> BackendFuture<'_, Duration> {

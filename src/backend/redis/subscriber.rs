@@ -25,8 +25,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::keys::Keys;
 use super::{envelope, unavailable, RedisBackend, WeakBackend, OPERATION_TIMEOUT};
 use crate::backend::Inbox;
+use crate::backend::Topic;
 use crate::error::MeshError;
-use crate::topics::Topic;
 
 /// A change to an instance's subscriptions.
 pub(super) enum Command {

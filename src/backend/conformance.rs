@@ -1,0 +1,1 @@
+//! The conformance suite every [`Backend`](super::Backend) must pass.

@@ -1,0 +1,119 @@
+//! What the backends store and read: records, presence views, metadata writes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::Delivery;
+use crate::error::MeshError;
+use crate::merge::MergeStrategy;
+
+/// A local connection's tracked rooms, each with its presence TTL: what one presence
+/// refresh extends.
+pub type PresenceRefresh = (Arc<str>, Vec<(Arc<str>, Duration)>);
+
+/// A record as stored: its value and version (1 for the first write).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredRecord {
+    /// The record's value.
+    pub value: Value,
+    /// Its version: 1 for the first write, one more for each write after it.
+    pub version: u64,
+}
+
+/// What a record update stores, and the deliveries that announce it (built for the
+/// stored version + 1, published atomically with the write).
+#[derive(Debug, Clone)]
+pub struct RecordWrite {
+    /// The value to store.
+    pub value: Value,
+    /// `value` as JSON text, as it is stored and sent.
+    pub json: Arc<str>,
+    /// What to publish with the write, atomically.
+    pub announcements: Vec<Delivery>,
+}
+
+/// Computes a record's next value from the stored one (`None` when there is none), or
+/// `None` when the write changes nothing.
+/// An update may also refuse the write (a limit), which then stores nothing.
+pub type RecordUpdater =
+    dyn Fn(Option<&StoredRecord>) -> Result<Option<RecordWrite>, MeshError> + Send + Sync;
+
+/// Builds the deliveries that announce a record's deletion from what was stored.
+pub type RecordRemover = dyn Fn(&StoredRecord) -> Vec<Delivery> + Send + Sync;
+
+/// A room's presence as subscribers see it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PresenceView {
+    /// Present connections in join order, with their metadata (`null` when none).
+    pub present: Vec<(String, Value)>,
+    /// Present connections' states.
+    pub states: Vec<(String, Value)>,
+}
+
+/// Whose metadata an operation reads or writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MetadataOf<'a> {
+    /// A registered connection's (it goes when the connection is unregistered).
+    Connection(&'a str),
+    /// A room's (it stays until deleted, whether or not the room has members).
+    Room(&'a str),
+}
+
+/// The owners [`Backend::all_metadata`](super::Backend::all_metadata) lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MetadataKind {
+    /// Every live connection, with `null` for one without metadata, in registration order.
+    Connection,
+    /// Every room that has metadata, sorted by room name.
+    Room,
+}
+
+/// A metadata write as a backend applies it: what to combine into the stored value, and
+/// how large the result may be. Backends call [`apply`](MetadataWrite::apply) on the stored
+/// value inside their atomic step.
+#[derive(Debug, Clone)]
+pub struct MetadataWrite {
+    value: Value,
+    strategy: MergeStrategy,
+    /// At most this many bytes of JSON text after the merge.
+    max_bytes: usize,
+    /// Whose metadata, for the error (for example `the metadata of room "lobby"`).
+    owner: String,
+}
+
+impl MetadataWrite {
+    pub(crate) fn new(
+        value: Value,
+        strategy: MergeStrategy,
+        max_bytes: usize,
+        owner: String,
+    ) -> Self {
+        MetadataWrite {
+            value,
+            strategy,
+            max_bytes,
+            owner,
+        }
+    }
+
+    /// Combines the write into `old`: the new value and its JSON text, or
+    /// [`MeshError::TooLarge`] when the result would be over the limit (then nothing may
+    /// be stored).
+    pub fn apply(&self, old: Option<Value>) -> Result<(Value, String), MeshError> {
+        let merged = self.strategy.apply(old, self.value.clone());
+        let json = merged.to_string();
+        if json.len() > self.max_bytes {
+            return Err(MeshError::TooLarge {
+                what: self.owner.clone(),
+                setting: "max_metadata_bytes",
+                limit: self.max_bytes,
+                size: json.len(),
+            });
+        }
+        Ok((merged, json))
+    }
+}
