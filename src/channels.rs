@@ -59,7 +59,7 @@ impl Mesh {
         let message = match serde_json::to_value(message) {
             Ok(Value::String(text)) => text,
             Ok(other) => other.to_string(),
-            Err(err) => return Err(MeshError::Encode(err.to_string())),
+            Err(err) => return Err(MeshError::Encode(std::sync::Arc::new(err))),
         };
         let limits = self.config().bytes;
         if message.len() > limits.channel_message {

@@ -2,6 +2,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -143,18 +144,23 @@ impl fmt::Display for CommandError {
 impl std::error::Error for CommandError {}
 
 /// A failure of the server-side API ([`Mesh`](crate::Mesh) methods).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum MeshError {
     /// The backend could not be reached; the operation did not happen.
-    Unavailable(String),
+    #[error("backend unavailable: {0}")]
+    Unavailable(#[source] BackendError),
     /// The backend answered something unexpected (for example a corrupt value).
-    Corrupt(String),
+    #[error("backend returned corrupt data: {0}")]
+    Corrupt(#[source] BackendError),
     /// The mesh is shutting down.
+    #[error("the mesh is shutting down")]
     ShuttingDown,
     /// A value given to the mesh could not be serialised to JSON.
-    Encode(String),
+    #[error("value does not serialise: {0}")]
+    Encode(#[source] Arc<serde_json::Error>),
     /// A value over one of the mesh's byte limits; nothing was stored or sent.
+    #[error("{what} would be {size} bytes, over the limit of {limit} bytes ({setting})")]
     TooLarge {
         /// What was refused (for example `record "doc"`).
         what: String,
@@ -167,27 +173,64 @@ pub enum MeshError {
     },
 }
 
-impl fmt::Display for MeshError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            MeshError::Unavailable(detail) => write!(f, "backend unavailable: {detail}"),
-            MeshError::Corrupt(detail) => write!(f, "backend returned corrupt data: {detail}"),
-            MeshError::ShuttingDown => f.write_str("the mesh is shutting down"),
-            MeshError::Encode(detail) => write!(f, "value does not serialise: {detail}"),
-            MeshError::TooLarge {
-                what,
-                setting,
-                limit,
-                size,
-            } => write!(
-                f,
-                "{what} would be {size} bytes, over the limit of {limit} bytes ({setting})"
-            ),
+/// What went wrong inside a backend: what it was doing, and the error that stopped it
+/// (for example the Redis client's), kept as the [`source`](std::error::Error::source).
+#[derive(Debug, Clone)]
+pub struct BackendError {
+    context: Cow<'static, str>,
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl BackendError {
+    /// An error described by `context` alone.
+    pub fn new(context: impl Into<Cow<'static, str>>) -> Self {
+        BackendError {
+            context: context.into(),
+            source: None,
+        }
+    }
+
+    /// An error: `context` (what the backend was doing) failed because of `source`.
+    pub fn caused_by(
+        context: impl Into<Cow<'static, str>>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        BackendError {
+            context: context.into(),
+            source: Some(Arc::from(source.into())),
         }
     }
 }
 
-impl std::error::Error for MeshError {}
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The cause is part of the message too: most logs print only the top error.
+        match &self.source {
+            Some(source) => write!(f, "{}: {source}", self.context),
+            None => f.write_str(&self.context),
+        }
+    }
+}
+
+impl std::error::Error for BackendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|source| source as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl From<&'static str> for BackendError {
+    fn from(context: &'static str) -> Self {
+        BackendError::new(context)
+    }
+}
+
+impl From<String> for BackendError {
+    fn from(context: String) -> Self {
+        BackendError::new(context)
+    }
+}
 
 impl From<MeshError> for CommandError {
     fn from(err: MeshError) -> Self {
@@ -227,6 +270,7 @@ mod tests {
             ("ESERVER", "This is a test error", "Error")
         );
         let corrupt: BoxError = Box::new(MeshError::Corrupt("secret".into()));
+        assert!(std::error::Error::source(&MeshError::Corrupt("secret".into())).is_some());
         assert_eq!(
             CommandError::from_box(corrupt).message(),
             "internal server error"

@@ -57,7 +57,7 @@ pub use collections::Collection;
 pub use command::{from_fn, CommandRequest, CommandService, Json, Next};
 pub use config::MAX_NAME_BYTES;
 pub use connection::{CloseReason, Connection, SendError};
-pub use error::{BoxError, CommandError, MeshError};
+pub use error::{BackendError, BoxError, CommandError, MeshError};
 pub use layer::{MeshBody, MeshFuture, MeshLayer, MeshService};
 pub use merge::MergeStrategy;
 pub use mesh::{Mesh, MeshStats};

@@ -87,7 +87,7 @@ pub(crate) fn push<P: Serialize + ?Sized>(command: &str, payload: &P) -> String 
 
 /// A push's payload as JSON text, for a delivery to carry to other instances.
 pub(crate) fn payload_json<P: Serialize + ?Sized>(payload: &P) -> Result<String, MeshError> {
-    serde_json::to_string(payload).map_err(|err| MeshError::Encode(err.to_string()))
+    serde_json::to_string(payload).map_err(|err| MeshError::Encode(std::sync::Arc::new(err)))
 }
 
 /// The JSON text of a push whose payload is JSON text already (byte for byte what

@@ -121,7 +121,7 @@ use super::{
     Backend, BackendFuture, Delivery, Inbox, MetadataKind, MetadataOf, MetadataWrite,
     PresenceRefresh, PresenceView, RecordRemover, RecordUpdater, StoredRecord, Topic,
 };
-use crate::error::MeshError;
+use crate::error::{BackendError, MeshError};
 
 /// Longest any single Redis operation may take before it counts as unavailable.
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(3);
@@ -165,8 +165,8 @@ impl Drop for Shared {
     }
 }
 
-fn unavailable(err: impl std::fmt::Display) -> MeshError {
-    MeshError::Unavailable(err.to_string())
+fn unavailable(err: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> MeshError {
+    MeshError::Unavailable(BackendError::caused_by("Redis is unreachable", err))
 }
 
 /// Sorts a Redis failure: a reply of the wrong shape (a key overwritten with another type,
@@ -179,9 +179,9 @@ fn redis_error(err: redis::RedisError) -> MeshError {
         ErrorKind::UnexpectedReturnType | ErrorKind::Parse | ErrorKind::Extension
     ) || matches!(err.code(), Some("WRONGTYPE" | "ERR"));
     if corrupt {
-        MeshError::Corrupt(err.to_string())
+        MeshError::Corrupt(BackendError::caused_by("Redis answered unexpectedly", err))
     } else {
-        MeshError::Unavailable(err.to_string())
+        MeshError::Unavailable(BackendError::caused_by("Redis request failed", err))
     }
 }
 
@@ -213,8 +213,9 @@ impl RedisBackendBuilder {
 
     /// Checks the URL and makes the pool. Nothing connects until the mesh needs Redis.
     pub fn build(self) -> Result<RedisBackend, MeshError> {
-        let client = redis::Client::open(self.url.as_str())
-            .map_err(|err| MeshError::Unavailable(format!("invalid Redis URL: {err}")))?;
+        let client = redis::Client::open(self.url.as_str()).map_err(|err| {
+            MeshError::Unavailable(BackendError::caused_by("invalid Redis URL", err))
+        })?;
         // The operation timeout bounds every command; the redis crate's own default
         // response timeout (500 ms) would otherwise fail commands that a busy machine
         // answers a little late, well within what the backend promises to wait.
@@ -223,7 +224,9 @@ impl RedisBackendBuilder {
             .set_response_timeout(Some(OPERATION_TIMEOUT));
         let manager =
             deadpool_redis::Manager::new_with_config(self.url.as_str(), connection_config)
-                .map_err(|err| MeshError::Unavailable(format!("invalid Redis URL: {err}")))?;
+                .map_err(|err| {
+                    MeshError::Unavailable(BackendError::caused_by("invalid Redis URL", err))
+                })?;
         let mut pool_config = deadpool_redis::PoolConfig::default();
         pool_config.timeouts.wait = Some(OPERATION_TIMEOUT);
         pool_config.timeouts.create = Some(OPERATION_TIMEOUT);
@@ -232,7 +235,9 @@ impl RedisBackendBuilder {
             .config(pool_config)
             .runtime(Runtime::Tokio1)
             .build()
-            .map_err(|err| MeshError::Unavailable(format!("invalid Redis configuration: {err}")))?;
+            .map_err(|err| {
+                MeshError::Unavailable(BackendError::caused_by("invalid Redis configuration", err))
+            })?;
         Ok(RedisBackend {
             shared: Arc::new(Shared {
                 pool,
@@ -495,8 +500,9 @@ impl RedisBackend {
 }
 
 fn parse_json(raw: &str) -> Result<Value, MeshError> {
-    serde_json::from_str(raw)
-        .map_err(|err| MeshError::Corrupt(format!("stored JSON does not parse: {err}")))
+    serde_json::from_str(raw).map_err(|err| {
+        MeshError::Corrupt(BackendError::caused_by("stored JSON does not parse", err))
+    })
 }
 
 fn parse_json_or_null(raw: Option<&str>) -> Result<Value, MeshError> {
