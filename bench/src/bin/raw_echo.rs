@@ -12,8 +12,8 @@
 //! the WebSocket handshake); any other request is upgraded to a WebSocket on any path.
 //!
 //! ```text
-//! cargo run --release --example raw_echo
-//! PORT=18788 cargo run --release --example raw_echo
+//! cargo run --release -p tower-mesh-bench --bin raw_echo
+//! PORT=18788 cargo run --release -p tower-mesh-bench --bin raw_echo
 //! ```
 
 use futures_util::{FutureExt, SinkExt, StreamExt};

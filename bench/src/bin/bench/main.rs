@@ -10,28 +10,29 @@
 //!
 //! ```text
 //! # C connections each keep K `echo` commands of B bytes in flight for S seconds (after a warm-up)
-//! cargo run --release --example bench -- rpc --url ws://127.0.0.1:8787/ \
+//! cargo run --release -p tower-mesh-bench --bin bench -- rpc --url ws://127.0.0.1:8787/ \
 //!     --connections 64 --inflight 16 --duration 10 --payload-bytes 64 [--warmup 1] [--raw]
 //! # M members in room `bench-room`; one publisher broadcasts R times a second for S seconds
-//! cargo run --release --example bench -- broadcast --url ws://127.0.0.1:8787/ \
+//! cargo run --release -p tower-mesh-bench --bin bench -- broadcast --url ws://127.0.0.1:8787/ \
 //!     --members 1000 --rate 10 --duration 10
 //! # server memory per idle connection (VmRSS of /proc/P/status before and after)
-//! cargo run --release --example bench -- idle --url ws://127.0.0.1:8787/ \
+//! cargo run --release -p tower-mesh-bench --bin bench -- idle --url ws://127.0.0.1:8787/ \
 //!     --connections 10000 --server-pid P
 //! # two instances (e.g. on one Redis): members / connections alternate between the URLs
-//! cargo run --release --example bench -- cross --url ws://127.0.0.1:18789/ \
+//! cargo run --release -p tower-mesh-bench --bin bench -- cross --url ws://127.0.0.1:18789/ \
 //!     --url2 ws://127.0.0.1:18790/ --kind broadcast|rpc [options of that scenario]
 //! # the interop example's collection `big` of N records with S subscribers: server CPU per
 //! # write to an unrelated record, and the pushes a write to a member causes
-//! cargo run --release --example bench -- collection --url ws://127.0.0.1:8787/ \
+//! cargo run --release -p tower-mesh-bench --bin bench -- collection --url ws://127.0.0.1:8787/ \
 //!     --records 12000 --subscribers 30 --writes 2000 --server-pid P
 //! # server memory (VmRSS sampled) under the history or record attack, and a canary's echoes
-//! cargo run --release --example bench -- attack --url ws://127.0.0.1:8787/ \
+//! cargo run --release -p tower-mesh-bench --bin bench -- attack --url ws://127.0.0.1:8787/ \
 //!     --kind history|record --writes 120 --bytes 500000 --readers 8 --server-pid P
 //! ```
 //!
-//! `--raw` (rpc only) drives a plain echo server (`examples/raw_echo`): no `mesh/assign-id` is
-//! awaited and the echoed request frame itself counts as the reply (matched by its `id`).
+//! `--raw` (rpc only) drives a plain echo server (the `raw_echo` binary of this package): no
+//! `mesh/assign-id` is awaited and the echoed request frame itself counts as the reply
+//! (matched by its `id`).
 //!
 //! Latencies are in microseconds: rpc measures send -> reply per command; broadcast measures
 //! `now_us - t` per delivery, `t` being the publisher's clock (microseconds since this process
