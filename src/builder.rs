@@ -288,7 +288,7 @@ impl MeshBuilder {
 
     /// Decides who may join the rooms `pattern` matches with `mesh/join-room`; a refusal
     /// answers `{success: false, present: []}`. Joining is open where no guard matches.
-    /// Server-side [`Mesh::add_to_room`] is not guarded. Global layers can refuse joins
+    /// Server-side [`Room::add`](crate::Room::add) is not guarded. Global layers can refuse joins
     /// too: a layer sees the `mesh/join-room` command and its payload.
     pub fn room_guard<F, Fut>(mut self, pattern: impl Into<Pattern>, guard: F) -> Self
     where

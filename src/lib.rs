@@ -65,3 +65,4 @@ pub use presence::{PresenceOptions, MAX_STATE_EXPIRY};
 pub use records::{Record, RecordEvent};
 /// Regular expressions for name patterns (`track_presence(Regex::new("^game:")?, ..)`).
 pub use regex::Regex;
+pub use rooms::{Room, RoomBroadcast};

@@ -61,7 +61,7 @@ impl Mesh {
                 MetadataOwners::Connection(owner) => {
                     owner == viewer.id() || self.share_a_room(viewer.id(), owner).await?
                 }
-                MetadataOwners::RoomMembers(room) => self.is_in_room(viewer.id(), room).await?,
+                MetadataOwners::RoomMembers(room) => self.room(room).contains(viewer.id()).await?,
             };
         Ok(MetadataVisibility {
             viewer: viewer.id(),

@@ -163,19 +163,6 @@ pub(crate) fn update_frame(
 const REFRESH_BATCH: usize = 256;
 
 impl Mesh {
-    /// The connections present in a tracked room, in the order they joined.
-    pub async fn present_connections(&self, room: &str) -> Result<Vec<String>, MeshError> {
-        self.ready().await?;
-        let view = self.inner().backend.presence(room).await?;
-        Ok(view.present.into_iter().map(|(id, _)| id).collect())
-    }
-
-    /// The presence states in a tracked room, by connection id.
-    pub async fn presence_states(&self, room: &str) -> Result<Vec<(String, Value)>, MeshError> {
-        self.ready().await?;
-        Ok(self.inner().backend.presence(room).await?.states)
-    }
-
     /// The presence TTL of `room`, or `None` when it is not tracked.
     pub(crate) fn presence_ttl(&self, room: &str) -> Option<Duration> {
         self.inner().presence.rules.find(room).map(|rule| rule.ttl)

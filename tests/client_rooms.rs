@@ -62,18 +62,19 @@ async fn join_leave_and_room_metadata(backend: Backend) {
         [alice.connection_id(), bob.connection_id()]
     );
     assert_eq!(
-        server.mesh.room_members("lobby").await.unwrap(),
+        server.mesh.room("lobby").members().await.unwrap(),
         vec![alice.connection_id(), bob.connection_id()]
     );
     bob.leave_room("lobby").await.expect("leave");
     assert_eq!(
-        server.mesh.room_members("lobby").await.unwrap(),
+        server.mesh.room("lobby").members().await.unwrap(),
         vec![alice.connection_id()]
     );
     assert_eq!(alice.room_metadata("lobby").await, Ok(None));
     server
         .mesh
-        .update_room_metadata("lobby", json!({"topic": "hi"}))
+        .room("lobby")
+        .update_metadata(json!({"topic": "hi"}))
         .await
         .expect("metadata");
     assert_eq!(
@@ -219,7 +220,12 @@ async fn a_kept_state_outlives_its_expiry_until_the_keeper_is_dropped(backend: B
     // silent, and the state is there throughout.
     let kept_until = tokio::time::Instant::now() + Duration::from_millis(900);
     while tokio::time::Instant::now() < kept_until {
-        let states = server.mesh.presence_states("lobby").await.expect("states");
+        let states = server
+            .mesh
+            .room("lobby")
+            .presence_states()
+            .await
+            .expect("states");
         assert_eq!(states.len(), 1, "the kept state is still there");
         tokio::task::yield_now().await;
     }
@@ -232,7 +238,8 @@ async fn a_kept_state_outlives_its_expiry_until_the_keeper_is_dropped(backend: B
     assert_eq!((expired.kind, expired.state), (PresenceKind::State, None));
     assert!(server
         .mesh
-        .presence_states("lobby")
+        .room("lobby")
+        .presence_states()
         .await
         .expect("states")
         .is_empty());
@@ -290,7 +297,8 @@ async fn rooms_presence_and_states_are_restored_after_a_reconnect(backend: Backe
     let mut pushes = member.pushes();
     first
         .mesh
-        .broadcast_room("plain", "news", &json!("fresh"))
+        .room("plain")
+        .broadcast("news", &json!("fresh"))
         .await
         .expect("broadcast");
     let push = loop {

@@ -351,7 +351,8 @@ async fn subscribe_to_untracked_and_empty_tracked_rooms(backend: Backend) {
     assert_eq!(
         server
             .mesh
-            .present_connections("untracked")
+            .room("untracked")
+            .present()
             .await
             .expect("present"),
         Vec::<String>::new()
@@ -359,7 +360,8 @@ async fn subscribe_to_untracked_and_empty_tracked_rooms(backend: Backend) {
     assert_eq!(
         server
             .mesh
-            .presence_states("untracked")
+            .room("untracked")
+            .presence_states()
             .await
             .expect("states"),
         vec![]
@@ -410,7 +412,7 @@ async fn join_and_leave_updates_cross_instances_with_exact_fields(backend: Backe
         expect_update(watcher, membership_update("join", &member_a.id, "room")).await;
     }
     assert_eq!(
-        a.mesh.present_connections("room").await.expect("present"),
+        a.mesh.room("room").present().await.expect("present"),
         vec![member_b.id.clone(), member_a.id.clone()]
     );
 
@@ -424,7 +426,7 @@ async fn join_and_leave_updates_cross_instances_with_exact_fields(backend: Backe
         expect_update(watcher, membership_update("leave", &member_a.id, "room")).await;
     }
     assert_eq!(
-        b.mesh.present_connections("room").await.expect("present"),
+        b.mesh.room("room").present().await.expect("present"),
         Vec::<String>::new()
     );
     // The exact frame on the wire.
@@ -452,8 +454,8 @@ async fn one_join_per_membership(backend: Backend) {
 
     join(&mut twice, 1, "room").await;
     join(&mut twice, 2, "room").await;
-    assert!(a.mesh.add_to_room(&twice.id, "room").await.expect("add"));
-    assert!(b.mesh.add_to_room(&twice.id, "room").await.expect("add"));
+    assert!(a.mesh.room("room").add(&twice.id).await.expect("add"));
+    assert!(b.mesh.room("room").add(&twice.id).await.expect("add"));
     // A later join is the ordering event: only `twice`'s one join may come before it.
     join(&mut other, 1, "room").await;
     let mut updates = Vec::new();
@@ -473,18 +475,14 @@ async fn one_join_per_membership(backend: Backend) {
         ]
     );
     assert_eq!(
-        a.mesh.present_connections("room").await.expect("present"),
+        a.mesh.room("room").present().await.expect("present"),
         vec![twice.id.clone(), other.id.clone()]
     );
 
     // Likewise one leave: leaving twice announces once.
     leave(&mut twice, 3, "room").await;
     leave(&mut twice, 4, "room").await;
-    assert!(!a
-        .mesh
-        .remove_from_room(&twice.id, "room")
-        .await
-        .expect("remove"));
+    assert!(!a.mesh.room("room").remove(&twice.id).await.expect("remove"));
     leave(&mut other, 2, "room").await;
     let mut seen = Vec::new();
     while seen.len() < 2 {
@@ -515,7 +513,7 @@ async fn server_side_changes_announce_presence(backend: Backend) {
 
     // presence-subscription.test.ts: addToRoom gives exactly one join, removeFromRoom
     // exactly one leave, here for a connection held by the other instance.
-    assert!(a.mesh.add_to_room(&member.id, "room-1").await.expect("add"));
+    assert!(a.mesh.room("room-1").add(&member.id).await.expect("add"));
     expect_update(
         &mut watcher,
         membership_update("join", &member.id, "room-1"),
@@ -523,7 +521,8 @@ async fn server_side_changes_announce_presence(backend: Backend) {
     .await;
     assert!(a
         .mesh
-        .remove_from_room(&member.id, "room-1")
+        .room("room-1")
+        .remove(&member.id)
         .await
         .expect("remove"));
     expect_update(
@@ -533,9 +532,9 @@ async fn server_side_changes_announce_presence(backend: Backend) {
     .await;
 
     // remove_from_all_rooms: one leave per tracked room.
-    assert!(a.mesh.add_to_room(&member.id, "room-1").await.expect("add"));
-    assert!(a.mesh.add_to_room(&member.id, "room-2").await.expect("add"));
-    assert!(a.mesh.add_to_room(&member.id, "other").await.expect("add"));
+    assert!(a.mesh.room("room-1").add(&member.id).await.expect("add"));
+    assert!(a.mesh.room("room-2").add(&member.id).await.expect("add"));
+    assert!(a.mesh.room("other").add(&member.id).await.expect("add"));
     for room in ["room-1", "room-2"] {
         expect_update(&mut watcher, membership_update("join", &member.id, room)).await;
     }
@@ -560,13 +559,13 @@ async fn server_side_changes_announce_presence(backend: Backend) {
     // clear_room: a leave for every member, on both instances.
     join(&mut local, 1, "room-1").await;
     expect_update(&mut watcher, membership_update("join", &local.id, "room-1")).await;
-    assert!(b.mesh.add_to_room(&member.id, "room-1").await.expect("add"));
+    assert!(b.mesh.room("room-1").add(&member.id).await.expect("add"));
     expect_update(
         &mut watcher,
         membership_update("join", &member.id, "room-1"),
     )
     .await;
-    b.mesh.clear_room("room-1").await.expect("clear");
+    b.mesh.room("room-1").clear().await.expect("clear");
     let mut leaves = vec![
         summary(&next_update(&mut watcher).await),
         summary(&next_update(&mut watcher).await),
@@ -579,7 +578,7 @@ async fn server_side_changes_announce_presence(backend: Backend) {
     expected.sort_by_key(|u| format!("{u:?}"));
     assert_eq!(leaves, expected);
     assert_eq!(
-        a.mesh.present_connections("room-1").await.expect("present"),
+        a.mesh.room("room-1").present().await.expect("present"),
         Vec::<String>::new()
     );
     // Nothing more: no second leave for anyone.
@@ -614,7 +613,8 @@ async fn unsubscribe_stops_updates(backend: Backend) {
     // presence-subscription.test.ts: after unsubscribing, a removal is not delivered;
     // the subscriber that stayed, on the same instance, still gets it.
     a.mesh
-        .remove_from_room(&member.id, "room")
+        .room("room")
+        .remove(&member.id)
         .await
         .expect("remove");
     expect_update(&mut staying, membership_update("leave", &member.id, "room")).await;
@@ -773,19 +773,11 @@ async fn regex_patterns_track_presence(backend: Backend) {
     )
     .await;
     assert_eq!(
-        server
-            .mesh
-            .present_connections("game:7")
-            .await
-            .expect("present"),
+        server.mesh.room("game:7").present().await.expect("present"),
         vec![member.id.clone()]
     );
     assert_eq!(
-        server
-            .mesh
-            .present_connections("game:x")
-            .await
-            .expect("present"),
+        server.mesh.room("game:x").present().await.expect("present"),
         Vec::<String>::new()
     );
 }
@@ -833,7 +825,7 @@ async fn states_publish_and_clear(backend: Backend) {
             "states": {member.id.as_str(): {"status": "idle"}}})
     );
     assert_eq!(
-        a.mesh.presence_states("room").await.expect("states"),
+        a.mesh.room("room").presence_states().await.expect("states"),
         vec![(member.id.clone(), json!({"status": "idle"}))]
     );
 
@@ -846,7 +838,7 @@ async fn states_publish_and_clear(backend: Backend) {
     );
     expect_update(&mut watcher, state_update(&member.id, "room", Value::Null)).await;
     assert_eq!(
-        b.mesh.presence_states("room").await.expect("states"),
+        b.mesh.room("room").presence_states().await.expect("states"),
         vec![]
     );
     // Clearing without a state: true (the caller is present), and no update; the next
@@ -948,7 +940,7 @@ async fn state_expiry_announces_null(backend: Backend) {
         "state expired after {elapsed:?}"
     );
     assert_eq!(
-        a.mesh.presence_states("room").await.expect("states"),
+        a.mesh.room("room").presence_states().await.expect("states"),
         vec![]
     );
     assert_eq!(
@@ -957,7 +949,7 @@ async fn state_expiry_announces_null(backend: Backend) {
     );
     // Only the state expired: the member is still present.
     assert_eq!(
-        b.mesh.present_connections("room").await.expect("present"),
+        b.mesh.room("room").present().await.expect("present"),
         vec![member.id.clone()]
     );
 }
@@ -987,12 +979,12 @@ async fn states_with_different_expiries_expire_independently(backend: Backend) {
     .await;
     expect_update(&mut watcher, state_update(&short.id, "room", Value::Null)).await;
     assert_eq!(
-        b.mesh.presence_states("room").await.expect("states"),
+        b.mesh.room("room").presence_states().await.expect("states"),
         vec![(long.id.clone(), json!({"v": "long"}))]
     );
     expect_update(&mut watcher, state_update(&long.id, "room", Value::Null)).await;
     assert_eq!(
-        a.mesh.presence_states("room").await.expect("states"),
+        a.mesh.room("room").presence_states().await.expect("states"),
         vec![]
     );
 }
@@ -1033,7 +1025,7 @@ async fn replacing_a_state_drops_its_expiry(backend: Backend) {
         ]
     );
     assert_eq!(
-        a.mesh.presence_states("room").await.expect("states"),
+        a.mesh.room("room").presence_states().await.expect("states"),
         vec![(replaced.id.clone(), json!({"v": 2}))]
     );
 }
@@ -1062,11 +1054,19 @@ async fn states_are_isolated_per_room(backend: Backend) {
     )
     .await;
     assert_eq!(
-        a.mesh.presence_states("iso:1").await.expect("states"),
+        a.mesh
+            .room("iso:1")
+            .presence_states()
+            .await
+            .expect("states"),
         vec![(member.id.clone(), json!({"a": 3}))]
     );
     assert_eq!(
-        a.mesh.presence_states("iso:2").await.expect("states"),
+        a.mesh
+            .room("iso:2")
+            .presence_states()
+            .await
+            .expect("states"),
         vec![(member.id.clone(), json!({"b": 2}))]
     );
     // Clearing one room's state leaves the other's.
@@ -1078,7 +1078,11 @@ async fn states_are_isolated_per_room(backend: Backend) {
     )
     .await;
     assert_eq!(
-        b.mesh.presence_states("iso:1").await.expect("states"),
+        b.mesh
+            .room("iso:1")
+            .presence_states()
+            .await
+            .expect("states"),
         vec![]
     );
     assert_eq!(
@@ -1088,7 +1092,11 @@ async fn states_are_isolated_per_room(backend: Backend) {
     // Leaving one room keeps the other's state too.
     leave(&mut member, 7, "iso:1").await;
     assert_eq!(
-        b.mesh.presence_states("iso:2").await.expect("states"),
+        b.mesh
+            .room("iso:2")
+            .presence_states()
+            .await
+            .expect("states"),
         vec![(member.id.clone(), json!({"b": 2}))]
     );
     let updates = updates_before_marker(&b.mesh, "marker", &mut [&mut watcher]).await;
@@ -1126,7 +1134,7 @@ async fn leaving_removes_the_state(backend: Backend) {
         json!({"success": true, "present": [member.id], "states": {}})
     );
     assert_eq!(
-        a.mesh.presence_states("room").await.expect("states"),
+        a.mesh.room("room").presence_states().await.expect("states"),
         vec![]
     );
 
@@ -1138,14 +1146,15 @@ async fn leaving_removes_the_state(backend: Backend) {
     )
     .await;
     a.mesh
-        .remove_from_room(&member.id, "room")
+        .room("room")
+        .remove(&member.id)
         .await
         .expect("remove");
     expect_update(&mut watcher, membership_update("leave", &member.id, "room")).await;
-    assert!(a.mesh.add_to_room(&member.id, "room").await.expect("add"));
+    assert!(a.mesh.room("room").add(&member.id).await.expect("add"));
     expect_update(&mut watcher, membership_update("join", &member.id, "room")).await;
     assert_eq!(
-        b.mesh.presence_states("room").await.expect("states"),
+        b.mesh.room("room").presence_states().await.expect("states"),
         vec![]
     );
 
@@ -1229,7 +1238,10 @@ async fn bad_state_input_stores_nothing(backend: Backend) {
         .await;
         assert_eq!(reply, false, "{payload}");
     }
-    assert_eq!(b.mesh.presence_states(room).await.expect("states"), vec![]);
+    assert_eq!(
+        b.mesh.room(room).presence_states().await.expect("states"),
+        vec![]
+    );
     assert_eq!(
         presence_state(&mut watcher, 2, room).await,
         json!({"success": true, "present": [member.id], "states": {}})
@@ -1271,7 +1283,12 @@ async fn caller_not_present_cannot_publish_or_clear(backend: Backend) {
         false
     );
     assert_eq!(
-        server.mesh.presence_states("room").await.expect("states"),
+        server
+            .mesh
+            .room("room")
+            .presence_states()
+            .await
+            .expect("states"),
         vec![]
     );
     // Not a member, but it may read the room (presence-state.test.ts, client 3).
@@ -1435,11 +1452,11 @@ async fn lapsed_presence_leaves_once_and_returns_with_a_pong(backend: Backend) {
     .await;
     for mesh in [&a.mesh, &b.mesh] {
         assert_eq!(
-            mesh.present_connections("room").await.expect("present"),
+            mesh.room("room").present().await.expect("present"),
             vec![alive_id.clone()]
         );
         // Membership outlives presence.
-        assert!(mesh.is_in_room(&silent.id, "room").await.expect("in"));
+        assert!(mesh.room("room").contains(&silent.id).await.expect("in"));
     }
     // No longer present: it may not publish a state.
     assert_eq!(
@@ -1457,7 +1474,7 @@ async fn lapsed_presence_leaves_once_and_returns_with_a_pong(backend: Backend) {
         "the window must span several TTLs"
     );
     assert_eq!(
-        b.mesh.present_connections("room").await.expect("present"),
+        b.mesh.room("room").present().await.expect("present"),
         vec![alive_id.clone()]
     );
 
@@ -1469,7 +1486,7 @@ async fn lapsed_presence_leaves_once_and_returns_with_a_pong(backend: Backend) {
         expect_update(watcher, membership_update("join", &silent.id, "room")).await;
     }
     assert_eq!(
-        a.mesh.present_connections("room").await.expect("present"),
+        a.mesh.room("room").present().await.expect("present"),
         vec![alive_id.clone(), silent.id.clone()]
     );
     assert_eq!(
@@ -1519,10 +1536,13 @@ async fn killed_instance_members_leave_once(backend: Backend) {
     );
     for mesh in [&survivor_1.mesh, &survivor_2.mesh] {
         assert_eq!(
-            mesh.present_connections("room").await.expect("present"),
+            mesh.room("room").present().await.expect("present"),
             vec![keeper.id.clone()]
         );
-        assert_eq!(mesh.presence_states("room").await.expect("states"), vec![]);
+        assert_eq!(
+            mesh.room("room").presence_states().await.expect("states"),
+            vec![]
+        );
     }
     assert_eq!(
         presence_state(&mut watcher_1, 2, "room").await,
@@ -1596,11 +1616,7 @@ async fn presence_lapses_on_the_survivors_when_its_instance_is_gone(backend: Bac
         "presence of a dead instance's connection lapsed after {lapsed_after:?}"
     );
     assert_eq!(
-        survivor
-            .mesh
-            .present_connections("room")
-            .await
-            .expect("present"),
+        survivor.mesh.room("room").present().await.expect("present"),
         Vec::<String>::new()
     );
     drop(victim);
@@ -1629,11 +1645,11 @@ async fn disconnect_announces_leave_on_other_instances(backend: Backend) {
     closes.close().await;
     expect_update(&mut watcher, membership_update("leave", &closes.id, "room")).await;
     assert_eq!(
-        a.mesh.present_connections("room").await.expect("present"),
+        a.mesh.room("room").present().await.expect("present"),
         vec![closed.id.clone()]
     );
     assert_eq!(
-        a.mesh.presence_states("room").await.expect("states"),
+        a.mesh.room("room").presence_states().await.expect("states"),
         vec![]
     );
 
@@ -1645,7 +1661,7 @@ async fn disconnect_announces_leave_on_other_instances(backend: Backend) {
     assert_eq!(closed.closed().await, (1000, "done".to_owned()));
     expect_update(&mut watcher, membership_update("leave", &closed.id, "room")).await;
     assert_eq!(
-        b.mesh.present_connections("room").await.expect("present"),
+        b.mesh.room("room").present().await.expect("present"),
         Vec::<String>::new()
     );
 }
@@ -1704,15 +1720,18 @@ async fn late_subscriber_sees_members_and_states_of_every_instance(backend: Back
                 "states": {m1.id.as_str(): {"s": 1}, m3.id.as_str(): {"s": 3}}})
         );
         assert_eq!(
-            server
-                .mesh
-                .present_connections("room")
-                .await
-                .expect("present"),
+            server.mesh.room("room").present().await.expect("present"),
             vec![m1.id.clone(), m2.id.clone(), m3.id.clone()]
         );
         assert_eq!(
-            sorted(server.mesh.presence_states("room").await.expect("states")),
+            sorted(
+                server
+                    .mesh
+                    .room("room")
+                    .presence_states()
+                    .await
+                    .expect("states")
+            ),
             sorted(vec![
                 (m1.id.clone(), json!({"s": 1})),
                 (m3.id.clone(), json!({"s": 3}))
@@ -1929,7 +1948,12 @@ async fn a_state_over_max_presence_state_bytes_is_refused_and_nothing_is_stored_
     );
     for server in [&a, &b] {
         assert_eq!(
-            server.mesh.presence_states("room").await.expect("states"),
+            server
+                .mesh
+                .room("room")
+                .presence_states()
+                .await
+                .expect("states"),
             [(member.id.clone(), at_limit.clone())]
         );
     }
@@ -2032,7 +2056,7 @@ async fn presence_replies_hold_the_states_that_fit_in_a_frame(backend: Backend) 
     );
     // Every state is still stored: only the replies hold less.
     assert_eq!(
-        sorted(b.mesh.presence_states("room").await.expect("states")),
+        sorted(b.mesh.room("room").presence_states().await.expect("states")),
         sorted(
             ids.iter()
                 .enumerate()

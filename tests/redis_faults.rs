@@ -276,13 +276,14 @@ async fn a_restarted_redis_does_not_wedge_an_instance() {
         .expect("send");
     assert_eq!(on_b.push("after").await["payload"], 2);
     a.mesh
-        .broadcast_room("room", "to-room", &json!("again"))
+        .room("room")
+        .broadcast("to-room", &json!("again"))
         .await
         .expect("broadcast");
     for client in [&mut on_a, &mut on_b] {
         assert_eq!(client.push("to-room").await["payload"], "again");
     }
-    let mut present = b.mesh.present_connections("room").await.expect("present");
+    let mut present = b.mesh.room("room").present().await.expect("present");
     present.sort();
     let mut both = vec![on_a.id.clone(), on_b.id.clone()];
     both.sort();
@@ -412,7 +413,8 @@ async fn members_are_in_room_and_presence(
     ids.sort();
     let mut in_room = server
         .mesh
-        .room_members(REJOIN_ROOM)
+        .room(REJOIN_ROOM)
+        .members()
         .await
         .map_err(|err| format!("room_members: {err}"))?;
     in_room.sort();
@@ -421,7 +423,8 @@ async fn members_are_in_room_and_presence(
     }
     let mut present = server
         .mesh
-        .present_connections(REJOIN_ROOM)
+        .room(REJOIN_ROOM)
+        .present()
         .await
         .map_err(|err| format!("present_connections: {err}"))?;
     present.sort();
@@ -533,7 +536,7 @@ async fn members_that_reconnect_after_a_stall_and_a_restart_are_in_their_room_an
         let mesh = survivor.mesh.clone();
         async move {
             for n in 0u64.. {
-                let _ = mesh.broadcast_room(REJOIN_ROOM, "tick", &n).await;
+                let _ = mesh.room(REJOIN_ROOM).broadcast("tick", &n).await;
                 let _ = mesh
                     .write_record("scoreboard", json!({ "n": n }), MergeStrategy::Replace)
                     .await;
@@ -773,7 +776,8 @@ async fn an_instance_swept_while_its_heartbeat_reply_is_lost_closes_its_connecti
     let held_at = Instant::now();
     while survivor
         .mesh
-        .room_members("room")
+        .room("room")
+        .members()
         .await
         .expect("members")
         .contains(&member.id)
@@ -796,11 +800,11 @@ async fn an_instance_swept_while_its_heartbeat_reply_is_lost_closes_its_connecti
         .await;
     assert_eq!(reply["payload"]["success"], true);
     assert_eq!(
-        survivor.mesh.room_members("room").await.unwrap(),
+        survivor.mesh.room("room").members().await.unwrap(),
         vec![member.id.clone()]
     );
     assert_eq!(
-        survivor.mesh.present_connections("room").await.unwrap(),
+        survivor.mesh.room("room").present().await.unwrap(),
         vec![member.id.clone()]
     );
 }

@@ -217,7 +217,7 @@ async fn join_and_leave_golden_replies(backend: Backend) {
         ]})
     );
     assert_eq!(
-        server.mesh.room_members("lobby").await.expect("members"),
+        server.mesh.room("lobby").members().await.expect("members"),
         vec![ann.id.clone(), bob.id.clone()]
     );
 
@@ -229,7 +229,8 @@ async fn join_and_leave_golden_replies(backend: Backend) {
     );
     assert!(!server
         .mesh
-        .is_in_room(&bob.id, "lobby")
+        .room("lobby")
+        .contains(&bob.id)
         .await
         .expect("is_in_room"));
     // Leaving a room one is not in is still a success.
@@ -287,21 +288,22 @@ async fn membership_queries_on_every_instance(backend: Backend) {
         ];
         for (id, room, expected) in checks {
             assert_eq!(
-                mesh.is_in_room(id, room).await.expect("is_in_room"),
+                mesh.room(room).contains(id).await.expect("is_in_room"),
                 expected,
                 "{id} in {room}"
             );
         }
         assert_eq!(
-            mesh.room_members("r1").await.expect("members"),
+            mesh.room("r1").members().await.expect("members"),
             vec![on_b.id.clone(), on_a.id.clone()]
         );
         assert_eq!(
-            mesh.room_members("r2").await.expect("members"),
+            mesh.room("r2").members().await.expect("members"),
             vec![also_a.id.clone(), on_a.id.clone()]
         );
         assert_eq!(
-            mesh.room_members_with_metadata("r1")
+            mesh.room("r1")
+                .members_with_metadata()
                 .await
                 .expect("with metadata"),
             vec![
@@ -311,13 +313,15 @@ async fn membership_queries_on_every_instance(backend: Backend) {
         );
         // basic.test.ts: the metadata of a room that does not exist is an empty list.
         assert_eq!(
-            mesh.room_members_with_metadata("non-existent-room")
+            mesh.room("non-existent-room")
+                .members_with_metadata()
                 .await
                 .expect("with metadata"),
             vec![]
         );
         assert_eq!(
-            mesh.room_members("non-existent-room")
+            mesh.room("non-existent-room")
+                .members()
                 .await
                 .expect("members"),
             Vec::<String>::new()
@@ -373,7 +377,7 @@ async fn rooms_exist_while_they_have_members(backend: Backend) {
         vec!["room-z".to_owned()]
     );
     assert_eq!(
-        b.mesh.room_members("room-a").await.expect("members"),
+        b.mesh.room("room-a").members().await.expect("members"),
         Vec::<String>::new()
     );
     leave(&mut first, 4, "room-z").await;
@@ -389,7 +393,8 @@ async fn broadcast_room_command(
     Payload(request): Payload<Value>,
 ) -> Result<Value, CommandError> {
     let room = request["room"].as_str().unwrap_or_default();
-    mesh.broadcast_room(room, "room-message", &request["message"])
+    mesh.room(room)
+        .broadcast("room-message", &request["message"])
         .await
         .map_err(|err| CommandError::new("ESERVER", err.to_string()))?;
     Ok(json!({"success": true}))
@@ -421,7 +426,8 @@ async fn room_broadcasts_reach_members_on_every_instance_only(backend: Backend) 
 
     // Server-side, from A: every member gets it, on both instances.
     a.mesh
-        .broadcast_room("room", "room-message", &json!({"text": "hi room"}))
+        .room("room")
+        .broadcast("room-message", &json!({"text": "hi room"}))
         .await
         .expect("broadcast_room");
     for member in [&mut member_a, &mut member_b, &mut member_b2] {
@@ -477,7 +483,8 @@ async fn room_broadcasts_reach_members_on_every_instance_only(backend: Backend) 
     }
     // A room nobody is in: no error, nothing delivered.
     a.mesh
-        .broadcast_room("empty-room", "room-message", &json!(0))
+        .room("empty-room")
+        .broadcast("room-message", &json!(0))
         .await
         .expect("broadcast to an empty room");
 }
@@ -493,14 +500,12 @@ async fn broadcast_excluding_skips_the_excluded(backend: Backend) {
         join(client, 1, "room").await;
     }
     b.mesh
-        .broadcast_room_excluding(
-            "room",
-            "room-message",
-            &json!({"n": 1}),
-            &[sender.id.as_str(), excluded_b.id.as_str()],
-        )
+        .room("room")
+        .except(&sender.id)
+        .except(&excluded_b.id)
+        .broadcast("room-message", &json!({"n": 1}))
         .await
-        .expect("broadcast_room_excluding");
+        .expect("broadcast excluding two");
     for kept in [&mut kept_a, &mut kept_b] {
         assert_eq!(
             kept.push_within("room-message").await["payload"],
@@ -514,9 +519,10 @@ async fn broadcast_excluding_skips_the_excluded(backend: Backend) {
             "{frames:?}"
         );
     }
-    // Excluding nobody reaches everyone.
+    // A plain room broadcast reaches everyone.
     a.mesh
-        .broadcast_room_excluding("room", "room-message", &json!({"n": 2}), &[])
+        .room("room")
+        .broadcast("room-message", &json!({"n": 2}))
         .await
         .expect("broadcast");
     for client in [&mut sender, &mut excluded_b, &mut kept_a, &mut kept_b] {
@@ -536,69 +542,61 @@ async fn server_side_membership_of_a_connection_on_another_instance(backend: Bac
     let mut on_b = RawClient::connect(&b.url()).await;
 
     // Added from A, which does not hold it; a broadcast right after reaches it.
-    assert!(a.mesh.add_to_room(&on_b.id, "room").await.expect("add"));
+    assert!(a.mesh.room("room").add(&on_b.id).await.expect("add"));
     a.mesh
-        .broadcast_room("room", "hello", &json!(1))
+        .room("room")
+        .broadcast("hello", &json!(1))
         .await
         .expect("broadcast");
     assert_eq!(on_b.push_within("hello").await["payload"], 1);
     for mesh in [&a.mesh, &b.mesh] {
-        assert!(mesh.is_in_room(&on_b.id, "room").await.expect("is_in_room"));
+        assert!(mesh
+            .room("room")
+            .contains(&on_b.id)
+            .await
+            .expect("is_in_room"));
         assert_eq!(
-            mesh.room_members("room").await.expect("members"),
+            mesh.room("room").members().await.expect("members"),
             vec![on_b.id.clone()]
         );
     }
     // Adding twice is harmless; adding a connection nobody holds answers false.
-    assert!(a.mesh.add_to_room(&on_b.id, "room").await.expect("add"));
-    assert!(!a.mesh.add_to_room("nobody", "room").await.expect("add"));
+    assert!(a.mesh.room("room").add(&on_b.id).await.expect("add"));
+    assert!(!a.mesh.room("room").add("nobody").await.expect("add"));
     assert_eq!(
-        a.mesh.room_members("room").await.expect("members"),
+        a.mesh.room("room").members().await.expect("members"),
         vec![on_b.id.clone()]
     );
 
     // Removed from A; a broadcast right after does not reach it.
-    assert!(a
-        .mesh
-        .remove_from_room(&on_b.id, "room")
-        .await
-        .expect("remove"));
+    assert!(a.mesh.room("room").remove(&on_b.id).await.expect("remove"));
     a.mesh
-        .broadcast_room("room", "hello", &json!(2))
+        .room("room")
+        .broadcast("hello", &json!(2))
         .await
         .expect("broadcast");
     let before = frames_before_marker(&a.mesh, "marker", &mut [&mut on_b]).await;
     assert!(pushes_named(&before[0], "hello").is_empty(), "{before:?}");
     assert!(!b
         .mesh
-        .is_in_room(&on_b.id, "room")
+        .room("room")
+        .contains(&on_b.id)
         .await
         .expect("is_in_room"));
     assert_eq!(a.mesh.rooms().await.expect("rooms"), Vec::<String>::new());
     // Removing again, or a connection nobody holds, answers false.
-    assert!(!a
-        .mesh
-        .remove_from_room(&on_b.id, "room")
-        .await
-        .expect("remove"));
-    assert!(!a
-        .mesh
-        .remove_from_room("nobody", "room")
-        .await
-        .expect("remove"));
+    assert!(!a.mesh.room("room").remove(&on_b.id).await.expect("remove"));
+    assert!(!a.mesh.room("room").remove("nobody").await.expect("remove"));
 
     // The same on the instance that holds it.
-    assert!(b.mesh.add_to_room(&on_b.id, "local").await.expect("add"));
+    assert!(b.mesh.room("local").add(&on_b.id).await.expect("add"));
     b.mesh
-        .broadcast_room("local", "hello", &json!(3))
+        .room("local")
+        .broadcast("hello", &json!(3))
         .await
         .expect("broadcast");
     assert_eq!(on_b.push_within("hello").await["payload"], 3);
-    assert!(b
-        .mesh
-        .remove_from_room(&on_b.id, "local")
-        .await
-        .expect("remove"));
+    assert!(b.mesh.room("local").remove(&on_b.id).await.expect("remove"));
     assert_eq!(
         b.mesh.connection_rooms(&on_b.id).await.expect("rooms of"),
         Vec::<String>::new()
@@ -613,7 +611,7 @@ async fn remove_from_all_rooms_on_another_instance(backend: Backend) {
     join(&mut on_b, 1, "r1").await;
     join(&mut stays, 1, "r1").await;
     for room in ["r2", "r3"] {
-        assert!(a.mesh.add_to_room(&on_b.id, room).await.expect("add"));
+        assert!(a.mesh.room(room).add(&on_b.id).await.expect("add"));
     }
     assert_eq!(
         a.mesh.connection_rooms(&on_b.id).await.expect("rooms of"),
@@ -632,13 +630,14 @@ async fn remove_from_all_rooms_on_another_instance(backend: Backend) {
         );
         assert_eq!(mesh.rooms().await.expect("rooms"), vec!["r1".to_owned()]);
         assert_eq!(
-            mesh.room_members("r1").await.expect("members"),
+            mesh.room("r1").members().await.expect("members"),
             vec![stays.id.clone()]
         );
     }
     for room in ["r1", "r2", "r3"] {
         a.mesh
-            .broadcast_room(room, "hello", &json!(room))
+            .room(room)
+            .broadcast("hello", &json!(room))
             .await
             .expect("broadcast");
     }
@@ -668,25 +667,27 @@ async fn clear_room_empties_it_everywhere_and_deletes_its_metadata(backend: Back
     join(&mut y, 2, "keep").await;
     join(&mut z, 1, "keep").await;
     a.mesh
-        .set_room_metadata("room", json!({"topic": "cleared"}), MergeStrategy::Replace)
+        .room("room")
+        .set_metadata(json!({"topic": "cleared"}), MergeStrategy::Replace)
         .await
         .expect("set");
     a.mesh
-        .set_room_metadata("keep", json!({"topic": "kept"}), MergeStrategy::Replace)
+        .room("keep")
+        .set_metadata(json!({"topic": "kept"}), MergeStrategy::Replace)
         .await
         .expect("set");
 
-    b.mesh.clear_room("room").await.expect("clear");
+    b.mesh.room("room").clear().await.expect("clear");
 
     for mesh in [&a.mesh, &b.mesh] {
         assert_eq!(
-            mesh.room_members("room").await.expect("members"),
+            mesh.room("room").members().await.expect("members"),
             Vec::<String>::new()
         );
-        assert!(!mesh.is_in_room(&x.id, "room").await.expect("is_in_room"));
-        assert!(!mesh.is_in_room(&y.id, "room").await.expect("is_in_room"));
+        assert!(!mesh.room("room").contains(&x.id).await.expect("is_in_room"));
+        assert!(!mesh.room("room").contains(&y.id).await.expect("is_in_room"));
         assert_eq!(mesh.rooms().await.expect("rooms"), vec!["keep".to_owned()]);
-        assert_eq!(mesh.room_metadata("room").await.expect("metadata"), None);
+        assert_eq!(mesh.room("room").metadata().await.expect("metadata"), None);
         assert_eq!(
             mesh.all_room_metadata().await.expect("all"),
             vec![("keep".to_owned(), json!({"topic": "kept"}))]
@@ -698,11 +699,13 @@ async fn clear_room_empties_it_everywhere_and_deletes_its_metadata(backend: Back
     }
     // No broadcast reaches the former members any more; the other room still works.
     a.mesh
-        .broadcast_room("room", "hello", &json!("room"))
+        .room("room")
+        .broadcast("hello", &json!("room"))
         .await
         .expect("broadcast");
     a.mesh
-        .broadcast_room("keep", "hello", &json!("keep"))
+        .room("keep")
+        .broadcast("hello", &json!("keep"))
         .await
         .expect("broadcast");
     assert_eq!(z.push_within("hello").await["payload"], "keep");
@@ -727,7 +730,7 @@ async fn clear_room_empties_it_everywhere_and_deletes_its_metadata(backend: Back
         json!({"success": true, "present": [{"id": x.id, "metadata": null}]})
     );
     // Clearing a room nobody is in is fine.
-    a.mesh.clear_room("never").await.expect("clear");
+    a.mesh.room("never").clear().await.expect("clear");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -737,77 +740,80 @@ async fn room_metadata_set_merge_update_and_list(backend: Backend) {
     let a = serve(backend.builder()).await;
     let b = serve(backend.builder()).await;
     let (ma, mb) = (&a.mesh, &b.mesh);
-    assert_eq!(ma.room_metadata("room-none").await.expect("get"), None);
+    assert_eq!(ma.room("room-none").metadata().await.expect("get"), None);
     assert_eq!(ma.all_room_metadata().await.expect("all"), vec![]);
 
     // Inserted b before a, to show the listing is sorted by room.
-    ma.set_room_metadata(
-        "room-b",
-        json!({"type": "public", "maxUsers": 10}),
-        MergeStrategy::Replace,
-    )
-    .await
-    .expect("set");
-    ma.set_room_metadata(
-        "room-a",
-        json!({"type": "private", "maxUsers": 5, "settings": {"x": 1}}),
-        MergeStrategy::Replace,
-    )
-    .await
-    .expect("set");
+    ma.room("room-b")
+        .set_metadata(
+            json!({"type": "public", "maxUsers": 10}),
+            MergeStrategy::Replace,
+        )
+        .await
+        .expect("set");
+    ma.room("room-a")
+        .set_metadata(
+            json!({"type": "private", "maxUsers": 5, "settings": {"x": 1}}),
+            MergeStrategy::Replace,
+        )
+        .await
+        .expect("set");
     assert_eq!(
-        mb.room_metadata("room-a").await.expect("get"),
+        mb.room("room-a").metadata().await.expect("get"),
         Some(json!({"type": "private", "maxUsers": 5, "settings": {"x": 1}}))
     );
 
     // Shallow merge: top-level keys overlay, nested objects are replaced.
-    mb.update_room_metadata("room-a", json!({"maxUsers": 6, "settings": {"y": 2}}))
+    mb.room("room-a")
+        .update_metadata(json!({"maxUsers": 6, "settings": {"y": 2}}))
         .await
         .expect("update");
     assert_eq!(
-        ma.room_metadata("room-a").await.expect("get"),
+        ma.room("room-a").metadata().await.expect("get"),
         Some(json!({"type": "private", "maxUsers": 6, "settings": {"y": 2}}))
     );
     // Deep merge: nested objects merge.
-    ma.set_room_metadata(
-        "room-a",
-        json!({"settings": {"z": 3}}),
-        MergeStrategy::DeepMerge,
-    )
-    .await
-    .expect("deep merge");
+    ma.room("room-a")
+        .set_metadata(json!({"settings": {"z": 3}}), MergeStrategy::DeepMerge)
+        .await
+        .expect("deep merge");
     assert_eq!(
-        mb.room_metadata("room-a").await.expect("get"),
+        mb.room("room-a").metadata().await.expect("get"),
         Some(json!({"type": "private", "maxUsers": 6, "settings": {"y": 2, "z": 3}}))
     );
-    ma.set_room_metadata("room-a", json!({"type": "secret"}), MergeStrategy::Merge)
+    ma.room("room-a")
+        .set_metadata(json!({"type": "secret"}), MergeStrategy::Merge)
         .await
         .expect("merge");
     assert_eq!(
-        mb.room_metadata("room-a").await.expect("get"),
+        mb.room("room-a").metadata().await.expect("get"),
         Some(json!({"type": "secret", "maxUsers": 6, "settings": {"y": 2, "z": 3}}))
     );
     // Replace drops the old keys.
-    mb.set_room_metadata("room-b", json!({"type": "public"}), MergeStrategy::Replace)
+    mb.room("room-b")
+        .set_metadata(json!({"type": "public"}), MergeStrategy::Replace)
         .await
         .expect("replace");
     assert_eq!(
-        ma.room_metadata("room-b").await.expect("get"),
+        ma.room("room-b").metadata().await.expect("get"),
         Some(json!({"type": "public"}))
     );
     // Merging an object over a non-object gives the object; an update of a room that had
     // none stores it.
-    ma.set_room_metadata("room-c", json!("plain"), MergeStrategy::Replace)
+    ma.room("room-c")
+        .set_metadata(json!("plain"), MergeStrategy::Replace)
         .await
         .expect("set");
-    ma.update_room_metadata("room-c", json!({"a": 1}))
+    ma.room("room-c")
+        .update_metadata(json!({"a": 1}))
         .await
         .expect("update");
-    ma.update_room_metadata("room-d", json!({"fresh": true}))
+    ma.room("room-d")
+        .update_metadata(json!({"fresh": true}))
         .await
         .expect("update");
     assert_eq!(
-        mb.room_metadata("room-c").await.expect("get"),
+        mb.room("room-c").metadata().await.expect("get"),
         Some(json!({"a": 1}))
     );
 
@@ -834,8 +840,8 @@ async fn room_metadata_set_merge_update_and_list(backend: Backend) {
     // Metadata alone does not make a room exist.
     assert_eq!(ma.rooms().await.expect("rooms"), Vec::<String>::new());
     // Clearing a room without members removes its metadata.
-    ma.clear_room("room-c").await.expect("clear");
-    assert_eq!(mb.room_metadata("room-c").await.expect("get"), None);
+    ma.room("room-c").clear().await.expect("clear");
+    assert_eq!(mb.room("room-c").metadata().await.expect("get"), None);
     assert_eq!(
         ids(&mb.all_room_metadata().await.expect("all")),
         ["room-a", "room-b", "room-d"]
@@ -855,7 +861,8 @@ async fn concurrent_room_metadata_updates_keep_every_key(backend: Backend) {
             b.mesh.clone()
         };
         tokio::spawn(async move {
-            mesh.update_room_metadata("busy", json!({ format!("k{n}"): n }))
+            mesh.room("busy")
+                .update_metadata(json!({ format!("k{n}"): n }))
                 .await
         })
     });
@@ -864,7 +871,8 @@ async fn concurrent_room_metadata_updates_keep_every_key(backend: Backend) {
     }
     let metadata = a
         .mesh
-        .room_metadata("busy")
+        .room("busy")
+        .metadata()
         .await
         .expect("get")
         .expect("some");
@@ -883,8 +891,8 @@ async fn room_metadata_over_the_wire(backend: Backend) {
     let mut client = RawClient::connect(&b.url()).await;
     // client.test.ts: server-set room metadata is what the client reads, on any instance.
     a.mesh
-        .set_room_metadata(
-            "lobby",
+        .room("lobby")
+        .set_metadata(
             json!({"title": "Lobby", "tags": ["a", "b"]}),
             MergeStrategy::Replace,
         )
@@ -908,7 +916,8 @@ async fn room_metadata_over_the_wire(backend: Backend) {
         json!({"id": 2, "command": "mesh/get-room-metadata", "payload": {"metadata": null}})
     );
     a.mesh
-        .update_room_metadata("lobby", json!({"title": "Main"}))
+        .room("lobby")
+        .update_metadata(json!({"title": "Main"}))
         .await
         .expect("update");
     assert_eq!(
@@ -951,7 +960,7 @@ async fn membership_ends_when_the_client_closes(backend: Backend) {
     join(&mut victim, 3, "solo").await;
     expect_presence(&mut watcher, "join", &victim.id, "tracked").await;
     assert_eq!(
-        a.mesh.room_members("plain").await.expect("members"),
+        a.mesh.room("plain").members().await.expect("members"),
         vec![keeper.id.clone(), victim.id.clone()]
     );
     let victim_id = victim.id.clone();
@@ -965,22 +974,23 @@ async fn membership_ends_when_the_client_closes(backend: Backend) {
             Vec::<String>::new()
         );
         assert_eq!(
-            mesh.room_members("plain").await.expect("members"),
+            mesh.room("plain").members().await.expect("members"),
             vec![keeper.id.clone()]
         );
-        assert!(!mesh.is_in_room(&victim_id, "plain").await.expect("in"));
+        assert!(!mesh.room("plain").contains(&victim_id).await.expect("in"));
         assert_eq!(
-            mesh.room_members("tracked").await.expect("members"),
+            mesh.room("tracked").members().await.expect("members"),
             Vec::<String>::new()
         );
         assert_eq!(
-            mesh.present_connections("tracked").await.expect("present"),
+            mesh.room("tracked").present().await.expect("present"),
             Vec::<String>::new()
         );
         assert_eq!(mesh.rooms().await.expect("rooms"), vec!["plain".to_owned()]);
     }
     b.mesh
-        .broadcast_room("plain", "hello", &json!(1))
+        .room("plain")
+        .broadcast("hello", &json!(1))
         .await
         .expect("broadcast");
     assert_eq!(keeper.push_within("hello").await["payload"], 1);
@@ -1017,7 +1027,7 @@ async fn membership_ends_when_the_server_closes_the_connection(backend: Backend)
     assert_eq!(victim.closed().await, (1000, "bye".to_owned()));
     expect_presence(&mut watcher, "leave", &victim.id, "tracked").await;
     assert_eq!(
-        b.mesh.room_members("plain").await.expect("members"),
+        b.mesh.room("plain").members().await.expect("members"),
         vec![local_victim.id.clone()]
     );
     a.mesh
@@ -1076,7 +1086,7 @@ async fn membership_ends_after_missed_pongs(backend: Backend) {
         Vec::<String>::new()
     );
     assert_eq!(
-        a.mesh.room_members("plain").await.expect("members"),
+        a.mesh.room("plain").members().await.expect("members"),
         vec![keeper.id.clone()]
     );
     assert_eq!(
@@ -1127,10 +1137,10 @@ async fn membership_is_swept_after_the_instance_is_killed(backend: Backend) {
         Vec::<String>::new()
     );
     assert_eq!(
-        mesh.room_members("plain").await.expect("members"),
+        mesh.room("plain").members().await.expect("members"),
         vec![keeper.id.clone()]
     );
-    assert!(!mesh.is_in_room(&victim.id, "solo").await.expect("in"));
+    assert!(!mesh.room("solo").contains(&victim.id).await.expect("in"));
     assert_eq!(mesh.rooms().await.expect("rooms"), vec!["plain".to_owned()]);
     assert_eq!(
         mesh.connection_metadata(&victim.id).await.expect("meta"),
@@ -1138,12 +1148,13 @@ async fn membership_is_swept_after_the_instance_is_killed(backend: Backend) {
     );
     assert!(!ids(&mesh.all_connection_metadata().await.expect("all")).contains(&victim.id));
     // The survivor keeps serving the room.
-    mesh.broadcast_room("plain", "after", &json!(1))
+    mesh.room("plain")
+        .broadcast("after", &json!(1))
         .await
         .expect("broadcast");
     assert_eq!(keeper.push_within("after").await["payload"], 1);
     // Server-side changes to the dead connection find nobody.
-    assert!(!mesh.add_to_room(&victim.id, "plain").await.expect("add"));
+    assert!(!mesh.room("plain").add(&victim.id).await.expect("add"));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1213,7 +1224,8 @@ async fn global_layer_refuses_joins_using_the_upgrade_request(backend: Backend) 
     );
     assert!(!server
         .mesh
-        .is_in_room(&ann.id, "admin:ops")
+        .room("admin:ops")
+        .contains(&ann.id)
         .await
         .expect("in"));
 
@@ -1228,7 +1240,8 @@ async fn global_layer_refuses_joins_using_the_upgrade_request(backend: Backend) 
     assert_eq!(
         server
             .mesh
-            .room_members("admin:ops")
+            .room("admin:ops")
+            .members()
             .await
             .expect("members"),
         vec![root.id.clone()]
@@ -1236,7 +1249,8 @@ async fn global_layer_refuses_joins_using_the_upgrade_request(backend: Backend) 
     // A refused connection keeps working, and broadcasts to the room miss it.
     server
         .mesh
-        .broadcast_room("admin:ops", "secret", &json!(1))
+        .room("admin:ops")
+        .broadcast("secret", &json!(1))
         .await
         .expect("broadcast");
     assert_eq!(root.push_within("secret").await["payload"], 1);
@@ -1290,7 +1304,7 @@ async fn room_guard_refuses_joins(backend: Backend) {
     // The guard got the exact room names it was asked about.
     assert_eq!(*seen.lock().unwrap(), ["vip:lounge", "vip:lounge"]);
     assert_eq!(
-        a.mesh.room_members("vip:lounge").await.expect("members"),
+        a.mesh.room("vip:lounge").members().await.expect("members"),
         vec![vip.id.clone()]
     );
     assert_eq!(
@@ -1302,8 +1316,8 @@ async fn room_guard_refuses_joins(backend: Backend) {
         vec!["open".to_owned(), "vip:lounge".to_owned()]
     );
     // Server-side calls are trusted: the guard does not apply.
-    assert!(a.mesh.add_to_room(&plain.id, "closed").await.expect("add"));
-    assert!(a.mesh.is_in_room(&plain.id, "closed").await.expect("in"));
+    assert!(a.mesh.room("closed").add(&plain.id).await.expect("add"));
+    assert!(a.mesh.room("closed").contains(&plain.id).await.expect("in"));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1373,9 +1387,14 @@ async fn room_limit_per_connection_answers_eoverloaded(backend: Backend) {
     assert_eq!(join(&mut client, 2, "r2").await["success"], true);
     let refused = join(&mut client, 3, "r3").await;
     assert_eq!(refused["code"], "EOVERLOADED", "{refused}");
-    assert!(!server.mesh.is_in_room(&client.id, "r3").await.expect("in"));
+    assert!(!server
+        .mesh
+        .room("r3")
+        .contains(&client.id)
+        .await
+        .expect("in"));
     assert_eq!(
-        server.mesh.room_members("r3").await.expect("members"),
+        server.mesh.room("r3").members().await.expect("members"),
         Vec::<String>::new()
     );
     // Joining a room it is already in is not one more.
@@ -1461,7 +1480,7 @@ async fn connection_metadata_is_readable_only_while_sharing_a_room(backend: Back
         json!({"metadata": null})
     );
     // Sharing through a server-side add, from the other instance, works as well.
-    assert!(b.mesh.add_to_room(&owner_id, "room-2").await.expect("add"));
+    assert!(b.mesh.room("room-2").add(&owner_id).await.expect("add"));
     assert_eq!(
         call(
             &mut reader,
@@ -1539,7 +1558,8 @@ async fn join_reply_after_a_removal(backend: &Backend, open_metadata: bool) -> (
     assert_eq!(recv_within(&mut entered).await, joiner.id);
     assert!(b
         .mesh
-        .remove_from_room(&joiner.id, "room")
+        .room("room")
+        .remove(&joiner.id)
         .await
         .expect("remove"));
     release.add_permits(1);
@@ -1615,7 +1635,7 @@ async fn join_reply_holds_the_leading_members_that_fit_in_a_frame(backend: Backe
     );
     // The join itself is whole: the joiner is a member, listed last.
     assert_eq!(
-        b.mesh.room_members("big").await.expect("members"),
+        b.mesh.room("big").members().await.expect("members"),
         [
             members[0].id.clone(),
             members[1].id.clone(),
@@ -1650,37 +1670,40 @@ async fn room_metadata_over_max_metadata_bytes_is_refused_and_the_old_value_stay
     // A room without metadata: refused, it still has none.
     let over = object_of_size("pad", LIMIT + 1);
     assert_too_large(
-        ma.set_room_metadata("lobby", over.clone(), MergeStrategy::Replace)
+        ma.room("lobby")
+            .set_metadata(over.clone(), MergeStrategy::Replace)
             .await,
         "max_metadata_bytes",
         LIMIT,
         LIMIT + 1,
     );
-    assert_eq!(mb.room_metadata("lobby").await.expect("get"), None);
+    assert_eq!(mb.room("lobby").metadata().await.expect("get"), None);
     assert_eq!(mb.all_room_metadata().await.expect("all"), vec![]);
     // Merging into nothing is measured the same way.
     assert_too_large(
-        ma.update_room_metadata("lobby", over.clone()).await,
+        ma.room("lobby").update_metadata(over.clone()).await,
         "max_metadata_bytes",
         LIMIT,
         LIMIT + 1,
     );
-    assert_eq!(mb.room_metadata("lobby").await.expect("get"), None);
+    assert_eq!(mb.room("lobby").metadata().await.expect("get"), None);
 
     // Exactly the limit is stored.
     let at_limit = object_of_size("pad", LIMIT);
-    ma.set_room_metadata("lobby", at_limit.clone(), MergeStrategy::Replace)
+    ma.room("lobby")
+        .set_metadata(at_limit.clone(), MergeStrategy::Replace)
         .await
         .expect("set");
     assert_eq!(
-        mb.room_metadata("lobby").await.expect("get"),
+        mb.room("lobby").metadata().await.expect("get"),
         Some(at_limit)
     );
 
     // Values that fit on their own, merged into what is stored, would not: refused, and the
     // stored metadata stays.
     let base = json!({"title": "x".repeat(100), "settings": {"theme": "dark"}});
-    mb.set_room_metadata("lobby", base.clone(), MergeStrategy::Replace)
+    mb.room("lobby")
+        .set_metadata(base.clone(), MergeStrategy::Replace)
         .await
         .expect("set");
     let top_level = json!({"topic": "y".repeat(80)});
@@ -1690,27 +1713,29 @@ async fn room_metadata_over_max_metadata_bytes_is_refused_and_the_old_value_stay
     let mut deep_merged = base.clone();
     deep_merged["settings"]["motto"] = nested["settings"]["motto"].clone();
     assert_too_large(
-        ma.update_room_metadata("lobby", top_level.clone()).await,
+        ma.room("lobby").update_metadata(top_level.clone()).await,
         "max_metadata_bytes",
         LIMIT,
         merged.to_string().len(),
     );
     assert_too_large(
-        ma.set_room_metadata("lobby", top_level, MergeStrategy::Merge)
+        ma.room("lobby")
+            .set_metadata(top_level, MergeStrategy::Merge)
             .await,
         "max_metadata_bytes",
         LIMIT,
         merged.to_string().len(),
     );
     assert_too_large(
-        mb.set_room_metadata("lobby", nested, MergeStrategy::DeepMerge)
+        mb.room("lobby")
+            .set_metadata(nested, MergeStrategy::DeepMerge)
             .await,
         "max_metadata_bytes",
         LIMIT,
         deep_merged.to_string().len(),
     );
     assert_eq!(
-        ma.room_metadata("lobby").await.expect("get"),
+        ma.room("lobby").metadata().await.expect("get"),
         Some(base.clone())
     );
     assert_eq!(
@@ -1724,13 +1749,13 @@ async fn room_metadata_over_max_metadata_bytes_is_refused_and_the_old_value_stay
         json!({ "metadata": base })
     );
     // A merge that stays within the limit is stored.
-    ma.set_room_metadata(
-        "lobby",
-        json!({"settings": {"motto": "short"}}),
-        MergeStrategy::DeepMerge,
-    )
-    .await
-    .expect("deep merge");
+    ma.room("lobby")
+        .set_metadata(
+            json!({"settings": {"motto": "short"}}),
+            MergeStrategy::DeepMerge,
+        )
+        .await
+        .expect("deep merge");
     assert_eq!(
         call(
             &mut reader,

@@ -122,12 +122,9 @@ async fn say(
             "text must be at most {MAX_TEXT_CHARS} characters"
         )));
     }
-    mesh.broadcast_room(
-        LOBBY,
-        "chat",
-        &json!({ "from": user.name, "text": say.text }),
-    )
-    .await?;
+    mesh.room(LOBBY)
+        .broadcast("chat", &json!({ "from": user.name, "text": say.text }))
+        .await?;
     Ok(json!({ "success": true }))
 }
 

@@ -59,7 +59,8 @@ async fn broadcast_room(
     mesh: Mesh,
     Payload(request): Payload<RoomMessage>,
 ) -> Result<Value, CommandError> {
-    mesh.broadcast_room(&request.room, "room-message", &request.message)
+    mesh.room(&request.room)
+        .broadcast("room-message", &request.message)
         .await?;
     Ok(json!({ "success": true }))
 }

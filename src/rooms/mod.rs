@@ -5,26 +5,30 @@
 //! instance also keeps it in its topic index, which is how a room broadcast reaches the
 //! members: it goes to every instance with a member, and each hands it to its own. So
 //! every change to a connection's rooms runs on the instance that holds the connection;
-//! a change asked for elsewhere is forwarded there ([`Mesh::add_to_room`] on a
-//! connection of another instance returns once that instance has applied it).
+//! a change asked for elsewhere is forwarded there ([`Room::add`] on a connection of
+//! another instance returns once that instance has applied it).
+//!
+//! The server-side API of one room is [`Room`] (`handle.rs`), from [`Mesh::room`].
+
+mod handle;
 
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::access::{Guard, Rules};
 use crate::backend::ConnectionOp;
+use crate::backend::MetadataKind;
 use crate::backend::Topic;
-use crate::backend::{MetadataKind, MetadataOf, MetadataWrite};
 use crate::connection::{Connection, MembershipGuard};
 use crate::error::{CommandError, MeshError};
 use crate::extract::Payload;
-use crate::merge::MergeStrategy;
 use crate::mesh::Mesh;
 use crate::metadata::{MetadataOwners, MetadataVisibility};
 use crate::reply_budget;
 use crate::topics::Form;
+pub use handle::{Room, RoomBroadcast};
 
 /// What a local join did.
 pub(crate) enum JoinOutcome {
@@ -43,25 +47,11 @@ pub(crate) struct Rooms {
 }
 
 impl Mesh {
-    /// Adds a connection (held by any instance) to a room. Returns `false` when no
-    /// instance holds that connection. A tracked room announces its presence `join`.
-    ///
-    /// Server-side calls are trusted: room guards and the per-connection room limit only
-    /// apply to `mesh/join-room`.
-    pub async fn add_to_room(&self, connection_id: &str, room: &str) -> Result<bool, MeshError> {
-        self.on_holder(connection_id, ConnectionOp::JoinRoom(Arc::from(room)))
-            .await
-    }
-
-    /// Removes a connection (held by any instance) from a room. Returns whether it was a
-    /// member. A tracked room announces its presence `leave`.
-    pub async fn remove_from_room(
-        &self,
-        connection_id: &str,
-        room: &str,
-    ) -> Result<bool, MeshError> {
-        self.on_holder(connection_id, ConnectionOp::LeaveRoom(Arc::from(room)))
-            .await
+    /// One room, to read or change it: `mesh.room("lobby").broadcast("news", &payload)`,
+    /// `mesh.room("lobby").except(sender).broadcast(..)`, `mesh.room("lobby").members()`.
+    /// Cheap: nothing is read until a method is called.
+    pub fn room<'m>(&'m self, name: &'m str) -> Room<'m> {
+        Room { mesh: self, name }
     }
 
     /// Removes a connection (held by any instance) from every room it is in. Returns
@@ -71,66 +61,10 @@ impl Mesh {
             .await
     }
 
-    /// Removes every member from a room (announcing presence `leave`s) and deletes the
-    /// room's metadata.
-    pub async fn clear_room(&self, room: &str) -> Result<(), MeshError> {
-        self.ready().await?;
-        let members = self.inner().backend.room_members(room).await?;
-        let removals = members.iter().map(|member| async move {
-            match self.remove_from_room(member, room).await {
-                Ok(true) => Ok(()),
-                Ok(false) => Err(MeshError::Unavailable("no instance holds it".into())),
-                Err(err) => Err(err),
-            }
-        });
-        let mut failure = None;
-        for (member, removed) in members
-            .iter()
-            .zip(futures_util::future::join_all(removals).await)
-        {
-            if removed.is_ok() {
-                continue;
-            }
-            // Its instance did not answer, or holds no such connection any more (a dead
-            // instance not swept yet, an unregistration that failed): remove the entry
-            // directly, so a cleared room is empty whatever its members' instances do.
-            tracing::warn!(connection = %member, "removing a member its instance did not remove");
-            if let Err(err) = self.inner().backend.leave_room(member, room).await {
-                failure = Some(err);
-            }
-        }
-        self.inner().backend.delete_room_metadata(room).await?;
-        failure.map_or(Ok(()), Err)
-    }
-
-    /// Whether a connection is a member of a room.
-    pub async fn is_in_room(&self, connection_id: &str, room: &str) -> Result<bool, MeshError> {
-        Ok(self
-            .connection_rooms(connection_id)
-            .await?
-            .iter()
-            .any(|joined| joined == room))
-    }
-
     /// Whether two connections are members of at least one common room.
     pub async fn share_a_room(&self, a: &str, b: &str) -> Result<bool, MeshError> {
         self.ready().await?;
         self.inner().backend.share_a_room(a, b).await
-    }
-
-    /// The members of a room, in the order they joined.
-    pub async fn room_members(&self, room: &str) -> Result<Vec<String>, MeshError> {
-        self.ready().await?;
-        self.inner().backend.room_members(room).await
-    }
-
-    /// The members of a room in join order, each with its metadata (`null` when none).
-    pub async fn room_members_with_metadata(
-        &self,
-        room: &str,
-    ) -> Result<Vec<(String, Value)>, MeshError> {
-        self.ready().await?;
-        self.inner().backend.room_members_with_metadata(room).await
     }
 
     /// The rooms a connection is in, sorted by name.
@@ -140,74 +74,10 @@ impl Mesh {
     }
 
     /// Every room with at least one member, sorted by name. A room exists while it has
-    /// members; its metadata outlives it until [`Mesh::clear_room`].
+    /// members; its metadata outlives it until [`Room::clear`](crate::Room::clear).
     pub async fn rooms(&self) -> Result<Vec<String>, MeshError> {
         self.ready().await?;
         self.inner().backend.rooms().await
-    }
-
-    /// Sends a push `{command, payload}` to every member of a room, on every instance.
-    /// The frame is serialised once and shared by every recipient.
-    pub async fn broadcast_room<P: Serialize + ?Sized>(
-        &self,
-        room: &str,
-        command: &str,
-        payload: &P,
-    ) -> Result<(), MeshError> {
-        self.broadcast_room_excluding(room, command, payload, &[])
-            .await
-    }
-
-    /// Like [`Mesh::broadcast_room`], but not to the connections in `exclude` (for
-    /// example the sender).
-    pub async fn broadcast_room_excluding<P: Serialize + ?Sized>(
-        &self,
-        room: &str,
-        command: &str,
-        payload: &P,
-        exclude: &[&str],
-    ) -> Result<(), MeshError> {
-        let push = crate::mesh::push_of(command, payload)?;
-        let exclude: Arc<[Arc<str>]> = exclude.iter().map(|id| Arc::from(*id)).collect();
-        self.publish_topic(Topic::Room(Arc::from(room)), push, exclude)
-            .await
-    }
-
-    /// A room's metadata; `None` when it has none.
-    pub async fn room_metadata(&self, room: &str) -> Result<Option<Value>, MeshError> {
-        self.ready().await?;
-        self.inner().backend.metadata(MetadataOf::Room(room)).await
-    }
-
-    /// Combines `metadata` into a room's metadata with `strategy`. A room need not have
-    /// members to have metadata. A result over
-    /// [`max_metadata_bytes`](crate::MeshBuilder::max_metadata_bytes) is refused with
-    /// [`MeshError::TooLarge`], and nothing is stored.
-    pub async fn set_room_metadata(
-        &self,
-        room: &str,
-        metadata: Value,
-        strategy: MergeStrategy,
-    ) -> Result<(), MeshError> {
-        self.ready().await?;
-        let write = MetadataWrite::new(
-            metadata,
-            strategy,
-            self.config().bytes.metadata,
-            format!("the metadata of room \"{room}\""),
-        );
-        self.inner()
-            .backend
-            .set_metadata(MetadataOf::Room(room), &write)
-            .await
-            .map(|_| ())
-    }
-
-    /// Shallow-merges `metadata` into a room's metadata
-    /// ([`MergeStrategy::Merge`]).
-    pub async fn update_room_metadata(&self, room: &str, metadata: Value) -> Result<(), MeshError> {
-        self.set_room_metadata(room, metadata, MergeStrategy::Merge)
-            .await
     }
 
     /// Every room that has metadata, with it, sorted by room name. Filter it with
@@ -216,7 +86,9 @@ impl Mesh {
         self.ready().await?;
         self.inner().backend.all_metadata(MetadataKind::Room).await
     }
+}
 
+impl Mesh {
     /// Joins a local connection to a room: its topic index first (so the instance hears
     /// the room before the join is visible), then the backend. `limit` caps the rooms of
     /// the connection.
@@ -364,7 +236,7 @@ pub(crate) async fn join_room(
     let present = if mesh.may_watch_presence(&connection, room).await {
         let (visibility, members) = futures_util::future::try_join(
             mesh.metadata_visibility(&connection, MetadataOwners::RoomMembers(room)),
-            mesh.room_members_with_metadata(room),
+            mesh.room(room).members_with_metadata(),
         )
         .await?;
         members_json(members, &visibility, reply_budget::for_entries(&mesh))
@@ -395,5 +267,5 @@ pub(crate) async fn get_room_metadata(
     Payload(request): Payload<RoomRequest>,
 ) -> Result<Value, CommandError> {
     let room = valid_room_name(&request.room_name)?;
-    Ok(json!({ "metadata": mesh.room_metadata(room).await? }))
+    Ok(json!({ "metadata": mesh.room(room).metadata().await? }))
 }
