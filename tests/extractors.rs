@@ -193,7 +193,7 @@ async fn optional_payload_is_none_when_null_and_refused_when_invalid(backend: Ba
     let server = serve(builder).await;
     let mut client = RawClient::connect(&server.url()).await;
 
-    // `null` is how a client sends no payload (a frame without one is refused earlier).
+    // `null` is the absent payload (a frame without a payload is refused before any handler).
     let none = client.command(1, "maybe", Value::Null).await;
     assert_eq!(none["payload"], "no payload");
     let some = client.command(2, "maybe", json!({"x": 1, "y": 2})).await;

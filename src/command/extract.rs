@@ -163,10 +163,10 @@ pub trait OptionalFromCommandParts: Sized {
 /// What `Option<Self>` extracts, for a [`FromCommandRequest`] extractor: implementing it
 /// makes `Option<Self>` an extractor that must be the last argument.
 ///
-/// For [`Payload<T>`], a `null` payload (what a client sends for "no payload"; a frame
-/// without a `payload` field is refused before any handler) is `None`, and any other
-/// payload must fit `T`: one that does not is still an `EINVALID` error reply, as axum
-/// 0.8's `Option<Json<T>>` is `None` without a body but rejects an invalid one.
+/// For [`Payload<T>`], a `null` payload is `None` (every command frame has a payload: one
+/// without is refused before any handler runs), and any other payload must fit `T`: one
+/// that does not is still an `EINVALID` error reply, as axum 0.8's `Option<Json<T>>` is
+/// `None` without a body but rejects an invalid one.
 pub trait OptionalFromCommandRequest: Sized {
     /// What a failed extraction becomes (the command's error reply, unless the handler
     /// takes a `Result`).
