@@ -96,10 +96,11 @@ impl MeshBuilder {
         }
     }
 
-    /// Registers an async function as the handler of `name`. Its arguments are
-    /// extractors ([`Payload`](crate::extract::Payload), [`Connection`],
-    /// [`Extension`](crate::extract::Extension), [`State`](crate::extract::State),
-    /// [`Mesh`]); it returns a [`serde_json::Value`], `()`, or a `Result` of something
+    /// Registers an async function as the handler of `name`. Its arguments, up to 16,
+    /// are extractors ([`Connection`], [`Mesh`], [`Extension`](crate::extract::Extension),
+    /// [`State`](crate::extract::State), and last, if at all,
+    /// [`Payload`](crate::extract::Payload): see [`Handler`](crate::command::Handler) for
+    /// the rule); it returns a [`serde_json::Value`], `()`, or a `Result` of something
     /// serialisable.
     pub fn command<H, T>(mut self, name: impl Into<String>, handler: H) -> Self
     where

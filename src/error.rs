@@ -143,6 +143,13 @@ impl fmt::Display for CommandError {
 
 impl std::error::Error for CommandError {}
 
+/// Lets extractors that cannot fail use `Infallible` as their rejection.
+impl From<std::convert::Infallible> for CommandError {
+    fn from(never: std::convert::Infallible) -> Self {
+        match never {}
+    }
+}
+
 /// A failure of the server-side API ([`Mesh`](crate::Mesh) methods).
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]

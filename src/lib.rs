@@ -41,8 +41,17 @@ mod upgrade;
 pub mod client;
 
 /// Handler arguments: everything a command handler can ask for.
+///
+/// Every argument but the last implements [`FromCommandParts`](extract::FromCommandParts)
+/// (it only reads the request); the last may instead implement
+/// [`FromCommandRequest`](extract::FromCommandRequest) (it consumes the request): that is
+/// why [`Payload`](extract::Payload) comes last.
 pub mod extract {
-    pub use crate::command::{Extension, FromCommandRequest, Payload, State};
+    pub use crate::command::rejection;
+    pub use crate::command::{
+        Extension, FromCommandParts, FromCommandRequest, OptionalFromCommandParts,
+        OptionalFromCommandRequest, Payload, State,
+    };
     pub use crate::connection::Connection;
     pub use crate::mesh::Mesh;
 }

@@ -281,7 +281,9 @@ async fn command_layer_wraps_a_builtin(backend: Backend) {
 struct Exploding;
 
 impl tower_mesh::extract::FromCommandRequest for Exploding {
-    fn from_request(_: &mut CommandRequest) -> Result<Self, CommandError> {
+    type Rejection = CommandError;
+
+    fn from_command_request(_: CommandRequest) -> Result<Self, CommandError> {
         panic!("extractor panic detail");
     }
 }

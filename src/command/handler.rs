@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tower::Service;
 
-use super::extract::FromCommandRequest;
+use super::extract::{FromCommandParts, FromCommandRequest};
 use super::CommandRequest;
 use crate::error::{BoxError, CommandError};
 
@@ -83,46 +83,120 @@ impl<T: Serialize, E: Into<BoxError>> IntoCommandResponse for Result<T, E> {
     }
 }
 
-/// An async function usable as a command handler: its arguments are extractors
-/// ([`FromCommandRequest`]) and its output is an [`IntoCommandResponse`].
+/// An async function usable as a command handler: its arguments are extractors and its
+/// output is an [`IntoCommandResponse`].
 ///
-/// `T` is the tuple of argument types; it only lets several impls coexist.
+/// A handler takes up to 16 arguments. Every argument but the last implements
+/// [`FromCommandParts`] (it only reads the request); the last implements
+/// [`FromCommandRequest`], which every `FromCommandParts` extractor does too. So an
+/// extractor that consumes the payload, such as [`Payload<T>`](super::Payload), can only be
+/// the last argument, and a function that puts it anywhere else is not a `Handler` (a
+/// compile error where it is registered).
+///
+/// Extractors run in argument order when the command arrives; the first that fails
+/// answers the command with its rejection as the error reply, and the handler does not
+/// run. An argument of type `Result<T, T::Rejection>` receives the rejection instead, and
+/// an `Option<T>` is `None` where `T` defines absence (see
+/// [`OptionalFromCommandParts`](super::OptionalFromCommandParts)).
+///
+/// `T` stands for the argument types (with a marker telling how the last one is
+/// extracted); it only lets the impls for each arity coexist, and is always inferred.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a valid command handler",
+    label = "not a command handler",
+    note = "a command handler is an async fn, or a closure returning a `Send` future, with at most 16 arguments",
+    note = "every argument but the last must implement `FromCommandParts`; the last may implement `FromCommandRequest` instead, so `Payload<T>` must be the last argument",
+    note = "its output must implement `IntoCommandResponse`: a `serde_json::Value`, `()`, `Json<T>`, or a `Result` of something serialisable and an error"
+)]
 pub trait Handler<T>: Clone + Send + Sync + 'static {
     /// Runs the handler on one request.
     fn call(self, request: CommandRequest) -> BoxFuture<Result<Value, BoxError>>;
 }
 
+/// The reply future of a command whose extractor refused it.
+fn rejected(rejection: impl Into<CommandError>) -> BoxFuture<Result<Value, BoxError>> {
+    Box::pin(std::future::ready(Err(
+        Box::new(rejection.into()) as BoxError
+    )))
+}
+
+impl<F, Fut, R> Handler<()> for F
+where
+    F: FnOnce() -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = R> + Send + 'static,
+    R: IntoCommandResponse,
+{
+    fn call(self, _request: CommandRequest) -> BoxFuture<Result<Value, BoxError>> {
+        let fut = self();
+        Box::pin(async move { fut.await.into_command_response() })
+    }
+}
+
+/// Implements [`Handler`] for functions whose leading arguments `$parts` are
+/// [`FromCommandParts`] extractors and whose last argument `$last` is a
+/// [`FromCommandRequest`] extractor of either kind (`M` tells which), as axum's
+/// `impl_handler` does.
 macro_rules! impl_handler {
-    ($($arg:ident),*) => {
-        #[allow(non_snake_case, unused_mut, unused_variables)]
-        impl<F, Fut, R, $($arg,)*> Handler<($($arg,)*)> for F
+    ([$($parts:ident),*], $last:ident) => {
+        #[allow(non_snake_case)]
+        impl<F, Fut, R, M, $($parts,)* $last> Handler<(M, $($parts,)* $last,)> for F
         where
-            F: FnOnce($($arg),*) -> Fut + Clone + Send + Sync + 'static,
+            F: FnOnce($($parts,)* $last) -> Fut + Clone + Send + Sync + 'static,
             Fut: Future<Output = R> + Send + 'static,
             R: IntoCommandResponse,
-            $($arg: FromCommandRequest + Send + 'static,)*
+            $($parts: FromCommandParts,)*
+            $last: FromCommandRequest<M>,
         {
-            fn call(self, mut request: CommandRequest) -> BoxFuture<Result<Value, BoxError>> {
+            fn call(self, request: CommandRequest) -> BoxFuture<Result<Value, BoxError>> {
                 $(
-                    let $arg = match $arg::from_request(&mut request) {
+                    let $parts = match <$parts as FromCommandParts>::from_command_parts(&request) {
                         Ok(value) => value,
-                        Err(err) => return Box::pin(std::future::ready(Err(Box::new(err) as BoxError))),
+                        Err(rejection) => return rejected(rejection),
                     };
                 )*
-                let fut = self($($arg),*);
+                let $last = match <$last as FromCommandRequest<M>>::from_command_request(request) {
+                    Ok(value) => value,
+                    Err(rejection) => return rejected(rejection),
+                };
+                let fut = self($($parts,)* $last);
                 Box::pin(async move { fut.await.into_command_response() })
             }
         }
     };
 }
 
-impl_handler!();
-impl_handler!(A1);
-impl_handler!(A1, A2);
-impl_handler!(A1, A2, A3);
-impl_handler!(A1, A2, A3, A4);
-impl_handler!(A1, A2, A3, A4, A5);
-impl_handler!(A1, A2, A3, A4, A5, A6);
+/// Calls `$name!([leading arguments], last argument)` for every handler arity from 1 to 16.
+macro_rules! all_the_tuples {
+    ($name:ident) => {
+        $name!([], A1);
+        $name!([A1], A2);
+        $name!([A1, A2], A3);
+        $name!([A1, A2, A3], A4);
+        $name!([A1, A2, A3, A4], A5);
+        $name!([A1, A2, A3, A4, A5], A6);
+        $name!([A1, A2, A3, A4, A5, A6], A7);
+        $name!([A1, A2, A3, A4, A5, A6, A7], A8);
+        $name!([A1, A2, A3, A4, A5, A6, A7, A8], A9);
+        $name!([A1, A2, A3, A4, A5, A6, A7, A8, A9], A10);
+        $name!([A1, A2, A3, A4, A5, A6, A7, A8, A9, A10], A11);
+        $name!([A1, A2, A3, A4, A5, A6, A7, A8, A9, A10, A11], A12);
+        $name!([A1, A2, A3, A4, A5, A6, A7, A8, A9, A10, A11, A12], A13);
+        $name!(
+            [A1, A2, A3, A4, A5, A6, A7, A8, A9, A10, A11, A12, A13],
+            A14
+        );
+        $name!(
+            [A1, A2, A3, A4, A5, A6, A7, A8, A9, A10, A11, A12, A13, A14],
+            A15
+        );
+        $name!(
+            [A1, A2, A3, A4, A5, A6, A7, A8, A9, A10, A11, A12, A13, A14, A15],
+            A16
+        );
+    };
+}
+
+all_the_tuples!(impl_handler);
 
 /// A [`Handler`] as a tower `Service`, so that tower layers can wrap it.
 pub struct HandlerService<H, T> {

@@ -9,6 +9,7 @@ mod dispatch;
 mod extract;
 mod handler;
 mod middleware;
+pub mod rejection;
 mod route;
 
 use std::sync::Arc;
@@ -23,7 +24,10 @@ use crate::connection::Connection;
 use crate::error::BoxError;
 use crate::mesh::Mesh;
 
-pub use extract::{Extension, FromCommandRequest, Payload, State};
+pub use extract::{
+    Extension, FromCommandParts, FromCommandRequest, OptionalFromCommandParts,
+    OptionalFromCommandRequest, Payload, State,
+};
 pub use handler::{handler_service, Handler, HandlerService, IntoCommandResponse, Json};
 pub use middleware::{from_fn, FromFn, FromFnLayer, Next};
 
@@ -76,9 +80,10 @@ impl CommandRequest {
         &mut self.payload
     }
 
-    /// Takes the payload out, leaving `null`.
-    pub fn take_payload(&mut self) -> Value {
-        self.payload.take()
+    /// Consumes the request for its payload, as a [`FromCommandRequest`] extractor such as
+    /// [`Payload`] does.
+    pub fn into_payload(self) -> Value {
+        self.payload
     }
 
     /// The connection the command came from.
