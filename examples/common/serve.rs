@@ -50,7 +50,7 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// How long a client may take to send a request head: `HEADER_READ_TIMEOUT_MS`
 /// (milliseconds), 30 s by default.
-pub fn header_read_timeout() -> Duration {
+pub(crate) fn header_read_timeout() -> Duration {
     std::env::var("HEADER_READ_TIMEOUT_MS")
         .ok()
         .and_then(|ms| ms.parse().ok())
@@ -60,7 +60,7 @@ pub fn header_read_timeout() -> Duration {
 /// Serves `service` (an axum `Router`, or any tower HTTP service with the mesh layer in
 /// it) on `listener` until `signal` resolves, then shuts down gracefully (see the module's
 /// documentation).
-pub async fn serve<S, B>(
+pub(crate) async fn serve<S, B>(
     listener: TcpListener,
     service: S,
     mesh: Mesh,

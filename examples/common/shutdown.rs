@@ -4,7 +4,7 @@
 
 /// Resolves on the first Ctrl-C or SIGTERM. A signal that cannot be listened for is
 /// logged and never fires (the other still does).
-pub async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         if let Err(err) = tokio::signal::ctrl_c().await {
             tracing::warn!(%err, "cannot listen for Ctrl-C");
