@@ -11,13 +11,13 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use regex::Regex;
 
 use crate::config::MAX_NAME_BYTES;
 use crate::connection::Connection;
 use crate::error::CommandError;
-use crate::mesh::BoxFuture;
 
 /// Refuses an empty or oversized name (of a room, channel, record or collection) before
 /// anything is stored under it; `field` is the payload field, for the message.
@@ -123,7 +123,7 @@ impl From<Regex> for Pattern {
 }
 
 /// An async predicate over a connection and the name it asks for.
-pub(crate) type Guard = Arc<dyn Fn(Connection, String) -> BoxFuture<bool> + Send + Sync>;
+pub(crate) type Guard = Arc<dyn Fn(Connection, String) -> BoxFuture<'static, bool> + Send + Sync>;
 
 /// Who may use an exposed name (a channel, a record, a collection): anyone, or whom an
 /// async guard allows. The guard gets the connection (with the upgrade request's headers

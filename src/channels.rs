@@ -16,8 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::access::{valid_name, Access, Rules};
-use crate::backend::Push;
-use crate::backend::Topic;
+use crate::backend::{Push, Topic};
 use crate::connection::Connection;
 use crate::error::{CommandError, MeshError};
 use crate::extract::Payload;

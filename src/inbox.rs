@@ -4,8 +4,7 @@
 //! record listeners' streams, collection changes to the collections, and calls to the
 //! connection they concern.
 
-use crate::backend::Topic;
-use crate::backend::{Delivery, Inbox};
+use crate::backend::{Delivery, Inbox, Topic};
 use crate::connection::CloseReason;
 use crate::mesh::{render, Mesh, MeshInner};
 

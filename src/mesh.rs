@@ -1,18 +1,17 @@
 //! `Mesh`: the cheap-to-clone handle with the server-side API.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
+use futures_util::future::BoxFuture;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{watch, OnceCell};
 
-use crate::backend::Topic;
-use crate::backend::{Backend, Delivery, Inbox, Push};
-use crate::backend::{MetadataKind, MetadataOf, MetadataWrite};
+use crate::backend::{
+    Backend, Delivery, Inbox, MetadataKind, MetadataOf, MetadataWrite, Push, Topic,
+};
 use crate::builder::MeshBuilder;
 use crate::calls::Calls;
 use crate::channels::Channels;
@@ -29,10 +28,9 @@ use crate::records::Records;
 use crate::rooms::Rooms;
 use crate::topics::{Form, Listen, LocalTopics};
 
-pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 pub(crate) type OnConnect =
-    Arc<dyn Fn(Connection) -> BoxFuture<Result<(), CommandError>> + Send + Sync>;
-pub(crate) type OnDisconnect = Arc<dyn Fn(Connection) -> BoxFuture<()> + Send + Sync>;
+    Arc<dyn Fn(Connection) -> BoxFuture<'static, Result<(), CommandError>> + Send + Sync>;
+pub(crate) type OnDisconnect = Arc<dyn Fn(Connection) -> BoxFuture<'static, ()> + Send + Sync>;
 
 /// The handle to a running mesh: every server-side operation (pushes, broadcasts,
 /// metadata, shutdown). Cheap to clone; all clones share one engine.

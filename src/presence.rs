@@ -23,8 +23,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::access::{self, Guard, Rules};
-use crate::backend::Topic;
-use crate::backend::{PresenceChange, PresenceRefresh};
+use crate::backend::{PresenceChange, PresenceRefresh, Topic};
 use crate::connection::Connection;
 use crate::error::{CommandError, MeshError};
 use crate::extract::Payload;

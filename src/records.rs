@@ -18,18 +18,18 @@
 
 use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::access::{valid_name, Access, Pattern, Rules};
-use crate::backend::Topic;
-use crate::backend::{Delivery, RecordWrite, StoredRecord};
+use crate::backend::{Delivery, RecordWrite, StoredRecord, Topic};
 use crate::connection::Connection;
 use crate::error::{CommandError, MeshError};
 use crate::extract::Payload;
 use crate::merge::MergeStrategy;
-use crate::mesh::{BoxFuture, Mesh};
+use crate::mesh::Mesh;
 use crate::protocol::{self, Frame};
 use crate::topics::{Form, LocalTopics};
 
@@ -56,7 +56,7 @@ pub struct RecordEvent {
     pub version: u64,
 }
 
-pub(crate) type RecordHook = Arc<dyn Fn(RecordEvent) -> BoxFuture<()> + Send + Sync>;
+pub(crate) type RecordHook = Arc<dyn Fn(RecordEvent) -> BoxFuture<'static, ()> + Send + Sync>;
 
 /// Who may read and write which records, and who hears of changes.
 #[derive(Default)]

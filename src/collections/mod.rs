@@ -40,12 +40,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use serde_json::{json, Value};
 
 use crate::access::{Access, Pattern, Rules};
 use crate::connection::Connection;
 use crate::error::BoxError;
-use crate::mesh::{BoxFuture, Mesh};
+use crate::mesh::Mesh;
 
 pub(crate) use commands::{subscribe_collection, unsubscribe_collection};
 pub(crate) use index::CollectionSubscriptions;
@@ -65,7 +66,7 @@ pub(crate) struct Collections {
 const DEBOUNCE: Duration = Duration::from_millis(20);
 
 type Resolver<A> =
-    Arc<dyn Fn(Mesh, A, String) -> BoxFuture<Result<Vec<String>, BoxError>> + Send + Sync>;
+    Arc<dyn Fn(Mesh, A, String) -> BoxFuture<'static, Result<Vec<String>, BoxError>> + Send + Sync>;
 
 /// How a collection's members are decided.
 #[derive(Clone)]

@@ -2,9 +2,9 @@
 
 use std::future::Future;
 use std::marker::PhantomData;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use futures_util::future::BoxFuture;
 use serde::Serialize;
 use serde_json::Value;
 use tower::Service;
@@ -12,8 +12,6 @@ use tower::Service;
 use super::extract::{FromCommandParts, FromCommandRequest};
 use super::CommandRequest;
 use crate::error::{BoxError, CommandError};
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// What a handler may return: a JSON value, `()`, or a `Result` of something
 /// serialisable and an error.
@@ -110,11 +108,11 @@ impl<T: Serialize, E: Into<BoxError>> IntoCommandResponse for Result<T, E> {
 )]
 pub trait Handler<T>: Clone + Send + Sync + 'static {
     /// Runs the handler on one request.
-    fn call(self, request: CommandRequest) -> BoxFuture<Result<Value, BoxError>>;
+    fn call(self, request: CommandRequest) -> BoxFuture<'static, Result<Value, BoxError>>;
 }
 
 /// The reply future of a command whose extractor refused it.
-fn rejected(rejection: impl Into<CommandError>) -> BoxFuture<Result<Value, BoxError>> {
+fn rejected(rejection: impl Into<CommandError>) -> BoxFuture<'static, Result<Value, BoxError>> {
     Box::pin(std::future::ready(Err(
         Box::new(rejection.into()) as BoxError
     )))
@@ -126,7 +124,7 @@ where
     Fut: Future<Output = R> + Send + 'static,
     R: IntoCommandResponse,
 {
-    fn call(self, _request: CommandRequest) -> BoxFuture<Result<Value, BoxError>> {
+    fn call(self, _request: CommandRequest) -> BoxFuture<'static, Result<Value, BoxError>> {
         let fut = self();
         Box::pin(async move { fut.await.into_command_response() })
     }
@@ -147,7 +145,7 @@ macro_rules! impl_handler {
             $($parts: FromCommandParts,)*
             $last: FromCommandRequest<M>,
         {
-            fn call(self, request: CommandRequest) -> BoxFuture<Result<Value, BoxError>> {
+            fn call(self, request: CommandRequest) -> BoxFuture<'static, Result<Value, BoxError>> {
                 $(
                     let $parts = match <$parts as FromCommandParts>::from_command_parts(&request) {
                         Ok(value) => value,
@@ -237,7 +235,7 @@ impl<H: Clone, T> Clone for HandlerService<H, T> {
 impl<H: Handler<T>, T> Service<CommandRequest> for HandlerService<H, T> {
     type Response = Value;
     type Error = BoxError;
-    type Future = BoxFuture<Result<Value, BoxError>>;
+    type Future = BoxFuture<'static, Result<Value, BoxError>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))

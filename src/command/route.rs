@@ -1,9 +1,8 @@
 //! What a command name leads to: its handler called directly, or its tower stack.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
 use serde_json::Value;
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceExt};
@@ -11,8 +10,6 @@ use tower::{Service, ServiceExt};
 use super::handler::{Handler, HandlerService};
 use super::{CommandRequest, CommandService};
 use crate::error::BoxError;
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// A registered command. An async-fn handler that no layer wraps is called directly:
 /// going through a tower stack would clone a boxed service and wait for readiness on
@@ -26,11 +23,11 @@ pub(crate) enum Route {
 
 /// An async-fn handler with its argument types erased.
 pub(crate) trait ErasedHandler: Send + Sync {
-    fn call(&self, request: CommandRequest) -> BoxFuture<Result<Value, BoxError>>;
+    fn call(&self, request: CommandRequest) -> BoxFuture<'static, Result<Value, BoxError>>;
 }
 
 impl<H: Handler<T>, T: 'static> ErasedHandler for HandlerService<H, T> {
-    fn call(&self, request: CommandRequest) -> BoxFuture<Result<Value, BoxError>> {
+    fn call(&self, request: CommandRequest) -> BoxFuture<'static, Result<Value, BoxError>> {
         self.handler().clone().call(request)
     }
 }
@@ -62,7 +59,10 @@ impl Route {
     ///
     /// The future is boxed either way: a connection keeps every running command's future
     /// side by side, and a boxed one keeps that slot small.
-    pub(crate) fn run(self, request: CommandRequest) -> BoxFuture<Result<Value, BoxError>> {
+    pub(crate) fn run(
+        self,
+        request: CommandRequest,
+    ) -> BoxFuture<'static, Result<Value, BoxError>> {
         match self {
             Route::Handler(handler, _) => handler.call(request),
             Route::Service(service) => Box::pin(service.oneshot(request)),

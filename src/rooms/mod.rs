@@ -18,9 +18,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::access::{Guard, Rules};
-use crate::backend::ConnectionOp;
-use crate::backend::MetadataKind;
-use crate::backend::Topic;
+use crate::backend::{ConnectionOp, MetadataKind, Topic};
 use crate::connection::{Connection, MembershipGuard};
 use crate::error::{CommandError, MeshError};
 use crate::extract::Payload;

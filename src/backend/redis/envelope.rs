@@ -6,8 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::backend::Topic;
-use crate::backend::{ConnectionOp, Delivery, PresenceChange, Push};
+use crate::backend::{ConnectionOp, Delivery, PresenceChange, Push, Topic};
 
 const TO_CONNECTION: u8 = b'c';
 const BROADCAST: u8 = b'b';

@@ -2,8 +2,7 @@
 //! make is tabled in the module docs of `redis/mod.rs`; the Lua scripts (`scripts.rs`)
 //! build the same names from the prefix themselves.
 
-use crate::backend::Delivery;
-use crate::backend::Topic;
+use crate::backend::{Delivery, Topic};
 
 #[derive(Clone)]
 pub(super) struct Keys {

@@ -24,8 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::keys::Keys;
 use super::{envelope, unavailable, RedisBackend, WeakBackend, OPERATION_TIMEOUT};
-use crate::backend::Inbox;
-use crate::backend::Topic;
+use crate::backend::{Inbox, Topic};
 use crate::error::MeshError;
 
 /// A change to an instance's subscriptions.
