@@ -3,13 +3,11 @@
 //! headers a connection keeps, and the connections an instance holds, on every backend.
 //! (The inbound frame limit is in bad_input.rs.)
 
-mod common;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Semaphore};

@@ -6,9 +6,7 @@
 //! "No reply" is proved without sleeping: right after the bad frame the client sends an
 //! `echo`, and the very next frame it receives must be that echo's reply.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use futures_util::SinkExt;
 use serde::Deserialize;
 use serde_json::{json, Value};

@@ -111,7 +111,6 @@ impl Backend {
 
 /// Instantiates `async fn name(backend: Backend)` tests once per backend:
 /// `conformance!(a, b);` makes `memory::a`, `redis::a`, `memory::b`, `redis::b`.
-#[macro_export]
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -132,6 +131,8 @@ macro_rules! conformance {
         }
     };
 }
+
+pub(crate) use conformance;
 
 /// A WebSocket client that speaks raw frames, for protocol-level assertions.
 pub struct RawClient {

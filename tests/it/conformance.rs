@@ -1,12 +1,10 @@
 //! The conformance suite: every test runs on the in-memory backend and on Redis, and the
 //! multi-instance tests put clients on different instances of one mesh.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tower_mesh::extract::{Connection, Payload};

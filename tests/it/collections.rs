@@ -13,11 +13,9 @@
 //! probe's diff every re-resolution caused by an earlier write has run, and its diff (if
 //! any) has arrived.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use tower_mesh::{
     Access, BoxError, Collection, Connection, MergeStrategy, Mesh, MeshBuilder, PresenceOptions,

@@ -1,12 +1,10 @@
 //! Commands and middleware are tower services and layers.
 
-mod common;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use tower::limit::ConcurrencyLimitLayer;
 use tower::timeout::TimeoutLayer;

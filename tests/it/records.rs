@@ -8,12 +8,10 @@
 //! marker, which every instance delivers after whatever was published before it; the
 //! frames that came before the marker are checked.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tower_mesh::{Access, Connection, MergeStrategy, Mesh, RecordEvent, Regex};

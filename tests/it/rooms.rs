@@ -3,14 +3,12 @@
 //! "membership ends" tests use a tracked room's presence `leave` as the event that says
 //! the cleanup happened, then check every room of the connection.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::routing::get;
 use axum::Router;
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use tower_mesh::extract::Payload;
 use tower_mesh::{

@@ -4,13 +4,11 @@
 //! interop example's binary is run too: its SIGTERM shutdown, and its handling of sockets
 //! that never finish a request and of running out of file descriptors.
 
-mod common;
-
 use std::time::Duration;
 
 use axum::routing::get;
 use axum::Router;
-use common::*;
+use crate::common::*;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tower_mesh::extract::Connection;

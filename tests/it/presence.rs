@@ -3,12 +3,10 @@
 //! on both backends and over real WebSockets. Multi-instance tests put subscribers and
 //! members on different instances of one mesh.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use tower_mesh::client::MeshClient;
 use tower_mesh::{Connection, MergeStrategy, Mesh, MeshBuilder, PresenceOptions, Regex};

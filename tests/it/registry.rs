@@ -1,9 +1,7 @@
 //! The connection registry and connection metadata (issue 2, item 8), on one instance and
 //! across two instances of one mesh, on every backend.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde::Serialize;
 use serde_json::{json, Value};
 use tower_mesh::MergeStrategy;

@@ -1,10 +1,8 @@
 //! The Rust client against a real server.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tower_mesh::client::{ClientError, ClientEvent, MeshClient};

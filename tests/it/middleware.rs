@@ -1,8 +1,6 @@
 //! Commands are tower services and middleware are tower layers (issue 2, items 5 and 6),
 //! and the extractors a handler can ask for, on every backend.
 
-mod common;
-
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,7 +9,7 @@ use std::time::Duration;
 
 use axum::routing::get;
 use axum::Router;
-use common::*;
+use crate::common::*;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Notify};

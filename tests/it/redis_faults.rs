@@ -1,14 +1,12 @@
 //! Redis faults: a killed instance is swept; a restarted Redis neither crashes nor wedges
 //! an instance. These tests start private `redis-server` processes on free ports.
 
-mod common;
-
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};

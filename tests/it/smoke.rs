@@ -1,6 +1,4 @@
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::json;
 use tower_mesh::extract::Payload;
 

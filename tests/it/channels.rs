@@ -7,11 +7,9 @@
 //! marker, which every instance delivers after whatever was published before it; the
 //! frames that came before the marker are checked.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use tower_mesh::{Access, Connection, Mesh, Regex};
 

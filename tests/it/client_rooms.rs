@@ -1,11 +1,9 @@
 //! The Rust client's rooms and presence: joins, presence as a stream and as a callback,
 //! states kept alive, and everything restored after a reconnect, on both backends.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tower_mesh::client::{

@@ -3,12 +3,10 @@
 //! deletion, refused writes, collection diffs and member updates, and everything restored
 //! after a reconnect, on both backends.
 
-mod common;
-
 use std::future::Future;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc};
 use tower_mesh::client::{
