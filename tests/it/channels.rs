@@ -9,9 +9,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::common::*;
 use serde_json::{json, Value};
 use tower_mesh::{Access, Connection, Mesh, Regex};
+
+use crate::common::*;
 
 conformance!(
     subscribe_and_unsubscribe_golden_replies,

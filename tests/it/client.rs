@@ -2,12 +2,13 @@
 
 use std::time::Duration;
 
-use crate::common::*;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tower_mesh::client::{ClientError, ClientEvent, MeshClient};
 use tower_mesh::extract::Payload;
 use tower_mesh::Mesh;
+
+use crate::common::*;
 
 async fn echo(Payload(payload): Payload<Value>) -> Value {
     payload

@@ -3,13 +3,14 @@
 
 use std::time::Duration;
 
-use crate::common::*;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tower_mesh::client::{
     ClientError, ClientEvent, MeshClient, PresenceKind, PresenceUpdate, StateOptions,
 };
 use tower_mesh::{MeshBuilder, PresenceOptions};
+
+use crate::common::*;
 
 conformance!(
     join_leave_and_room_metadata,

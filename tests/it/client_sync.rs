@@ -6,7 +6,6 @@
 use std::future::Future;
 use std::time::Duration;
 
-use crate::common::*;
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc};
 use tower_mesh::client::{
@@ -14,6 +13,8 @@ use tower_mesh::client::{
     RecordMode, RecordSubscription,
 };
 use tower_mesh::{Access, Collection, MergeStrategy, MeshBuilder, Regex};
+
+use crate::common::*;
 
 conformance!(
     channels_history_live_messages_and_unsubscribe,

@@ -15,12 +15,13 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::common::*;
 use serde_json::{json, Value};
 use tower_mesh::{
     Access, BoxError, Collection, Connection, MergeStrategy, Mesh, MeshBuilder, PresenceOptions,
     Regex,
 };
+
+use crate::common::*;
 
 conformance!(
     matching_collection_snapshot_and_diffs_across_instances,

@@ -4,11 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common::*;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tower_mesh::extract::{Connection, Payload};
 use tower_mesh::{CommandError, MergeStrategy, MeshBuilder};
+
+use crate::common::*;
 
 conformance!(
     golden_frames,

@@ -10,7 +10,6 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use bytes::Bytes;
-use crate::common::*;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -19,6 +18,8 @@ use hyper_util::service::TowerToHyperService;
 use serde_json::json;
 use tower::Layer;
 use tower_mesh::Mesh;
+
+use crate::common::*;
 
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 

@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use axum::routing::get;
 use axum::Router;
-use crate::common::*;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tower_mesh::extract::Connection;
 use tower_mesh::{CommandError, MergeStrategy, MeshBuilder};
+
+use crate::common::*;
 
 conformance!(
     on_connect_sees_the_request_and_sets_metadata,

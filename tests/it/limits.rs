@@ -7,13 +7,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common::*;
 use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_tungstenite::tungstenite::Message;
 use tower_mesh::extract::{Connection, Payload};
 use tower_mesh::{Access, BoxError, Collection, Mesh, MeshBuilder};
+
+use crate::common::*;
 
 conformance!(
     slow_consumer_is_closed_while_others_keep_receiving,

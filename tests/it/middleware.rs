@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use axum::routing::get;
 use axum::Router;
-use crate::common::*;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Notify};
@@ -20,6 +19,8 @@ use tower::ServiceBuilder;
 use tower_mesh::command::{handler_service, FromFnLayer};
 use tower_mesh::extract::{Connection, Extension, Payload, State};
 use tower_mesh::{from_fn, BoxError, CommandError, CommandRequest, Mesh, Next};
+
+use crate::common::*;
 
 conformance!(
     timeout_layer_answers_etimeout_and_the_connection_keeps_serving,

@@ -6,10 +6,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::common::*;
 use serde_json::{json, Value};
 use tower_mesh::client::MeshClient;
 use tower_mesh::{Connection, MergeStrategy, Mesh, MeshBuilder, PresenceOptions, Regex};
+
+use crate::common::*;
 
 conformance!(
     subscribe_to_untracked_and_empty_tracked_rooms,

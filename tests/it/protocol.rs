@@ -3,11 +3,12 @@
 
 use std::time::Duration;
 
-use crate::common::*;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 use tower_mesh::{BoxError, CommandError, MeshBuilder};
+
+use crate::common::*;
 
 conformance!(
     assign_id_is_the_first_frame,

@@ -11,10 +11,11 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use crate::common::*;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tower_mesh::{Access, Connection, MergeStrategy, Mesh, RecordEvent, Regex};
+
+use crate::common::*;
 
 conformance!(
     subscribe_to_never_written_and_written_records,

@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::common::*;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -14,6 +13,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tower_mesh::client::{ClientEvent, MeshClient, PresenceKind, StateOptions};
 use tower_mesh::{MergeStrategy, Mesh, MeshBuilder, PresenceOptions, RedisBackend};
+
+use crate::common::*;
 
 /// A private `redis-server` on a free port, stopped when dropped.
 struct RedisServer {

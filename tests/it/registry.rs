@@ -1,10 +1,11 @@
 //! The connection registry and connection metadata (issue 2, item 8), on one instance and
 //! across two instances of one mesh, on every backend.
 
-use crate::common::*;
 use serde::Serialize;
 use serde_json::{json, Value};
 use tower_mesh::MergeStrategy;
+
+use crate::common::*;
 
 conformance!(
     connections_lists_the_local_connections,

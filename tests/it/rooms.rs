@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use axum::routing::get;
 use axum::Router;
-use crate::common::*;
 use serde_json::{json, Value};
 use tower_mesh::extract::Payload;
 use tower_mesh::{
     from_fn, CommandError, CommandRequest, Connection, MergeStrategy, Mesh, MeshBuilder, Next,
     PresenceOptions, Regex,
 };
+
+use crate::common::*;
 
 conformance!(
     join_and_leave_golden_replies,

@@ -1,6 +1,7 @@
-use crate::common::*;
 use serde_json::json;
 use tower_mesh::extract::Payload;
+
+use crate::common::*;
 
 #[tokio::test]
 async fn echo_round_trip() {

@@ -4,12 +4,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::common::*;
 use serde_json::{json, Value};
 use tower::limit::ConcurrencyLimitLayer;
 use tower::timeout::TimeoutLayer;
 use tower_mesh::extract::{Extension, Payload, State};
 use tower_mesh::{from_fn, CommandError, CommandRequest, Mesh, Next};
+
+use crate::common::*;
 
 async fn echo(Payload(payload): Payload<Value>) -> Value {
     payload
