@@ -2,17 +2,12 @@
 
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::mpsc;
 use tower_mesh::client::{ClientError, ClientEvent, MeshClient};
-use tower_mesh::extract::Payload;
 use tower_mesh::Mesh;
 
 use crate::common::*;
-
-async fn echo(Payload(payload): Payload<Value>) -> Value {
-    payload
-}
 
 async fn next_event(
     events: &mut tokio::sync::broadcast::Receiver<ClientEvent>,

@@ -29,10 +29,6 @@ conformance!(
     latency_round_trip,
 );
 
-async fn echo(Payload(payload): Payload<Value>) -> Value {
-    payload
-}
-
 fn with_commands(builder: MeshBuilder) -> MeshBuilder {
     builder
         .command("echo", echo)

@@ -529,9 +529,6 @@ async fn state_extractor(backend: Backend) {
 }
 
 #[derive(Clone, Debug)]
-struct User(String);
-
-#[derive(Clone, Debug)]
 struct Tag(&'static str);
 
 async fn middleware_extension_reaches_the_handler(backend: Backend) {
@@ -581,20 +578,6 @@ async fn middleware_extension_reaches_the_handler(backend: Backend) {
         client.command(2, "untagged", json!({})).await["payload"]["code"],
         "ESERVER"
     );
-}
-
-async fn insert_user(
-    mut request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let name = request
-        .headers()
-        .get("x-user")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("anonymous")
-        .to_owned();
-    request.extensions_mut().insert(User(name));
-    next.run(request).await
 }
 
 async fn http_middleware_extension_reaches_the_handler(backend: Backend) {

@@ -12,10 +12,6 @@ use tower_mesh::{from_fn, CommandError, CommandRequest, Mesh, Next};
 
 use crate::common::*;
 
-async fn echo(Payload(payload): Payload<Value>) -> Value {
-    payload
-}
-
 #[tokio::test]
 async fn a_timeout_layer_answers_etimeout_and_the_connection_keeps_serving() {
     let builder = Mesh::builder()
@@ -183,9 +179,6 @@ async fn a_plain_tower_service_is_a_command() {
         json!({"command": "raw", "connection": client.id, "payload": [1]})
     );
 }
-
-#[derive(Clone)]
-struct User(String);
 
 #[derive(Clone)]
 struct Greeting(&'static str);
