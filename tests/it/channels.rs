@@ -7,13 +7,12 @@
 //! marker, which every instance delivers after whatever was published before it; the
 //! frames that came before the marker are checked.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 
-use common::*;
 use serde_json::{json, Value};
 use tower_mesh::{Access, Connection, Mesh, Regex};
+
+use crate::common::*;
 
 conformance!(
     subscribe_and_unsubscribe_golden_replies,
@@ -42,32 +41,6 @@ conformance!(
 // Helpers.
 
 const MESSAGE: &str = "mesh/subscription-message";
-
-trait Within {
-    /// [`RawClient::command`] with an overall deadline.
-    async fn command_within(&mut self, id: u64, command: &str, payload: Value) -> Value;
-    /// [`RawClient::push`] with an overall deadline.
-    async fn push_within(&mut self, command: &str) -> Value;
-}
-
-impl Within for RawClient {
-    async fn command_within(&mut self, id: u64, command: &str, payload: Value) -> Value {
-        within(
-            &format!("the reply to {command} #{id}"),
-            self.command(id, command, payload),
-        )
-        .await
-    }
-
-    async fn push_within(&mut self, command: &str) -> Value {
-        within(&format!("a {command} push"), self.push(command)).await
-    }
-}
-
-/// Sends a command and returns its reply's payload.
-async fn call(client: &mut RawClient, id: u64, command: &str, payload: Value) -> Value {
-    client.command_within(id, command, payload).await["payload"].clone()
-}
 
 async fn subscribe(client: &mut RawClient, id: u64, channel: &str) -> Value {
     call(
@@ -108,62 +81,9 @@ async fn message(client: &mut RawClient) -> Value {
     client.push_within(MESSAGE).await["payload"].clone()
 }
 
-/// The next push named `command` exactly as the server wrote it (other frames skipped).
-async fn push_text(client: &mut RawClient, command: &str) -> String {
-    within(&format!("a {command} push"), async {
-        loop {
-            let text = client.next_text().await;
-            let frame: Value = serde_json::from_str(&text).expect("JSON");
-            if frame.get("id").is_none() && frame["command"] == command {
-                return text;
-            }
-        }
-    })
-    .await
-}
-
-/// Reads frames until the push named `command`; returns the frames read before it.
-async fn frames_before_push(client: &mut RawClient, command: &str) -> Vec<Value> {
-    within(&format!("a {command} push"), async {
-        let mut before = Vec::new();
-        loop {
-            let frame = client.next().await;
-            if frame.get("id").is_none() && frame["command"] == command {
-                return before;
-            }
-            before.push(frame);
-        }
-    })
-    .await
-}
-
-/// Broadcasts `marker` to every connection of the mesh (it is ordered after anything
-/// published before it) and returns, per client, the frames that came before it.
-async fn frames_before_marker(
-    mesh: &Mesh,
-    marker: &str,
-    clients: &mut [&mut RawClient],
-) -> Vec<Vec<Value>> {
-    mesh.broadcast(marker, &json!(null))
-        .await
-        .expect("broadcast marker");
-    let mut all = Vec::new();
-    for client in clients.iter_mut() {
-        all.push(frames_before_push(client, marker).await);
-    }
-    all
-}
-
-fn pushes_named<'a>(frames: &'a [Value], command: &str) -> Vec<&'a Value> {
-    frames
-        .iter()
-        .filter(|frame| frame.get("id").is_none() && frame["command"] == command)
-        .collect()
-}
-
 /// Asserts that no channel message came before the marker, for each client.
 async fn assert_no_message(mesh: &Mesh, marker: &str, clients: &mut [&mut RawClient]) {
-    for frames in frames_before_marker(mesh, marker, clients).await {
+    for frames in frames_before_marker(mesh, marker, clients, Noise::Kept).await {
         assert!(
             pushes_named(&frames, MESSAGE).is_empty(),
             "unexpected channel message: {frames:?}"
@@ -175,10 +95,6 @@ async fn write(mesh: &Mesh, channel: &str, message: &str, history: usize) {
     mesh.write_channel(channel, message, history)
         .await
         .expect("write_channel");
-}
-
-fn everything() -> Regex {
-    Regex::new(".*").expect("regex")
 }
 
 fn strings(items: &[&str]) -> Value {
@@ -224,7 +140,8 @@ async fn subscribe_and_unsubscribe_golden_replies(backend: Backend) {
         json!({"success": true, "history": []})
     );
     // It was written while the client was not subscribed: it is history, not a push.
-    let before = frames_before_marker(&server.mesh, "marker", &mut [&mut client]).await;
+    let before =
+        frames_before_marker(&server.mesh, "marker", &mut [&mut client], Noise::Kept).await;
     assert!(pushes_named(&before[0], MESSAGE).is_empty(), "{before:?}");
     write(&server.mesh, "news", "live", 10).await;
     assert_eq!(
@@ -546,6 +463,7 @@ async fn server_writes_reach_subscribers_on_every_instance(backend: Backend) {
             &mut outsider_a,
             &mut outsider_b,
         ],
+        Noise::Kept,
     )
     .await;
     for frames in &before {
@@ -811,7 +729,7 @@ async fn get_channel_history_default_and_limit(backend: Backend) {
     );
     // Reading history does not subscribe.
     write(&b.mesh, "log", "after", 100).await;
-    let before = frames_before_marker(&b.mesh, "marker", &mut [&mut client]).await;
+    let before = frames_before_marker(&b.mesh, "marker", &mut [&mut client], Noise::Kept).await;
     assert!(pushes_named(&before[0], MESSAGE).is_empty(), "{before:?}");
     assert_eq!(unsubscribe(&mut client, 5, "log").await, false);
 }
@@ -837,7 +755,7 @@ async fn unsubscribe_stops_delivery_on_that_connection_only(backend: Backend) {
     // Another local subscriber keeps the instance listening.
     write(&b.mesh, "news", "second", 0).await;
     assert_eq!(message(&mut stayer).await["message"], "second");
-    let before = frames_before_marker(&b.mesh, "marker-1", &mut [&mut leaver]).await;
+    let before = frames_before_marker(&b.mesh, "marker-1", &mut [&mut leaver], Noise::Kept).await;
     assert!(pushes_named(&before[0], MESSAGE).is_empty(), "{before:?}");
 
     // The last local subscriber leaves: nothing reaches that instance's connections.
@@ -886,7 +804,8 @@ async fn messages_reach_only_their_channel(backend: Backend) {
     // Prefixes of each other are different channels.
     write(&a.mesh, "channel:10", "for nobody", 0).await;
     write(&a.mesh, "channel", "for nobody", 0).await;
-    let before = frames_before_marker(&a.mesh, "marker", &mut [&mut one, &mut two]).await;
+    let before =
+        frames_before_marker(&a.mesh, "marker", &mut [&mut one, &mut two], Noise::Kept).await;
     for frames in &before {
         assert!(pushes_named(frames, MESSAGE).is_empty(), "{frames:?}");
     }
@@ -1039,20 +958,6 @@ async fn channel_subscription_limit_answers_eoverloaded(backend: Backend) {
 /// A message of exactly `bytes` bytes that starts with `tag` (so its place is visible).
 fn message_of_size(tag: &str, bytes: usize) -> String {
     format!("{tag}:{}", "x".repeat(bytes - tag.len() - 1))
-}
-
-/// The reply with this id exactly as the server wrote it (other frames skipped).
-async fn reply_text(client: &mut RawClient, id: u64) -> String {
-    within(&format!("the reply #{id}"), async {
-        loop {
-            let text = client.next_text().await;
-            let frame: Value = serde_json::from_str(&text).expect("JSON");
-            if frame["id"] == json!(id) {
-                return text;
-            }
-        }
-    })
-    .await
 }
 
 async fn a_message_over_max_channel_message_bytes_is_neither_sent_nor_kept(backend: Backend) {

@@ -13,16 +13,15 @@
 //! probe's diff every re-resolution caused by an earlier write has run, and its diff (if
 //! any) has arrived.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 
-use common::*;
 use serde_json::{json, Value};
 use tower_mesh::{
     Access, BoxError, Collection, Connection, MergeStrategy, Mesh, MeshBuilder, PresenceOptions,
     Regex,
 };
+
+use crate::common::*;
 
 conformance!(
     matching_collection_snapshot_and_diffs_across_instances,
@@ -52,32 +51,6 @@ const UPDATE: &str = "mesh/record-update";
 const DELETED: &str = "mesh/record-deleted";
 const PROBE: &str = "probe";
 
-trait Within {
-    /// [`RawClient::command`] with an overall deadline.
-    async fn command_within(&mut self, id: u64, command: &str, payload: Value) -> Value;
-    /// [`RawClient::push`] with an overall deadline.
-    async fn push_within(&mut self, command: &str) -> Value;
-}
-
-impl Within for RawClient {
-    async fn command_within(&mut self, id: u64, command: &str, payload: Value) -> Value {
-        within(
-            &format!("the reply to {command} #{id}"),
-            self.command(id, command, payload),
-        )
-        .await
-    }
-
-    async fn push_within(&mut self, command: &str) -> Value {
-        within(&format!("a {command} push"), self.push(command)).await
-    }
-}
-
-/// Sends a command and returns its reply's payload.
-async fn call(client: &mut RawClient, id: u64, command: &str, payload: Value) -> Value {
-    client.command_within(id, command, payload).await["payload"].clone()
-}
-
 async fn subscribe(client: &mut RawClient, id: u64, collection: &str) -> Value {
     call(
         client,
@@ -102,15 +75,6 @@ async fn unsubscribe(client: &mut RawClient, id: u64, collection: &str) -> Value
 async fn subscribe_probe(client: &mut RawClient, id: u64) {
     let reply = subscribe(client, id, PROBE).await;
     assert_eq!(reply["success"], true, "{reply}");
-}
-
-/// Pushes the server sends on its own schedule, which no test here is about.
-fn is_noise(frame: &Value) -> bool {
-    frame.get("id").is_none()
-        && matches!(
-            frame["command"].as_str(),
-            Some("latency" | "latency:request" | "ping")
-        )
 }
 
 fn is_diff_of(frame: &Value, collection: &str) -> bool {
@@ -184,12 +148,6 @@ async fn assert_settled_quietly(mesh: &Mesh, clients: &mut [&mut RawClient], tag
     }
 }
 
-async fn write(mesh: &Mesh, record_id: &str, value: Value) -> Option<u64> {
-    mesh.write_record(record_id, value, MergeStrategy::Replace)
-        .await
-        .expect("write_record")
-}
-
 async fn delete(mesh: &Mesh, record_id: &str) -> bool {
     mesh.delete_record(record_id).await.expect("delete_record")
 }
@@ -233,10 +191,10 @@ async fn matching_collection_snapshot_and_diffs_across_instances(backend: Backen
     let a = serve(with_tasks(&backend)).await;
     let b = serve(with_tasks(&backend)).await;
     // Written out of order; ids come sorted.
-    write(&b.mesh, "task:3", json!({"title": "three"})).await;
-    write(&b.mesh, "task:1", json!({"title": "one"})).await;
-    write(&b.mesh, "task:2", json!({"title": "two"})).await;
-    write(&b.mesh, "other:1", json!({"title": "not a task"})).await;
+    write_record(&b.mesh, "task:3", json!({"title": "three"})).await;
+    write_record(&b.mesh, "task:1", json!({"title": "one"})).await;
+    write_record(&b.mesh, "task:2", json!({"title": "two"})).await;
+    write_record(&b.mesh, "other:1", json!({"title": "not a task"})).await;
     let mut on_a = RawClient::connect(&a.url()).await;
     let mut on_b = RawClient::connect(&b.url()).await;
 
@@ -262,7 +220,7 @@ async fn matching_collection_snapshot_and_diffs_across_instances(backend: Backen
 
     // A matching record is created (through A): one diff on each instance, its record
     // carrying its id first.
-    write(&a.mesh, "task:4", json!({"title": "four", "done": false})).await;
+    write_record(&a.mesh, "task:4", json!({"title": "four", "done": false})).await;
     for client in [&mut on_a, &mut on_b] {
         let (before, text) = next_diff_text(client, "tasks").await;
         assert_eq!(
@@ -289,14 +247,14 @@ async fn matching_collection_snapshot_and_diffs_across_instances(backend: Backen
     assert_settled_quietly(&a.mesh, &mut [&mut on_a, &mut on_b], "deleted").await;
 
     // Records the collection does not match change nothing.
-    write(&a.mesh, "other:2", json!({"new": true})).await;
-    write(&b.mesh, "other:1", json!({"title": "changed"})).await;
+    write_record(&a.mesh, "other:2", json!({"new": true})).await;
+    write_record(&b.mesh, "other:1", json!({"title": "changed"})).await;
     assert!(delete(&a.mesh, "other:1").await);
     assert!(!delete(&b.mesh, "task:missing").await);
     assert_settled_quietly(&a.mesh, &mut [&mut on_a, &mut on_b], "others").await;
 
     // The removed member is no longer held: created again, it only joins by a diff.
-    write(&b.mesh, "task:2", json!({"title": "two again"})).await;
+    write_record(&b.mesh, "task:2", json!({"title": "two again"})).await;
     for client in [&mut on_a, &mut on_b] {
         expect_only_diff(
             client,
@@ -358,7 +316,7 @@ async fn added_members_carry_their_id(backend: Backend) {
         ),
     ];
     for (n, (record_id, value, member)) in cases.into_iter().enumerate() {
-        write(&b.mesh, record_id, value.clone()).await;
+        write_record(&b.mesh, record_id, value.clone()).await;
         expect_only_diff(
             &mut client,
             "tasks",
@@ -384,7 +342,7 @@ async fn added_members_carry_their_id(backend: Backend) {
 async fn member_updates_are_record_updates_without_diffs(backend: Backend) {
     let a = serve(with_tasks(&backend)).await;
     let b = serve(with_tasks(&backend)).await;
-    write(&a.mesh, "task:1", json!({"title": "one"})).await;
+    write_record(&a.mesh, "task:1", json!({"title": "one"})).await;
     let mut on_a = RawClient::connect(&a.url()).await;
     let mut on_b = RawClient::connect(&b.url()).await;
     for client in [&mut on_a, &mut on_b] {
@@ -396,13 +354,13 @@ async fn member_updates_are_record_updates_without_diffs(backend: Backend) {
     }
 
     // Updated through B: each subscriber gets the whole new value, and no diff.
-    write(&b.mesh, "task:1", json!({"title": "one", "done": true})).await;
+    write_record(&b.mesh, "task:1", json!({"title": "one", "done": true})).await;
     b.mesh
         .write_record("task:1", json!({"note": "n"}), MergeStrategy::Merge)
         .await
         .expect("merge");
     // A write that changes nothing sends nothing.
-    write(
+    write_record(
         &a.mesh,
         "task:1",
         json!({"title": "one", "done": true, "note": "n"}),
@@ -422,7 +380,7 @@ async fn member_updates_are_record_updates_without_diffs(backend: Backend) {
         );
     }
     // Membership changes still count on from version 1: no version was spent.
-    write(&a.mesh, "task:2", json!({})).await;
+    write_record(&a.mesh, "task:2", json!({})).await;
     for client in [&mut on_a, &mut on_b] {
         expect_only_diff(
             client,
@@ -467,18 +425,13 @@ fn taken(calls: &Arc<Mutex<Vec<String>>>) -> Vec<String> {
     std::mem::take(&mut *calls.lock().unwrap())
 }
 
-fn sorted(mut items: Vec<String>) -> Vec<String> {
-    items.sort();
-    items
-}
-
 async fn resolver_gets_the_collection_id_and_runs_only_for_records_it_can_hold(backend: Backend) {
     let calls = Arc::new(Mutex::new(Vec::new()));
     let a = serve(with_inboxes(&backend, &calls)).await;
     let b = serve(with_inboxes(&backend, &calls)).await;
-    write(&a.mesh, "message:1", json!({"to": "ann", "text": "hi ann"})).await;
-    write(&a.mesh, "message:2", json!({"to": "bob", "text": "hi bob"})).await;
-    write(&a.mesh, "message:3", json!({"to": "ann", "text": "again"})).await;
+    write_record(&a.mesh, "message:1", json!({"to": "ann", "text": "hi ann"})).await;
+    write_record(&a.mesh, "message:2", json!({"to": "bob", "text": "hi bob"})).await;
+    write_record(&a.mesh, "message:3", json!({"to": "ann", "text": "again"})).await;
     let mut ann = RawClient::connect(&a.url()).await;
     let mut bob = RawClient::connect(&b.url()).await;
 
@@ -502,14 +455,14 @@ async fn resolver_gets_the_collection_id_and_runs_only_for_records_it_can_hold(b
     }
 
     // Writes to records outside `holding` (the probes included) never run the resolver.
-    write(&a.mesh, "note:1", json!({"to": "ann"})).await;
-    write(&b.mesh, "note:1", json!({"to": "bob"})).await;
+    write_record(&a.mesh, "note:1", json!({"to": "ann"})).await;
+    write_record(&b.mesh, "note:1", json!({"to": "bob"})).await;
     assert!(delete(&a.mesh, "note:1").await);
     assert_settled_quietly(&b.mesh, &mut [&mut ann, &mut bob], "outside").await;
     assert_eq!(taken(&calls), Vec::<String>::new());
 
     // A write inside `holding` re-resolves each subscription once; only bob's changed.
-    write(&a.mesh, "message:4", json!({"to": "bob", "text": "new"})).await;
+    write_record(&a.mesh, "message:4", json!({"to": "bob", "text": "new"})).await;
     expect_only_diff(
         &mut bob,
         "inbox:bob",
@@ -543,7 +496,7 @@ async fn value_changes_move_members_between_resolved_collections(backend: Backen
     let calls = Arc::new(Mutex::new(Vec::new()));
     let a = serve(with_inboxes(&backend, &calls)).await;
     let b = serve(with_inboxes(&backend, &calls)).await;
-    write(&a.mesh, "message:1", json!({"to": "ann", "text": "hi"})).await;
+    write_record(&a.mesh, "message:1", json!({"to": "ann", "text": "hi"})).await;
     let mut ann = RawClient::connect(&a.url()).await;
     let mut bob = RawClient::connect(&b.url()).await;
     assert_eq!(
@@ -556,7 +509,7 @@ async fn value_changes_move_members_between_resolved_collections(backend: Backen
     }
 
     // An update that keeps it in ann's inbox: a record update for ann, no diff for anyone.
-    write(&b.mesh, "message:1", json!({"to": "ann", "text": "edited"})).await;
+    write_record(&b.mesh, "message:1", json!({"to": "ann", "text": "edited"})).await;
     let seen = settle(&b.mesh, &mut [&mut ann, &mut bob], "kept").await;
     assert_eq!(
         seen[0],
@@ -565,7 +518,7 @@ async fn value_changes_move_members_between_resolved_collections(backend: Backen
     assert!(seen[1].is_empty(), "{:?}", seen[1]);
 
     // An update that readdresses it: it leaves ann's inbox and joins bob's.
-    write(&b.mesh, "message:1", json!({"to": "bob", "text": "edited"})).await;
+    write_record(&b.mesh, "message:1", json!({"to": "bob", "text": "edited"})).await;
     let (before, left) = next_diff(&mut ann, "inbox:ann").await;
     assert_eq!(
         left,
@@ -588,7 +541,7 @@ async fn value_changes_move_members_between_resolved_collections(backend: Backen
     )
     .await;
     // From now on its changes reach bob, not ann.
-    write(&a.mesh, "message:1", json!({"to": "bob", "text": "final"})).await;
+    write_record(&a.mesh, "message:1", json!({"to": "bob", "text": "final"})).await;
     let seen = settle(&a.mesh, &mut [&mut ann, &mut bob], "moved").await;
     assert!(seen[0].is_empty(), "{:?}", seen[0]);
     assert_eq!(
@@ -620,7 +573,7 @@ async fn access_guard_and_unexposed_collections_are_refused(backend: Backend) {
     };
     let a = serve(builder(&backend)).await;
     let b = serve(builder(&backend)).await;
-    write(&b.mesh, "task:1", json!({"t": 1})).await;
+    write_record(&b.mesh, "task:1", json!({"t": 1})).await;
     let mut member = RawClient::connect_request(ws_request(&a.url(), &[("x-member", "1")])).await;
     let mut outsider = RawClient::connect(&a.url()).await;
 
@@ -654,8 +607,8 @@ async fn access_guard_and_unexposed_collections_are_refused(backend: Backend) {
     }
     // (The member's update is published before the creation, so it arrives before the
     // creation's diff, which follows a debounce.)
-    write(&b.mesh, "task:1", json!({"t": 11})).await;
-    write(&b.mesh, "task:2", json!({"t": 2})).await;
+    write_record(&b.mesh, "task:1", json!({"t": 11})).await;
+    write_record(&b.mesh, "task:2", json!({"t": 2})).await;
     let (before, added) = next_diff(&mut member, "team:red").await;
     assert_eq!(
         added,
@@ -689,7 +642,7 @@ async fn members_pass_the_record_read_rules(backend: Backend) {
     let a = serve(builder(&backend)).await;
     let b = serve(builder(&backend)).await;
     for id in ["task:1", "task:secret", "task:sealed", "item:1"] {
-        write(&b.mesh, id, json!({"id": id})).await;
+        write_record(&b.mesh, id, json!({"id": id})).await;
     }
     let mut plain = RawClient::connect(&a.url()).await;
     let mut cleared = RawClient::connect_request(ws_request(&a.url(), &[("x-cleared", "1")])).await;
@@ -711,9 +664,9 @@ async fn members_pass_the_record_read_rules(backend: Backend) {
         subscribe_probe(client, 3).await;
     }
     // Changes to records a connection may not read never reach it.
-    write(&b.mesh, "task:secret", json!({"changed": true})).await;
-    write(&b.mesh, "task:sealed", json!({"changed": true})).await;
-    write(&b.mesh, "item:2", json!({})).await;
+    write_record(&b.mesh, "task:secret", json!({"changed": true})).await;
+    write_record(&b.mesh, "task:sealed", json!({"changed": true})).await;
+    write_record(&b.mesh, "item:2", json!({})).await;
     let seen = settle(&b.mesh, &mut [&mut plain, &mut cleared], "secret").await;
     assert!(seen[0].is_empty(), "{:?}", seen[0]);
     assert_eq!(seen[1], [full("task:secret", json!({"changed": true}), 2)]);
@@ -725,7 +678,7 @@ async fn members_pass_the_record_read_rules(backend: Backend) {
 async fn unsubscribe_returns_true_then_false_and_stops_everything(backend: Backend) {
     let a = serve(with_tasks(&backend)).await;
     let b = serve(with_tasks(&backend)).await;
-    write(&b.mesh, "task:1", json!({"n": 1})).await;
+    write_record(&b.mesh, "task:1", json!({"n": 1})).await;
     let mut leaver = RawClient::connect(&a.url()).await;
     let mut stayer = RawClient::connect(&a.url()).await;
     for client in [&mut leaver, &mut stayer] {
@@ -751,8 +704,8 @@ async fn unsubscribe_returns_true_then_false_and_stops_everything(backend: Backe
 
     // Neither diffs nor member updates reach it any more; the other subscriber of the
     // same instance still hears both.
-    write(&b.mesh, "task:1", json!({"n": 11})).await;
-    write(&b.mesh, "task:2", json!({"n": 2})).await;
+    write_record(&b.mesh, "task:1", json!({"n": 11})).await;
+    write_record(&b.mesh, "task:2", json!({"n": 2})).await;
     let (before, added) = next_diff(&mut stayer, "tasks").await;
     assert_eq!(
         added,
@@ -779,7 +732,7 @@ async fn unsubscribe_returns_true_then_false_and_stops_everything(backend: Backe
         json!({"success": true, "ids": ["task:2"],
                "records": [{"id": "task:2", "record": {"n": 2}}], "version": 1})
     );
-    write(&a.mesh, "task:3", json!({})).await;
+    write_record(&a.mesh, "task:3", json!({})).await;
     expect_only_diff(
         &mut leaver,
         "tasks",
@@ -791,7 +744,7 @@ async fn unsubscribe_returns_true_then_false_and_stops_everything(backend: Backe
 async fn patch_subscription_and_membership_on_one_connection(backend: Backend) {
     let a = serve(with_tasks(&backend)).await;
     let b = serve(with_tasks(&backend)).await;
-    write(&b.mesh, "task:1", json!({"n": 1})).await;
+    write_record(&b.mesh, "task:1", json!({"n": 1})).await;
     let mut both = RawClient::connect(&a.url()).await;
     let mut full_and_member = RawClient::connect(&a.url()).await;
     assert_eq!(
@@ -819,9 +772,14 @@ async fn patch_subscription_and_membership_on_one_connection(backend: Backend) {
 
     // One frame per write: the patch the direct subscription asked for, and the whole
     // value the collection needs.
-    write(&b.mesh, "task:1", json!({"n": 2})).await;
-    let before =
-        frames_before_marker(&b.mesh, "marker-1", &mut [&mut both, &mut full_and_member]).await;
+    write_record(&b.mesh, "task:1", json!({"n": 2})).await;
+    let before = frames_before_marker(
+        &b.mesh,
+        "marker-1",
+        &mut [&mut both, &mut full_and_member],
+        Noise::Dropped,
+    )
+    .await;
     assert_eq!(
         before[0],
         [json!({"command": UPDATE, "payload": {
@@ -844,8 +802,8 @@ async fn patch_subscription_and_membership_on_one_connection(backend: Backend) {
         .await,
         true
     );
-    write(&b.mesh, "task:1", json!({"n": 3})).await;
-    let before = frames_before_marker(&b.mesh, "marker-2", &mut [&mut both]).await;
+    write_record(&b.mesh, "task:1", json!({"n": 3})).await;
+    let before = frames_before_marker(&b.mesh, "marker-2", &mut [&mut both], Noise::Dropped).await;
     assert_eq!(before[0], [full("task:1", json!({"n": 3}), 3)]);
 
     // Without the collection, the direct patch subscription alone.
@@ -857,8 +815,8 @@ async fn patch_subscription_and_membership_on_one_connection(backend: Backend) {
     )
     .await;
     assert_eq!(unsubscribe(&mut both, 5, "tasks").await, true);
-    write(&b.mesh, "task:1", json!({"n": 4})).await;
-    let before = frames_before_marker(&b.mesh, "marker-3", &mut [&mut both]).await;
+    write_record(&b.mesh, "task:1", json!({"n": 4})).await;
+    let before = frames_before_marker(&b.mesh, "marker-3", &mut [&mut both], Noise::Dropped).await;
     assert_eq!(
         before[0],
         [json!({"command": UPDATE, "payload": {
@@ -876,8 +834,8 @@ async fn patch_subscription_and_membership_on_one_connection(backend: Backend) {
         json!({"recordId": "task:1"}),
     )
     .await;
-    write(&b.mesh, "task:1", json!({"n": 5})).await;
-    let before = frames_before_marker(&b.mesh, "marker-4", &mut [&mut both]).await;
+    write_record(&b.mesh, "task:1", json!({"n": 5})).await;
+    let before = frames_before_marker(&b.mesh, "marker-4", &mut [&mut both], Noise::Dropped).await;
     assert!(
         before[0].iter().all(is_noise),
         "unexpected frames: {:?}",
@@ -890,7 +848,7 @@ async fn subscriptions_end_when_the_connection_closes(backend: Backend) {
         |backend: &Backend| with_tasks(backend).track_presence("watched", PresenceOptions::new());
     let a = serve(builder(&backend)).await;
     let b = serve(builder(&backend)).await;
-    write(&b.mesh, "task:1", json!({"n": 1})).await;
+    write_record(&b.mesh, "task:1", json!({"n": 1})).await;
     let mut goner = RawClient::connect(&a.url()).await;
     let mut stayer = RawClient::connect(&a.url()).await;
     let mut observer = RawClient::connect(&b.url()).await;
@@ -939,8 +897,14 @@ async fn subscriptions_end_when_the_connection_closes(backend: Backend) {
     assert!(a.mesh.connection(&goner_id).is_none());
 
     // Changes after that are no trouble: the other subscriber hears them as usual.
-    assert_eq!(write(&a.mesh, "task:1", json!({"n": 11})).await, Some(2));
-    assert_eq!(write(&b.mesh, "task:2", json!({"n": 2})).await, Some(1));
+    assert_eq!(
+        write_record(&a.mesh, "task:1", json!({"n": 11})).await,
+        Some(2)
+    );
+    assert_eq!(
+        write_record(&b.mesh, "task:2", json!({"n": 2})).await,
+        Some(1)
+    );
     let (before, added) = next_diff(&mut stayer, "tasks").await;
     assert_eq!(
         added,
@@ -1028,7 +992,7 @@ async fn collection_subscription_limit_answers_eoverloaded(backend: Backend) {
     )
     .await;
     for n in 1..=3 {
-        write(&a.mesh, &format!("task:{n}"), json!({"n": n})).await;
+        write_record(&a.mesh, &format!("task:{n}"), json!({"n": n})).await;
     }
     let mut client = RawClient::connect(&a.url()).await;
     // The records a collection holds are not subscriptions of their own.
@@ -1080,42 +1044,7 @@ async fn collection_subscription_limit_answers_eoverloaded(backend: Backend) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Marker helpers (for record updates, which are delivered in publish order).
-
-/// Reads frames until the push named `command`; returns the frames read before it
-/// (noise dropped).
-async fn frames_before_push(client: &mut RawClient, command: &str) -> Vec<Value> {
-    within(&format!("a {command} push"), async {
-        let mut before = Vec::new();
-        loop {
-            let frame = client.next().await;
-            if frame.get("id").is_none() && frame["command"] == command {
-                return before;
-            }
-            if !is_noise(&frame) {
-                before.push(frame);
-            }
-        }
-    })
-    .await
-}
-
-/// Broadcasts `marker` to every connection of the mesh (it is ordered after anything
-/// published before it) and returns, per client, the frames that came before it.
-async fn frames_before_marker(
-    mesh: &Mesh,
-    marker: &str,
-    clients: &mut [&mut RawClient],
-) -> Vec<Vec<Value>> {
-    mesh.broadcast(marker, &json!(null))
-        .await
-        .expect("broadcast marker");
-    let mut all = Vec::new();
-    for client in clients.iter_mut() {
-        all.push(frames_before_push(client, marker).await);
-    }
-    all
-}
+// Member streams under continuous writes, and how often resolvers run.
 
 /// PROTOCOL.md §11, for collection members: a writer on another instance writes a member
 /// without pause while a reader subscribes to the collection, follows the member's
@@ -1231,7 +1160,7 @@ async fn a_resolver_by_id_runs_once_per_change_for_every_local_subscriber(backen
     }
     let subscribed = runs.load(std::sync::atomic::Ordering::SeqCst);
     assert_eq!(subscribed, 3, "one resolution per subscribe");
-    write(&b.mesh, "fruit:apple", json!({"n": 1})).await;
+    write_record(&b.mesh, "fruit:apple", json!({"n": 1})).await;
     for client in &mut clients {
         let (_, diff) = next_diff(client, "box:fruit").await;
         assert_eq!(
@@ -1259,8 +1188,8 @@ async fn writes_to_records_a_collection_cannot_hold_resolve_nothing(backend: Bac
     assert_eq!(reply["success"], true, "{reply}");
     assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
     for n in 0..20 {
-        write(&b.mesh, &format!("veg:{n}"), json!({"n": n})).await;
-        write(&b.mesh, &format!("fruity:{n}"), json!({"n": n})).await;
+        write_record(&b.mesh, &format!("veg:{n}"), json!({"n": n})).await;
+        write_record(&b.mesh, &format!("fruity:{n}"), json!({"n": n})).await;
     }
     assert_settled_quietly(&b.mesh, &mut [&mut client], "unrelated").await;
     assert_eq!(
@@ -1268,7 +1197,7 @@ async fn writes_to_records_a_collection_cannot_hold_resolve_nothing(backend: Bac
         1,
         "no resolution for records the collection cannot hold"
     );
-    write(&b.mesh, "fruit:pear", json!({"n": 1})).await;
+    write_record(&b.mesh, "fruit:pear", json!({"n": 1})).await;
     let (_, diff) = next_diff(&mut client, "box:fruit").await;
     assert_eq!(
         diff["added"],
@@ -1300,32 +1229,6 @@ fn big_member(n: usize) -> Value {
     value
 }
 
-/// Sends a command and returns its reply's payload, checking that the reply fits in a
-/// frame.
-async fn call_within_frame(
-    client: &mut RawClient,
-    id: u64,
-    command: &str,
-    payload: Value,
-) -> Value {
-    client
-        .send_json(json!({"id": id, "command": command, "payload": payload}))
-        .await;
-    let text = within(&format!("the reply to {command}"), async {
-        loop {
-            let text = client.next_text().await;
-            let frame: Value = serde_json::from_str(&text).expect("JSON");
-            if frame["id"] == json!(id) {
-                return text;
-            }
-        }
-    })
-    .await;
-    assert!(text.len() <= FRAME, "{} bytes: {text}", text.len());
-    let reply: Value = serde_json::from_str(&text).expect("JSON");
-    reply["payload"].clone()
-}
-
 fn snapshot_entry(id: &str, record: Value) -> Value {
     json!({ "id": id, "record": record })
 }
@@ -1344,9 +1247,9 @@ async fn a_snapshot_holds_the_leading_members_that_fit_and_the_rest_get_no_updat
     let a = serve(with_big_members(&backend)).await;
     let b = serve(with_big_members(&backend)).await;
     for n in 1..=5 {
-        write(&b.mesh, &format!("big:{n}"), big_member(n)).await;
+        write_record(&b.mesh, &format!("big:{n}"), big_member(n)).await;
     }
-    write(&b.mesh, "few:1", json!({"small": true})).await;
+    write_record(&b.mesh, "few:1", json!({"small": true})).await;
     let mut client = RawClient::connect(&a.url()).await;
 
     // The leading members (ids in order) that fit, and `truncated`.
@@ -1355,7 +1258,8 @@ async fn a_snapshot_holds_the_leading_members_that_fit_and_the_rest_get_no_updat
             &mut client,
             1,
             "mesh/subscribe-collection",
-            json!({"collectionId": "big"})
+            json!({"collectionId": "big"}),
+            FRAME
         )
         .await,
         json!({"success": true, "ids": ["big:1", "big:2"], "records": [
@@ -1369,7 +1273,8 @@ async fn a_snapshot_holds_the_leading_members_that_fit_and_the_rest_get_no_updat
             &mut client,
             2,
             "mesh/subscribe-collection",
-            json!({"collectionId": "few"})
+            json!({"collectionId": "few"}),
+            FRAME
         )
         .await,
         json!({"success": true, "ids": ["few:1"], "records": [
@@ -1382,7 +1287,7 @@ async fn a_snapshot_holds_the_leading_members_that_fit_and_the_rest_get_no_updat
     // are.
     let changed = |n: usize| json!({"n": n, "changed": true});
     for n in [4, 1, 3, 5] {
-        write(&b.mesh, &format!("big:{n}"), changed(n)).await;
+        write_record(&b.mesh, &format!("big:{n}"), changed(n)).await;
     }
     assert_eq!(
         settle(&a.mesh, &mut [&mut client], "updated").await,
@@ -1394,7 +1299,7 @@ async fn a_diff_holds_the_leading_members_that_fit_and_the_rest_get_no_updates(b
     let a = serve(with_big_members(&backend)).await;
     let b = serve(with_big_members(&backend)).await;
     for n in 1..=5 {
-        write(&b.mesh, &format!("big:{n}"), big_member(n)).await;
+        write_record(&b.mesh, &format!("big:{n}"), big_member(n)).await;
     }
     let mut client = RawClient::connect(&a.url()).await;
     let snapshot = subscribe(&mut client, 1, "big").await;
@@ -1407,7 +1312,7 @@ async fn a_diff_holds_the_leading_members_that_fit_and_the_rest_get_no_updates(b
 
     // A new member re-resolves the collection: every member not held joins, and the diff
     // holds the leading ones that fit.
-    write(&b.mesh, "big:6", json!({"n": 6})).await;
+    write_record(&b.mesh, "big:6", json!({"n": 6})).await;
     let (before, text) = next_diff_text(&mut client, "big").await;
     assert!(before.is_empty(), "frames before the diff: {before:?}");
     assert!(text.len() <= FRAME, "{} bytes: {text}", text.len());
@@ -1423,7 +1328,7 @@ async fn a_diff_holds_the_leading_members_that_fit_and_the_rest_get_no_updates(b
     // The members the diff left out are not held; those it added are.
     let changed = |n: usize| json!({"n": n, "changed": true});
     for n in [5, 6, 3] {
-        write(&b.mesh, &format!("big:{n}"), changed(n)).await;
+        write_record(&b.mesh, &format!("big:{n}"), changed(n)).await;
     }
     assert_eq!(
         settle(&a.mesh, &mut [&mut client], "updated").await,
@@ -1446,7 +1351,7 @@ async fn a_diff_holds_the_leading_members_that_fit_and_the_rest_get_no_updates(b
         ], "removed": [{"id": "big:1"}], "version": 3}})
         .to_string()
     );
-    write(&b.mesh, "big:5", json!({"n": 5, "final": true})).await;
+    write_record(&b.mesh, "big:5", json!({"n": 5, "final": true})).await;
     assert_eq!(
         settle(&a.mesh, &mut [&mut client], "held").await,
         [vec![full("big:5", json!({"n": 5, "final": true}), 3)]]

@@ -3,19 +3,18 @@
 //! headers a connection keeps, and the connections an instance holds, on every backend.
 //! (The inbound frame limit is in bad_input.rs.)
 
-mod common;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
 use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_tungstenite::tungstenite::Message;
 use tower_mesh::extract::{Connection, Payload};
 use tower_mesh::{Access, BoxError, Collection, Mesh, MeshBuilder};
+
+use crate::common::*;
 
 conformance!(
     slow_consumer_is_closed_while_others_keep_receiving,
@@ -772,17 +771,14 @@ async fn raw_upgrade(addr: std::net::SocketAddr, headers: &[(String, String)]) -
     .await;
     let answer = String::from_utf8_lossy(&received[..end]).to_string();
     assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
-    let mut socket = tokio_tungstenite::WebSocketStream::from_partially_read(
+    let socket = tokio_tungstenite::WebSocketStream::from_partially_read(
         tokio_tungstenite::MaybeTlsStream::Plain(stream),
         received[end..].to_vec(),
         Role::Client,
         None,
     )
     .await;
-    let first = next_json(&mut socket).await;
-    assert_eq!(first["command"], "mesh/assign-id", "first frame: {first}");
-    let id = first["payload"].as_str().expect("id").to_owned();
-    RawClient { socket, id }
+    RawClient::assigned(socket).await
 }
 
 /// The names of the headers a connection kept, in order, as `headers` reports them.
@@ -872,7 +868,7 @@ async fn kept_headers_are_taken_in_request_order_within_the_budget(backend: Back
 /// Connects, or returns the refusal: its status and `Retry-After` header.
 async fn connect_or_refusal(url: &str) -> Result<RawClient, (u16, Option<String>)> {
     use tokio_tungstenite::tungstenite::Error;
-    let (mut socket, _) = match tokio_tungstenite::connect_async(url).await {
+    let (socket, _) = match tokio_tungstenite::connect_async(url).await {
         Ok(connected) => connected,
         Err(Error::Http(response)) => {
             let retry_after = response
@@ -883,10 +879,7 @@ async fn connect_or_refusal(url: &str) -> Result<RawClient, (u16, Option<String>
         }
         Err(other) => panic!("upgrade failed without an HTTP answer: {other}"),
     };
-    let first = next_json(&mut socket).await;
-    assert_eq!(first["command"], "mesh/assign-id", "first frame: {first}");
-    let id = first["payload"].as_str().expect("id").to_owned();
-    Ok(RawClient { socket, id })
+    Ok(RawClient::assigned(socket).await)
 }
 
 async fn upgrades_beyond_max_connections_get_503_until_one_closes(backend: Backend) {

@@ -3,15 +3,14 @@
 //! on both backends and over real WebSockets. Multi-instance tests put subscribers and
 //! members on different instances of one mesh.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
 use serde_json::{json, Value};
 use tower_mesh::client::MeshClient;
 use tower_mesh::{Connection, MergeStrategy, Mesh, MeshBuilder, PresenceOptions, Regex};
+
+use crate::common::*;
 
 conformance!(
     subscribe_to_untracked_and_empty_tracked_rooms,
@@ -62,50 +61,6 @@ fn a_ttl_shorter_than_the_ping_interval_is_refused() {
 // Helpers.
 
 const UPDATE: &str = "mesh/presence-update";
-
-trait Within {
-    /// [`RawClient::command`] with an overall deadline.
-    async fn command_within(&mut self, id: u64, command: &str, payload: Value) -> Value;
-    /// [`RawClient::push`] with an overall deadline.
-    async fn push_within(&mut self, command: &str) -> Value;
-}
-
-impl Within for RawClient {
-    async fn command_within(&mut self, id: u64, command: &str, payload: Value) -> Value {
-        within(
-            &format!("the reply to {command} #{id}"),
-            self.command(id, command, payload),
-        )
-        .await
-    }
-
-    async fn push_within(&mut self, command: &str) -> Value {
-        within(&format!("a {command} push"), self.push(command)).await
-    }
-}
-
-/// Sends a command and returns its reply's payload.
-async fn call(client: &mut RawClient, id: u64, command: &str, payload: Value) -> Value {
-    client.command_within(id, command, payload).await["payload"].clone()
-}
-
-async fn join(client: &mut RawClient, id: u64, room: &str) -> Value {
-    call(client, id, "mesh/join-room", json!({ "roomName": room })).await
-}
-
-async fn leave(client: &mut RawClient, id: u64, room: &str) -> Value {
-    call(client, id, "mesh/leave-room", json!({ "roomName": room })).await
-}
-
-async fn subscribe(client: &mut RawClient, id: u64, room: &str) -> Value {
-    call(
-        client,
-        id,
-        "mesh/subscribe-presence",
-        json!({ "roomName": room }),
-    )
-    .await
-}
 
 async fn publish(client: &mut RawClient, id: u64, room: &str, state: Value) -> Value {
     call(
@@ -174,30 +129,10 @@ fn state_update(connection: &str, room: &str, state: Value) -> Value {
     json!({"type": "state", "connectionId": connection, "roomName": room, "state": state})
 }
 
-/// The next presence update's payload (other frames are skipped).
-async fn next_update(client: &mut RawClient) -> Value {
-    client.push_within(UPDATE).await["payload"].clone()
-}
-
 /// Asserts that the next presence update is exactly `expected` (plus a timestamp).
 async fn expect_update(client: &mut RawClient, expected: Value) {
-    let update = next_update(client).await;
+    let update = presence_update(client).await;
     assert_update(&update, expected);
-}
-
-/// Reads frames until the push named `command`; returns the frames read before it.
-async fn frames_before_push(client: &mut RawClient, command: &str) -> Vec<Value> {
-    within(&format!("a {command} push"), async {
-        let mut before = Vec::new();
-        loop {
-            let frame = client.next().await;
-            if frame.get("id").is_none() && frame["command"] == command {
-                return before;
-            }
-            before.push(frame);
-        }
-    })
-    .await
 }
 
 /// The presence updates among `frames`.
@@ -221,7 +156,9 @@ async fn updates_before_marker(
         .expect("broadcast marker");
     let mut all = Vec::new();
     for client in clients.iter_mut() {
-        all.push(updates_in(&frames_before_push(client, marker).await));
+        all.push(updates_in(
+            &frames_before_push(client, marker, Noise::Kept).await,
+        ));
     }
     all
 }
@@ -267,7 +204,7 @@ fn s(kind: &str, connection: &str, room: &str, state: Value) -> (String, String,
     )
 }
 
-fn sorted(mut states: Vec<(String, Value)>) -> Vec<(String, Value)> {
+fn sorted_states(mut states: Vec<(String, Value)>) -> Vec<(String, Value)> {
     states.sort_by(|a, b| a.0.cmp(&b.0));
     states
 }
@@ -276,22 +213,6 @@ fn tracking(backend: &Backend, room: &str) -> MeshBuilder {
     backend
         .builder()
         .track_presence(room, PresenceOptions::new())
-}
-
-/// A builder on `backend` whose dead instances are noticed fast: on Redis a 200 ms
-/// heartbeat and a 1 s instance TTL (the in-memory backend notices a dropped instance
-/// within about a second anyway).
-fn fast_liveness(backend: &Backend) -> MeshBuilder {
-    match backend {
-        Backend::Memory(memory) => Mesh::builder().memory_backend(memory.clone()),
-        Backend::Redis { url, prefix } => Mesh::builder().redis_backend(
-            tower_mesh::RedisBackend::builder(url.as_str())
-                .prefix(prefix.as_str())
-                .liveness(Duration::from_millis(200), Duration::from_millis(1000))
-                .build()
-                .expect("Redis backend"),
-        ),
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -390,7 +311,10 @@ async fn join_and_leave_updates_cross_instances_with_exact_fields(backend: Backe
     let mut watcher_a = RawClient::connect(&a.url()).await;
     let mut watcher_b = RawClient::connect(&b.url()).await;
     for watcher in [&mut watcher_a, &mut watcher_b] {
-        assert_eq!(subscribe(watcher, 1, "room").await["success"], true);
+        assert_eq!(
+            subscribe_presence(watcher, 1, "room").await["success"],
+            true
+        );
     }
     let mut member_b = RawClient::connect(&b.url()).await;
     let mut member_a = RawClient::connect(&a.url()).await;
@@ -399,7 +323,7 @@ async fn join_and_leave_updates_cross_instances_with_exact_fields(backend: Backe
     let before = now_ms();
     join(&mut member_b, 1, "room").await;
     for watcher in [&mut watcher_a, &mut watcher_b] {
-        let update = next_update(watcher).await;
+        let update = presence_update(watcher).await;
         assert_update(&update, membership_update("join", &member_b.id, "room"));
         let timestamp = update["timestamp"].as_u64().expect("timestamp");
         assert!(
@@ -448,7 +372,7 @@ async fn one_join_per_membership(backend: Backend) {
     let a = serve(tracking(&backend, "room")).await;
     let b = serve(tracking(&backend, "room")).await;
     let mut watcher = RawClient::connect(&a.url()).await;
-    subscribe(&mut watcher, 1, "room").await;
+    subscribe_presence(&mut watcher, 1, "room").await;
     let mut twice = RawClient::connect(&b.url()).await;
     let mut other = RawClient::connect(&a.url()).await;
 
@@ -460,7 +384,7 @@ async fn one_join_per_membership(backend: Backend) {
     join(&mut other, 1, "room").await;
     let mut updates = Vec::new();
     loop {
-        let update = summary(&next_update(&mut watcher).await);
+        let update = summary(&presence_update(&mut watcher).await);
         let done = update.1 == other.id;
         updates.push(update);
         if done {
@@ -486,7 +410,7 @@ async fn one_join_per_membership(backend: Backend) {
     leave(&mut other, 2, "room").await;
     let mut seen = Vec::new();
     while seen.len() < 2 {
-        seen.push(summary(&next_update(&mut watcher).await));
+        seen.push(summary(&presence_update(&mut watcher).await));
     }
     assert_eq!(
         seen,
@@ -506,8 +430,8 @@ async fn server_side_changes_announce_presence(backend: Backend) {
     let a = serve(builder(&backend)).await;
     let b = serve(builder(&backend)).await;
     let mut watcher = RawClient::connect(&a.url()).await;
-    subscribe(&mut watcher, 1, "room-1").await;
-    subscribe(&mut watcher, 2, "room-2").await;
+    subscribe_presence(&mut watcher, 1, "room-1").await;
+    subscribe_presence(&mut watcher, 2, "room-2").await;
     let member = RawClient::connect(&b.url()).await;
     let mut local = RawClient::connect(&a.url()).await;
 
@@ -544,8 +468,8 @@ async fn server_side_changes_announce_presence(backend: Backend) {
         .await
         .expect("remove all"));
     let mut leaves = vec![
-        summary(&next_update(&mut watcher).await),
-        summary(&next_update(&mut watcher).await),
+        summary(&presence_update(&mut watcher).await),
+        summary(&presence_update(&mut watcher).await),
     ];
     leaves.sort_by_key(|u| format!("{u:?}"));
     assert_eq!(
@@ -567,8 +491,8 @@ async fn server_side_changes_announce_presence(backend: Backend) {
     .await;
     b.mesh.room("room-1").clear().await.expect("clear");
     let mut leaves = vec![
-        summary(&next_update(&mut watcher).await),
-        summary(&next_update(&mut watcher).await),
+        summary(&presence_update(&mut watcher).await),
+        summary(&presence_update(&mut watcher).await),
     ];
     leaves.sort_by_key(|u| format!("{u:?}"));
     let mut expected = vec![
@@ -592,7 +516,7 @@ async fn unsubscribe_stops_updates(backend: Backend) {
     let mut leaving = RawClient::connect(&a.url()).await;
     let mut staying = RawClient::connect(&a.url()).await;
     for watcher in [&mut leaving, &mut staying] {
-        subscribe(watcher, 1, "room").await;
+        subscribe_presence(watcher, 1, "room").await;
     }
     let mut member = RawClient::connect(&b.url()).await;
     join(&mut member, 1, "room").await;
@@ -662,7 +586,7 @@ async fn presence_guard_refuses_watching(backend: Backend) {
     let mut member = RawClient::connect(&b.url()).await;
 
     assert_eq!(
-        subscribe(&mut allowed, 1, "guarded:1").await,
+        subscribe_presence(&mut allowed, 1, "guarded:1").await,
         json!({"success": true, "present": [], "states": {}})
     );
     assert_eq!(
@@ -761,7 +685,7 @@ async fn regex_patterns_track_presence(backend: Backend) {
     .into_iter()
     .enumerate()
     {
-        let reply = subscribe(&mut watcher, n as u64 + 1, room).await;
+        let reply = subscribe_presence(&mut watcher, n as u64 + 1, room).await;
         assert_eq!(reply["success"], tracked, "{room}: {reply}");
     }
     join(&mut member, 1, "game:x").await;
@@ -789,7 +713,7 @@ async fn states_publish_and_clear(backend: Backend) {
     let a = serve(tracking(&backend, "room")).await;
     let b = serve(tracking(&backend, "room")).await;
     let mut watcher = RawClient::connect(&a.url()).await;
-    subscribe(&mut watcher, 1, "room").await;
+    subscribe_presence(&mut watcher, 1, "room").await;
     let mut member = RawClient::connect(&b.url()).await;
     join(&mut member, 1, "room").await;
     expect_update(&mut watcher, membership_update("join", &member.id, "room")).await;
@@ -865,7 +789,7 @@ async fn silent_state_is_stored_without_an_update(backend: Backend) {
     let a = serve(tracking(&backend, "room")).await;
     let b = serve(tracking(&backend, "room")).await;
     let mut watcher = RawClient::connect(&a.url()).await;
-    subscribe(&mut watcher, 1, "room").await;
+    subscribe_presence(&mut watcher, 1, "room").await;
     let mut member = RawClient::connect(&b.url()).await;
     let mut later = RawClient::connect(&a.url()).await;
     join(&mut member, 1, "room").await;
@@ -892,7 +816,7 @@ async fn silent_state_is_stored_without_an_update(backend: Backend) {
     );
     let mut late_watcher = RawClient::connect(&b.url()).await;
     assert_eq!(
-        subscribe(&mut late_watcher, 1, "room").await,
+        subscribe_presence(&mut late_watcher, 1, "room").await,
         json!({"success": true,
             "present": [{"id": member.id, "metadata": null}, {"id": later.id, "metadata": null}],
             "states": {member.id.as_str(): {"mood": "quiet"}}})
@@ -918,7 +842,7 @@ async fn state_expiry_announces_null(backend: Backend) {
     let a = serve(tracking(&backend, "room")).await;
     let b = serve(tracking(&backend, "room")).await;
     let mut watcher = RawClient::connect(&a.url()).await;
-    subscribe(&mut watcher, 1, "room").await;
+    subscribe_presence(&mut watcher, 1, "room").await;
     let mut member = RawClient::connect(&b.url()).await;
     join(&mut member, 1, "room").await;
     expect_update(&mut watcher, membership_update("join", &member.id, "room")).await;
@@ -958,7 +882,7 @@ async fn states_with_different_expiries_expire_independently(backend: Backend) {
     let a = serve(tracking(&backend, "room")).await;
     let b = serve(tracking(&backend, "room")).await;
     let mut watcher = RawClient::connect(&a.url()).await;
-    subscribe(&mut watcher, 1, "room").await;
+    subscribe_presence(&mut watcher, 1, "room").await;
     let mut short = RawClient::connect(&a.url()).await;
     let mut long = RawClient::connect(&b.url()).await;
     for member in [&mut short, &mut long] {
@@ -993,7 +917,7 @@ async fn replacing_a_state_drops_its_expiry(backend: Backend) {
     let a = serve(tracking(&backend, "room")).await;
     let b = serve(tracking(&backend, "room")).await;
     let mut watcher = RawClient::connect(&a.url()).await;
-    subscribe(&mut watcher, 1, "room").await;
+    subscribe_presence(&mut watcher, 1, "room").await;
     let mut replaced = RawClient::connect(&b.url()).await;
     let mut timer = RawClient::connect(&a.url()).await;
     for member in [&mut replaced, &mut timer] {
@@ -1006,7 +930,7 @@ async fn replacing_a_state_drops_its_expiry(backend: Backend) {
     publish_expiring(&mut timer, 2, "room", json!({"t": 1}), 450).await;
     let mut updates = Vec::new();
     loop {
-        let update = summary(&next_update(&mut watcher).await);
+        let update = summary(&presence_update(&mut watcher).await);
         let done = update == s("state", &timer.id, "room", Value::Null);
         updates.push(update);
         if done {
@@ -1039,7 +963,7 @@ async fn states_are_isolated_per_room(backend: Backend) {
     let a = serve(builder(&backend)).await;
     let b = serve(builder(&backend)).await;
     let mut watcher = RawClient::connect(&a.url()).await;
-    subscribe(&mut watcher, 1, "iso:2").await;
+    subscribe_presence(&mut watcher, 1, "iso:2").await;
     let mut member = RawClient::connect(&b.url()).await;
     join(&mut member, 1, "iso:1").await;
     join(&mut member, 2, "iso:2").await;
@@ -1107,7 +1031,7 @@ async fn leaving_removes_the_state(backend: Backend) {
     let a = serve(tracking(&backend, "room")).await;
     let b = serve(tracking(&backend, "room")).await;
     let mut watcher = RawClient::connect(&a.url()).await;
-    subscribe(&mut watcher, 1, "room").await;
+    subscribe_presence(&mut watcher, 1, "room").await;
     let mut member = RawClient::connect(&b.url()).await;
 
     // presence-state.test.ts: join, state, leave: exactly three updates; after rejoining
@@ -1118,7 +1042,7 @@ async fn leaving_removes_the_state(backend: Backend) {
     join(&mut member, 4, "room").await;
     let mut updates = Vec::new();
     while updates.len() < 4 {
-        updates.push(summary(&next_update(&mut watcher).await));
+        updates.push(summary(&presence_update(&mut watcher).await));
     }
     assert_eq!(
         updates,
@@ -1167,7 +1091,7 @@ async fn leaving_removes_the_state(backend: Backend) {
     publish_expiring(&mut timer, 2, "room", json!({"t": 1}), 450).await;
     let mut updates = Vec::new();
     loop {
-        let update = summary(&next_update(&mut watcher).await);
+        let update = summary(&presence_update(&mut watcher).await);
         let done = update == s("state", &timer.id, "room", Value::Null);
         updates.push(update);
         if done {
@@ -1190,7 +1114,7 @@ async fn bad_state_input_stores_nothing(backend: Backend) {
     let a = serve(tracking(&backend, "room")).await;
     let b = serve(tracking(&backend, "room")).await;
     let mut watcher = RawClient::connect(&a.url()).await;
-    subscribe(&mut watcher, 1, "room").await;
+    subscribe_presence(&mut watcher, 1, "room").await;
     let mut member = RawClient::connect(&b.url()).await;
     join(&mut member, 1, "room").await;
     expect_update(&mut watcher, membership_update("join", &member.id, "room")).await;
@@ -1262,7 +1186,7 @@ async fn bad_state_input_stores_nothing(backend: Backend) {
 async fn caller_not_present_cannot_publish_or_clear(backend: Backend) {
     let server = serve(tracking(&backend, "room")).await;
     let mut watcher = RawClient::connect(&server.url()).await;
-    subscribe(&mut watcher, 1, "room").await;
+    subscribe_presence(&mut watcher, 1, "room").await;
     let mut outsider = RawClient::connect(&server.url()).await;
     let mut member = RawClient::connect(&server.url()).await;
     join(&mut outsider, 1, "elsewhere").await;
@@ -1360,7 +1284,7 @@ async fn presence_commands_refuse_bad_room_names(backend: Backend) {
     );
     // Nothing was subscribed: the one allowed subscription is still free.
     assert_eq!(
-        subscribe(&mut client, 100, "fine").await,
+        subscribe_presence(&mut client, 100, "fine").await,
         json!({"success": true, "present": [], "states": {}})
     );
 }
@@ -1374,12 +1298,21 @@ async fn presence_subscription_limit_answers_eoverloaded(backend: Backend) {
     )
     .await;
     let mut client = RawClient::connect(&server.url()).await;
-    assert_eq!(subscribe(&mut client, 1, "r1").await["success"], true);
-    assert_eq!(subscribe(&mut client, 2, "r2").await["success"], true);
-    let refused = subscribe(&mut client, 3, "r3").await;
+    assert_eq!(
+        subscribe_presence(&mut client, 1, "r1").await["success"],
+        true
+    );
+    assert_eq!(
+        subscribe_presence(&mut client, 2, "r2").await["success"],
+        true
+    );
+    let refused = subscribe_presence(&mut client, 3, "r3").await;
     assert_eq!(refused["code"], "EOVERLOADED", "{refused}");
     // Subscribing again to one it holds is not one more.
-    assert_eq!(subscribe(&mut client, 4, "r1").await["success"], true);
+    assert_eq!(
+        subscribe_presence(&mut client, 4, "r1").await["success"],
+        true
+    );
     call(
         &mut client,
         5,
@@ -1387,7 +1320,10 @@ async fn presence_subscription_limit_answers_eoverloaded(backend: Backend) {
         json!({"roomName": "r1"}),
     )
     .await;
-    assert_eq!(subscribe(&mut client, 6, "r3").await["success"], true);
+    assert_eq!(
+        subscribe_presence(&mut client, 6, "r3").await["success"],
+        true
+    );
     // The refused subscription delivers nothing; the held one does.
     let mut member = RawClient::connect(&server.url()).await;
     join(&mut member, 1, "r1").await;
@@ -1417,7 +1353,7 @@ async fn lapsed_presence_leaves_once_and_returns_with_a_pong(backend: Backend) {
     let mut watcher_a = RawClient::connect(&a.url()).await;
     let mut watcher_b = RawClient::connect(&b.url()).await;
     for watcher in [&mut watcher_a, &mut watcher_b] {
-        subscribe(watcher, 1, "room").await;
+        subscribe_presence(watcher, 1, "room").await;
     }
     // `alive` answers every ping (the Rust client does it itself); `silent` never does.
     let alive = MeshClient::connect(&a.url()).await.expect("client");
@@ -1505,7 +1441,7 @@ async fn killed_instance_members_leave_once(backend: Backend) {
     let mut watcher_1 = RawClient::connect(&survivor_1.url()).await;
     let mut watcher_2 = RawClient::connect(&survivor_2.url()).await;
     for watcher in [&mut watcher_1, &mut watcher_2] {
-        subscribe(watcher, 1, "room").await;
+        subscribe_presence(watcher, 1, "room").await;
     }
     let mut keeper = RawClient::connect(&survivor_1.url()).await;
     let mut victim = RawClient::connect(&doomed.url).await;
@@ -1555,7 +1491,7 @@ async fn killed_instance_members_leave_once(backend: Backend) {
     for watcher in [&mut watcher_1, &mut watcher_2] {
         let mut updates = Vec::new();
         loop {
-            let update = summary(&next_update(watcher).await);
+            let update = summary(&presence_update(watcher).await);
             let done = update == s("state", &keeper.id, "room", Value::Null);
             updates.push(update);
             if done {
@@ -1589,7 +1525,7 @@ async fn presence_lapses_on_the_survivors_when_its_instance_is_gone(backend: Bac
     let survivor = serve(tracked(&backend)).await;
     let doomed = DoomedInstance::start(tracked(&backend)).await;
     let mut watcher = RawClient::connect(&survivor.url()).await;
-    subscribe(&mut watcher, 1, "room").await;
+    subscribe_presence(&mut watcher, 1, "room").await;
     // It answers pings, so it stays present for as long as its instance lives.
     let victim = MeshClient::builder(doomed.url.as_str())
         .reconnect(false)
@@ -1626,7 +1562,7 @@ async fn disconnect_announces_leave_on_other_instances(backend: Backend) {
     let a = serve(tracking(&backend, "room")).await;
     let b = serve(tracking(&backend, "room")).await;
     let mut watcher = RawClient::connect(&a.url()).await;
-    subscribe(&mut watcher, 1, "room").await;
+    subscribe_presence(&mut watcher, 1, "room").await;
     let mut closes = RawClient::connect(&b.url()).await;
     let mut closed = RawClient::connect(&b.url()).await;
     for member in [&mut closes, &mut closed] {
@@ -1713,7 +1649,7 @@ async fn late_subscriber_sees_members_and_states_of_every_instance(backend: Back
         "states": {m1.id.as_str(): {"s": 1}, m3.id.as_str(): {"s": 3}}});
     for server in [&a, &b] {
         let mut late = RawClient::connect(&server.url()).await;
-        assert_eq!(subscribe(&mut late, 1, "room").await, expected);
+        assert_eq!(subscribe_presence(&mut late, 1, "room").await, expected);
         assert_eq!(
             presence_state(&mut late, 2, "room").await,
             json!({"success": true, "present": [m1.id, m2.id, m3.id],
@@ -1724,7 +1660,7 @@ async fn late_subscriber_sees_members_and_states_of_every_instance(backend: Back
             vec![m1.id.clone(), m2.id.clone(), m3.id.clone()]
         );
         assert_eq!(
-            sorted(
+            sorted_states(
                 server
                     .mesh
                     .room("room")
@@ -1732,7 +1668,7 @@ async fn late_subscriber_sees_members_and_states_of_every_instance(backend: Back
                     .await
                     .expect("states")
             ),
-            sorted(vec![
+            sorted_states(vec![
                 (m1.id.clone(), json!({"s": 1})),
                 (m3.id.clone(), json!({"s": 3}))
             ])
@@ -1792,7 +1728,7 @@ async fn presence_replies_show_metadata_only_to_members_of_the_room(backend: Bac
     )
     .await;
     assert_eq!(
-        subscribe(&mut outsider, 2, "room").await,
+        subscribe_presence(&mut outsider, 2, "room").await,
         json!({"success": true, "present": hidden, "states": {}})
     );
     assert_eq!(
@@ -1813,7 +1749,7 @@ async fn presence_replies_show_metadata_only_to_members_of_the_room(backend: Bac
 
     // A member subscribing sees the others' metadata, on its own instance and across.
     assert_eq!(
-        subscribe(&mut m2, 2, "room").await,
+        subscribe_presence(&mut m2, 2, "room").await,
         json!({"success": true, "present": shown, "states": {}})
     );
     let mut member_on_a = RawClient::connect(&a.url()).await;
@@ -1824,7 +1760,7 @@ async fn presence_replies_show_metadata_only_to_members_of_the_room(backend: Bac
         json!({"success": true, "present": shown_with_a})
     );
     assert_eq!(
-        subscribe(&mut member_on_a, 2, "room").await,
+        subscribe_presence(&mut member_on_a, 2, "room").await,
         json!({"success": true, "present": shown_with_a, "states": {}})
     );
     // Presence updates carry no metadata, whoever receives them.
@@ -1859,7 +1795,7 @@ async fn presence_replies_show_metadata_only_to_members_of_the_room(backend: Bac
         json!(true)
     );
     assert_eq!(
-        subscribe(&mut outsider, 7, "room").await,
+        subscribe_presence(&mut outsider, 7, "room").await,
         json!({"success": true, "present": shown_with_outsider, "states": {}})
     );
     // ...and once it has left, they are hidden again.
@@ -1875,7 +1811,7 @@ async fn presence_replies_show_metadata_only_to_members_of_the_room(backend: Bac
         json!(true)
     );
     assert_eq!(
-        subscribe(&mut outsider, 10, "room").await,
+        subscribe_presence(&mut outsider, 10, "room").await,
         json!({"success": true, "present": hidden, "states": {}})
     );
 }
@@ -1886,7 +1822,7 @@ async fn open_connection_metadata_shows_it_in_presence_replies_to_anyone(backend
     let (m1, m2) = members_with_metadata(&b, "room").await;
     let mut outsider = RawClient::connect(&a.url()).await;
     assert_eq!(
-        subscribe(&mut outsider, 1, "room").await,
+        subscribe_presence(&mut outsider, 1, "room").await,
         json!({"success": true, "present": [
             {"id": m1.id, "metadata": {"name": "m1"}},
             {"id": m2.id, "metadata": {"name": "m2"}},
@@ -1908,7 +1844,7 @@ async fn a_state_over_max_presence_state_bytes_is_refused_and_nothing_is_stored_
     let a = serve(tracking(&backend, "room").max_presence_state_bytes(LIMIT)).await;
     let b = serve(tracking(&backend, "room").max_presence_state_bytes(LIMIT)).await;
     let mut watcher = RawClient::connect(&a.url()).await;
-    subscribe(&mut watcher, 1, "room").await;
+    subscribe_presence(&mut watcher, 1, "room").await;
     let mut member = RawClient::connect(&b.url()).await;
     join(&mut member, 1, "room").await;
     expect_update(&mut watcher, membership_update("join", &member.id, "room")).await;
@@ -1987,31 +1923,6 @@ async fn members_in_order(server: &TestServer, room: &str, n: usize) -> Vec<RawC
     members
 }
 
-/// The reply with this id exactly as the server wrote it, checked to fit in a frame.
-async fn reply_within_frame(
-    client: &mut RawClient,
-    id: u64,
-    command: &str,
-    payload: Value,
-) -> Value {
-    client
-        .send_json(json!({"id": id, "command": command, "payload": payload}))
-        .await;
-    let text = within(&format!("the reply to {command}"), async {
-        loop {
-            let text = client.next_text().await;
-            let frame: Value = serde_json::from_str(&text).expect("JSON");
-            if frame["id"] == json!(id) {
-                return text;
-            }
-        }
-    })
-    .await;
-    assert!(text.len() <= PRESENCE_FRAME, "{} bytes: {text}", text.len());
-    let reply: Value = serde_json::from_str(&text).expect("JSON");
-    reply["payload"].clone()
-}
-
 async fn presence_replies_hold_the_states_that_fit_in_a_frame(backend: Backend) {
     let a = serve(tracking(&backend, "room").max_frame_size(PRESENCE_FRAME)).await;
     let b = serve(tracking(&backend, "room").max_frame_size(PRESENCE_FRAME)).await;
@@ -2032,11 +1943,12 @@ async fn presence_replies_hold_the_states_that_fit_in_a_frame(backend: Backend) 
     // are those of the leading members that fit.
     let leading_states = json!({ids[0].as_str(): state(0), ids[1].as_str(): state(1)});
     assert_eq!(
-        reply_within_frame(
+        call_within_frame(
             &mut watcher,
             1,
             "mesh/subscribe-presence",
-            json!({"roomName": "room"})
+            json!({"roomName": "room"}),
+            PRESENCE_FRAME
         )
         .await,
         json!({"success": true,
@@ -2045,19 +1957,20 @@ async fn presence_replies_hold_the_states_that_fit_in_a_frame(backend: Backend) 
                "truncated": true})
     );
     assert_eq!(
-        reply_within_frame(
+        call_within_frame(
             &mut watcher,
             2,
             "mesh/get-presence-state",
-            json!({"roomName": "room"})
+            json!({"roomName": "room"}),
+            PRESENCE_FRAME
         )
         .await,
         json!({"success": true, "present": ids, "states": leading_states, "truncated": true})
     );
     // Every state is still stored: only the replies hold less.
     assert_eq!(
-        sorted(b.mesh.room("room").presence_states().await.expect("states")),
-        sorted(
+        sorted_states(b.mesh.room("room").presence_states().await.expect("states")),
+        sorted_states(
             ids.iter()
                 .enumerate()
                 .map(|(n, id)| (id.clone(), state(n)))
@@ -2087,11 +2000,12 @@ async fn presence_replies_hold_the_states_that_fit_in_a_frame(backend: Backend) 
         })
         .collect();
     assert_eq!(
-        reply_within_frame(
+        call_within_frame(
             &mut watcher,
             3,
             "mesh/get-presence-state",
-            json!({"roomName": "room"})
+            json!({"roomName": "room"}),
+            PRESENCE_FRAME
         )
         .await,
         json!({"success": true, "present": ids, "states": all_small})
@@ -2128,11 +2042,12 @@ async fn presence_replies_hold_the_leading_members_that_fit_in_a_frame(backend: 
 
     // The leading members in join order, and only their states.
     assert_eq!(
-        reply_within_frame(
+        call_within_frame(
             &mut watcher,
             1,
             "mesh/subscribe-presence",
-            json!({"roomName": "room"})
+            json!({"roomName": "room"}),
+            PRESENCE_FRAME
         )
         .await,
         json!({"success": true,
@@ -2150,11 +2065,12 @@ async fn presence_replies_hold_the_leading_members_that_fit_in_a_frame(backend: 
         .map(|(n, id)| (id.clone(), json!({"n": n})))
         .collect();
     assert_eq!(
-        reply_within_frame(
+        call_within_frame(
             &mut watcher,
             2,
             "mesh/get-presence-state",
-            json!({"roomName": "room"})
+            json!({"roomName": "room"}),
+            PRESENCE_FRAME
         )
         .await,
         json!({"success": true, "present": ids, "states": states})

@@ -1,16 +1,15 @@
 //! The conformance suite: every test runs on the in-memory backend and on Redis, and the
 //! multi-instance tests put clients on different instances of one mesh.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tower_mesh::extract::{Connection, Payload};
 use tower_mesh::{CommandError, MergeStrategy, MeshBuilder};
+
+use crate::common::*;
 
 conformance!(
     golden_frames,
@@ -29,10 +28,6 @@ conformance!(
     answered_pings_keep_the_connection,
     latency_round_trip,
 );
-
-async fn echo(Payload(payload): Payload<Value>) -> Value {
-    payload
-}
 
 fn with_commands(builder: MeshBuilder) -> MeshBuilder {
     builder

@@ -4,17 +4,16 @@
 //! interop example's binary is run too: its SIGTERM shutdown, and its handling of sockets
 //! that never finish a request and of running out of file descriptors.
 
-mod common;
-
 use std::time::Duration;
 
 use axum::routing::get;
 use axum::Router;
-use common::*;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tower_mesh::extract::Connection;
 use tower_mesh::{CommandError, MergeStrategy, MeshBuilder};
+
+use crate::common::*;
 
 conformance!(
     on_connect_sees_the_request_and_sets_metadata,
@@ -45,17 +44,6 @@ fn reporting(builder: MeshBuilder) -> (MeshBuilder, mpsc::UnboundedReceiver<Stri
             }
         });
     (builder, rx)
-}
-
-fn ids(server: &TestServer) -> Vec<String> {
-    let mut ids: Vec<String> = server
-        .mesh
-        .connections()
-        .iter()
-        .map(|c| c.id().to_owned())
-        .collect();
-    ids.sort();
-    ids
 }
 
 async fn on_connect_sees_the_request_and_sets_metadata(backend: Backend) {
@@ -137,7 +125,7 @@ async fn on_connect_refusal_closes_before_assign_id(backend: Backend) {
     // Others are accepted as usual.
     let mut accepted = RawClient::connect(&server.url()).await;
     assert_echo_is_next(&mut accepted, 1).await;
-    assert_eq!(ids(&server), vec![accepted.id.clone()]);
+    assert_eq!(server.connection_ids(), vec![accepted.id.clone()]);
     // on_disconnect runs only for accepted connections.
     accepted.close().await;
     assert_eq!(recv_within(&mut disconnects).await, accepted.id);
@@ -154,7 +142,7 @@ async fn on_disconnect_once_after_client_close(backend: Backend) {
     assert_echo_is_next(&mut staying, 1).await;
     assert_no_more(&mut disconnects).await;
     // (The connection leaves the registry right after its hook returned.)
-    assert_eq!(ids(&server), vec![staying.id.clone()]);
+    assert_eq!(server.connection_ids(), vec![staying.id.clone()]);
 }
 
 async fn on_disconnect_once_after_network_drop(backend: Backend) {
@@ -195,7 +183,7 @@ async fn on_disconnect_once_after_server_close(backend: Backend) {
         .expect("close nobody");
     assert_echo_is_next(&mut staying, 2).await;
     assert_no_more(&mut disconnects).await;
-    assert_eq!(ids(&server), vec![staying.id.clone()]);
+    assert_eq!(server.connection_ids(), vec![staying.id.clone()]);
 }
 
 const PING: &str = r#"{"command":"ping","payload":{}}"#;
@@ -239,7 +227,7 @@ async fn missed_pongs_close_only_the_silent_client(backend: Backend) {
     // Eight ping intervals later the live client is still there...
     while recv_within(&mut answered).await < 8 {}
     assert_no_more(&mut disconnects).await;
-    assert_eq!(ids(&server), vec![live_id]);
+    assert_eq!(server.connection_ids(), vec![live_id]);
     assert_eq!(server.mesh.stats().ping_timeout_closes, 1);
     // ...and served.
     stop.send(()).expect("responder running");
@@ -430,7 +418,7 @@ async fn on_connect_panic_refuses_the_connection(backend: Backend) {
     );
     let mut fine = RawClient::connect(&server.url()).await;
     assert_echo_is_next(&mut fine, 1).await;
-    assert_eq!(ids(&server), vec![fine.id.clone()]);
+    assert_eq!(server.connection_ids(), vec![fine.id.clone()]);
     assert_no_more(&mut disconnects).await;
 }
 
@@ -456,7 +444,7 @@ async fn on_disconnect_panic_does_not_break_the_mesh(backend: Backend) {
     let mut third = RawClient::connect(&server.url()).await;
     assert_echo_is_next(&mut third, 2).await;
     assert_no_more(&mut ran).await;
-    assert_eq!(ids(&server), {
+    assert_eq!(server.connection_ids(), {
         let mut expected = vec![second.id.clone(), third.id.clone()];
         expected.sort();
         expected

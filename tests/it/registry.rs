@@ -1,12 +1,11 @@
 //! The connection registry and connection metadata (issue 2, item 8), on one instance and
 //! across two instances of one mesh, on every backend.
 
-mod common;
-
-use common::*;
 use serde::Serialize;
 use serde_json::{json, Value};
 use tower_mesh::MergeStrategy;
+
+use crate::common::*;
 
 conformance!(
     connections_lists_the_local_connections,
@@ -24,22 +23,6 @@ conformance!(
     connection_metadata_over_max_metadata_bytes_is_refused_and_the_old_value_stays,
 );
 
-fn sorted(mut ids: Vec<String>) -> Vec<String> {
-    ids.sort();
-    ids
-}
-
-fn local_ids(server: &TestServer) -> Vec<String> {
-    sorted(
-        server
-            .mesh
-            .connections()
-            .iter()
-            .map(|c| c.id().to_owned())
-            .collect(),
-    )
-}
-
 async fn connections_lists_the_local_connections(backend: Backend) {
     let server = serve(backend.builder().command("echo", echo)).await;
     assert!(server.mesh.connections().is_empty());
@@ -47,7 +30,7 @@ async fn connections_lists_the_local_connections(backend: Backend) {
     let b = RawClient::connect(&server.url()).await;
     let c = RawClient::connect(&server.url()).await;
     assert_eq!(
-        local_ids(&server),
+        server.connection_ids(),
         sorted(vec![a.id.clone(), b.id.clone(), c.id.clone()])
     );
     assert_eq!(server.mesh.stats().connections, 3);
@@ -393,8 +376,8 @@ async fn two_instances_send_to_a_connection_on_the_other(backend: Backend) {
     let b = serve(backend.builder().command("echo", echo)).await;
     let mut on_a = RawClient::connect(&a.url()).await;
     let mut on_b = RawClient::connect(&b.url()).await;
-    assert_eq!(local_ids(&a), vec![on_a.id.clone()]);
-    assert_eq!(local_ids(&b), vec![on_b.id.clone()]);
+    assert_eq!(a.connection_ids(), vec![on_a.id.clone()]);
+    assert_eq!(b.connection_ids(), vec![on_b.id.clone()]);
     a.mesh
         .send(&on_b.id, "cross", &json!({"from": "a"}))
         .await

@@ -1,14 +1,11 @@
 //! Redis faults: a killed instance is swept; a restarted Redis neither crashes nor wedges
 //! an instance. These tests start private `redis-server` processes on free ports.
 
-mod common;
-
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -16,6 +13,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tower_mesh::client::{ClientEvent, MeshClient, PresenceKind, StateOptions};
 use tower_mesh::{MergeStrategy, Mesh, MeshBuilder, PresenceOptions, RedisBackend};
+
+use crate::common::*;
 
 /// A private `redis-server` on a free port, stopped when dropped.
 struct RedisServer {
@@ -107,47 +106,7 @@ fn builder(url: &str, prefix: &str) -> MeshBuilder {
         .liveness(Duration::from_millis(200), Duration::from_millis(1000))
         .build()
         .expect("backend");
-    Mesh::builder().redis_backend(backend).command("echo", |tower_mesh::extract::Payload(p): tower_mesh::extract::Payload<serde_json::Value>| async move { p })
-}
-
-/// Runs a mesh server on a runtime of its own, so that the test can kill the whole
-/// instance at once: `shutdown_background` drops every task without any cleanup, which
-/// is what Redis sees when a process is SIGKILLed.
-struct DoomedInstance {
-    runtime: Option<tokio::runtime::Runtime>,
-    url: String,
-}
-
-impl DoomedInstance {
-    fn start(builder: MeshBuilder) -> DoomedInstance {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let url = runtime.block_on(async {
-            let (layer, _mesh) = builder.build();
-            let app = axum::Router::new().layer(layer);
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind");
-            let addr = listener.local_addr().expect("addr");
-            tokio::spawn(async move {
-                let _ = axum::serve(listener, app).await;
-            });
-            format!("ws://{addr}/")
-        });
-        DoomedInstance {
-            runtime: Some(runtime),
-            url,
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
+    Mesh::builder().redis_backend(backend).command("echo", echo)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -155,12 +114,7 @@ async fn a_killed_instance_is_swept_by_the_survivors() {
     let redis = RedisServer::start();
     let prefix = "mesh:kill:";
     let survivor = serve(builder(&redis.url(), prefix)).await;
-    let mut doomed = tokio::task::spawn_blocking({
-        let url = redis.url();
-        move || DoomedInstance::start(builder(&url, prefix))
-    })
-    .await
-    .expect("doomed instance");
+    let doomed = DoomedInstance::start(builder(&redis.url(), prefix)).await;
     let victim = RawClient::connect(&doomed.url).await;
     let bystander = RawClient::connect(&survivor.url()).await;
     let ids = |all: Vec<(String, serde_json::Value)>| {
@@ -176,9 +130,7 @@ async fn a_killed_instance_is_swept_by_the_survivors() {
         "{listed:?}"
     );
 
-    tokio::task::spawn_blocking(move || doomed.kill())
-        .await
-        .expect("kill");
+    doomed.kill().await;
     let killed_at = Instant::now();
 
     // Nothing announces a dead instance (that is the point), so poll what the survivor
@@ -492,12 +444,7 @@ async fn members_that_reconnect_after_a_stall_and_a_restart_are_in_their_room_an
             )
     };
     let survivor = serve(instance(&redis.url())).await;
-    let mut doomed = tokio::task::spawn_blocking({
-        let doomed_builder = instance(&redis.url());
-        move || DoomedInstance::start(doomed_builder)
-    })
-    .await
-    .expect("doomed instance");
+    let doomed = DoomedInstance::start(instance(&redis.url())).await;
 
     let connect = |url: String| async move {
         MeshClient::builder(url)
@@ -611,9 +558,7 @@ async fn members_that_reconnect_after_a_stall_and_a_restart_are_in_their_room_an
         .filter(|(_, doomed_one)| **doomed_one)
         .map(|(member, _)| member.connection_id())
         .collect();
-    tokio::task::spawn_blocking(move || doomed.kill())
-        .await
-        .expect("kill");
+    doomed.kill().await;
     tokio::time::timeout(Duration::from_secs(5), async {
         while !gone.is_empty() {
             let update = updates.recv().await.expect("presence updates");

@@ -2,16 +2,15 @@
 //! `Option<T>` (absence is `None`, an invalid payload is still refused) and
 //! `Result<T, T::Rejection>` (the handler gets the rejection), on every backend.
 
-mod common;
-
 use std::convert::Infallible;
 
-use common::*;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tower_mesh::extract::rejection::{MissingExtension, MissingState, PayloadRejection};
 use tower_mesh::extract::{Connection, Extension, FromCommandParts, Payload, State};
 use tower_mesh::{from_fn, CommandError, CommandRequest, Mesh, MeshBuilder, Next};
+
+use crate::common::*;
 
 conformance!(
     sixteen_arguments_with_the_payload_last,

@@ -1,15 +1,14 @@
 //! Golden frames of the wire protocol (PROTOCOL.md §1-§3), pinned byte for byte where
 //! PROTOCOL.md gives them, on every backend.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 use tower_mesh::{BoxError, CommandError, MeshBuilder};
+
+use crate::common::*;
 
 conformance!(
     assign_id_is_the_first_frame,

@@ -1,21 +1,16 @@
 //! Commands and middleware are tower services and layers.
 
-mod common;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
 use serde_json::{json, Value};
 use tower::limit::ConcurrencyLimitLayer;
 use tower::timeout::TimeoutLayer;
 use tower_mesh::extract::{Extension, Payload, State};
 use tower_mesh::{from_fn, CommandError, CommandRequest, Mesh, Next};
 
-async fn echo(Payload(payload): Payload<Value>) -> Value {
-    payload
-}
+use crate::common::*;
 
 #[tokio::test]
 async fn a_timeout_layer_answers_etimeout_and_the_connection_keeps_serving() {
@@ -184,9 +179,6 @@ async fn a_plain_tower_service_is_a_command() {
         json!({"command": "raw", "connection": client.id, "payload": [1]})
     );
 }
-
-#[derive(Clone)]
-struct User(String);
 
 #[derive(Clone)]
 struct Greeting(&'static str);

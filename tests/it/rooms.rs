@@ -3,20 +3,19 @@
 //! "membership ends" tests use a tracked room's presence `leave` as the event that says
 //! the cleanup happened, then check every room of the connection.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::routing::get;
 use axum::Router;
-use common::*;
 use serde_json::{json, Value};
 use tower_mesh::extract::Payload;
 use tower_mesh::{
-    from_fn, CommandError, CommandRequest, Connection, MergeStrategy, Mesh, MeshBuilder, Next,
-    PresenceOptions, Regex,
+    from_fn, CommandError, CommandRequest, Connection, MergeStrategy, Mesh, Next, PresenceOptions,
+    Regex,
 };
+
+use crate::common::*;
 
 conformance!(
     join_and_leave_golden_replies,
@@ -48,84 +47,6 @@ conformance!(
 // ---------------------------------------------------------------------------------------
 // Helpers.
 
-trait Within {
-    /// [`RawClient::command`] with an overall deadline.
-    async fn command_within(&mut self, id: u64, command: &str, payload: Value) -> Value;
-    /// [`RawClient::push`] with an overall deadline.
-    async fn push_within(&mut self, command: &str) -> Value;
-}
-
-impl Within for RawClient {
-    async fn command_within(&mut self, id: u64, command: &str, payload: Value) -> Value {
-        within(
-            &format!("the reply to {command} #{id}"),
-            self.command(id, command, payload),
-        )
-        .await
-    }
-
-    async fn push_within(&mut self, command: &str) -> Value {
-        within(&format!("a {command} push"), self.push(command)).await
-    }
-}
-
-/// Sends a command and returns its reply's payload.
-async fn call(client: &mut RawClient, id: u64, command: &str, payload: Value) -> Value {
-    client.command_within(id, command, payload).await["payload"].clone()
-}
-
-async fn join(client: &mut RawClient, id: u64, room: &str) -> Value {
-    call(client, id, "mesh/join-room", json!({ "roomName": room })).await
-}
-
-async fn leave(client: &mut RawClient, id: u64, room: &str) -> Value {
-    call(client, id, "mesh/leave-room", json!({ "roomName": room })).await
-}
-
-/// Reads frames until the push named `command`; returns the frames read before it.
-async fn frames_before_push(client: &mut RawClient, command: &str) -> Vec<Value> {
-    within(&format!("a {command} push"), async {
-        let mut before = Vec::new();
-        loop {
-            let frame = client.next().await;
-            if frame.get("id").is_none() && frame["command"] == command {
-                return before;
-            }
-            before.push(frame);
-        }
-    })
-    .await
-}
-
-/// Broadcasts `marker` to every connection of the mesh (it is ordered after anything
-/// published before it) and returns, per client, the frames that came before it.
-async fn frames_before_marker(
-    mesh: &Mesh,
-    marker: &str,
-    clients: &mut [&mut RawClient],
-) -> Vec<Vec<Value>> {
-    mesh.broadcast(marker, &json!(null))
-        .await
-        .expect("broadcast marker");
-    let mut all = Vec::new();
-    for client in clients.iter_mut() {
-        all.push(frames_before_push(client, marker).await);
-    }
-    all
-}
-
-fn pushes_named<'a>(frames: &'a [Value], command: &str) -> Vec<&'a Value> {
-    frames
-        .iter()
-        .filter(|frame| frame.get("id").is_none() && frame["command"] == command)
-        .collect()
-}
-
-/// The next `mesh/presence-update` payload.
-async fn presence_update(client: &mut RawClient) -> Value {
-    client.push_within("mesh/presence-update").await["payload"].clone()
-}
-
 /// Waits for the presence update `kind` of `connection` in `room` (the next one).
 async fn expect_presence(client: &mut RawClient, kind: &str, connection: &str, room: &str) {
     let update = presence_update(client).await;
@@ -140,35 +61,8 @@ async fn expect_presence(client: &mut RawClient, kind: &str, connection: &str, r
     );
 }
 
-async fn subscribe_presence(client: &mut RawClient, id: u64, room: &str) {
-    let reply = call(
-        client,
-        id,
-        "mesh/subscribe-presence",
-        json!({ "roomName": room }),
-    )
-    .await;
-    assert_eq!(reply["success"], true, "{reply}");
-}
-
 fn ids(members: &[(String, Value)]) -> Vec<String> {
     members.iter().map(|(id, _)| id.clone()).collect()
-}
-
-/// A builder on `backend` whose dead instances are noticed fast: on Redis a 200 ms
-/// heartbeat and a 1 s instance TTL (the in-memory backend notices a dropped instance
-/// within about a second anyway).
-fn fast_liveness(backend: &Backend) -> MeshBuilder {
-    match backend {
-        Backend::Memory(memory) => Mesh::builder().memory_backend(memory.clone()),
-        Backend::Redis { url, prefix } => Mesh::builder().redis_backend(
-            tower_mesh::RedisBackend::builder(url.as_str())
-                .prefix(prefix.as_str())
-                .liveness(Duration::from_millis(200), Duration::from_millis(1000))
-                .build()
-                .expect("Redis backend"),
-        ),
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -436,8 +330,13 @@ async fn room_broadcasts_reach_members_on_every_instance_only(backend: Backend) 
             json!({"command": "room-message", "payload": {"text": "hi room"}})
         );
     }
-    let before =
-        frames_before_marker(&a.mesh, "marker-1", &mut [&mut outsider_a, &mut outsider_b]).await;
+    let before = frames_before_marker(
+        &a.mesh,
+        "marker-1",
+        &mut [&mut outsider_a, &mut outsider_b],
+        Noise::Kept,
+    )
+    .await;
     for frames in &before {
         assert!(
             pushes_named(frames, "room-message").is_empty(),
@@ -473,8 +372,13 @@ async fn room_broadcasts_reach_members_on_every_instance_only(backend: Backend) 
             json!({"text": "from b"})
         );
     }
-    let before =
-        frames_before_marker(&b.mesh, "marker-2", &mut [&mut outsider_a, &mut outsider_b]).await;
+    let before = frames_before_marker(
+        &b.mesh,
+        "marker-2",
+        &mut [&mut outsider_a, &mut outsider_b],
+        Noise::Kept,
+    )
+    .await;
     for frames in &before {
         assert!(
             pushes_named(frames, "room-message").is_empty(),
@@ -512,7 +416,13 @@ async fn broadcast_excluding_skips_the_excluded(backend: Backend) {
             json!({"n": 1})
         );
     }
-    let before = frames_before_marker(&a.mesh, "marker", &mut [&mut sender, &mut excluded_b]).await;
+    let before = frames_before_marker(
+        &a.mesh,
+        "marker",
+        &mut [&mut sender, &mut excluded_b],
+        Noise::Kept,
+    )
+    .await;
     for frames in &before {
         assert!(
             pushes_named(frames, "room-message").is_empty(),
@@ -575,7 +485,7 @@ async fn server_side_membership_of_a_connection_on_another_instance(backend: Bac
         .broadcast("hello", &json!(2))
         .await
         .expect("broadcast");
-    let before = frames_before_marker(&a.mesh, "marker", &mut [&mut on_b]).await;
+    let before = frames_before_marker(&a.mesh, "marker", &mut [&mut on_b], Noise::Kept).await;
     assert!(pushes_named(&before[0], "hello").is_empty(), "{before:?}");
     assert!(!b
         .mesh
@@ -642,7 +552,7 @@ async fn remove_from_all_rooms_on_another_instance(backend: Backend) {
             .expect("broadcast");
     }
     assert_eq!(stays.push_within("hello").await["payload"], "r1");
-    let before = frames_before_marker(&a.mesh, "marker", &mut [&mut on_b]).await;
+    let before = frames_before_marker(&a.mesh, "marker", &mut [&mut on_b], Noise::Kept).await;
     assert!(pushes_named(&before[0], "hello").is_empty(), "{before:?}");
     // The connection itself is untouched and can join again.
     assert_eq!(
@@ -710,7 +620,7 @@ async fn clear_room_empties_it_everywhere_and_deletes_its_metadata(backend: Back
         .expect("broadcast");
     assert_eq!(z.push_within("hello").await["payload"], "keep");
     assert_eq!(y.push_within("hello").await["payload"], "keep");
-    let before = frames_before_marker(&a.mesh, "marker", &mut [&mut x, &mut y]).await;
+    let before = frames_before_marker(&a.mesh, "marker", &mut [&mut x, &mut y], Noise::Kept).await;
     for frames in &before {
         assert!(pushes_named(frames, "hello").is_empty(), "{frames:?}");
     }
@@ -951,7 +861,8 @@ async fn membership_ends_when_the_client_closes(backend: Backend) {
     )
     .await;
     let mut watcher = RawClient::connect(&a.url()).await;
-    subscribe_presence(&mut watcher, 1, "tracked").await;
+    let reply = subscribe_presence(&mut watcher, 1, "tracked").await;
+    assert_eq!(reply["success"], true, "{reply}");
     let mut keeper = RawClient::connect(&a.url()).await;
     let mut victim = RawClient::connect(&b.url()).await;
     join(&mut keeper, 1, "plain").await;
@@ -1010,7 +921,8 @@ async fn membership_ends_when_the_server_closes_the_connection(backend: Backend)
     )
     .await;
     let mut watcher = RawClient::connect(&a.url()).await;
-    subscribe_presence(&mut watcher, 1, "tracked").await;
+    let reply = subscribe_presence(&mut watcher, 1, "tracked").await;
+    assert_eq!(reply["success"], true, "{reply}");
     let mut victim = RawClient::connect(&b.url()).await;
     let mut local_victim = RawClient::connect(&a.url()).await;
     for client in [&mut victim, &mut local_victim] {
@@ -1069,7 +981,8 @@ async fn membership_ends_after_missed_pongs(backend: Backend) {
     )
     .await;
     let mut watcher = RawClient::connect(&a.url()).await;
-    subscribe_presence(&mut watcher, 1, "tracked").await;
+    let reply = subscribe_presence(&mut watcher, 1, "tracked").await;
+    assert_eq!(reply["success"], true, "{reply}");
     let mut keeper = RawClient::connect(&a.url()).await;
     join(&mut keeper, 1, "plain").await;
     // It reads (its replies), but never answers a ping.
@@ -1103,7 +1016,8 @@ async fn membership_is_swept_after_the_instance_is_killed(backend: Backend) {
     )
     .await;
     let mut watcher = RawClient::connect(&survivor.url()).await;
-    subscribe_presence(&mut watcher, 1, "tracked").await;
+    let reply = subscribe_presence(&mut watcher, 1, "tracked").await;
+    assert_eq!(reply["success"], true, "{reply}");
     let mut keeper = RawClient::connect(&survivor.url()).await;
     join(&mut keeper, 1, "plain").await;
     let mut victim = RawClient::connect(&doomed.url).await;
@@ -1159,23 +1073,6 @@ async fn membership_is_swept_after_the_instance_is_killed(backend: Backend) {
 
 // ---------------------------------------------------------------------------------------
 // Guards and layers.
-
-#[derive(Clone)]
-struct User(String);
-
-async fn insert_user(
-    mut request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let name = request
-        .headers()
-        .get("x-user")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("anonymous")
-        .to_owned();
-    request.extensions_mut().insert(User(name));
-    next.run(request).await
-}
 
 async fn global_layer_refuses_joins_using_the_upgrade_request(backend: Backend) {
     // An auth layer: only the user "root" (put in the upgrade request's extensions by an
@@ -1254,8 +1151,13 @@ async fn global_layer_refuses_joins_using_the_upgrade_request(backend: Backend) 
         .await
         .expect("broadcast");
     assert_eq!(root.push_within("secret").await["payload"], 1);
-    let before =
-        frames_before_marker(&server.mesh, "marker", &mut [&mut ann, &mut anonymous]).await;
+    let before = frames_before_marker(
+        &server.mesh,
+        "marker",
+        &mut [&mut ann, &mut anonymous],
+        Noise::Kept,
+    )
+    .await;
     for frames in &before {
         assert!(pushes_named(frames, "secret").is_empty(), "{frames:?}");
     }

@@ -3,19 +3,17 @@
 //! deletion, refused writes, collection diffs and member updates, and everything restored
 //! after a reconnect, on both backends.
 
-mod common;
-
-use std::future::Future;
 use std::time::Duration;
 
-use common::*;
 use serde_json::{json, Value};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tower_mesh::client::{
-    ClientError, ClientEvent, CollectionChange, CollectionSubscription, MeshClient, RecordChange,
-    RecordMode, RecordSubscription,
+    ClientError, ClientEvent, CollectionChange, CollectionSubscription, RecordChange, RecordMode,
+    RecordSubscription,
 };
 use tower_mesh::{Access, Collection, MergeStrategy, MeshBuilder, Regex};
+
+use crate::common::*;
 
 conformance!(
     channels_history_live_messages_and_unsubscribe,
@@ -44,30 +42,6 @@ fn exposed(builder: MeshBuilder) -> MeshBuilder {
         )
 }
 
-async fn client_with_backoff(url: &str, backoff: Duration) -> MeshClient {
-    MeshClient::builder(url)
-        .backoff(backoff, backoff * 2)
-        .connect()
-        .await
-        .expect("connect")
-}
-
-async fn client(url: &str) -> MeshClient {
-    client_with_backoff(url, Duration::from_millis(20)).await
-}
-
-async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, future)
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-}
-
-async fn message(messages: &mut mpsc::UnboundedReceiver<String>) -> String {
-    within("a channel message", messages.recv())
-        .await
-        .expect("messages open")
-}
-
 async fn change(subscription: &mut RecordSubscription) -> RecordChange {
     within("a record change", subscription.next())
         .await
@@ -94,23 +68,6 @@ async fn collection_change(subscription: &mut CollectionSubscription) -> Collect
     within("a collection change", subscription.next())
         .await
         .expect("subscription open")
-}
-
-async fn reconnect(client: &MeshClient) -> String {
-    let mut events = client.events();
-    client.force_reconnect().await;
-    wait_reconnected(&mut events).await
-}
-
-async fn wait_reconnected(events: &mut broadcast::Receiver<ClientEvent>) -> String {
-    loop {
-        let event = within("the reconnect", events.recv())
-            .await
-            .expect("events");
-        if let ClientEvent::Reconnected { connection_id } = event {
-            return connection_id;
-        }
-    }
 }
 
 async fn channels_history_live_messages_and_unsubscribe(backend: Backend) {
@@ -150,10 +107,14 @@ async fn channels_history_live_messages_and_unsubscribe(backend: Backend) {
         .write_channel("sports", "goal", 0)
         .await
         .expect("write");
-    assert_eq!(message(&mut news).await, "live");
-    assert_eq!(message(&mut by_callback).await, "live");
-    assert_eq!(message(&mut bobs_news).await, "live");
-    assert_eq!(message(&mut sports).await, "goal", "only its own channel's");
+    assert_eq!(recv_within(&mut news).await, "live");
+    assert_eq!(recv_within(&mut by_callback).await, "live");
+    assert_eq!(recv_within(&mut bobs_news).await, "live");
+    assert_eq!(
+        recv_within(&mut sports).await,
+        "goal",
+        "only its own channel's"
+    );
     assert_eq!(
         alice.channel_history("news", None).await.expect("history"),
         ["live", "m5", "m4", "m3", "m2", "m1"]
@@ -175,13 +136,13 @@ async fn channels_history_live_messages_and_unsubscribe(backend: Backend) {
         .write_channel("news", "unheard", 10)
         .await
         .expect("write");
-    assert_eq!(message(&mut bobs_news).await, "unheard");
+    assert_eq!(recv_within(&mut bobs_news).await, "unheard");
     server
         .mesh
         .write_channel("sports", "second goal", 0)
         .await
         .expect("write");
-    assert_eq!(message(&mut sports).await, "second goal");
+    assert_eq!(recv_within(&mut sports).await, "second goal");
     let push = within("a push", pushes.recv()).await.expect("push");
     assert_eq!(
         push.payload,
@@ -694,7 +655,7 @@ async fn malformed_pushes_are_ignored(backend: Backend) {
         .write_record("task:m", json!({"ok": 1}), MergeStrategy::Replace)
         .await
         .expect("write");
-    assert_eq!(message(&mut news).await, "still here");
+    assert_eq!(recv_within(&mut news).await, "still here");
     assert_eq!(change(&mut note).await, updated(json!({"ok": 1}), 1));
     assert_eq!(
         diff(&mut tasks).await,
@@ -774,7 +735,7 @@ async fn everything_is_restored_after_a_reconnect(backend: Backend) {
         .write_channel("news", "after", 0)
         .await
         .expect("write");
-    assert_eq!(message(&mut news).await, "after");
+    assert_eq!(recv_within(&mut news).await, "after");
     write("note:r", json!({"step": 3})).await;
     assert_eq!(change(&mut record).await, updated(json!({"step": 3}), 3));
     write("task:2", json!({"n": 2})).await;

@@ -2,8 +2,6 @@
 //! malformed upgrades; HTTP auth in front of the upgrade; the mount path. These are about
 //! the HTTP side only, so they run on the default (in-memory) backend.
 
-mod common;
-
 use std::convert::Infallible;
 
 use axum::extract::Query;
@@ -12,7 +10,6 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use bytes::Bytes;
-use common::*;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -21,6 +18,8 @@ use hyper_util::service::TowerToHyperService;
 use serde_json::json;
 use tower::Layer;
 use tower_mesh::Mesh;
+
+use crate::common::*;
 
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 

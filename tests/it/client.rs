@@ -1,19 +1,13 @@
 //! The Rust client against a real server.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::mpsc;
 use tower_mesh::client::{ClientError, ClientEvent, MeshClient};
-use tower_mesh::extract::Payload;
 use tower_mesh::Mesh;
 
-async fn echo(Payload(payload): Payload<Value>) -> Value {
-    payload
-}
+use crate::common::*;
 
 async fn next_event(
     events: &mut tokio::sync::broadcast::Receiver<ClientEvent>,

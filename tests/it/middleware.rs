@@ -1,8 +1,6 @@
 //! Commands are tower services and middleware are tower layers (issue 2, items 5 and 6),
 //! and the extractors a handler can ask for, on every backend.
 
-mod common;
-
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,7 +9,6 @@ use std::time::Duration;
 
 use axum::routing::get;
 use axum::Router;
-use common::*;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Notify};
@@ -22,6 +19,8 @@ use tower::ServiceBuilder;
 use tower_mesh::command::{handler_service, FromFnLayer};
 use tower_mesh::extract::{Connection, Extension, Payload, State};
 use tower_mesh::{from_fn, BoxError, CommandError, CommandRequest, Mesh, Next};
+
+use crate::common::*;
 
 conformance!(
     timeout_layer_answers_etimeout_and_the_connection_keeps_serving,
@@ -532,9 +531,6 @@ async fn state_extractor(backend: Backend) {
 }
 
 #[derive(Clone, Debug)]
-struct User(String);
-
-#[derive(Clone, Debug)]
 struct Tag(&'static str);
 
 async fn middleware_extension_reaches_the_handler(backend: Backend) {
@@ -584,20 +580,6 @@ async fn middleware_extension_reaches_the_handler(backend: Backend) {
         client.command(2, "untagged", json!({})).await["payload"]["code"],
         "ESERVER"
     );
-}
-
-async fn insert_user(
-    mut request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let name = request
-        .headers()
-        .get("x-user")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("anonymous")
-        .to_owned();
-    request.extensions_mut().insert(User(name));
-    next.run(request).await
 }
 
 async fn http_middleware_extension_reaches_the_handler(backend: Backend) {

@@ -6,9 +6,6 @@
 //! "No reply" is proved without sleeping: right after the bad frame the client sends an
 //! `echo`, and the very next frame it receives must be that echo's reply.
 
-mod common;
-
-use common::*;
 use futures_util::SinkExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -18,6 +15,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tower_mesh::extract::Payload;
 use tower_mesh::MeshBuilder;
+
+use crate::common::*;
 
 conformance!(
     malformed_json_is_dropped,

@@ -8,15 +8,14 @@
 //! marker, which every instance delivers after whatever was published before it; the
 //! frames that came before the marker are checked.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use common::*;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tower_mesh::{Access, Connection, MergeStrategy, Mesh, RecordEvent, Regex};
+
+use crate::common::*;
 
 conformance!(
     subscribe_to_never_written_and_written_records,
@@ -58,32 +57,6 @@ conformance!(
 const UPDATE: &str = "mesh/record-update";
 const DELETED: &str = "mesh/record-deleted";
 
-trait Within {
-    /// [`RawClient::command`] with an overall deadline.
-    async fn command_within(&mut self, id: u64, command: &str, payload: Value) -> Value;
-    /// [`RawClient::push`] with an overall deadline.
-    async fn push_within(&mut self, command: &str) -> Value;
-}
-
-impl Within for RawClient {
-    async fn command_within(&mut self, id: u64, command: &str, payload: Value) -> Value {
-        within(
-            &format!("the reply to {command} #{id}"),
-            self.command(id, command, payload),
-        )
-        .await
-    }
-
-    async fn push_within(&mut self, command: &str) -> Value {
-        within(&format!("a {command} push"), self.push(command)).await
-    }
-}
-
-/// Sends a command and returns its reply's payload.
-async fn call(client: &mut RawClient, id: u64, command: &str, payload: Value) -> Value {
-    client.command_within(id, command, payload).await["payload"].clone()
-}
-
 async fn subscribe(client: &mut RawClient, id: u64, record_id: &str, mode: Option<&str>) -> Value {
     let payload = match mode {
         Some(mode) => json!({ "recordId": record_id, "mode": mode }),
@@ -123,20 +96,6 @@ async fn update(client: &mut RawClient) -> Value {
     client.push_within(UPDATE).await["payload"].clone()
 }
 
-/// The next push named `command` exactly as the server wrote it (other frames skipped).
-async fn push_text(client: &mut RawClient, command: &str) -> String {
-    within(&format!("a {command} push"), async {
-        loop {
-            let text = client.next_text().await;
-            let frame: Value = serde_json::from_str(&text).expect("JSON");
-            if frame.get("id").is_none() && frame["command"] == command {
-                return text;
-            }
-        }
-    })
-    .await
-}
-
 fn full(record_id: &str, value: Value, version: u64) -> Value {
     json!({ "recordId": record_id, "full": value, "version": version })
 }
@@ -161,48 +120,9 @@ fn forbidden(record_id: &str) -> Value {
     })
 }
 
-/// Reads frames until the push named `command`; returns the frames read before it.
-async fn frames_before_push(client: &mut RawClient, command: &str) -> Vec<Value> {
-    within(&format!("a {command} push"), async {
-        let mut before = Vec::new();
-        loop {
-            let frame = client.next().await;
-            if frame.get("id").is_none() && frame["command"] == command {
-                return before;
-            }
-            before.push(frame);
-        }
-    })
-    .await
-}
-
-/// Broadcasts `marker` to every connection of the mesh (it is ordered after anything
-/// published before it) and returns, per client, the frames that came before it.
-async fn frames_before_marker(
-    mesh: &Mesh,
-    marker: &str,
-    clients: &mut [&mut RawClient],
-) -> Vec<Vec<Value>> {
-    mesh.broadcast(marker, &json!(null))
-        .await
-        .expect("broadcast marker");
-    let mut all = Vec::new();
-    for client in clients.iter_mut() {
-        all.push(frames_before_push(client, marker).await);
-    }
-    all
-}
-
-fn pushes_named<'a>(frames: &'a [Value], command: &str) -> Vec<&'a Value> {
-    frames
-        .iter()
-        .filter(|frame| frame.get("id").is_none() && frame["command"] == command)
-        .collect()
-}
-
 /// Asserts that no record push (update or deletion) came before the marker, per client.
 async fn assert_no_record_push(mesh: &Mesh, marker: &str, clients: &mut [&mut RawClient]) {
-    for frames in frames_before_marker(mesh, marker, clients).await {
+    for frames in frames_before_marker(mesh, marker, clients, Noise::Kept).await {
         assert!(
             pushes_named(&frames, UPDATE).is_empty() && pushes_named(&frames, DELETED).is_empty(),
             "unexpected record push: {frames:?}"
@@ -210,21 +130,11 @@ async fn assert_no_record_push(mesh: &Mesh, marker: &str, clients: &mut [&mut Ra
     }
 }
 
-async fn write(mesh: &Mesh, record_id: &str, value: Value) -> Option<u64> {
-    mesh.write_record(record_id, value, MergeStrategy::Replace)
-        .await
-        .expect("write_record")
-}
-
 async fn stored(mesh: &Mesh, record_id: &str) -> Option<(Value, u64)> {
     mesh.record(record_id)
         .await
         .expect("record")
         .map(|record| (record.value, record.version))
-}
-
-fn everything() -> Regex {
-    Regex::new(".*").expect("regex")
 }
 
 type Events = mpsc::UnboundedReceiver<(String, Value, u64)>;
@@ -376,7 +286,7 @@ async fn subscribe_to_never_written_and_written_records(backend: Backend) {
     );
     // Written once (through another instance): its value at version 1, no push for it.
     assert_eq!(
-        write(&b.mesh, "existing", json!({"name": "Alice", "n": 1})).await,
+        write_record(&b.mesh, "existing", json!({"name": "Alice", "n": 1})).await,
         Some(1)
     );
     assert_eq!(
@@ -386,16 +296,16 @@ async fn subscribe_to_never_written_and_written_records(backend: Backend) {
         json!({"id": 2, "command": "mesh/subscribe-record",
                "payload": subscribed(json!({"name": "Alice", "n": 1}), 1)})
     );
-    let before = frames_before_marker(&b.mesh, "marker", &mut [&mut client]).await;
+    let before = frames_before_marker(&b.mesh, "marker", &mut [&mut client], Noise::Kept).await;
     assert!(pushes_named(&before[0], UPDATE).is_empty(), "{before:?}");
     // Written twice: version 2; patch mode gets the whole value in the reply too.
-    write(&b.mesh, "existing", json!({"name": "Bob"})).await;
+    write_record(&b.mesh, "existing", json!({"name": "Bob"})).await;
     assert_eq!(
         subscribe(&mut client, 3, "existing", Some("patch")).await,
         subscribed(json!({"name": "Bob"}), 2)
     );
     // The first update after subscribing is the next version.
-    write(&b.mesh, "smoke-record", json!({"count": 1})).await;
+    write_record(&b.mesh, "smoke-record", json!({"count": 1})).await;
     assert_eq!(
         push_text(&mut client, UPDATE).await,
         r#"{"command":"mesh/record-update","payload":{"recordId":"smoke-record","full":{"count":1},"version":1}}"#
@@ -417,7 +327,7 @@ async fn unexposed_and_guarded_reads_are_refused(backend: Backend) {
     let mut denied = RawClient::connect(&a.url()).await;
 
     // Unexposed: refused for everyone, whether it exists or not.
-    write(&b.mesh, "hidden:1", json!({"secret": true})).await;
+    write_record(&b.mesh, "hidden:1", json!({"secret": true})).await;
     for (n, id) in ["hidden:1", "hidden:2", "public:10"]
         .into_iter()
         .enumerate()
@@ -449,8 +359,8 @@ async fn unexposed_and_guarded_reads_are_refused(backend: Backend) {
     );
 
     // Refused subscriptions hear nothing; the allowed one hears every write.
-    write(&b.mesh, "guarded:record", json!({"v": 1})).await;
-    write(&b.mesh, "hidden:1", json!({"secret": false})).await;
+    write_record(&b.mesh, "guarded:record", json!({"v": 1})).await;
+    write_record(&b.mesh, "hidden:1", json!({"secret": false})).await;
     assert_eq!(
         update(&mut reader).await,
         full("guarded:record", json!({"v": 1}), 1)
@@ -476,11 +386,17 @@ async fn full_mode_updates_from_another_instance(backend: Backend) {
         subscribed(Value::Null, 0)
     );
 
-    assert_eq!(write(&b.mesh, "doc", json!({"data": 1})).await, Some(1));
-    assert_eq!(write(&b.mesh, "doc", json!({"data": 2})).await, Some(2));
+    assert_eq!(
+        write_record(&b.mesh, "doc", json!({"data": 1})).await,
+        Some(1)
+    );
+    assert_eq!(
+        write_record(&b.mesh, "doc", json!({"data": 2})).await,
+        Some(2)
+    );
     // Key order is kept as written.
     assert_eq!(
-        write(&a.mesh, "doc", json!({"z": 1, "a": {"y": 2, "b": 3}})).await,
+        write_record(&a.mesh, "doc", json!({"z": 1, "a": {"y": 2, "b": 3}})).await,
         Some(3)
     );
     for client in [&mut on_a, &mut on_b] {
@@ -512,9 +428,9 @@ async fn patch_mode_updates_from_another_instance(backend: Backend) {
         );
     }
 
-    write(&b.mesh, "doc", json!({"count": 1})).await;
-    write(&b.mesh, "doc", json!({"count": 1, "name": "added"})).await;
-    write(&b.mesh, "doc", json!({"name": "added"})).await;
+    write_record(&b.mesh, "doc", json!({"count": 1})).await;
+    write_record(&b.mesh, "doc", json!({"count": 1, "name": "added"})).await;
+    write_record(&b.mesh, "doc", json!({"name": "added"})).await;
     for client in [&mut on_a, &mut on_b] {
         assert_eq!(
             push_text(client, UPDATE).await,
@@ -536,9 +452,9 @@ async fn patch_mode_updates_from_another_instance(backend: Backend) {
     // Nested changes and arrays patch too; applying the patches rebuilds the value.
     let mut rebuilt = json!({"name": "added"});
     let next = json!({"name": "added", "tags": ["a", "b"], "deep": {"x": {"y": 1}}});
-    write(&a.mesh, "doc", next.clone()).await;
+    write_record(&a.mesh, "doc", next.clone()).await;
     let last = json!({"name": "renamed", "tags": ["a"], "deep": {"x": {"y": 2}}});
-    write(&a.mesh, "doc", last.clone()).await;
+    write_record(&a.mesh, "doc", last.clone()).await;
     for (version, value) in [(4, next), (5, last)] {
         let pushed = update(&mut on_b).await;
         assert_eq!(pushed["version"], version, "{pushed}");
@@ -561,8 +477,8 @@ async fn mixed_modes_on_one_record(backend: Backend) {
     subscribe(&mut full_b, 1, "mixed", None).await;
     subscribe(&mut patch_b, 1, "mixed", Some("patch")).await;
 
-    write(&b.mesh, "mixed", json!({"value": "a"})).await;
-    write(&a.mesh, "mixed", json!({"value": "b"})).await;
+    write_record(&b.mesh, "mixed", json!({"value": "a"})).await;
+    write_record(&a.mesh, "mixed", json!({"value": "b"})).await;
     for client in [&mut full_a, &mut full_b] {
         assert_eq!(
             update(client).await,
@@ -604,7 +520,7 @@ async fn subscribing_again_switches_the_mode(backend: Backend) {
     let b = serve(backend.builder()).await;
     let mut client = RawClient::connect(&a.url()).await;
     subscribe(&mut client, 1, "doc", Some("patch")).await;
-    write(&b.mesh, "doc", json!({"n": 1})).await;
+    write_record(&b.mesh, "doc", json!({"n": 1})).await;
     assert_eq!(
         update(&mut client).await,
         patched("doc", json!([{"op": "add", "path": "/n", "value": 1}]), 1)
@@ -614,7 +530,7 @@ async fn subscribing_again_switches_the_mode(backend: Backend) {
         subscribe(&mut client, 2, "doc", Some("full")).await,
         subscribed(json!({"n": 1}), 1)
     );
-    write(&b.mesh, "doc", json!({"n": 2})).await;
+    write_record(&b.mesh, "doc", json!({"n": 2})).await;
     assert_eq!(update(&mut client).await, full("doc", json!({"n": 2}), 2));
     assert_no_record_push(&b.mesh, "marker", &mut [&mut client]).await;
     // One unsubscribe ends it.
@@ -741,7 +657,7 @@ async fn deep_merge_keeps_key_order(backend: Backend) {
     let b = serve(backend.builder()).await;
     let mut client = RawClient::connect(&a.url()).await;
     subscribe(&mut client, 1, "doc", None).await;
-    write(
+    write_record(
         &b.mesh,
         "doc",
         json!({"a": {"x": 1}, "b": 1, "c": 2, "d": 3}),
@@ -793,7 +709,7 @@ async fn writes_that_change_nothing_store_and_push_nothing(backend: Backend) {
 
     let mesh = &b.mesh;
     assert_eq!(
-        write(
+        write_record(
             mesh,
             "doc",
             json!({"n": 1, "list": [1, 2], "o": {"k": "v"}})
@@ -835,9 +751,9 @@ async fn writes_that_change_nothing_store_and_push_nothing(backend: Backend) {
         );
     }
     // Primitive records too.
-    assert_eq!(write(mesh, "num", json!(1)).await, Some(1));
-    assert_eq!(write(mesh, "num", json!(1.0)).await, None);
-    assert_eq!(write(mesh, "num", json!(1)).await, None);
+    assert_eq!(write_record(mesh, "num", json!(1)).await, Some(1));
+    assert_eq!(write_record(mesh, "num", json!(1.0)).await, None);
+    assert_eq!(write_record(mesh, "num", json!(1)).await, None);
     // Over the wire: a success, but nothing changes.
     assert_eq!(
         publish(
@@ -861,8 +777,13 @@ async fn writes_that_change_nothing_store_and_push_nothing(backend: Backend) {
     );
     assert_eq!(stored(&a.mesh, "num").await, Some((json!(1), 1)));
     // Only the first writes were pushed (each subscriber: the one version of each).
-    let before =
-        frames_before_marker(&b.mesh, "marker", &mut [&mut full_sub, &mut patch_sub]).await;
+    let before = frames_before_marker(
+        &b.mesh,
+        "marker",
+        &mut [&mut full_sub, &mut patch_sub],
+        Noise::Kept,
+    )
+    .await;
     assert_eq!(
         pushes_named(&before[0], UPDATE)
             .into_iter()
@@ -875,7 +796,7 @@ async fn writes_that_change_nothing_store_and_push_nothing(backend: Backend) {
     );
     assert_eq!(pushes_named(&before[1], UPDATE).len(), 1, "{:?}", before[1]);
     // The next real change is the next version, and the next push.
-    assert_eq!(write(mesh, "doc", json!({"n": 2})).await, Some(2));
+    assert_eq!(write_record(mesh, "doc", json!({"n": 2})).await, Some(2));
     assert_eq!(update(&mut full_sub).await, full("doc", json!({"n": 2}), 2));
     assert_eq!(update(&mut patch_sub).await["version"], 2);
     // Writes that changed nothing fired no hook: the next events are the real changes.
@@ -899,7 +820,7 @@ async fn primitive_values_in_both_modes(backend: Backend) {
     )
     .await;
     assert_eq!(
-        write(&b.mesh, "prim", json!("initial value")).await,
+        write_record(&b.mesh, "prim", json!("initial value")).await,
         Some(1)
     );
     let mut full_a = RawClient::connect(&a.url()).await;
@@ -951,7 +872,10 @@ async fn primitive_values_in_both_modes(backend: Backend) {
     ];
     for (n, (value, patch)) in steps.into_iter().enumerate() {
         let version = n as u64 + 3;
-        assert_eq!(write(&a.mesh, "prim", value.clone()).await, Some(version));
+        assert_eq!(
+            write_record(&a.mesh, "prim", value.clone()).await,
+            Some(version)
+        );
         assert_eq!(
             update(&mut full_a).await,
             full("prim", value.clone(), version)
@@ -1052,12 +976,12 @@ async fn client_writes_reach_other_instances_and_fire_hooks_where_written(backen
     );
     // The other instance's hooks did not run for those writes: the first they hear of is
     // a write through their own instance.
-    write(&a.mesh, "doc", json!({"by": "a"})).await;
+    write_record(&a.mesh, "doc", json!({"by": "a"})).await;
     assert_eq!(
         recv_within(&mut events_a).await,
         event("doc", json!({"by": "a"}), 3)
     );
-    write(&b.mesh, "doc", json!({"by": "b"})).await;
+    write_record(&b.mesh, "doc", json!({"by": "b"})).await;
     assert_eq!(
         recv_within(&mut events_b).await,
         event("doc", json!({"by": "b"}), 4)
@@ -1133,7 +1057,7 @@ async fn writes_to_read_only_or_unexposed_records_are_forbidden(backend: Backend
     let mut bare_writer = RawClient::connect(&bare.url()).await;
 
     assert_eq!(
-        write(&b.mesh, "ro:1", json!({"v": "server"})).await,
+        write_record(&b.mesh, "ro:1", json!({"v": "server"})).await,
         Some(1)
     );
     subscribe(&mut watcher, 1, "ro:1", None).await;
@@ -1187,7 +1111,7 @@ async fn writes_to_read_only_or_unexposed_records_are_forbidden(backend: Backend
     );
     // The server may write any record.
     assert_eq!(
-        write(&a.mesh, "ro:1", json!({"v": "server 2"})).await,
+        write_record(&a.mesh, "ro:1", json!({"v": "server 2"})).await,
         Some(2)
     );
     assert_eq!(
@@ -1321,7 +1245,7 @@ async fn read_guard_is_not_bypassed_by_a_writable_pattern(backend: Backend) {
         Some((json!({"x": 1}), 1))
     );
     assert_eq!(subscribe(&mut client, 4, "secret:1", None).await, refused());
-    write(&b.mesh, "secret:1", json!({"x": 2})).await;
+    write_record(&b.mesh, "secret:1", json!({"x": 2})).await;
     assert_no_record_push(&b.mesh, "marker", &mut [&mut client]).await;
     // Other records are readable through the writable pattern alone.
     assert_eq!(
@@ -1363,9 +1287,9 @@ async fn deletion_notifies_full_and_patch_subscribers_on_every_instance(backend:
     }
     subscribe(&mut other, 1, "survivor", None).await;
     for n in 1..=3 {
-        write(&a.mesh, "doomed", json!({"n": n})).await;
+        write_record(&a.mesh, "doomed", json!({"n": n})).await;
     }
-    write(&a.mesh, "survivor", json!({"alive": true})).await;
+    write_record(&a.mesh, "survivor", json!({"alive": true})).await;
     assert_eq!(
         update(&mut other).await,
         full("survivor", json!({"alive": true}), 1)
@@ -1439,7 +1363,7 @@ async fn deleting_a_missing_record_is_false_and_pushes_nothing(backend: Backend)
     assert!(!b.mesh.delete_record("never").await.expect("delete"));
     assert_no_record_push(&b.mesh, "marker-1", &mut [&mut client]).await;
     // The subscription is intact, and no removal hook ran.
-    write(&b.mesh, "missing", json!(1)).await;
+    write_record(&b.mesh, "missing", json!(1)).await;
     assert_eq!(update(&mut client).await, full("missing", json!(1), 1));
     assert!(b.mesh.delete_record("missing").await.expect("delete"));
     assert_eq!(
@@ -1472,8 +1396,8 @@ async fn a_recreated_record_is_not_pushed_to_old_direct_subscribers(backend: Bac
     let mut old_b = RawClient::connect(&b.url()).await;
     subscribe(&mut old_a, 1, "phoenix", Some("patch")).await;
     subscribe(&mut old_b, 1, "phoenix", None).await;
-    write(&a.mesh, "phoenix", json!({"life": 1})).await;
-    write(&a.mesh, "phoenix", json!({"life": 2})).await;
+    write_record(&a.mesh, "phoenix", json!({"life": 1})).await;
+    write_record(&a.mesh, "phoenix", json!({"life": 2})).await;
     assert!(a.mesh.delete_record("phoenix").await.expect("delete"));
     for client in [&mut old_a, &mut old_b] {
         assert_eq!(
@@ -1483,7 +1407,10 @@ async fn a_recreated_record_is_not_pushed_to_old_direct_subscribers(backend: Bac
     }
 
     // Created again: it starts over at version 1, and only new subscribers hear of it.
-    assert_eq!(write(&b.mesh, "phoenix", json!({"life": 3})).await, Some(1));
+    assert_eq!(
+        write_record(&b.mesh, "phoenix", json!({"life": 3})).await,
+        Some(1)
+    );
     assert_eq!(
         stored(&a.mesh, "phoenix").await,
         Some((json!({"life": 3}), 1))
@@ -1499,7 +1426,7 @@ async fn a_recreated_record_is_not_pushed_to_old_direct_subscribers(backend: Bac
         subscribe(&mut old_a, 2, "phoenix", Some("patch")).await,
         subscribed(json!({"life": 3}), 1)
     );
-    write(&b.mesh, "phoenix", json!({"life": 4})).await;
+    write_record(&b.mesh, "phoenix", json!({"life": 4})).await;
     assert_eq!(
         update(&mut fresh).await,
         full("phoenix", json!({"life": 4}), 2)
@@ -1542,7 +1469,7 @@ async fn update_and_removal_hooks_all_run_and_a_panicking_one_stops_none(backend
 
     for n in 1..=2 {
         assert_eq!(
-            write(&a.mesh, "hooked", json!({"n": n})).await,
+            write_record(&a.mesh, "hooked", json!({"n": n})).await,
             Some(n as u64)
         );
     }
@@ -1563,7 +1490,10 @@ async fn update_and_removal_hooks_all_run_and_a_panicking_one_stops_none(backend
         );
     }
     // A deletion is no update, and an update no deletion; the mesh still works.
-    assert_eq!(write(&a.mesh, "hooked", json!("again")).await, Some(1));
+    assert_eq!(
+        write_record(&a.mesh, "hooked", json!("again")).await,
+        Some(1)
+    );
     for events in [&mut first_events, &mut second_events] {
         assert_eq!(
             recv_within(events).await,
@@ -1605,7 +1535,10 @@ async fn a_hook_hears_writes_in_order_and_hooks_start_in_the_order_added(backend
     )
     .await;
     for n in 1..=WRITES {
-        assert_eq!(write(&a.mesh, "ordered", json!({ "n": n })).await, Some(n));
+        assert_eq!(
+            write_record(&a.mesh, "ordered", json!({ "n": n })).await,
+            Some(n)
+        );
     }
     let mut heard = Vec::new();
     while heard.len() < 2 * WRITES as usize {
@@ -1652,7 +1585,11 @@ async fn hooks_are_not_awaited_by_the_write(backend: Backend) {
     // The write returns while its hook is still waiting; a write that waited for it
     // would time out here.
     assert_eq!(
-        within("a write whose hook waits", write(&a.mesh, "slow", json!(1))).await,
+        within(
+            "a write whose hook waits",
+            write_record(&a.mesh, "slow", json!(1))
+        )
+        .await,
         Some(1)
     );
     assert!(
@@ -1673,7 +1610,7 @@ async fn unsubscribe_stops_record_delivery(backend: Backend) {
     let mut stayer = RawClient::connect(&a.url()).await;
     subscribe(&mut leaver, 1, "doc", None).await;
     subscribe(&mut stayer, 1, "doc", Some("patch")).await;
-    write(&b.mesh, "doc", json!({"n": 1})).await;
+    write_record(&b.mesh, "doc", json!({"n": 1})).await;
     assert_eq!(update(&mut leaver).await["version"], 1);
     assert_eq!(update(&mut stayer).await["version"], 1);
 
@@ -1685,7 +1622,7 @@ async fn unsubscribe_stops_record_delivery(backend: Backend) {
     );
     assert_eq!(unsubscribe(&mut leaver, 3, "doc").await, false);
     assert_eq!(unsubscribe(&mut leaver, 4, "never").await, false);
-    write(&b.mesh, "doc", json!({"n": 2})).await;
+    write_record(&b.mesh, "doc", json!({"n": 2})).await;
     assert_eq!(
         update(&mut stayer).await,
         patched(
@@ -1698,14 +1635,14 @@ async fn unsubscribe_stops_record_delivery(backend: Backend) {
 
     // The last local subscriber leaves: nothing reaches that instance's connections.
     assert_eq!(unsubscribe(&mut stayer, 2, "doc").await, true);
-    write(&b.mesh, "doc", json!({"n": 3})).await;
+    write_record(&b.mesh, "doc", json!({"n": 3})).await;
     assert_no_record_push(&b.mesh, "marker-2", &mut [&mut leaver, &mut stayer]).await;
     // Subscribing again picks up the current version and what follows.
     assert_eq!(
         subscribe(&mut leaver, 5, "doc", Some("patch")).await,
         subscribed(json!({"n": 3}), 3)
     );
-    write(&b.mesh, "doc", json!({"n": 4})).await;
+    write_record(&b.mesh, "doc", json!({"n": 4})).await;
     assert_eq!(
         update(&mut leaver).await,
         patched(
@@ -1737,7 +1674,7 @@ async fn a_reconnected_client_subscribes_again(backend: Backend) {
         json!({"channel": "news"}),
     )
     .await;
-    write(&b.mesh, "doc", json!({"n": 1})).await;
+    write_record(&b.mesh, "doc", json!({"n": 1})).await;
     b.mesh
         .write_channel("news", "before", 10)
         .await
@@ -1765,7 +1702,7 @@ async fn a_reconnected_client_subscribes_again(backend: Backend) {
         .await,
         json!({"success": true, "history": ["before"]})
     );
-    assert_eq!(write(&b.mesh, "doc", json!({"n": 2})).await, Some(2));
+    assert_eq!(write_record(&b.mesh, "doc", json!({"n": 2})).await, Some(2));
     b.mesh
         .write_channel("news", "after", 10)
         .await
@@ -1867,7 +1804,7 @@ async fn bad_record_input_is_einvalid_and_stores_nothing(backend: Backend) {
         a.mesh.record_ids_matching(everything()).await.expect("ids"),
         Vec::<String>::new()
     );
-    write(&a.mesh, "r", json!({"after": true})).await;
+    write_record(&a.mesh, "r", json!({"after": true})).await;
     assert_no_record_push(&a.mesh, "marker", &mut [&mut client]).await;
     assert_eq!(unsubscribe(&mut client, 900, "r").await, false);
     // The first hook call is for the server's write: no bad write reached the store.
@@ -1919,7 +1856,7 @@ async fn record_subscription_limit_answers_eoverloaded(backend: Backend) {
         assert_eq!(reply["payload"]["code"], "EOVERLOADED", "{reply}");
     }
     // The refused subscription stored nothing.
-    write(&b.mesh, "r3", json!(3)).await;
+    write_record(&b.mesh, "r3", json!(3)).await;
     assert_no_record_push(&b.mesh, "marker-1", &mut [&mut client]).await;
     // Changing the mode of one it holds is not one more.
     assert_eq!(
@@ -1932,7 +1869,7 @@ async fn record_subscription_limit_answers_eoverloaded(backend: Backend) {
         subscribe(&mut client, 7, "r3", None).await,
         subscribed(json!(3), 1)
     );
-    write(&b.mesh, "r1", json!({"x": 1})).await;
+    write_record(&b.mesh, "r1", json!({"x": 1})).await;
     assert!(b.mesh.delete_record("r1").await.expect("delete"));
     client.push_within(DELETED).await;
     assert_eq!(subscribe(&mut client, 8, "r4", None).await["success"], true);
@@ -2018,7 +1955,7 @@ async fn a_record_over_max_record_bytes_is_refused_and_nothing_is_stored_or_sent
     );
 
     // The hooks heard only the stored write: the next event is the next version.
-    write(&a.mesh, "doc", json!({"small": true})).await;
+    write_record(&a.mesh, "doc", json!({"small": true})).await;
     assert_eq!(
         events_sorted(&mut events, 2).await,
         [
@@ -2116,7 +2053,7 @@ async fn write_record_over_max_record_bytes_is_mesh_error_too_large(backend: Bac
     assert_eq!(stored(&b.mesh, "doc").await, None);
 
     let base = object_of_size("a", 150);
-    assert_eq!(write(&a.mesh, "doc", base.clone()).await, Some(1));
+    assert_eq!(write_record(&a.mesh, "doc", base.clone()).await, Some(1));
     assert_eq!(update(&mut reader).await, full("doc", base.clone(), 1));
     // The size reported is the merged value's.
     let addition = json!({"b": "y".repeat(60)});
@@ -2194,7 +2131,10 @@ async fn max_record_bytes_is_never_above_max_frame_size(backend: Backend) {
 
     // Exactly the frame limit is still a record.
     let at_frame = object_of_size("pad", FRAME);
-    assert_eq!(write(&b.mesh, "doc", at_frame.clone()).await, Some(2));
+    assert_eq!(
+        write_record(&b.mesh, "doc", at_frame.clone()).await,
+        Some(2)
+    );
     assert_eq!(update(&mut reader).await, full("doc", at_frame, 2));
 }
 

@@ -1,17 +1,14 @@
 //! The Rust client's rooms and presence: joins, presence as a stream and as a callback,
 //! states kept alive, and everything restored after a reconnect, on both backends.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use serde_json::json;
 use tokio::sync::mpsc;
-use tower_mesh::client::{
-    ClientError, ClientEvent, MeshClient, PresenceKind, PresenceUpdate, StateOptions,
-};
+use tower_mesh::client::{ClientError, PresenceKind, StateOptions};
 use tower_mesh::{MeshBuilder, PresenceOptions};
+
+use crate::common::*;
 
 conformance!(
     join_leave_and_room_metadata,
@@ -30,21 +27,6 @@ fn tracked(builder: MeshBuilder) -> MeshBuilder {
             "private",
             PresenceOptions::new().guard(|_, _| async { false }),
         )
-}
-
-async fn client(url: &str) -> MeshClient {
-    MeshClient::builder(url)
-        .backoff(Duration::from_millis(20), Duration::from_millis(200))
-        .connect()
-        .await
-        .expect("connect")
-}
-
-async fn next_update(updates: &mut mpsc::UnboundedReceiver<PresenceUpdate>) -> PresenceUpdate {
-    tokio::time::timeout(WAIT, updates.recv())
-        .await
-        .expect("a presence update in time")
-        .expect("updates open")
 }
 
 async fn join_leave_and_room_metadata(backend: Backend) {
@@ -98,7 +80,7 @@ async fn presence_as_a_stream_and_as_a_callback(backend: Backend) {
         .expect("second subscriber on the same client");
     member.join_room("lobby").await.expect("join");
     for stream in [&mut updates, &mut seen_by_callback] {
-        let update = next_update(stream).await;
+        let update = recv_within(stream).await;
         assert_eq!(
             (
                 update.kind,
@@ -111,7 +93,7 @@ async fn presence_as_a_stream_and_as_a_callback(backend: Backend) {
     }
     member.leave_room("lobby").await.expect("leave");
     for stream in [&mut updates, &mut seen_by_callback] {
-        assert_eq!(next_update(stream).await.kind, PresenceKind::Leave);
+        assert_eq!(recv_within(stream).await.kind, PresenceKind::Leave);
     }
     assert_eq!(watcher.unsubscribe_presence("lobby").await, Ok(true));
     assert_eq!(watcher.unsubscribe_presence("lobby").await, Ok(false));
@@ -137,15 +119,7 @@ async fn refused_subscriptions_are_errors(backend: Backend) {
         ));
     }
     // A refused subscription leaves nothing behind to renew after a reconnect.
-    let mut events = alice.events();
-    alice.force_reconnect().await;
-    loop {
-        let event = tokio::time::timeout(WAIT, events.recv()).await;
-        if let Ok(Ok(ClientEvent::Reconnected { .. })) = event {
-            break;
-        }
-        assert!(event.is_ok(), "reconnected in time");
-    }
+    reconnect(&alice).await;
     assert!(server.mesh.rooms().await.expect("rooms").is_empty());
 }
 
@@ -162,14 +136,14 @@ async fn states_publish_clear_and_expire(backend: Backend) {
         Ok(false)
     );
     member.join_room("lobby").await.expect("join");
-    assert_eq!(next_update(&mut updates).await.kind, PresenceKind::Join);
+    assert_eq!(recv_within(&mut updates).await.kind, PresenceKind::Join);
     assert_eq!(
         member
             .publish_presence_state("lobby", json!({"typing": true}), StateOptions::new())
             .await,
         Ok(true)
     );
-    let update = next_update(&mut updates).await;
+    let update = recv_within(&mut updates).await;
     assert_eq!(
         (update.kind, update.state),
         (PresenceKind::State, Some(json!({"typing": true})))
@@ -181,7 +155,7 @@ async fn states_publish_clear_and_expire(backend: Backend) {
         Some(&json!({"typing": true}))
     );
     assert_eq!(member.clear_presence_state("lobby").await, Ok(true));
-    let update = next_update(&mut updates).await;
+    let update = recv_within(&mut updates).await;
     assert_eq!((update.kind, update.state), (PresenceKind::State, None));
     let options = StateOptions::new().expire_after(Duration::from_millis(150));
     assert_eq!(
@@ -191,10 +165,10 @@ async fn states_publish_clear_and_expire(backend: Backend) {
         Ok(true)
     );
     assert_eq!(
-        next_update(&mut updates).await.state,
+        recv_within(&mut updates).await.state,
         Some(json!({"away": 1}))
     );
-    let expired = next_update(&mut updates).await;
+    let expired = recv_within(&mut updates).await;
     assert_eq!((expired.kind, expired.state), (PresenceKind::State, None));
 }
 
@@ -213,7 +187,7 @@ async fn a_kept_state_outlives_its_expiry_until_the_keeper_is_dropped(backend: B
         .await
         .expect("kept");
     assert_eq!(
-        next_update(&mut updates).await.state,
+        recv_within(&mut updates).await.state,
         Some(json!({"status": "here"}))
     );
     // Several expiry periods (300 ms each) pass while it is kept: the refreshes are
@@ -234,7 +208,7 @@ async fn a_kept_state_outlives_its_expiry_until_the_keeper_is_dropped(backend: B
         "no update while the state is kept"
     );
     drop(keeper);
-    let expired = next_update(&mut updates).await;
+    let expired = recv_within(&mut updates).await;
     assert_eq!((expired.kind, expired.state), (PresenceKind::State, None));
     assert!(server
         .mesh
@@ -265,22 +239,12 @@ async fn rooms_presence_and_states_are_restored_after_a_reconnect(backend: Backe
     assert_eq!(member_watch.present.len(), 1);
 
     let old_id = member.connection_id();
-    let mut events = member.events();
-    member.force_reconnect().await;
-    let new_id = loop {
-        let event = tokio::time::timeout(WAIT, events.recv())
-            .await
-            .expect("reconnected in time")
-            .expect("events");
-        if let ClientEvent::Reconnected { connection_id } = event {
-            break connection_id;
-        }
-    };
+    let new_id = reconnect(&member).await;
     assert_ne!(new_id, old_id);
     // The watcher sees the old connection leave, the new one join and publish its state.
     let mut seen = Vec::new();
     while seen.len() < 3 {
-        let update = next_update(&mut updates).await;
+        let update = recv_within(&mut updates).await;
         seen.push((update.kind, update.connection_id, update.state));
     }
     assert!(seen.contains(&(PresenceKind::Leave, old_id.clone(), None)));
@@ -318,7 +282,7 @@ async fn rooms_presence_and_states_are_restored_after_a_reconnect(backend: Backe
     let newcomer = client(&first.url()).await;
     newcomer.join_room("lobby").await.expect("join");
     loop {
-        let update = next_update(&mut member_updates).await;
+        let update = recv_within(&mut member_updates).await;
         if update.kind == PresenceKind::Join && update.connection_id == newcomer.connection_id() {
             break;
         }
