@@ -93,12 +93,7 @@ impl MetadataWrite {
     /// The engine builds these from clients' and the server's writes; a backend only
     /// [`apply`](MetadataWrite::apply)s them. Building one directly is for tests of a
     /// backend, such as the conformance suite (`backend::conformance`).
-    pub fn new(
-        value: Value,
-        strategy: MergeStrategy,
-        max_bytes: usize,
-        owner: String,
-    ) -> Self {
+    pub fn new(value: Value, strategy: MergeStrategy, max_bytes: usize, owner: String) -> Self {
         MetadataWrite {
             value,
             strategy,

@@ -40,7 +40,10 @@ async fn write<B: Backend>(
     .await;
     for instance in case.both() {
         instance
-            .expect(&delivery, &format!("the announcement of {message:?} on {channel:?}"))
+            .expect(
+                &delivery,
+                &format!("the announcement of {message:?} on {channel:?}"),
+            )
             .await;
     }
 }
@@ -61,13 +64,22 @@ fn strings(items: &[&str]) -> Vec<String> {
 /// later write trims to it; reads stop at their limit.
 pub(super) async fn count_bound<B: Backend>(case: &Case<B>) {
     let (a, b) = (&case.a, &case.b);
-    case.listen_on_both(&Topic::Channel(Arc::from("news"))).await;
+    case.listen_on_both(&Topic::Channel(Arc::from("news")))
+        .await;
     for instance in case.both() {
         let empty = history(instance, "news", 10).await;
         instance.same(empty, Vec::new(), "the history of a channel never written");
     }
     for (n, from) in (1..=5).zip([a, b].into_iter().cycle()) {
-        write(case, from, "news", &format!("message {n}"), 3, UNBOUNDED_BYTES).await;
+        write(
+            case,
+            from,
+            "news",
+            &format!("message {n}"),
+            3,
+            UNBOUNDED_BYTES,
+        )
+        .await;
     }
     for instance in case.both() {
         let kept = history(instance, "news", 10).await;
@@ -94,7 +106,8 @@ pub(super) async fn count_bound<B: Backend>(case: &Case<B>) {
             "the history after a write with a smaller count bound",
         );
     }
-    case.quiet(a, "channel writes (one announcement each)").await;
+    case.quiet(a, "channel writes (one announcement each)")
+        .await;
 }
 
 /// The history keeps at most `history_bytes` bytes, the oldest going first (a message
@@ -103,10 +116,14 @@ pub(super) async fn count_bound<B: Backend>(case: &Case<B>) {
 pub(super) async fn byte_bound<B: Backend>(case: &Case<B>) {
     let (a, b) = (&case.a, &case.b);
     for channel in ["sized", "live-only"] {
-        case.listen_on_both(&Topic::Channel(Arc::from(channel))).await;
+        case.listen_on_both(&Topic::Channel(Arc::from(channel)))
+            .await;
     }
     // Ten bytes each: two fit in 25 bytes, three do not.
-    for (message, from) in ["message-01", "message-02", "message-03"].into_iter().zip([a, b, a]) {
+    for (message, from) in ["message-01", "message-02", "message-03"]
+        .into_iter()
+        .zip([a, b, a])
+    {
         write(case, from, "sized", message, 10, 25).await;
     }
     for instance in case.both() {
@@ -121,18 +138,31 @@ pub(super) async fn byte_bound<B: Backend>(case: &Case<B>) {
     write(case, b, "sized", &too_big, 10, 25).await;
     for instance in case.both() {
         let kept = history(instance, "sized", 10).await;
-        instance.same(kept, Vec::new(), "the history after a message over the byte bound");
+        instance.same(
+            kept,
+            Vec::new(),
+            "the history after a message over the byte bound",
+        );
     }
     write(case, a, "sized", "message-04", 10, 25).await;
     for instance in case.both() {
         let kept = history(instance, "sized", 10).await;
-        instance.same(kept, strings(&["message-04"]), "the history after it emptied");
+        instance.same(
+            kept,
+            strings(&["message-04"]),
+            "the history after it emptied",
+        );
     }
 
     write(case, a, "live-only", "not kept", 0, UNBOUNDED_BYTES).await;
     for instance in case.both() {
         let kept = history(instance, "live-only", 10).await;
-        instance.same(kept, Vec::new(), "the history of a channel written with history 0");
+        instance.same(
+            kept,
+            Vec::new(),
+            "the history of a channel written with history 0",
+        );
     }
-    case.quiet(b, "channel writes (one announcement each)").await;
+    case.quiet(b, "channel writes (one announcement each)")
+        .await;
 }

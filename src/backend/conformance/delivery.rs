@@ -26,7 +26,10 @@ pub(super) async fn to_connection<B: Backend>(case: &Case<B>) {
             ),
         };
         let published = from.publish(delivery.clone()).await;
-        from.check(published, "a push to conn-a, held by instance-a, was refused");
+        from.check(
+            published,
+            "a push to conn-a, held by instance-a, was refused",
+        );
         a.expect(&delivery, "the push to conn-a, unchanged").await;
         case.quiet(from, "a push to conn-a (only its holder receives it, once)")
             .await;
@@ -37,7 +40,10 @@ pub(super) async fn to_connection<B: Backend>(case: &Case<B>) {
         push: push("conformance/to-conn-b", json!([1, 2, 3])),
     };
     let published = a.publish(to_b.clone()).await;
-    a.check(published, "a push to conn-b, held by instance-b, was refused");
+    a.check(
+        published,
+        "a push to conn-b, held by instance-b, was refused",
+    );
     b.expect(&to_b, "the push to conn-b, unchanged").await;
     case.quiet(a, "a push to conn-b (only its holder receives it)")
         .await;
@@ -47,7 +53,10 @@ pub(super) async fn to_connection<B: Backend>(case: &Case<B>) {
         reason: "conformance: going away".to_owned(),
     };
     let published = a.publish(close.clone()).await;
-    a.check(published, "a close of conn-b, held by instance-b, was refused");
+    a.check(
+        published,
+        "a close of conn-b, held by instance-b, was refused",
+    );
     b.expect(&close, "the close of conn-b, unchanged").await;
     case.quiet(a, "a close of conn-b (only its holder receives it)")
         .await;
@@ -72,7 +81,8 @@ pub(super) async fn to_connection<B: Backend>(case: &Case<B>) {
             "publish of a close of a connection nobody holds returned true",
         );
     }
-    case.quiet(b, "deliveries to a connection nobody holds").await;
+    case.quiet(b, "deliveries to a connection nobody holds")
+        .await;
 }
 
 /// A broadcast reaches every instance, once per instance however many connections it
@@ -99,9 +109,7 @@ pub(super) async fn broadcast<B: Backend>(case: &Case<B>) {
     let published = b.publish(delivery.clone()).await;
     b.check(published, "a broadcast was refused");
     for instance in case.both() {
-        instance
-            .expect(&delivery, "the broadcast, unchanged")
-            .await;
+        instance.expect(&delivery, "the broadcast, unchanged").await;
     }
     case.quiet(b, "a broadcast (each instance receives it once)")
         .await;
@@ -121,8 +129,11 @@ pub(super) async fn topics<B: Backend>(case: &Case<B>) {
     };
     let published = a.publish(delivery.clone()).await;
     a.check(published, "a topic delivery was refused");
-    b.expect(&delivery, "the topic delivery, with its exclusions, unchanged")
-        .await;
+    b.expect(
+        &delivery,
+        "the topic delivery, with its exclusions, unchanged",
+    )
+    .await;
     case.quiet(a, "a topic delivery").await;
 
     let every_kind = [
@@ -151,7 +162,8 @@ pub(super) async fn topics<B: Backend>(case: &Case<B>) {
 
     // The inbox still listens, so the unsubscribe must change nothing.
     b.backend.unsubscribe(&b.id, &lobby);
-    b.listen(Topic::Channel(Arc::from("after-unsubscribe"))).await;
+    b.listen(Topic::Channel(Arc::from("after-unsubscribe")))
+        .await;
     let published = a.publish(delivery.clone()).await;
     a.check(published, "a topic delivery was refused");
     b.expect(
@@ -167,7 +179,8 @@ pub(super) async fn topics<B: Backend>(case: &Case<B>) {
     a.check(published, "a topic delivery was refused");
     b.expect(&delivery, "a topic delivery after subscribing again")
         .await;
-    case.quiet(a, "a topic delivery after subscribing again").await;
+    case.quiet(a, "a topic delivery after subscribing again")
+        .await;
 }
 
 /// A call reaches the holder of its connection, an answer the instance it names; either
@@ -188,7 +201,10 @@ pub(super) async fn calls<B: Backend>(case: &Case<B>) {
             op,
         };
         let published = a.publish(call.clone()).await;
-        a.check(published, "a call on conn-b, held by instance-b, was refused");
+        a.check(
+            published,
+            "a call on conn-b, held by instance-b, was refused",
+        );
         b.expect(&call, "the call, unchanged").await;
         let answer = Delivery::Answer {
             to: a.id.clone(),

@@ -132,7 +132,9 @@ impl<B: Backend> Instance<B> {
         instance
             .ok(
                 "attach",
-                instance.backend.attach(instance.id.clone(), weak as Weak<dyn Inbox>),
+                instance
+                    .backend
+                    .attach(instance.id.clone(), weak as Weak<dyn Inbox>),
             )
             .await;
         instance.attached.store(true, Ordering::SeqCst);

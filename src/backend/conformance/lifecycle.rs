@@ -15,17 +15,28 @@ use crate::merge::MergeStrategy;
 const TTL: Duration = Duration::from_secs(60);
 
 fn write(value: Value) -> MetadataWrite {
-    MetadataWrite::new(value, MergeStrategy::Replace, 1024, "conformance metadata".to_owned())
+    MetadataWrite::new(
+        value,
+        MergeStrategy::Replace,
+        1024,
+        "conformance metadata".to_owned(),
+    )
 }
 
 /// Checks, from `from`, that nothing is left of `connection_id`.
 async fn forgotten<B: Backend>(from: &Instance<B>, connection_id: &str) {
     let metadata = from
-        .ok("metadata", from.backend.metadata(MetadataOf::Connection(connection_id)))
+        .ok(
+            "metadata",
+            from.backend.metadata(MetadataOf::Connection(connection_id)),
+        )
         .await;
     from.same(metadata, None, "the metadata of a forgotten connection");
     let rooms = from
-        .ok("connection_rooms", from.backend.connection_rooms(connection_id))
+        .ok(
+            "connection_rooms",
+            from.backend.connection_rooms(connection_id),
+        )
         .await;
     from.same(rooms, Vec::new(), "the rooms of a forgotten connection");
     let delivered = from
@@ -34,7 +45,10 @@ async fn forgotten<B: Backend>(from: &Instance<B>, connection_id: &str) {
             push: push("conformance/lost", json!({})),
         })
         .await;
-    from.check(!delivered, "publish of a push to a forgotten connection returned true");
+    from.check(
+        !delivered,
+        "publish of a push to a forgotten connection returned true",
+    );
     let written = from
         .ok(
             "set_metadata of a forgotten connection",
@@ -42,7 +56,10 @@ async fn forgotten<B: Backend>(from: &Instance<B>, connection_id: &str) {
                 .set_metadata(MetadataOf::Connection(connection_id), &write(json!(1))),
         )
         .await;
-    from.check(!written, "set_metadata of a forgotten connection returned true");
+    from.check(
+        !written,
+        "set_metadata of a forgotten connection returned true",
+    );
     let joined = from
         .ok(
             "join_room of a forgotten connection",
@@ -64,11 +81,16 @@ pub(super) async fn unregister<B: Backend>(case: &Case<B>) {
     let written = a
         .ok(
             "set_metadata",
-            a.backend
-                .set_metadata(MetadataOf::Connection("conn-gone"), &write(json!({ "n": 1 }))),
+            a.backend.set_metadata(
+                MetadataOf::Connection("conn-gone"),
+                &write(json!({ "n": 1 })),
+            ),
         )
         .await;
-    a.check(written, "set_metadata of a registered connection returned false");
+    a.check(
+        written,
+        "set_metadata of a registered connection returned false",
+    );
     for room in ["room-1", "room-2"] {
         a.join("conn-gone", room, Some(TTL)).await;
         for instance in case.both() {
@@ -97,17 +119,28 @@ pub(super) async fn unregister<B: Backend>(case: &Case<B>) {
             )
             .await;
     }
-    case.quiet(a, "unregister_connection (one leave in each room where present)")
-        .await;
+    case.quiet(
+        a,
+        "unregister_connection (one leave in each room where present)",
+    )
+    .await;
 
     for instance in case.both() {
         forgotten(instance, "conn-gone").await;
         let rooms = instance.ok("rooms", instance.backend.rooms()).await;
-        instance.same(rooms, vec!["room-1".to_owned()], "rooms() after unregistering");
+        instance.same(
+            rooms,
+            vec!["room-1".to_owned()],
+            "rooms() after unregistering",
+        );
         let members = instance
             .ok("room_members", instance.backend.room_members("room-1"))
             .await;
-        instance.same(members, vec!["conn-stays".to_owned()], "the members after unregistering");
+        instance.same(
+            members,
+            vec!["conn-stays".to_owned()],
+            "the members after unregistering",
+        );
         let presence = instance
             .ok("presence", instance.backend.presence("room-1"))
             .await;
@@ -117,7 +150,10 @@ pub(super) async fn unregister<B: Backend>(case: &Case<B>) {
             "the presence after unregistering",
         );
         let all = instance
-            .ok("all_metadata", instance.backend.all_metadata(MetadataKind::Connection))
+            .ok(
+                "all_metadata",
+                instance.backend.all_metadata(MetadataKind::Connection),
+            )
             .await;
         instance.same(
             all,
@@ -125,9 +161,15 @@ pub(super) async fn unregister<B: Backend>(case: &Case<B>) {
             "all_metadata(Connection) after unregistering",
         );
         let shared = instance
-            .ok("share_a_room", instance.backend.share_a_room("conn-gone", "conn-stays"))
+            .ok(
+                "share_a_room",
+                instance.backend.share_a_room("conn-gone", "conn-stays"),
+            )
             .await;
-        instance.check(!shared, "share_a_room with an unregistered connection returned true");
+        instance.check(
+            !shared,
+            "share_a_room with an unregistered connection returned true",
+        );
     }
     let stored = b
         .ok(
@@ -136,7 +178,10 @@ pub(super) async fn unregister<B: Backend>(case: &Case<B>) {
                 .set_presence_state("conn-gone", "room-1", Some(&json!(1)), None, false),
         )
         .await;
-    b.check(!stored, "set_presence_state of an unregistered connection returned true");
+    b.check(
+        !stored,
+        "set_presence_state of an unregistered connection returned true",
+    );
     case.quiet(b, "the reads after unregistering").await;
 }
 
@@ -144,7 +189,8 @@ pub(super) async fn unregister<B: Backend>(case: &Case<B>) {
 /// the instances still attached, and leaves the other instance's connections alone.
 pub(super) async fn detach<B: Backend>(case: &Case<B>) {
     let (a, b) = (&case.a, &case.b);
-    case.listen_on_both(&Topic::Presence(Arc::from("room-1"))).await;
+    case.listen_on_both(&Topic::Presence(Arc::from("room-1")))
+        .await;
     a.register("conn-a1").await;
     a.register("conn-a2").await;
     b.register("conn-b").await;
@@ -155,7 +201,10 @@ pub(super) async fn detach<B: Backend>(case: &Case<B>) {
                 .set_metadata(MetadataOf::Connection("conn-a2"), &write(json!({ "n": 2 }))),
         )
         .await;
-    a.check(written, "set_metadata of a registered connection returned false");
+    a.check(
+        written,
+        "set_metadata of a registered connection returned false",
+    );
     a.join("conn-a1", "room-1", Some(TTL)).await;
     for instance in case.both() {
         instance
@@ -186,11 +235,18 @@ pub(super) async fn detach<B: Backend>(case: &Case<B>) {
         forgotten(b, connection_id).await;
     }
     let members = b.ok("room_members", b.backend.room_members("room-1")).await;
-    b.same(members, vec!["conn-b".to_owned()], "the members after detach");
+    b.same(
+        members,
+        vec!["conn-b".to_owned()],
+        "the members after detach",
+    );
     let rooms = b.ok("rooms", b.backend.rooms()).await;
     b.same(rooms, vec!["room-1".to_owned()], "rooms() after detach");
     let all = b
-        .ok("all_metadata", b.backend.all_metadata(MetadataKind::Connection))
+        .ok(
+            "all_metadata",
+            b.backend.all_metadata(MetadataKind::Connection),
+        )
         .await;
     b.same(
         all,
@@ -208,7 +264,10 @@ pub(super) async fn detach<B: Backend>(case: &Case<B>) {
         push: push("conformance/still-here", json!({})),
     };
     let delivered = b.publish(to_b.clone()).await;
-    b.check(delivered, "a push to a connection of the remaining instance was refused");
+    b.check(
+        delivered,
+        "a push to a connection of the remaining instance was refused",
+    );
     b.expect(&to_b, "a push to a connection of the remaining instance")
         .await;
 }

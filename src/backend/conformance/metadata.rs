@@ -68,7 +68,10 @@ async fn merges<B: Backend>(case: &Case<B>, of: MetadataOf<'_>) {
             (&case.a, &case.b)
         };
         let written = set(writer, of, &write(value, strategy)).await;
-        writer.check(written, format!("a {strategy:?} write of {of:?} was refused"));
+        writer.check(
+            written,
+            format!("a {strategy:?} write of {of:?} was refused"),
+        );
         for instance in [writer, reader] {
             let stored = read(instance, of).await;
             instance.same_json(
@@ -86,7 +89,8 @@ async fn too_large<B: Backend>(from: &Instance<B>, of: MetadataOf<'_>, before: O
     let refused = from
         .refused(
             format!("set_metadata({of:?}) over max_bytes"),
-            from.backend.set_metadata(of, &write(big, MergeStrategy::Merge)),
+            from.backend
+                .set_metadata(of, &write(big, MergeStrategy::Merge)),
         )
         .await;
     from.check(
@@ -128,7 +132,8 @@ pub(super) async fn connection<B: Backend>(case: &Case<B>) {
     }
     let other = read(b, MetadataOf::Connection("conn-2")).await;
     b.same(other, None, "the metadata of another connection");
-    case.quiet(a, "metadata writes (they announce nothing)").await;
+    case.quiet(a, "metadata writes (they announce nothing)")
+        .await;
 }
 
 /// A room's metadata, whether or not it has members, from either instance, with every
@@ -146,8 +151,16 @@ pub(super) async fn room<B: Backend>(case: &Case<B>) {
 
     for (room, from) in [("zeta", a), ("alpha", b), ("mid", a)] {
         let value = json!({ "room": room });
-        let written = set(from, MetadataOf::Room(room), &write(value, MergeStrategy::Replace)).await;
-        from.check(written, format!("set_metadata of room {room:?} returned false"));
+        let written = set(
+            from,
+            MetadataOf::Room(room),
+            &write(value, MergeStrategy::Replace),
+        )
+        .await;
+        from.check(
+            written,
+            format!("set_metadata of room {room:?} returned false"),
+        );
     }
     let expected = |rooms: &[&str]| -> Vec<(String, Value)> {
         rooms
@@ -178,7 +191,11 @@ pub(super) async fn room<B: Backend>(case: &Case<B>) {
     .await;
     for instance in case.both() {
         let gone = read(instance, MetadataOf::Room("mid")).await;
-        instance.same(gone, None, "the metadata of a room after delete_room_metadata");
+        instance.same(
+            gone,
+            None,
+            "the metadata of a room after delete_room_metadata",
+        );
         let all = list(instance, MetadataKind::Room).await;
         instance.same(
             all,
@@ -208,7 +225,11 @@ pub(super) async fn room<B: Backend>(case: &Case<B>) {
 pub(super) async fn all_connections<B: Backend>(case: &Case<B>) {
     let (a, b) = (&case.a, &case.b);
     let none = list(b, MetadataKind::Connection).await;
-    b.same(none, Vec::new(), "all_metadata(Connection) with no connection");
+    b.same(
+        none,
+        Vec::new(),
+        "all_metadata(Connection) with no connection",
+    );
 
     a.register("conn-zulu").await;
     b.register("conn-alpha").await;
@@ -221,7 +242,10 @@ pub(super) async fn all_connections<B: Backend>(case: &Case<B>) {
             &write(value, MergeStrategy::Replace),
         )
         .await;
-        from.check(written, format!("set_metadata of {connection_id:?} returned false"));
+        from.check(
+            written,
+            format!("set_metadata of {connection_id:?} returned false"),
+        );
     }
     for instance in case.both() {
         let all = list(instance, MetadataKind::Connection).await;

@@ -62,7 +62,10 @@ async fn announced<B: Backend>(
 /// Runs `sweep` on both instances at once.
 async fn sweep_on_both<B: Backend>(case: &Case<B>) {
     let (a, b) = (&case.a, &case.b);
-    tokio::join!(a.ok("sweep", a.backend.sweep()), b.ok("sweep", b.backend.sweep()));
+    tokio::join!(
+        a.ok("sweep", a.backend.sweep()),
+        b.ok("sweep", b.backend.sweep())
+    );
 }
 
 /// Joins with a TTL announce once; states are announced unless silent, a cleared state
@@ -77,8 +80,11 @@ pub(super) async fn announcements<B: Backend>(case: &Case<B>) {
     announced(case, "conn-1", PresenceChange::Join, "the join of conn-1").await;
     case.quiet(a, "a join with a TTL").await;
     a.join("conn-1", ROOM, Some(LONG)).await;
-    case.quiet(a, "a second join of a present connection (not announced again)")
-        .await;
+    case.quiet(
+        a,
+        "a second join of a present connection (not announced again)",
+    )
+    .await;
     b.join("conn-2", ROOM, None).await;
     case.quiet(b, "a join without a TTL (not presence)").await;
 
@@ -99,7 +105,10 @@ pub(super) async fn announcements<B: Backend>(case: &Case<B>) {
         .await;
 
     let stored = set_state(a, "conn-1", Some(&typing), None, false).await;
-    a.check(stored, "set_presence_state of a present connection returned false");
+    a.check(
+        stored,
+        "set_presence_state of a present connection returned false",
+    );
     announced(case, "conn-1", state_change(&typing), "the state of conn-1").await;
     case.quiet(a, "a state write").await;
 
@@ -117,28 +126,53 @@ pub(super) async fn announcements<B: Backend>(case: &Case<B>) {
     }
 
     let cleared = set_state(a, "conn-1", None, None, false).await;
-    a.check(cleared, "clearing the state of a present connection returned false");
-    announced(case, "conn-1", PresenceChange::State(None), "the cleared state").await;
+    a.check(
+        cleared,
+        "clearing the state of a present connection returned false",
+    );
+    announced(
+        case,
+        "conn-1",
+        PresenceChange::State(None),
+        "the cleared state",
+    )
+    .await;
     case.quiet(a, "a cleared state (announced once)").await;
     let cleared = set_state(a, "conn-1", None, None, false).await;
-    a.check(cleared, "clearing an absent state of a present connection returned false");
+    a.check(
+        cleared,
+        "clearing an absent state of a present connection returned false",
+    );
     case.quiet(a, "clearing a state that is not there (not announced)")
         .await;
 
     let left = a
-        .ok("leave_room(\"conn-1\")", a.backend.leave_room("conn-1", ROOM))
+        .ok(
+            "leave_room(\"conn-1\")",
+            a.backend.leave_room("conn-1", ROOM),
+        )
         .await;
     a.check(left, "leave_room of a present member returned false");
     announced(case, "conn-1", PresenceChange::Leave, "the leave of conn-1").await;
     let left = b
-        .ok("leave_room(\"conn-2\")", b.backend.leave_room("conn-2", ROOM))
+        .ok(
+            "leave_room(\"conn-2\")",
+            b.backend.leave_room("conn-2", ROOM),
+        )
         .await;
     b.check(left, "leave_room of a member returned false");
-    case.quiet(a, "a leave (announced once), and a leave without presence (not announced)")
-        .await;
+    case.quiet(
+        a,
+        "a leave (announced once), and a leave without presence (not announced)",
+    )
+    .await;
     for instance in case.both() {
         let seen = view(instance).await;
-        instance.same(seen, PresenceView::default(), "the presence after both left");
+        instance.same(
+            seen,
+            PresenceView::default(),
+            "the presence after both left",
+        );
     }
 }
 
@@ -160,10 +194,14 @@ pub(super) async fn presence_view<B: Backend>(case: &Case<B>) {
     let written = a
         .ok(
             "set_metadata of conn-2",
-            a.backend.set_metadata(MetadataOf::Connection("conn-2"), &write),
+            a.backend
+                .set_metadata(MetadataOf::Connection("conn-2"), &write),
         )
         .await;
-    a.check(written, "set_metadata of a registered connection returned false");
+    a.check(
+        written,
+        "set_metadata of a registered connection returned false",
+    );
 
     a.join("conn-3", ROOM, Some(LONG)).await;
     announced(case, "conn-3", PresenceChange::Join, "the join of conn-3").await;
@@ -172,7 +210,10 @@ pub(super) async fn presence_view<B: Backend>(case: &Case<B>) {
     announced(case, "conn-2", PresenceChange::Join, "the join of conn-2").await;
     let mood = json!({ "mood": "calm" });
     let stored = set_state(b, "conn-2", Some(&mood), None, false).await;
-    b.check(stored, "set_presence_state of a present connection returned false");
+    b.check(
+        stored,
+        "set_presence_state of a present connection returned false",
+    );
     announced(case, "conn-2", state_change(&mood), "the state of conn-2").await;
 
     for instance in case.both() {
@@ -189,9 +230,16 @@ pub(super) async fn presence_view<B: Backend>(case: &Case<B>) {
             "presence(): present connections in join order with metadata, and states",
         );
         let elsewhere = instance
-            .ok("presence of an unknown room", instance.backend.presence("nowhere"))
+            .ok(
+                "presence of an unknown room",
+                instance.backend.presence("nowhere"),
+            )
             .await;
-        instance.same(elsewhere, PresenceView::default(), "the presence of an unknown room");
+        instance.same(
+            elsewhere,
+            PresenceView::default(),
+            "the presence of an unknown room",
+        );
     }
     case.quiet(a, "the presence reads").await;
 }
@@ -208,10 +256,7 @@ pub(super) async fn ttl<B: Backend>(case: &Case<B>) {
     announced(case, "conn-lapses", PresenceChange::Join, "a join").await;
     b.join("conn-refreshed", ROOM, Some(SHORT)).await;
     announced(case, "conn-refreshed", PresenceChange::Join, "a join").await;
-    let refresh = [(
-        Arc::from("conn-refreshed"),
-        vec![(Arc::from(ROOM), LONG)],
-    )];
+    let refresh = [(Arc::from("conn-refreshed"), vec![(Arc::from(ROOM), LONG)])];
     b.ok("refresh_presence", b.backend.refresh_presence(&refresh))
         .await;
     case.quiet(b, "a refresh of a present connection (not announced)")
@@ -226,8 +271,11 @@ pub(super) async fn ttl<B: Backend>(case: &Case<B>) {
         "the leave of the lapsed presence",
     )
     .await;
-    case.quiet(a, "the sweeps on both instances (one leave, none for the refreshed)")
-        .await;
+    case.quiet(
+        a,
+        "the sweeps on both instances (one leave, none for the refreshed)",
+    )
+    .await;
     sweep_on_both(case).await;
     case.quiet(b, "more sweeps with nothing lapsed").await;
 
@@ -261,10 +309,16 @@ pub(super) async fn ttl<B: Backend>(case: &Case<B>) {
         "the join of a lapsed presence refreshed",
     )
     .await;
-    case.quiet(a, "a refresh (a join where it lapsed, nothing where no member)")
-        .await;
+    case.quiet(
+        a,
+        "a refresh (a join where it lapsed, nothing where no member)",
+    )
+    .await;
     let elsewhere = a
-        .ok("presence of a room refreshed without membership", a.backend.presence("not-a-member"))
+        .ok(
+            "presence of a room refreshed without membership",
+            a.backend.presence("not-a-member"),
+        )
         .await;
     a.same(
         elsewhere.present,
@@ -288,14 +342,29 @@ pub(super) async fn state_expiry<B: Backend>(case: &Case<B>) {
 
     let typing = json!({ "typing": true });
     let stored = set_state(a, "conn-1", Some(&typing), Some(SHORT), false).await;
-    a.check(stored, "set_presence_state with expire_after returned false");
-    announced(case, "conn-1", state_change(&typing), "a state that expires").await;
+    a.check(
+        stored,
+        "set_presence_state with expire_after returned false",
+    );
+    announced(
+        case,
+        "conn-1",
+        state_change(&typing),
+        "a state that expires",
+    )
+    .await;
     let kept = json!({ "status": "away" });
     let stored = set_state(b, "conn-2", Some(&typing), Some(SHORT), true).await;
     b.check(stored, "set_presence_state returned false");
     let stored = set_state(b, "conn-2", Some(&kept), None, false).await;
     b.check(stored, "set_presence_state returned false");
-    announced(case, "conn-2", state_change(&kept), "a state replaced without expiry").await;
+    announced(
+        case,
+        "conn-2",
+        state_change(&kept),
+        "a state replaced without expiry",
+    )
+    .await;
 
     tokio::time::sleep(LAPSE).await;
     sweep_on_both(case).await;
@@ -306,8 +375,11 @@ pub(super) async fn state_expiry<B: Backend>(case: &Case<B>) {
         "the expiry of conn-1's state",
     )
     .await;
-    case.quiet(a, "the sweeps on both instances (one expiry, none for the replaced state)")
-        .await;
+    case.quiet(
+        a,
+        "the sweeps on both instances (one expiry, none for the replaced state)",
+    )
+    .await;
     for instance in case.both() {
         let seen = view(instance).await;
         instance.same(

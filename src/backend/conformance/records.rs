@@ -107,7 +107,10 @@ async fn announced<B: Backend>(case: &Case<B>, id: &str, version: u64, value: &V
     for instance in case.both() {
         for delivery in announcements(id, version, &json) {
             instance
-                .expect(&delivery, &format!("the announcement of version {version} of {id:?}"))
+                .expect(
+                    &delivery,
+                    &format!("the announcement of version {version} of {id:?}"),
+                )
                 .await;
         }
     }
@@ -128,16 +131,28 @@ pub(super) async fn writes<B: Backend>(case: &Case<B>) {
     let first = json!({ "title": "one", "zeta": 1, "alpha": [1, 2] });
     let write = SetTo::new("doc", first.clone(), true);
     let stored = set(a, &write).await;
-    a.same(write.last_seen(), None, "what the first update of a record saw");
+    a.same(
+        write.last_seen(),
+        None,
+        "what the first update of a record saw",
+    );
     let expected = StoredRecord {
         value: first.clone(),
         version: 1,
     };
-    a.same(stored, Some(expected.clone()), "what the first write stored");
+    a.same(
+        stored,
+        Some(expected.clone()),
+        "what the first write stored",
+    );
     announced(case, "doc", 1, &first).await;
     for instance in case.both() {
         let stored = read(instance, &["doc"]).await;
-        instance.same(&stored, &vec![Some(expected.clone())], "the record after the first write");
+        instance.same(
+            &stored,
+            &vec![Some(expected.clone())],
+            "the record after the first write",
+        );
         if let Some(Some(record)) = stored.first() {
             instance.same_json(&record.value, &first, "the stored value");
         }
@@ -145,7 +160,10 @@ pub(super) async fn writes<B: Backend>(case: &Case<B>) {
 
     let unchanged = |_: Option<&StoredRecord>| Ok(None);
     let stored = b
-        .ok("update_record that changes nothing", b.backend.update_record("doc", &unchanged))
+        .ok(
+            "update_record that changes nothing",
+            b.backend.update_record("doc", &unchanged),
+        )
         .await;
     b.same(stored, None, "update_record whose update returns None");
     let refusal = |_: Option<&StoredRecord>| {
@@ -157,16 +175,33 @@ pub(super) async fn writes<B: Backend>(case: &Case<B>) {
         })
     };
     let refused = b
-        .refused("update_record whose update fails", b.backend.update_record("doc", &refusal))
+        .refused(
+            "update_record whose update fails",
+            b.backend.update_record("doc", &refusal),
+        )
         .await;
     b.check(
-        matches!(refused, MeshError::TooLarge { limit: 10, size: 20, .. }),
+        matches!(
+            refused,
+            MeshError::TooLarge {
+                limit: 10,
+                size: 20,
+                ..
+            }
+        ),
         format!("update_record returned {refused:?}, not the update's error"),
     );
     let stored = a
-        .ok("update_record of a missing record that changes nothing", a.backend.update_record("ghost", &unchanged))
+        .ok(
+            "update_record of a missing record that changes nothing",
+            a.backend.update_record("ghost", &unchanged),
+        )
         .await;
-    a.same(stored, None, "update_record of a missing record whose update returns None");
+    a.same(
+        stored,
+        None,
+        "update_record of a missing record whose update returns None",
+    );
     case.quiet(a, "updates that store nothing (they announce nothing)")
         .await;
     for instance in case.both() {
@@ -177,18 +212,30 @@ pub(super) async fn writes<B: Backend>(case: &Case<B>) {
             "the records after updates that stored nothing",
         );
         let listed = ids(instance, "").await;
-        instance.same(listed, vec!["doc".to_owned()], "record_ids after updates that stored nothing");
+        instance.same(
+            listed,
+            vec!["doc".to_owned()],
+            "record_ids after updates that stored nothing",
+        );
     }
 
     let second = json!({ "title": "two" });
     let write = SetTo::new("doc", second.clone(), true);
     let stored = set(b, &write).await;
-    b.same(write.last_seen(), Some(expected), "what the second update saw");
+    b.same(
+        write.last_seen(),
+        Some(expected),
+        "what the second update saw",
+    );
     let expected = StoredRecord {
         value: second.clone(),
         version: 2,
     };
-    b.same(stored, Some(expected.clone()), "what the second write stored");
+    b.same(
+        stored,
+        Some(expected.clone()),
+        "what the second write stored",
+    );
     announced(case, "doc", 2, &second).await;
     for instance in case.both() {
         let stored = read(instance, &["ghost", "doc"]).await;
@@ -206,7 +253,8 @@ pub(super) async fn writes<B: Backend>(case: &Case<B>) {
 pub(super) async fn concurrent_writers<B: Backend>(case: &Case<B>) {
     const WRITES: u64 = 25;
     let (a, b) = (&case.a, &case.b);
-    case.listen_on_both(&Topic::Record(Arc::from("counter"))).await;
+    case.listen_on_both(&Topic::Record(Arc::from("counter")))
+        .await;
     case.listen_on_both(&Topic::Collections(Arc::from(EXPOSURE)))
         .await;
     let increment: &RecordUpdater = &|current| {
@@ -259,7 +307,10 @@ pub(super) async fn concurrent_writers<B: Backend>(case: &Case<B>) {
             let json: Arc<str> = Arc::from(json!({ "count": version }).to_string());
             for delivery in announcements("counter", version, &json) {
                 instance
-                    .expect(&delivery, &format!("the announcement of version {version}, in order"))
+                    .expect(
+                        &delivery,
+                        &format!("the announcement of version {version}, in order"),
+                    )
                     .await;
             }
         }
@@ -276,7 +327,10 @@ async fn write_many<B: Backend>(
     let mut stored = Vec::new();
     for _ in 0..times {
         let record = from
-            .ok(format!("update_record({id:?})"), from.backend.update_record(id, update))
+            .ok(
+                format!("update_record({id:?})"),
+                from.backend.update_record(id, update),
+            )
             .await;
         stored.push(record);
     }
@@ -302,7 +356,11 @@ pub(super) async fn ids_and_deletes<B: Backend>(case: &Case<B>) {
         ] {
             let listed = ids(instance, prefix).await;
             let expected: Vec<String> = expected.iter().map(|id| id.to_string()).collect();
-            instance.same(listed, expected, &format!("record_ids({prefix:?}): byte order"));
+            instance.same(
+                listed,
+                expected,
+                &format!("record_ids({prefix:?}): byte order"),
+            );
         }
     }
 
@@ -316,7 +374,10 @@ pub(super) async fn ids_and_deletes<B: Backend>(case: &Case<B>) {
         }]
     };
     let deleted = b
-        .ok("delete_record(\"a/1\")", b.backend.delete_record("a/1", &announce))
+        .ok(
+            "delete_record(\"a/1\")",
+            b.backend.delete_record("a/1", &announce),
+        )
         .await;
     b.same(
         deleted,
@@ -345,10 +406,17 @@ pub(super) async fn ids_and_deletes<B: Backend>(case: &Case<B>) {
             "the records after a deletion",
         );
         let listed = ids(instance, "a/").await;
-        instance.same(listed, vec!["a/2".to_owned()], "record_ids after a deletion");
+        instance.same(
+            listed,
+            vec!["a/2".to_owned()],
+            "record_ids after a deletion",
+        );
     }
     let deleted = a
-        .ok("delete_record of a missing record", a.backend.delete_record("a/1", &announce))
+        .ok(
+            "delete_record of a missing record",
+            a.backend.delete_record("a/1", &announce),
+        )
         .await;
     a.same(deleted, None, "delete_record of a missing record");
     case.quiet(a, "a deletion of a missing record (announces nothing)")
@@ -357,7 +425,11 @@ pub(super) async fn ids_and_deletes<B: Backend>(case: &Case<B>) {
     let again = json!({ "id": "a/1", "again": true });
     let write = SetTo::new("a/1", again.clone(), true);
     let stored = set(a, &write).await;
-    a.same(write.last_seen(), None, "what an update after a deletion saw");
+    a.same(
+        write.last_seen(),
+        None,
+        "what an update after a deletion saw",
+    );
     a.same(
         stored,
         Some(StoredRecord {

@@ -61,7 +61,10 @@ pub(super) async fn membership<B: Backend>(case: &Case<B>) {
             a.backend.join_room("conn-ghost", "lobby", None),
         )
         .await;
-    a.check(!joined, "join_room of an unregistered connection returned true");
+    a.check(
+        !joined,
+        "join_room of an unregistered connection returned true",
+    );
     let listed = rooms(b).await;
     b.same(listed, Vec::new(), "rooms() after a refused join");
     let listed = members(b, "lobby").await;
@@ -93,10 +96,14 @@ pub(super) async fn membership<B: Backend>(case: &Case<B>) {
     let written = b
         .ok(
             "set_metadata of conn-1",
-            b.backend.set_metadata(MetadataOf::Connection("conn-1"), &write),
+            b.backend
+                .set_metadata(MetadataOf::Connection("conn-1"), &write),
         )
         .await;
-    b.check(written, "set_metadata of a registered connection returned false");
+    b.check(
+        written,
+        "set_metadata of a registered connection returned false",
+    );
     for instance in case.both() {
         let listed = instance
             .ok(
@@ -139,7 +146,11 @@ pub(super) async fn listings<B: Backend>(case: &Case<B>) {
             "connection_rooms of conn-1",
         );
         let listed = rooms_of(instance, "conn-unknown").await;
-        instance.same(listed, Vec::new(), "connection_rooms of an unknown connection");
+        instance.same(
+            listed,
+            Vec::new(),
+            "connection_rooms of an unknown connection",
+        );
         let listed = rooms(instance).await;
         instance.same(
             listed,
@@ -151,9 +162,15 @@ pub(super) async fn listings<B: Backend>(case: &Case<B>) {
         let shared = share(instance, "conn-2", "conn-1").await;
         instance.check(shared, "share_a_room (the other way) returned false");
         let shared = share(instance, "conn-3", "conn-2").await;
-        instance.check(!shared, "share_a_room of connections in different rooms returned true");
+        instance.check(
+            !shared,
+            "share_a_room of connections in different rooms returned true",
+        );
         let shared = share(instance, "conn-1", "conn-unknown").await;
-        instance.check(!shared, "share_a_room with an unknown connection returned true");
+        instance.check(
+            !shared,
+            "share_a_room with an unknown connection returned true",
+        );
     }
 
     let left = leave(b, "conn-2", "zoo").await;
@@ -166,11 +183,19 @@ pub(super) async fn listings<B: Backend>(case: &Case<B>) {
     a.check(!left, "leave_room of an unknown connection returned true");
     for instance in case.both() {
         let listed = members(instance, "zoo").await;
-        instance.same(listed, strings(&["conn-1"]), "the members of zoo after a leave");
+        instance.same(
+            listed,
+            strings(&["conn-1"]),
+            "the members of zoo after a leave",
+        );
         let shared = share(instance, "conn-1", "conn-2").await;
         instance.check(!shared, "share_a_room after one of them left returned true");
         let listed = rooms_of(instance, "conn-2").await;
-        instance.same(listed, Vec::new(), "connection_rooms after leaving every room");
+        instance.same(
+            listed,
+            Vec::new(),
+            "connection_rooms after leaving every room",
+        );
     }
 
     let left = leave(a, "conn-3", "solo").await;
@@ -185,6 +210,9 @@ pub(super) async fn listings<B: Backend>(case: &Case<B>) {
         let listed = members(instance, "solo").await;
         instance.same(listed, Vec::new(), "the members of an emptied room");
     }
-    case.quiet(a, "joins and leaves without presence (they announce nothing)")
-        .await;
+    case.quiet(
+        a,
+        "joins and leaves without presence (they announce nothing)",
+    )
+    .await;
 }
