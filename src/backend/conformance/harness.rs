@@ -306,6 +306,7 @@ impl<B: Backend> Instance<B> {
         }
     }
 
+    #[track_caller]
     fn check_presence(
         &self,
         delivery: &Delivery,
@@ -343,22 +344,26 @@ impl<B: Backend> Instance<B> {
     }
 
     /// Fails the case.
+    #[track_caller]
     pub(super) fn fail(&self, what: impl Display) -> ! {
         panic!("[{}] {}: {what}", self.case, self.id)
     }
 
     /// Asserts a condition about this case, naming it on failure.
+    #[track_caller]
     pub(super) fn check(&self, holds: bool, what: impl Display) {
         assert!(holds, "[{}] {}: {what}", self.case, self.id);
     }
 
     /// Asserts equality, naming the case on failure.
+    #[track_caller]
     pub(super) fn same<T: PartialEq + std::fmt::Debug>(&self, got: T, expected: T, what: &str) {
         assert_eq!(got, expected, "[{}] {}: {what}", self.case, self.id);
     }
 
     /// Asserts that two JSON values are equal, and, when object keys keep their order
     /// (the `preserve-order` feature), that they serialise alike too.
+    #[track_caller]
     pub(super) fn same_json(&self, got: &Value, expected: &Value, what: &str) {
         self.same(got, expected, what);
         if cfg!(feature = "preserve-order") {
