@@ -25,7 +25,7 @@ fn the_suite_is_send() {
 }
 
 /// Every case gets two handles (as two processes would have) on a key prefix of its own
-/// under one prefix for the run, whose keys are deleted afterwards.
+/// under one prefix for the run, whose keys are deleted afterwards, pass or fail.
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_backend_conforms() {
@@ -33,21 +33,28 @@ async fn redis_backend_conforms() {
 
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let run_prefix = format!("mesh-conformance:{}:", uuid::Uuid::new_v4().simple());
-    conformance::run(|| {
-        let url = url.clone();
-        let prefix = format!("{run_prefix}{}:", uuid::Uuid::new_v4().simple());
-        async move {
-            let handle = || {
-                RedisBackend::builder(url.as_str())
-                    .prefix(prefix.as_str())
-                    .build()
-                    .expect("a valid Redis URL")
-            };
-            [handle(), handle()]
+    let suite = conformance::run({
+        let (url, run_prefix) = (url.clone(), run_prefix.clone());
+        move || {
+            let url = url.clone();
+            let prefix = format!("{run_prefix}{}:", uuid::Uuid::new_v4().simple());
+            async move {
+                let handle = || {
+                    RedisBackend::builder(url.as_str())
+                        .prefix(prefix.as_str())
+                        .build()
+                        .expect("a valid Redis URL")
+                };
+                [handle(), handle()]
+            }
         }
-    })
-    .await;
+    });
+    // In a task of its own, so that the keys are deleted when a case fails too.
+    let outcome = tokio::spawn(suite).await;
     delete_keys(&url, &run_prefix).await;
+    if let Err(failed) = outcome {
+        std::panic::resume_unwind(failed.into_panic());
+    }
 }
 
 /// Deletes every key under `prefix`.
