@@ -86,12 +86,14 @@ pub struct MetadataWrite {
 }
 
 impl MetadataWrite {
-    pub(crate) fn new(
-        value: Value,
-        strategy: MergeStrategy,
-        max_bytes: usize,
-        owner: String,
-    ) -> Self {
+    /// A write of `value`, combined with the stored metadata by `strategy`, refused when
+    /// the result's JSON text would be over `max_bytes` bytes; `owner` names whose
+    /// metadata it is in that refusal (for example `the metadata of room "lobby"`).
+    ///
+    /// The engine builds these from clients' and the server's writes; a backend only
+    /// [`apply`](MetadataWrite::apply)s them. Building one directly is for tests of a
+    /// backend, such as the conformance suite (`backend::conformance`).
+    pub fn new(value: Value, strategy: MergeStrategy, max_bytes: usize, owner: String) -> Self {
         MetadataWrite {
             value,
             strategy,

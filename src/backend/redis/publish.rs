@@ -34,12 +34,14 @@ impl RedisBackend {
             (None, _) => return Ok(false),
         };
         let mut conn = self.connection().await?;
-        redis::cmd("PUBLISH")
+        let received: i64 = redis::cmd("PUBLISH")
             .arg(channel)
             .arg(envelope)
-            .query_async::<i64>(&mut conn)
+            .query_async(&mut conn)
             .await
             .map_err(redis_error)?;
-        Ok(true)
+        // An answer names one instance: when nobody listens on its channel, nobody holds
+        // it. Any other delivery here goes to whoever listens, which may be nobody.
+        Ok(received > 0 || !matches!(delivery, Delivery::Answer { .. }))
     }
 }
