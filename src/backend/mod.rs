@@ -71,6 +71,11 @@ pub(crate) fn now_ms() -> u64 {
 /// under its lock). So announcements are exactly as ordered as the changes, whichever
 /// instances make them, and a change whose reply is lost is still announced.
 ///
+/// The announcements the engine hands to channel and record writes are always addressed
+/// to topics ([`Delivery::Topic`], [`Delivery::Record`], [`Delivery::RecordDeleted`],
+/// [`Delivery::RecordsChanged`]), never to one connection or instance; a backend may
+/// refuse anything else.
+///
 /// The provided methods are correct for any backend; override them where the store can
 /// answer more cheaply.
 pub trait Backend: Send + Sync + 'static {

@@ -1,9 +1,14 @@
 //! The integration tests, in one test binary: each module is a suite (rooms, presence,
 //! records, ...), and `common` is the harness they share. One binary links the crate once
-//! instead of once per suite.
+//! instead of once per suite. It needs the default features (the Redis backend, the
+//! client, axum): `cargo test --all-features` runs it.
+
+#![cfg(all(feature = "redis", feature = "client", feature = "axum"))]
 
 mod common;
 
+#[cfg(feature = "unstable-backend")]
+mod backend_conformance;
 mod bad_input;
 mod channels;
 mod client;

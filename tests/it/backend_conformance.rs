@@ -1,8 +1,6 @@
 //! The trait-level backend conformance suite (`tower_mesh::backend::conformance`), run
 //! for both backends that ship.
 
-#![cfg(feature = "unstable-backend")]
-
 use tower_mesh::backend::{conformance, MemoryBackend};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
