@@ -248,7 +248,7 @@ async fn closes_with(s: &mut Scene, code: u16) {
 }
 
 async fn binary_frame_with_invalid_utf8_closes_with_1007(backend: Backend) {
-    // Binary frames are read as UTF-8 text (PROTOCOL.md §1): bytes that are not UTF-8
+    // Binary frames are read as UTF-8 text (docs/protocol.md §1): bytes that are not UTF-8
     // are the same bad input as in a text frame.
     let mut s = scene(backend.builder()).await;
     s.client.send_binary(echo_with_invalid_utf8(13)).await;

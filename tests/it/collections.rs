@@ -1046,7 +1046,7 @@ async fn collection_subscription_limit_answers_eoverloaded(backend: Backend) {
 // ---------------------------------------------------------------------------------------
 // Member streams under continuous writes, and how often resolvers run.
 
-/// PROTOCOL.md §11, for collection members: a writer on another instance writes a member
+/// docs/protocol.md §7.2, for collection members: a writer on another instance writes a member
 /// without pause while a reader subscribes to the collection, follows the member's
 /// updates for a while, unsubscribes and subscribes again. After every snapshot the
 /// member's updates continue at exactly the snapshot's version + 1, and none arrives

@@ -330,7 +330,7 @@ async fn server_pushes_reach_the_right_connections(backend: Backend) {
 }
 
 async fn metadata_does_not_break_routing(backend: Backend) {
-    // mesh's reference loses pushes to a connection once its metadata is set (PROTOCOL.md §8).
+    // mesh's reference loses pushes to a connection once its metadata is set (docs/protocol.md §6).
     let a = serve(backend.builder()).await;
     let b = serve(backend.builder()).await;
     let mut on_b = RawClient::connect(&b.url()).await;

@@ -361,7 +361,7 @@ async fn axum_graceful_shutdown_runs_mesh_shutdown(backend: Backend) {
 }
 
 async fn commands_sent_early_wait_for_on_connect(backend: Backend) {
-    // Register, then assign the id, then read (PROTOCOL.md §8): a command sent right after
+    // Register, then assign the id, then read (docs/protocol.md §3.1): a command sent right after
     // the upgrade, before mesh/assign-id arrived, runs only after on_connect finished.
     let (release, release_rx) = mpsc::unbounded_channel::<()>();
     let release_rx = std::sync::Arc::new(tokio::sync::Mutex::new(release_rx));

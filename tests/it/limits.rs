@@ -380,7 +380,7 @@ async fn send_in_one_write(client: &mut RawClient, frames: impl IntoIterator<Ite
 }
 
 async fn a_pipelining_client_gets_every_large_reply(backend: Backend) {
-    // Replies are back-pressure, not the push budget (PROTOCOL.md §9): 60 replies of about
+    // Replies are back-pressure, not the push budget (docs/protocol.md §3.5): 60 replies of about
     // 20 KB, asked for in one write, are more than the default 1 MiB budget together.
     let server = serve(
         backend

@@ -43,7 +43,7 @@ conformance!(
     presence_replies_hold_the_leading_members_that_fit_in_a_frame,
 );
 
-/// PROTOCOL.md §10: pongs extend presence, so a TTL shorter than the ping interval is
+/// docs/protocol.md §6: pongs extend presence, so a TTL shorter than the ping interval is
 /// refused when the mesh is built.
 #[test]
 #[should_panic(expected = "ping interval")]
@@ -1639,7 +1639,7 @@ async fn late_subscriber_sees_members_and_states_of_every_instance(backend: Back
     )
     .await;
 
-    // Not a member of the room: the ids and states, but no metadata (PROTOCOL.md §9).
+    // Not a member of the room: the ids and states, but no metadata (docs/protocol.md §6).
     let expected = json!({"success": true,
         "present": [
             {"id": m1.id, "metadata": null},
@@ -1677,7 +1677,7 @@ async fn late_subscriber_sees_members_and_states_of_every_instance(backend: Back
 }
 
 // ---------------------------------------------------------------------------------------
-// Whose metadata presence shows (PROTOCOL.md §9): the rule of mesh/get-connection-metadata.
+// Whose metadata presence shows (docs/protocol.md §6): the rule of mesh/get-connection-metadata.
 
 /// Two members on B, each with metadata (one set by the client, one by the server).
 async fn members_with_metadata(b: &TestServer, room: &str) -> (RawClient, RawClient) {

@@ -1,5 +1,5 @@
-//! Golden frames of the wire protocol (PROTOCOL.md §1-§3), pinned byte for byte where
-//! PROTOCOL.md gives them, on every backend.
+//! Golden frames of the wire protocol (docs/protocol.md §1-§3), pinned byte for byte where
+//! docs/protocol.md gives them, on every backend.
 
 use std::time::Duration;
 

@@ -190,7 +190,7 @@ fn refuse_all() -> Access {
 // ---------------------------------------------------------------------------------------
 // Subscribing.
 
-/// PROTOCOL.md §11: a record stream never goes backwards. A writer on another instance
+/// docs/protocol.md §7.2: a record stream never goes backwards. A writer on another instance
 /// writes without pause while a reader subscribes in patch mode, follows the updates for
 /// a while, unsubscribes and subscribes again: after every reply the updates continue
 /// at exactly the reply's version + 1 (never at or below it, never one twice), and none
@@ -651,7 +651,7 @@ async fn merge_and_deep_merge_strategies(backend: Backend) {
 }
 
 async fn deep_merge_keeps_key_order(backend: Backend) {
-    // PROTOCOL.md §10: key order in `full` values is preserved as written. Merging into
+    // docs/protocol.md §6: key order in `full` values is preserved as written. Merging into
     // a record keeps its keys where they were and appends new ones, as in JavaScript.
     let a = serve(backend.builder().expose_record("doc", Access::open())).await;
     let b = serve(backend.builder()).await;

@@ -444,7 +444,7 @@ async fn two_instances_share_metadata(backend: Backend) {
         b.mesh.all_connection_metadata().await.expect("all"),
         expected
     );
-    // Routing survives the metadata writes (PROTOCOL.md §8).
+    // Routing survives the metadata writes (docs/protocol.md §6).
     a.mesh
         .send(&on_b.id, "still-routed", &json!(true))
         .await

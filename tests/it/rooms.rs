@@ -1470,7 +1470,7 @@ async fn join_reply_after_a_removal(backend: &Backend, open_metadata: bool) -> (
 }
 
 async fn join_reply_shows_no_metadata_to_a_caller_removed_before_it(backend: Backend) {
-    // The reply says what the caller may read when it is made (PROTOCOL.md §9): it no
+    // The reply says what the caller may read when it is made (docs/protocol.md §6): it no
     // longer shares the room, so the member's metadata is hidden.
     let (reply, member) = join_reply_after_a_removal(&backend, false).await;
     assert_eq!(
