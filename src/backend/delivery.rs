@@ -156,11 +156,11 @@ pub trait Inbox: Send + Sync + 'static {
 pub enum Topic {
     /// The members of a room (room broadcasts).
     Room(Arc<str>),
-    /// The presence updates of a room (`mesh/presence-update`).
+    /// The presence changes of a room.
     Presence(Arc<str>),
-    /// A channel's messages (`mesh/subscription-message`).
+    /// A channel's messages.
     Channel(Arc<str>),
-    /// A record's updates and deletion (`mesh/record-update`, `mesh/record-deleted`).
+    /// A record's new versions and its deletion.
     Record(Arc<str>),
     /// Changes to the records that the collections of one exposure (named by its
     /// pattern) may hold: their subscribers re-resolve. Never seen by clients.
