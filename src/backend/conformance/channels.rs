@@ -15,7 +15,7 @@ fn announcement(channel: &str, message: &str) -> Delivery {
     Delivery::Topic {
         topic: Topic::Channel(Arc::from(channel)),
         push: push(
-            "mesh/subscription-message",
+            "channel-message", // opaque to a backend
             json!({ "channel": channel, "message": message }),
         ),
         exclude: Arc::from(Vec::new()),
