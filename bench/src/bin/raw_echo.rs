@@ -16,13 +16,12 @@
 //! PORT=18788 cargo run --release -p tower-mesh-bench --bin raw_echo
 //! ```
 
+#[path = "../health.rs"]
+mod health;
+
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
-
-/// How long a request line may grow before the connection is treated as a WebSocket anyway.
-const PEEK_LIMIT: usize = 1024;
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> std::io::Result<()> {
@@ -51,54 +50,14 @@ async fn main() -> std::io::Result<()> {
 /// Answers a health check by hand, or upgrades and echoes.
 async fn serve(mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
-    if is_health_check(&stream).await {
-        answer_health(&mut stream).await;
+    if health::is_health_check(&stream).await {
+        health::answer_health(&mut stream).await;
         return;
     }
     let Ok(ws) = tokio_tungstenite::accept_async(stream).await else {
         return;
     };
     echo(ws).await;
-}
-
-/// Peeks the request line (without consuming it) and says whether it is `GET /health`.
-async fn is_health_check(stream: &TcpStream) -> bool {
-    let mut buf = [0u8; PEEK_LIMIT];
-    loop {
-        let Ok(n) = stream.peek(&mut buf).await else {
-            return false;
-        };
-        if n == 0 {
-            return false;
-        }
-        let seen = &buf[..n];
-        if let Some(end) = seen.windows(2).position(|w| w == b"\r\n") {
-            let line = &seen[..end];
-            return line.starts_with(b"GET /health ") || line == b"GET /health";
-        }
-        if n == PEEK_LIMIT || !b"GET /health".starts_with(&seen[..n.min(11)]) {
-            // Not a health check (or an absurd request line): let the handshake decide.
-            return false;
-        }
-        // Only part of the request line has arrived; wait for more.
-        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-    }
-}
-
-/// Consumes the request head and writes a minimal `200 OK`.
-async fn answer_health(stream: &mut TcpStream) {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 512];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => head.extend_from_slice(&buf[..n]),
-        }
-    }
-    let _ = stream
-        .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
-        .await;
-    let _ = stream.shutdown().await;
 }
 
 /// Echo loop: read, `feed` the reply, and flush only when no further frame is ready now.

@@ -14,7 +14,7 @@
 //!     --connections 64 --inflight 16 --duration 10 --payload-bytes 64 [--warmup 1] [--raw]
 //! # M members in room `bench-room`; one publisher broadcasts R times a second for S seconds
 //! cargo run --release -p tower-mesh-bench --bin bench -- broadcast --url ws://127.0.0.1:8787/ \
-//!     --members 1000 --rate 10 --duration 10
+//!     --members 1000 --rate 10 --duration 10 [--label raw_fanout]
 //! # server memory per idle connection (VmRSS of /proc/P/status before and after)
 //! cargo run --release -p tower-mesh-bench --bin bench -- idle --url ws://127.0.0.1:8787/ \
 //!     --connections 10000 --server-pid P
@@ -33,6 +33,8 @@
 //! `--raw` (rpc only) drives a plain echo server (the `raw_echo` binary of this package): no
 //! `mesh/assign-id` is awaited and the echoed request frame itself counts as the reply
 //! (matched by its `id`).
+//! The broadcast scenario drives the `raw_fanout` binary of this package as it is (that
+//! server speaks the frames above); `--label` only names the server in the JSON line.
 //!
 //! Latencies are in microseconds: rpc measures send -> reply per command; broadcast measures
 //! `now_us - t` per delivery, `t` being the publisher's clock (microseconds since this process
@@ -106,6 +108,9 @@ enum Scenario {
         /// Publishing time, seconds.
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
+        /// Names the server in the JSON line (`"label"`), e.g. `raw_fanout` for the baseline.
+        #[arg(long)]
+        label: Option<String>,
         #[command(flatten)]
         opts: BroadcastOpts,
     },
@@ -223,10 +228,15 @@ fn main() {
             Scenario::Broadcast {
                 url,
                 duration,
+                label,
                 opts,
             } => {
                 let out = broadcast(std::slice::from_ref(&url), duration, &opts).await;
-                prefixed(json!({"scenario": "broadcast", "url": url}), out)
+                let mut head = json!({"scenario": "broadcast", "url": url});
+                if let Some(label) = label {
+                    head["label"] = json!(label);
+                }
+                prefixed(head, out)
             }
             Scenario::Idle {
                 url,
