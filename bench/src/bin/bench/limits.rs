@@ -12,7 +12,7 @@ use super::*;
 const MARKER_ROOM: &str = "bench-marker";
 
 /// One client connection used command by command.
-struct Client {
+pub(super) struct Client {
     ws: Ws,
     ids: ControlIds,
     next_id: u64,
@@ -21,7 +21,7 @@ struct Client {
 }
 
 impl Client {
-    async fn open(url: &str) -> Result<Client, String> {
+    pub(super) async fn open(url: &str) -> Result<Client, String> {
         Ok(Client {
             ws: connect(url, false).await?,
             ids: ControlIds::new(),
@@ -70,7 +70,7 @@ impl Client {
     }
 
     /// Sends a command and waits for its reply's payload.
-    async fn call(&mut self, command: &str, payload: Value) -> Result<Value, String> {
+    pub(super) async fn call(&mut self, command: &str, payload: Value) -> Result<Value, String> {
         let id = self.send(command, &payload).await?;
         loop {
             if let Some((got, frame)) = self.read().await? {

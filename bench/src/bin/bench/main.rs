@@ -28,6 +28,9 @@
 //! # server memory (VmRSS sampled) under the history or record attack, and a canary's echoes
 //! cargo run --release -p tower-mesh-bench --bin bench -- attack --url ws://127.0.0.1:8787/ \
 //!     --kind history|record --writes 120 --bytes 500000 --readers 8 --server-pid P
+//! # Redis-backed operations by kind: ops/s, Redis commands and round trips per operation
+//! cargo run --release -p tower-mesh-bench --bin bench -- redis-ops --url ws://127.0.0.1:8787/ \
+//!     --connections 64 --duration 8 --redis 127.0.0.1:6379
 //! ```
 //!
 //! `--raw` (rpc only) drives a plain echo server (the `raw_echo` binary of this package): no
@@ -58,6 +61,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 mod limits;
+mod redis_ops;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -162,6 +166,16 @@ enum Scenario {
         url: String,
         #[command(flatten)]
         opts: limits::AttackOpts,
+    },
+    /// Redis-backed operations (record writes, metadata sets, presence states, join/leave)
+    /// from many connections: operations per second, Redis commands and round trips per
+    /// operation (needs the interop example on Redis).
+    RedisOps {
+        /// WebSocket URL of the server.
+        #[arg(long, default_value = "ws://127.0.0.1:8787/")]
+        url: String,
+        #[command(flatten)]
+        opts: redis_ops::RedisOpsOpts,
     },
 }
 
@@ -273,6 +287,12 @@ fn main() {
             Scenario::Attack { url, opts } => prefixed(
                 json!({"scenario": "attack", "url": url}),
                 limits::attack(&url, &opts)
+                    .await
+                    .unwrap_or_else(|err| json!({ "error": err })),
+            ),
+            Scenario::RedisOps { url, opts } => prefixed(
+                json!({"scenario": "redis-ops", "url": url}),
+                redis_ops::redis_ops(&url, &opts)
                     .await
                     .unwrap_or_else(|err| json!({ "error": err })),
             ),
