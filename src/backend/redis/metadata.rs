@@ -1,6 +1,6 @@
 //! Connection and room metadata: JSON in field `meta` of a hash (`P conn:{cid}`, beside
-//! the `instance` routing field; `P room-meta:{room}`), merged in Rust by an optimistic
-//! read-modify-write (`merge_json`).
+//! the `instance` routing field; `P room-meta:{room}`), merged in Rust and written back by
+//! compare-and-set (`merge_json`, the `metadata_cas` Lua script).
 
 use serde_json::Value;
 
@@ -55,7 +55,7 @@ impl RedisBackend {
     ) -> Result<bool, MeshError> {
         let key = self.shared.keys.connection(connection_id);
         // A connection's metadata may only be set while it is registered.
-        self.merge_json(&key, Some("instance"), write, |_| {}).await
+        self.merge_json(&key, Some("instance"), write, None).await
     }
 
     async fn list_connection_metadata(&self) -> Result<Vec<(String, Value)>, MeshError> {
@@ -94,11 +94,9 @@ impl RedisBackend {
     ) -> Result<(), MeshError> {
         let keys = &self.shared.keys;
         let index = keys.rooms_with_metadata();
-        self.merge_json(&keys.room_metadata(room), None, write, |pipe| {
-            pipe.cmd("SADD").arg(&index).arg(room).ignore();
-        })
-        .await
-        .map(drop)
+        self.merge_json(&keys.room_metadata(room), None, write, Some((&index, room)))
+            .await
+            .map(drop)
     }
 
     pub(super) async fn remove_room_metadata(&self, room: &str) -> Result<(), MeshError> {
@@ -148,26 +146,22 @@ impl RedisBackend {
         raw.map(|raw| parse_json(&raw)).transpose()
     }
 
-    /// Optimistic read-modify-write of the JSON in field `meta` of hash `key`: `WATCH`
-    /// the hash, merge in Rust (deepMerge is not worth re-implementing in Lua), write it
-    /// back in `MULTI` with whatever `also` adds, and retry if another writer got in
-    /// between. With `require`, the update happens only while that field exists (the
-    /// answer is then whether it did). Retries end with the operation timeout.
+    /// Read-modify-write of the JSON in field `meta` of hash `key`: read it, merge in
+    /// Rust (deepMerge is not worth re-implementing in Lua), then write it back (and add
+    /// `index`'s member to its set) only if no other writer got in, else merge again on
+    /// what that writer stored. With `require`, the update happens only while that field
+    /// exists (the answer is then whether it did). Retries end with the operation timeout.
     async fn merge_json(
         &self,
         key: &str,
         require: Option<&str>,
         write: &MetadataWrite,
-        also: impl Fn(&mut redis::Pipeline),
+        index: Option<(&str, &str)>,
     ) -> Result<bool, MeshError> {
         let mut conn = self.connection().await?;
+        let (index_key, index_member) = index.unwrap_or(("", ""));
         let mut attempt = 0;
         loop {
-            redis::cmd("WATCH")
-                .arg(key)
-                .query_async::<()>(&mut conn)
-                .await
-                .map_err(redis_error)?;
             let (required, stored): (Option<String>, Option<String>) = redis::cmd("HMGET")
                 .arg(key)
                 .arg(require.unwrap_or("meta"))
@@ -176,34 +170,28 @@ impl RedisBackend {
                 .await
                 .map_err(redis_error)?;
             if require.is_some() && required.is_none() {
-                redis::cmd("UNWATCH")
-                    .query_async::<()>(&mut conn)
-                    .await
-                    .map_err(redis_error)?;
                 return Ok(false);
             }
-            let old = stored.map(|raw| parse_json(&raw)).transpose()?;
-            let merged = match write.apply(old) {
-                Ok((_, json)) => json,
-                Err(refused) => {
-                    redis::cmd("UNWATCH")
-                        .query_async::<()>(&mut conn)
-                        .await
-                        .map_err(redis_error)?;
-                    return Err(refused);
-                }
-            };
-            let mut pipe = redis::pipe();
-            pipe.atomic()
-                .cmd("HSET")
-                .arg(key)
-                .arg("meta")
+            let old = stored.as_deref().map(parse_json).transpose()?;
+            let (_, merged) = write.apply(old)?;
+            let written: i64 = self
+                .shared
+                .scripts
+                .metadata_cas
+                .key(key)
+                .arg(if stored.is_some() { "1" } else { "0" })
+                .arg(stored.as_deref().unwrap_or_default())
+                .arg(require.unwrap_or_default())
                 .arg(merged)
-                .ignore();
-            also(&mut pipe);
-            let committed: Option<()> = pipe.query_async(&mut conn).await.map_err(redis_error)?;
-            if committed.is_some() {
-                return Ok(true);
+                .arg(index_key)
+                .arg(index_member)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(redis_error)?;
+            match written {
+                1 => return Ok(true),
+                -1 => return Ok(false),
+                _ => {}
             }
             attempt += 1;
             conflict_pause(attempt).await;

@@ -1,7 +1,11 @@
 //! The Redis backend: many instances behind a load balancer, one mesh.
 //!
-//! Commands go through a `deadpool-redis` pool; each instance also keeps one dedicated
-//! pub/sub connection, re-established with backoff whenever it drops.
+//! Commands share one multiplexed connection (`connection.rs`): every task's requests are
+//! pipelined on it, so a publish or a script call is one round trip, with no checkout or
+//! liveness check in front of it; it is replaced on the next use after it fails. Nothing
+//! needs a connection of its own: read-modify-writes are compare-and-set scripts, not
+//! `WATCH`. Each instance also keeps one dedicated pub/sub connection, re-established
+//! with backoff whenever it drops.
 //!
 //! # Key and channel layout
 //!
@@ -81,6 +85,7 @@
 //!
 //! | file | concern |
 //! |---|---|
+//! | `connection.rs` | the shared multiplexed connection, replaced after it fails |
 //! | `keys.rs` | every key and channel name |
 //! | `liveness.rs` | attach and detach, connection registration, the heartbeat, the sweep |
 //! | `publish.rs` | routing a delivery to its holder's channel or its topic's |
@@ -94,6 +99,7 @@
 //! | `envelope.rs` | the binary form deliveries travel in |
 
 mod channels;
+mod connection;
 mod envelope;
 mod keys;
 mod liveness;
@@ -109,11 +115,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use deadpool_redis::{Pool, Runtime};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use self::connection::{Connection, SharedConnection};
 use self::keys::Keys;
 use self::scripts::Scripts;
 use self::subscriber::Command;
@@ -143,7 +149,7 @@ impl std::fmt::Debug for RedisBackend {
 }
 
 struct Shared {
-    pool: Pool,
+    commands: SharedConnection,
     client: redis::Client,
     keys: Keys,
     heartbeat_interval: Duration,
@@ -211,7 +217,7 @@ impl RedisBackendBuilder {
         self
     }
 
-    /// Checks the URL and makes the pool. Nothing connects until the mesh needs Redis.
+    /// Checks the URL. Nothing connects until the mesh needs Redis.
     pub fn build(self) -> Result<RedisBackend, MeshError> {
         let client = redis::Client::open(self.url.as_str()).map_err(|err| {
             MeshError::Unavailable(BackendError::caused_by("invalid Redis URL", err))
@@ -222,25 +228,9 @@ impl RedisBackendBuilder {
         let connection_config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(OPERATION_TIMEOUT))
             .set_response_timeout(Some(OPERATION_TIMEOUT));
-        let manager =
-            deadpool_redis::Manager::new_with_config(self.url.as_str(), connection_config)
-                .map_err(|err| {
-                    MeshError::Unavailable(BackendError::caused_by("invalid Redis URL", err))
-                })?;
-        let mut pool_config = deadpool_redis::PoolConfig::default();
-        pool_config.timeouts.wait = Some(OPERATION_TIMEOUT);
-        pool_config.timeouts.create = Some(OPERATION_TIMEOUT);
-        pool_config.timeouts.recycle = Some(OPERATION_TIMEOUT);
-        let pool = Pool::builder(manager)
-            .config(pool_config)
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|err| {
-                MeshError::Unavailable(BackendError::caused_by("invalid Redis configuration", err))
-            })?;
         Ok(RedisBackend {
             shared: Arc::new(Shared {
-                pool,
+                commands: SharedConnection::new(client.clone(), connection_config),
                 client,
                 keys: Keys {
                     prefix: self.prefix,
@@ -276,8 +266,8 @@ impl RedisBackend {
         &self.shared.keys.prefix
     }
 
-    async fn connection(&self) -> Result<deadpool_redis::Connection, MeshError> {
-        self.shared.pool.get().await.map_err(unavailable)
+    async fn connection(&self) -> Result<Connection, MeshError> {
+        self.shared.commands.get().await
     }
 
     /// Runs one Redis operation under the operation timeout.

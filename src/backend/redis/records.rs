@@ -110,7 +110,7 @@ impl RedisBackend {
     /// A record and its write token (empty when there is no record).
     async fn read_record(
         &self,
-        conn: &mut deadpool_redis::Connection,
+        conn: &mut super::Connection,
         id: &str,
     ) -> Result<(Option<StoredRecord>, String), MeshError> {
         let (value, version, token): (Option<String>, Option<u64>, Option<String>) =
@@ -129,7 +129,7 @@ impl RedisBackend {
     /// `expected`, publishing `announcements` with it. Returns whether it did.
     async fn record_cas(
         &self,
-        conn: &mut deadpool_redis::Connection,
+        conn: &mut super::Connection,
         id: &str,
         expected: &str,
         write: Option<(&str, u64)>,

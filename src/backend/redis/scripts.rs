@@ -104,6 +104,7 @@ pub(super) struct Scripts {
     pub(super) sweep: Script,
     pub(super) write_channel: Script,
     pub(super) record_cas: Script,
+    pub(super) metadata_cas: Script,
 }
 
 impl Scripts {
@@ -399,6 +400,28 @@ impl Scripts {
                 for i = 7, #ARGV, 2 do
                   redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
                 end
+                return 1
+                ",
+            ),
+            // KEYS[1] the hash holding `meta`; ARGV[1] '1' when the writer read a
+            // `meta`, else '0'; ARGV[2] the `meta` it read; ARGV[3] a field that must exist
+            // ('' for none); ARGV[4] the new `meta`; ARGV[5] a set to add ARGV[6] to ('' for
+            // none). Compare-and-set on the value itself: a `meta` written back unchanged
+            // in between merges to the same result. Returns -1, changing nothing, when the
+            // required field is missing, 0 when another write got in since the read.
+            metadata_cas: script(
+                r"
+                if ARGV[3] ~= '' and redis.call('HEXISTS', KEYS[1], ARGV[3]) == 0 then
+                  return -1
+                end
+                local current = redis.call('HGET', KEYS[1], 'meta')
+                if ARGV[1] == '1' then
+                  if current ~= ARGV[2] then return 0 end
+                elseif current then
+                  return 0
+                end
+                redis.call('HSET', KEYS[1], 'meta', ARGV[4])
+                if ARGV[5] ~= '' then redis.call('SADD', ARGV[5], ARGV[6]) end
                 return 1
                 ",
             ),

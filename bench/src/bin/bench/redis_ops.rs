@@ -8,9 +8,10 @@
 //!
 //! Around each window it asks Redis (`--redis HOST:PORT`, a raw RESP `INFO` request) for
 //! `total_commands_processed` (every command run, those scripts call included),
-//! `total_reads_processed` (socket reads: requests that arrive together are read once, so
-//! this counts round trips) and `commandstats` (the same commands by name), and reports
-//! each per operation. Point the server and
+//! `total_reads_processed` (socket reads, reported as `round_trips_per_op`: while every
+//! request waits on a connection of its own this is the round trips; requests that share
+//! a connection and arrive together are read once, so it then falls below them) and
+//! `commandstats` (the same commands by name), and reports each per operation. Point the server and
 //! the tool at a Redis nothing else uses, or the figures include the other traffic.
 
 use std::collections::BTreeMap;

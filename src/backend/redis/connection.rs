@@ -1,0 +1,128 @@
+//! The one multiplexed connection every command of an instance shares: requests from
+//! all tasks are pipelined on it, so an operation costs its own round trips and nothing
+//! else (no checkout, no liveness check per use). When it fails for good (dropped,
+//! refused, timed out), the next use connects afresh, so commands fail with
+//! `EUNAVAILABLE` while Redis is down and succeed again once it is back.
+
+use std::sync::Arc;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, Cmd, Pipeline, RedisError, RedisFuture, Value};
+use tokio::sync::Mutex;
+
+use super::unavailable;
+use crate::error::MeshError;
+
+/// The shared connection, made on first use and replaced after it fails.
+pub(super) struct SharedConnection {
+    client: Client,
+    config: AsyncConnectionConfig,
+    current: Arc<Mutex<Option<Current>>>,
+}
+
+struct Current {
+    generation: u64,
+    connection: MultiplexedConnection,
+}
+
+impl SharedConnection {
+    pub(super) fn new(client: Client, config: AsyncConnectionConfig) -> Self {
+        SharedConnection {
+            client,
+            config,
+            current: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// A handle on the shared connection, connecting first when there is none. Callers
+    /// that arrive while a connection is being made wait for it instead of making their
+    /// own.
+    pub(super) async fn get(&self) -> Result<Connection, MeshError> {
+        let mut current = self.current.lock().await;
+        if let Some(current) = current.as_ref() {
+            return Ok(Connection {
+                generation: current.generation,
+                connection: current.connection.clone(),
+                slot: Arc::clone(&self.current),
+            });
+        }
+        let connection = self
+            .client
+            .get_multiplexed_async_connection_with_config(&self.config)
+            .await
+            .map_err(unavailable)?;
+        let generation = GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *current = Some(Current {
+            generation,
+            connection: connection.clone(),
+        });
+        Ok(Connection {
+            generation,
+            connection,
+            slot: Arc::clone(&self.current),
+        })
+    }
+}
+
+/// Tells connections apart, so that a failure retires only the connection it happened on.
+static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A handle on the shared connection. A failure that leaves the connection unusable
+/// retires it, so the next [`SharedConnection::get`] connects again.
+pub(super) struct Connection {
+    generation: u64,
+    connection: MultiplexedConnection,
+    slot: Arc<Mutex<Option<Current>>>,
+}
+
+impl Connection {
+    /// A failure blocks on nothing: when the slot is busy (another caller connecting or
+    /// taking a handle), a later failure on the same connection retires it.
+    fn retire_after(&self, err: &RedisError) {
+        if !(err.is_unrecoverable_error() || err.is_io_error() || err.is_connection_dropped()) {
+            return;
+        }
+        if let Ok(mut current) = self.slot.try_lock() {
+            if current
+                .as_ref()
+                .is_some_and(|current| current.generation == self.generation)
+            {
+                *current = None;
+            }
+        }
+    }
+}
+
+impl redis::aio::ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let reply = self.connection.req_packed_command(cmd).await;
+            if let Err(err) = &reply {
+                self.retire_after(err);
+            }
+            reply
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let replies = self
+                .connection
+                .req_packed_commands(pipeline, offset, count)
+                .await;
+            if let Err(err) = &replies {
+                self.retire_after(err);
+            }
+            replies
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.connection.get_db()
+    }
+}
