@@ -63,28 +63,32 @@ impl<T> Socket for T where
 }
 
 /// Serves one upgraded WebSocket until it ends.
-pub(crate) async fn serve(mesh: Mesh, socket: impl Socket, parts: http::request::Parts) {
-    let id = mesh.next_connection_id();
-    let span = tracing::info_span!("connection", connection = %id);
-    serve_connection(mesh, socket, parts, id)
-        .instrument(span)
-        .await;
-}
-
-async fn serve_connection(
+///
+/// The connection and the socket's halves are made before the returned future starts, so
+/// that future holds only handles to them: an async fn would keep room for its arguments
+/// (the socket, the request's parts) beside its own state for the connection's whole life.
+pub(crate) fn serve(
     mesh: Mesh,
     socket: impl Socket,
     parts: http::request::Parts,
-    id: Arc<str>,
-) {
+) -> impl Future<Output = ()> {
+    let id = mesh.next_connection_id();
+    let span = tracing::info_span!("connection", connection = %id);
     let connection = Connection::new(
         id,
         parts,
         mesh.config().max_outbound_bytes,
         mesh.downgrade(),
     );
-    let (mut sink, mut stream) = socket.split();
+    let (sink, stream) = socket.split();
+    serve_connection(mesh, connection, sink, stream).instrument(span)
+}
 
+async fn serve_connection<W, R>(mesh: Mesh, connection: Connection, mut sink: W, mut stream: R)
+where
+    W: Sink<Message, Error = WsError> + Unpin,
+    R: Stream<Item = Result<Message, WsError>> + Unpin,
+{
     // Register first, then assign the id, then read (docs/protocol.md §6): no command can run
     // for a connection the mesh does not know yet.
     let _live = mesh.connection_started();
