@@ -5,11 +5,15 @@
 //! it runs on a real socket and on an in-process pipe alike.
 
 use std::cell::Cell;
+use std::future::poll_fn;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
-use futures_util::future::{Either, FutureExt};
 use futures_util::stream::FuturesUnordered;
+use futures_util::task::AtomicWaker;
 use futures_util::{Future, Sink, SinkExt, Stream, StreamExt};
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::error::CapacityError;
@@ -132,12 +136,11 @@ where
             // Side by side in one task, each polled only when it was woken: a broadcast
             // wakes the writer alone, and the reader is not asked to read a socket that
             // has nothing for it (tungstenite zeroes its read buffer on every attempt).
-            let mut halves = FuturesUnordered::new();
-            halves.push(Either::Left(reader.map(Ended::Reader)));
-            halves.push(Either::Right(writer.map(|_| Ended::Writer)));
-            if let Some(Ended::Reader(reason)) = halves.next().await {
+            let mut reader = pin!(reader);
+            let mut writer = pin!(writer);
+            if let Ended::Reader(reason) = first_to_end(reader.as_mut(), writer.as_mut()).await {
                 connection.close_with(reason);
-                let _ = tokio::time::timeout(CLOSE_GRACE, halves.next()).await;
+                let _ = tokio::time::timeout(CLOSE_GRACE, writer).await;
             }
         }
         if !running.is_empty() {
@@ -162,6 +165,83 @@ where
 enum Ended {
     Reader(CloseReason),
     Writer,
+}
+
+/// Polls a connection's reader and writer side by side until one ends, each only when it
+/// was woken.
+///
+/// Both stay where they are, inside the connection's own future: a `FuturesUnordered`
+/// would allocate each of them, and an empty node of their size, on the heap (over a
+/// kilobyte per connection, idle or not). Each half gets its own waker, which marks the
+/// half and wakes the task.
+async fn first_to_end<Reader, Writer>(
+    mut reader: Pin<&mut Reader>,
+    mut writer: Pin<&mut Writer>,
+) -> Ended
+where
+    Reader: Future<Output = CloseReason>,
+    Writer: Future,
+{
+    let reader_wake = Arc::new(HalfWake::woken());
+    let writer_wake = Arc::new(HalfWake::woken());
+    let reader_waker = Waker::from(Arc::clone(&reader_wake));
+    let writer_waker = Waker::from(Arc::clone(&writer_wake));
+    poll_fn(|cx| {
+        // Registered before the marks are read, so a wake in between is not lost.
+        reader_wake.task.register(cx.waker());
+        writer_wake.task.register(cx.waker());
+        // The reader first: the replies it queues are then written in the same pass.
+        if reader_wake.take() {
+            if let Poll::Ready(reason) = reader
+                .as_mut()
+                .poll(&mut Context::from_waker(&reader_waker))
+            {
+                return Poll::Ready(Ended::Reader(reason));
+            }
+        }
+        if writer_wake.take()
+            && writer
+                .as_mut()
+                .poll(&mut Context::from_waker(&writer_waker))
+                .is_ready()
+        {
+            return Poll::Ready(Ended::Writer);
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// The waker of one half of a connection's loop.
+struct HalfWake {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl HalfWake {
+    /// Starts marked, so the half is polled on the first pass.
+    fn woken() -> Self {
+        HalfWake {
+            woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        }
+    }
+
+    /// Whether the half was woken since the last call.
+    fn take(&self) -> bool {
+        self.woken.swap(false, Ordering::AcqRel)
+    }
+}
+
+impl Wake for HalfWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
 }
 
 /// Sends the close frame if it is still owed, then reads on briefly so the peer sees it
