@@ -121,7 +121,7 @@ where
     };
     if accepted {
         tracing::debug!("connected");
-        let mut running = FuturesUnordered::new();
+        let mut running = None;
         {
             let reader = read_loop(
                 &mesh,
@@ -143,7 +143,7 @@ where
                 let _ = tokio::time::timeout(CLOSE_GRACE, writer).await;
             }
         }
-        if !running.is_empty() {
+        if let Some(mut running) = running.filter(|running| !running.is_empty()) {
             // Commands still running finish on their own, as they would have had the
             // connection stayed: cancelling one midway could leave a change half made.
             tokio::spawn(async move { while running.next().await.is_some() {} }.in_current_span());
@@ -285,6 +285,7 @@ fn close_message(reason: &CloseReason) -> Message {
 /// Commands run inside the connection's own task, side by side in `running`, rather than
 /// as spawned tasks: a command that completes at once (most do) has its reply queued in
 /// the same poll that read it, so every reply to one burst of frames leaves in one write.
+/// The set is made at the first command, and given back at a pong while it is empty.
 ///
 /// Reading pauses, so that back-pressure reaches the client through TCP instead of growing
 /// our memory, while either
@@ -300,7 +301,7 @@ async fn read_loop<R, Run, F>(
     mesh: &Mesh,
     connection: &Connection,
     stream: &mut R,
-    running: &mut FuturesUnordered<Run>,
+    running: &mut Option<FuturesUnordered<Run>>,
     run_command: F,
 ) -> CloseReason
 where
@@ -317,7 +318,8 @@ where
     let mut paused = false;
     loop {
         let replies_backed_up = outbound.replies_backed_up();
-        let reading = !replies_backed_up && running.len() < max_in_flight;
+        let running_count = running.as_ref().map_or(0, FuturesUnordered::len);
+        let reading = !replies_backed_up && running_count < max_in_flight;
         if paused == reading {
             paused = !reading;
             connection.set_reading_paused(paused);
@@ -327,7 +329,7 @@ where
         let message = tokio::select! {
             biased;
             () = &mut closed => return server_close(connection),
-            Some(()) = running.next(), if !running.is_empty() => continue,
+            Some(()) = next_finished(running), if running_count > 0 => continue,
             () = outbound.reply_room(), if replies_backed_up => continue,
             message = stream.next(), if reading => message,
         };
@@ -354,7 +356,9 @@ where
                 payload,
             } => match mesh.command(&command) {
                 Some((name, route)) => {
-                    running.push(run_command(id, (Arc::clone(name), route.clone()), payload));
+                    running
+                        .get_or_insert_with(FuturesUnordered::new)
+                        .push(run_command(id, (Arc::clone(name), route.clone()), payload));
                 }
                 // Unknown commands are answered before any middleware runs (docs/protocol.md §1).
                 None => {
@@ -371,9 +375,26 @@ where
                 );
             }
             Inbound::Unanswerable { reason } => tracing::debug!(reason, "dropped a frame"),
-            Inbound::Pong => mesh.pong_received(connection),
+            Inbound::Pong => {
+                // An empty set still holds a node the size of a command's future: a
+                // connection gone quiet gives it back at its next pong.
+                if running.as_ref().is_some_and(FuturesUnordered::is_empty) {
+                    *running = None;
+                }
+                mesh.pong_received(connection);
+            }
             Inbound::LatencyResponse => connection.latency_response_received(),
         }
+    }
+}
+
+/// The next command of `running` to finish; never, when there is none.
+async fn next_finished<Run: Future<Output = ()>>(
+    running: &mut Option<FuturesUnordered<Run>>,
+) -> Option<()> {
+    match running {
+        Some(running) => running.next().await,
+        None => std::future::pending().await,
     }
 }
 
