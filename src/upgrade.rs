@@ -121,7 +121,8 @@ pub(crate) fn accept<B>(
     let (mut parts, _body) = request.into_parts();
     detach_from_read_buffer(&mut parts, mesh.config().max_kept_header_bytes);
     // The task below holds what it captures for the connection's whole life: boxed, the
-    // parts take a pointer's room there instead of their own (a few hundred bytes).
+    // parts take a pointer's room there instead of their own (a few hundred bytes), and
+    // `serve` frees the box when it moves them into the connection.
     let parts = Box::new(parts);
     let config = websocket_config(mesh);
     let mesh = mesh.clone();
@@ -136,7 +137,7 @@ pub(crate) fn accept<B>(
                     )
                     .await;
                     slot.hand_over();
-                    connection::serve(mesh, socket, *parts).await;
+                    connection::serve(mesh, socket, parts).await;
                 }
                 // The slot is dropped with this task: the place is given back.
                 Err(err) => tracing::debug!(%err, "upgrade failed"),

@@ -74,13 +74,13 @@ impl<T> Socket for T where
 pub(crate) fn serve(
     mesh: Mesh,
     socket: impl Socket,
-    parts: http::request::Parts,
+    parts: Box<http::request::Parts>,
 ) -> impl Future<Output = ()> {
     let id = mesh.next_connection_id();
     let span = tracing::info_span!("connection", connection = %id);
     let connection = Connection::new(
         id,
-        parts,
+        *parts,
         mesh.config().max_outbound_bytes,
         mesh.downgrade(),
     );
