@@ -260,7 +260,11 @@ impl MeshBuilder {
         self
     }
 
-    /// Socket read buffer per connection in bytes. Default 4 KiB (idle connections stay small).
+    /// Socket read buffer per connection in bytes. Default 2 KiB.
+    ///
+    /// Every connection holds it for its whole life, idle or not: it is most of an idle
+    /// connection's memory. A read takes at most this much from the socket; a larger frame
+    /// grows the buffer to the frame's size (at most `max_frame_size`).
     pub fn read_buffer_size(mut self, bytes: usize) -> Self {
         self.config.read_buffer_bytes = bytes;
         self

@@ -24,7 +24,7 @@ pub(crate) struct MeshConfig {
     pub max_outbound_bytes: usize,
     /// Commands of one connection running at once. Default 64.
     pub max_in_flight: usize,
-    /// Socket read buffer per connection, in bytes. Default 4 KiB.
+    /// Socket read buffer per connection, in bytes. Default 2 KiB.
     pub read_buffer_bytes: usize,
     /// Bytes gathered before a socket write, per connection. Default 16 KiB.
     pub write_buffer_bytes: usize,
@@ -89,7 +89,7 @@ impl Default for MeshConfig {
             max_frame_bytes: 1024 * 1024,
             max_outbound_bytes: 1024 * 1024,
             max_in_flight: 64,
-            read_buffer_bytes: 4 * 1024,
+            read_buffer_bytes: 2 * 1024,
             write_buffer_bytes: 16 * 1024,
             shutdown_timeout: Duration::from_secs(10),
             open_connection_metadata: false,

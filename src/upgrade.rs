@@ -120,6 +120,10 @@ pub(crate) fn accept<B>(
     };
     let (mut parts, _body) = request.into_parts();
     detach_from_read_buffer(&mut parts, mesh.config().max_kept_header_bytes);
+    // The task below holds what it captures for the connection's whole life: boxed, the
+    // parts take a pointer's room there instead of their own (a few hundred bytes), and
+    // `serve` frees the box when it moves them into the connection.
+    let parts = Box::new(parts);
     let config = websocket_config(mesh);
     let mesh = mesh.clone();
     tokio::spawn(

@@ -5,11 +5,15 @@
 //! it runs on a real socket and on an in-process pipe alike.
 
 use std::cell::Cell;
+use std::future::poll_fn;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
-use futures_util::future::{Either, FutureExt};
 use futures_util::stream::FuturesUnordered;
+use futures_util::task::AtomicWaker;
 use futures_util::{Future, Sink, SinkExt, Stream, StreamExt};
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::error::CapacityError;
@@ -63,28 +67,32 @@ impl<T> Socket for T where
 }
 
 /// Serves one upgraded WebSocket until it ends.
-pub(crate) async fn serve(mesh: Mesh, socket: impl Socket, parts: http::request::Parts) {
-    let id = mesh.next_connection_id();
-    let span = tracing::info_span!("connection", connection = %id);
-    serve_connection(mesh, socket, parts, id)
-        .instrument(span)
-        .await;
-}
-
-async fn serve_connection(
+///
+/// The connection and the socket's halves are made before the returned future starts, so
+/// that future holds only handles to them: an async fn would keep room for its arguments
+/// (the socket, the request's parts) beside its own state for the connection's whole life.
+pub(crate) fn serve(
     mesh: Mesh,
     socket: impl Socket,
-    parts: http::request::Parts,
-    id: Arc<str>,
-) {
+    parts: Box<http::request::Parts>,
+) -> impl Future<Output = ()> {
+    let id = mesh.next_connection_id();
+    let span = tracing::info_span!("connection", connection = %id);
     let connection = Connection::new(
         id,
-        parts,
+        *parts,
         mesh.config().max_outbound_bytes,
         mesh.downgrade(),
     );
-    let (mut sink, mut stream) = socket.split();
+    let (sink, stream) = socket.split();
+    serve_connection(mesh, connection, sink, stream).instrument(span)
+}
 
+async fn serve_connection<W, R>(mesh: Mesh, connection: Connection, mut sink: W, mut stream: R)
+where
+    W: Sink<Message, Error = WsError> + Unpin,
+    R: Stream<Item = Result<Message, WsError>> + Unpin,
+{
     // Register first, then assign the id, then read (docs/protocol.md §6): no command can run
     // for a connection the mesh does not know yet.
     let _live = mesh.connection_started();
@@ -113,7 +121,7 @@ async fn serve_connection(
     };
     if accepted {
         tracing::debug!("connected");
-        let mut running = FuturesUnordered::new();
+        let mut running = None;
         {
             let reader = read_loop(
                 &mesh,
@@ -128,15 +136,14 @@ async fn serve_connection(
             // Side by side in one task, each polled only when it was woken: a broadcast
             // wakes the writer alone, and the reader is not asked to read a socket that
             // has nothing for it (tungstenite zeroes its read buffer on every attempt).
-            let mut halves = FuturesUnordered::new();
-            halves.push(Either::Left(reader.map(Ended::Reader)));
-            halves.push(Either::Right(writer.map(|_| Ended::Writer)));
-            if let Some(Ended::Reader(reason)) = halves.next().await {
+            let mut reader = pin!(reader);
+            let mut writer = pin!(writer);
+            if let Ended::Reader(reason) = first_to_end(reader.as_mut(), writer.as_mut()).await {
                 connection.close_with(reason);
-                let _ = tokio::time::timeout(CLOSE_GRACE, halves.next()).await;
+                let _ = tokio::time::timeout(CLOSE_GRACE, writer).await;
             }
         }
-        if !running.is_empty() {
+        if let Some(mut running) = running.filter(|running| !running.is_empty()) {
             // Commands still running finish on their own, as they would have had the
             // connection stayed: cancelling one midway could leave a change half made.
             tokio::spawn(async move { while running.next().await.is_some() {} }.in_current_span());
@@ -158,6 +165,83 @@ async fn serve_connection(
 enum Ended {
     Reader(CloseReason),
     Writer,
+}
+
+/// Polls a connection's reader and writer side by side until one ends, each only when it
+/// was woken.
+///
+/// Both stay where they are, inside the connection's own future: a `FuturesUnordered`
+/// would allocate each of them, and an empty node of their size, on the heap (over a
+/// kilobyte per connection, idle or not). Each half gets its own waker, which marks the
+/// half and wakes the task.
+async fn first_to_end<Reader, Writer>(
+    mut reader: Pin<&mut Reader>,
+    mut writer: Pin<&mut Writer>,
+) -> Ended
+where
+    Reader: Future<Output = CloseReason>,
+    Writer: Future,
+{
+    let reader_wake = Arc::new(HalfWake::woken());
+    let writer_wake = Arc::new(HalfWake::woken());
+    let reader_waker = Waker::from(Arc::clone(&reader_wake));
+    let writer_waker = Waker::from(Arc::clone(&writer_wake));
+    poll_fn(|cx| {
+        // Registered before the marks are read, so a wake in between is not lost.
+        reader_wake.task.register(cx.waker());
+        writer_wake.task.register(cx.waker());
+        // The reader first: the replies it queues are then written in the same pass.
+        if reader_wake.take() {
+            if let Poll::Ready(reason) = reader
+                .as_mut()
+                .poll(&mut Context::from_waker(&reader_waker))
+            {
+                return Poll::Ready(Ended::Reader(reason));
+            }
+        }
+        if writer_wake.take()
+            && writer
+                .as_mut()
+                .poll(&mut Context::from_waker(&writer_waker))
+                .is_ready()
+        {
+            return Poll::Ready(Ended::Writer);
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// The waker of one half of a connection's loop.
+struct HalfWake {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl HalfWake {
+    /// Starts marked, so the half is polled on the first pass.
+    fn woken() -> Self {
+        HalfWake {
+            woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        }
+    }
+
+    /// Whether the half was woken since the last call.
+    fn take(&self) -> bool {
+        self.woken.swap(false, Ordering::AcqRel)
+    }
+}
+
+impl Wake for HalfWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
 }
 
 /// Sends the close frame if it is still owed, then reads on briefly so the peer sees it
@@ -201,6 +285,7 @@ fn close_message(reason: &CloseReason) -> Message {
 /// Commands run inside the connection's own task, side by side in `running`, rather than
 /// as spawned tasks: a command that completes at once (most do) has its reply queued in
 /// the same poll that read it, so every reply to one burst of frames leaves in one write.
+/// The set is made at the first command, and given back at a pong while it is empty.
 ///
 /// Reading pauses, so that back-pressure reaches the client through TCP instead of growing
 /// our memory, while either
@@ -216,7 +301,7 @@ async fn read_loop<R, Run, F>(
     mesh: &Mesh,
     connection: &Connection,
     stream: &mut R,
-    running: &mut FuturesUnordered<Run>,
+    running: &mut Option<FuturesUnordered<Run>>,
     run_command: F,
 ) -> CloseReason
 where
@@ -233,7 +318,8 @@ where
     let mut paused = false;
     loop {
         let replies_backed_up = outbound.replies_backed_up();
-        let reading = !replies_backed_up && running.len() < max_in_flight;
+        let running_count = running.as_ref().map_or(0, FuturesUnordered::len);
+        let reading = !replies_backed_up && running_count < max_in_flight;
         if paused == reading {
             paused = !reading;
             connection.set_reading_paused(paused);
@@ -243,7 +329,7 @@ where
         let message = tokio::select! {
             biased;
             () = &mut closed => return server_close(connection),
-            Some(()) = running.next(), if !running.is_empty() => continue,
+            Some(()) = next_finished(running), if running_count > 0 => continue,
             () = outbound.reply_room(), if replies_backed_up => continue,
             message = stream.next(), if reading => message,
         };
@@ -270,7 +356,9 @@ where
                 payload,
             } => match mesh.command(&command) {
                 Some((name, route)) => {
-                    running.push(run_command(id, (Arc::clone(name), route.clone()), payload));
+                    running
+                        .get_or_insert_with(FuturesUnordered::new)
+                        .push(run_command(id, (Arc::clone(name), route.clone()), payload));
                 }
                 // Unknown commands are answered before any middleware runs (docs/protocol.md §1).
                 None => {
@@ -287,9 +375,26 @@ where
                 );
             }
             Inbound::Unanswerable { reason } => tracing::debug!(reason, "dropped a frame"),
-            Inbound::Pong => mesh.pong_received(connection),
+            Inbound::Pong => {
+                // An empty set still holds a node the size of a command's future: a
+                // connection gone quiet gives it back at its next pong.
+                if running.as_ref().is_some_and(FuturesUnordered::is_empty) {
+                    *running = None;
+                }
+                mesh.pong_received(connection);
+            }
             Inbound::LatencyResponse => connection.latency_response_received(),
         }
+    }
+}
+
+/// The next command of `running` to finish; never, when there is none.
+async fn next_finished<Run: Future<Output = ()>>(
+    running: &mut Option<FuturesUnordered<Run>>,
+) -> Option<()> {
+    match running {
+        Some(running) => running.next().await,
+        None => std::future::pending().await,
     }
 }
 
