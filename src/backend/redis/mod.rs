@@ -270,6 +270,25 @@ impl RedisBackend {
         self.shared.commands.get().await
     }
 
+    /// Runs a script that takes one connection in one room (`prefix`, `connection_id`,
+    /// `room`) and answers whether it found what it changes (1 or 0).
+    async fn connection_in_room(
+        &self,
+        script: &redis::Script,
+        connection_id: &str,
+        room: &str,
+    ) -> Result<bool, MeshError> {
+        let mut conn = self.connection().await?;
+        let found: i64 = script
+            .arg(&self.shared.keys.prefix)
+            .arg(connection_id)
+            .arg(room)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        Ok(found == 1)
+    }
+
     /// Runs one Redis operation under the operation timeout.
     async fn run<T, F>(&self, operation: F) -> Result<T, MeshError>
     where

@@ -83,17 +83,7 @@ impl RedisBackend {
         connection_id: &str,
         room: &str,
     ) -> Result<bool, MeshError> {
-        let mut conn = self.connection().await?;
-        let present: i64 = self
-            .shared
-            .scripts
-            .clear_state
-            .arg(&self.shared.keys.prefix)
-            .arg(connection_id)
-            .arg(room)
-            .invoke_async(&mut conn)
+        self.connection_in_room(&self.shared.scripts.clear_state, connection_id, room)
             .await
-            .map_err(redis_error)?;
-        Ok(present == 1)
     }
 }

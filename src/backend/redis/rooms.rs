@@ -31,18 +31,8 @@ impl RedisBackend {
     }
 
     pub(super) async fn leave(&self, connection_id: &str, room: &str) -> Result<bool, MeshError> {
-        let mut conn = self.connection().await?;
-        let was_member: i64 = self
-            .shared
-            .scripts
-            .leave
-            .arg(&self.shared.keys.prefix)
-            .arg(connection_id)
-            .arg(room)
-            .invoke_async(&mut conn)
+        self.connection_in_room(&self.shared.scripts.leave, connection_id, room)
             .await
-            .map_err(redis_error)?;
-        Ok(was_member == 1)
     }
 
     pub(super) async fn members(&self, room: &str) -> Result<Vec<String>, MeshError> {
