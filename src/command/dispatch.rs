@@ -1,44 +1,81 @@
 //! Running one command: its handler or layered service, panics, and the reply frame.
 
+use std::any::Any;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 use serde_json::Value;
 
 use super::{CommandRequest, Route};
 use crate::connection::Connection;
-use crate::error::CommandError;
+use crate::error::{BoxError, CommandError};
 use crate::mesh::Mesh;
 use crate::protocol::{self, Frame};
 
-/// Starts one command and returns the future of its reply frame. Never fails: every
-/// failure, a panic included, becomes an error reply for this command alone.
+/// One command on its way to its reply frame. Never fails: every failure, a panic
+/// included, becomes an error reply for this command alone.
 ///
-/// The handler is called here (its extractors run now) and the returned future holds
-/// little more than the handler's own boxed future: a connection keeps one per running
-/// command.
+/// It is `Unpin` and holds little more than the handler's own boxed future, so a
+/// connection can poll it once where it was read (most commands finish then) and move it
+/// into its set of running commands only when it did not.
+pub(crate) struct CommandRun {
+    id: u64,
+    command: Arc<str>,
+    state: RunState,
+}
+
+enum RunState {
+    Running(BoxFuture<'static, Result<Value, BoxError>>),
+    /// The handler (or its extractors) panicked as it was called.
+    Panicked(Box<dyn Any + Send>),
+    Done,
+}
+
+/// Starts one command: the handler is called here, so its extractors run now.
 pub(crate) fn dispatch(
     mesh: Mesh,
     connection: Connection,
     id: u64,
     (command, route): (Arc<str>, Route),
     payload: Value,
-) -> impl Future<Output = Frame> + Send + 'static {
+) -> CommandRun {
     let request = CommandRequest::new(Arc::clone(&command), payload, connection, mesh);
-    let started = std::panic::catch_unwind(AssertUnwindSafe(|| route.run(request)));
-    async move {
-        let outcome = match started {
-            Ok(run) => AssertUnwindSafe(run).catch_unwind().await,
-            Err(panic) => Err(panic),
+    let state = match std::panic::catch_unwind(AssertUnwindSafe(|| route.run(request))) {
+        Ok(run) => RunState::Running(run),
+        Err(panic) => RunState::Panicked(panic),
+    };
+    CommandRun { id, command, state }
+}
+
+impl Future for CommandRun {
+    type Output = Frame;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Frame> {
+        let this = self.get_mut();
+        let outcome = match std::mem::replace(&mut this.state, RunState::Done) {
+            RunState::Running(mut run) => {
+                match std::panic::catch_unwind(AssertUnwindSafe(|| run.as_mut().poll(cx))) {
+                    Ok(Poll::Pending) => {
+                        this.state = RunState::Running(run);
+                        return Poll::Pending;
+                    }
+                    Ok(Poll::Ready(outcome)) => Ok(outcome),
+                    Err(panic) => Err(panic),
+                }
+            }
+            RunState::Panicked(panic) => Err(panic),
+            RunState::Done => return Poll::Pending,
         };
         let text = match outcome {
-            Ok(Ok(value)) => protocol::reply(id, &*command, &value),
+            Ok(Ok(value)) => protocol::value_reply(this.id, &this.command, &value),
             Ok(Err(err)) => {
                 let err = CommandError::from_box(err);
                 tracing::debug!(code = err.code(), error = err.message(), "command failed");
-                protocol::error_reply(id, &*command, &err)
+                protocol::error_reply(this.id, &*this.command, &err)
             }
             Err(panic) => {
                 let detail = panic
@@ -47,9 +84,9 @@ pub(crate) fn dispatch(
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_default();
                 tracing::error!(panic = %detail, "command handler panicked");
-                protocol::error_reply(id, &*command, &CommandError::internal())
+                protocol::error_reply(this.id, &*this.command, &CommandError::internal())
             }
         };
-        Frame::from(text)
+        Poll::Ready(Frame::from(text))
     }
 }

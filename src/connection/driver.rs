@@ -128,8 +128,8 @@ where
                 &connection,
                 &mut stream,
                 &mut running,
-                |id, command, payload| {
-                    run_command(mesh.clone(), connection.clone(), id, command, payload)
+                |id, command, payload, cx| {
+                    start_command(&mesh, &connection, id, command, payload, cx)
                 },
             );
             let writer = write_loop(&connection, &mut sink);
@@ -302,12 +302,12 @@ async fn read_loop<R, Run, F>(
     connection: &Connection,
     stream: &mut R,
     running: &mut Option<FuturesUnordered<Run>>,
-    run_command: F,
+    start_command: F,
 ) -> CloseReason
 where
     R: Stream<Item = Result<Message, WsError>> + Unpin,
     Run: Future<Output = ()>,
-    F: Fn(u64, (Arc<str>, Route), Value) -> Run,
+    F: Fn(u64, (Arc<str>, Route), Value, &mut Context<'_>) -> Option<Run>,
 {
     let max_in_flight = mesh.config().max_in_flight;
     let outbound = connection.outbound();
@@ -356,9 +356,18 @@ where
                 payload,
             } => match mesh.command(&command) {
                 Some((name, route)) => {
-                    running
-                        .get_or_insert_with(FuturesUnordered::new)
-                        .push(run_command(id, (Arc::clone(name), route.clone()), payload));
+                    let mut command = Some((Arc::clone(name), route.clone(), payload));
+                    let unfinished = poll_fn(|cx| {
+                        Poll::Ready(command.take().and_then(|(name, route, payload)| {
+                            start_command(id, (name, route), payload, cx)
+                        }))
+                    })
+                    .await;
+                    if let Some(unfinished) = unfinished {
+                        running
+                            .get_or_insert_with(FuturesUnordered::new)
+                            .push(unfinished);
+                    }
                 }
                 // Unknown commands are answered before any middleware runs (docs/protocol.md §1).
                 None => {
@@ -398,29 +407,45 @@ async fn next_finished<Run: Future<Output = ()>>(
     }
 }
 
-/// Runs one command and queues its reply.
-fn run_command(
-    mesh: Mesh,
-    connection: Connection,
+/// Starts one command and polls it once, in its span and with its reply place: a command
+/// that finishes at once (most do) has its reply queued now, without a place in the
+/// connection's set of running commands. Returns the rest of its run when it did not.
+fn start_command(
+    mesh: &Mesh,
+    connection: &Connection,
     id: u64,
     command: (Arc<str>, Route),
     payload: Value,
-) -> impl Future<Output = ()> + Send + 'static {
+    cx: &mut Context<'_>,
+) -> Option<impl Future<Output = ()> + Send + 'static> {
     let span = tracing::debug_span!("command", command = %command.0, id);
-    let reply = span.in_scope(|| dispatch(mesh, connection.clone(), id, command, payload));
-    async move {
-        // A subscription reserves its reply's place as it starts listening (see
-        // `reserve_reply_place`): the reply goes before every update published after its
-        // snapshot.
-        let (reply, reservation) = REPLY_PLACE
-            .scope(Cell::new(None), async {
-                let reply = reply.await;
-                (reply, REPLY_PLACE.with(Cell::take))
-            })
-            .await;
-        connection.push_reply(reservation, reply);
+    let (mut run, first_poll, place) = span.in_scope(|| {
+        let mut run = dispatch(mesh.clone(), connection.clone(), id, command, payload);
+        REPLY_PLACE.sync_scope(Cell::new(None), || {
+            let first_poll = Pin::new(&mut run).poll(cx);
+            (run, first_poll, REPLY_PLACE.with(Cell::take))
+        })
+    });
+    if let Poll::Ready(reply) = first_poll {
+        connection.push_reply(place, reply);
+        return None;
     }
-    .instrument(span)
+    let connection = connection.clone();
+    Some(
+        async move {
+            // A subscription reserves its reply's place as it starts listening (see
+            // `reserve_reply_place`): the reply goes before every update published after
+            // its snapshot.
+            let (reply, reservation) = REPLY_PLACE
+                .scope(Cell::new(place), async {
+                    let reply = (&mut run).await;
+                    (reply, REPLY_PLACE.with(Cell::take))
+                })
+                .await;
+            connection.push_reply(reservation, reply);
+        }
+        .instrument(span),
+    )
 }
 
 fn server_close(connection: &Connection) -> CloseReason {

@@ -123,11 +123,8 @@ impl<'a> Inbound<'a> {
                 reason: "frame is not a JSON object",
             };
         }
-        if let Ok(WellFormed {
-            id,
-            command,
-            payload,
-        }) = serde_json::from_str(text)
+        if let Some((id, command, payload)) =
+            Inbound::read_as_written(text).or_else(|| Inbound::read_well_formed(text))
         {
             return match &*command {
                 PONG => Inbound::Pong,
@@ -159,6 +156,44 @@ impl<'a> Inbound<'a> {
             },
             Ok(inbound) => inbound,
         }
+    }
+
+    /// The fastest way, for a frame exactly as mesh's client and `JSON.stringify` write
+    /// it: `{"id":N,"command":"name","payload":...}`, in that order, with no whitespace
+    /// around the first two fields and nothing to unescape in the name. Only the payload
+    /// goes through a JSON parser; any frame that differs in the least goes on to
+    /// [`Inbound::read_well_formed`], so what this accepts is read exactly as that would.
+    fn read_as_written(text: &'a str) -> Option<(u64, Cow<'a, str>, Value)> {
+        let rest = text.strip_prefix(r#"{"id":"#)?;
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        // JSON numbers have no leading zeros; `parse` refuses what overflows a u64.
+        if digits == 0 || (digits > 1 && rest.starts_with('0')) {
+            return None;
+        }
+        let id = rest[..digits].parse().ok()?;
+        let rest = rest[digits..].strip_prefix(r#","command":""#)?;
+        let name_end = rest
+            .bytes()
+            .position(|byte| byte == b'"' || byte == b'\\' || byte < 0x20)?;
+        let (command, rest) = rest.split_at(name_end);
+        let rest = rest.strip_prefix(r#"","payload":"#)?;
+        let payload = rest
+            .trim_end_matches([' ', '\t', '\n', '\r'])
+            .strip_suffix('}')?;
+        // Exactly one JSON value, or the frame is not this simple shape (a repeated
+        // field after the payload, say).
+        let payload = serde_json::from_str(payload).ok()?;
+        Some((id, Cow::Borrowed(command), payload))
+    }
+
+    /// The fast way: any well-formed command frame, straight into its three fields.
+    fn read_well_formed(text: &'a str) -> Option<(u64, Cow<'a, str>, Value)> {
+        let WellFormed {
+            id,
+            command,
+            payload,
+        } = serde_json::from_str(text).ok()?;
+        Some((id, command, payload))
     }
 
     /// The slow way: reads any JSON object and says what is wrong with it.
@@ -279,6 +314,34 @@ fn unicode_escape(bytes: &[u8], at: usize) -> Option<u16> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_fastest_way_reads_what_the_fast_way_reads() {
+        let frames = [
+            r#"{"id":1,"command":"echo","payload":"x"}"#,
+            r#"{"id":0,"command":"echo","payload":{"a":[1,2,{"b":null}]}}"#,
+            "{\"id\":18446744073709551615,\"command\":\"é/ü\",\"payload\":[] \n}",
+            r#"{"id":2,"command":"echo","payload":1,"payload":2}"#,
+            r#"{"id":2,"command":"echo","payload":{"a":1}}}"#,
+            r#"{"id":2,"command":"echo","payload":{"a":1},"id":3}"#,
+            r#"{"id":2,"command":"echo","payload":}"#,
+            r#"{"id":2,"command":"echo","payload":"\ud800"}"#,
+            r#"{"id":02,"command":"echo","payload":1}"#,
+            r#"{"id":18446744073709551616,"command":"echo","payload":1}"#,
+            r#"{"id":1,"command":"ec\"ho","payload":1}"#,
+            "{\"id\":1,\"command\":\"echo\",\"payload\":1}\u{a0}",
+            "{\"id\":1,\"command\":\"ec\nho\",\"payload\":1}",
+            r#"{"id":1.5,"command":"echo","payload":1}"#,
+        ];
+        let mut fastest = 0;
+        for frame in frames {
+            if let Some(read) = Inbound::read_as_written(frame) {
+                fastest += 1;
+                assert_eq!(Some(read), Inbound::read_well_formed(frame), "{frame}");
+            }
+        }
+        assert_eq!(fastest, 3, "the first three frames are read the fastest way");
+    }
 
     #[test]
     fn parses_a_command() {

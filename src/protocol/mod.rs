@@ -10,6 +10,7 @@
 //! clients write are read as `JSON.parse` reads them.
 
 mod inbound;
+mod json;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -69,6 +70,20 @@ where
         command,
         payload,
     })
+}
+
+/// The JSON text of a reply to command `id` whose payload is a JSON value: the same text
+/// as [`reply`] writes, written faster (every successful command's reply is one).
+pub(crate) fn value_reply(id: u64, command: &str, payload: &Value) -> String {
+    let mut out = String::with_capacity(128 + command.len());
+    out.push_str(r#"{"id":"#);
+    out.push_str(itoa::Buffer::new().format(id));
+    out.push_str(r#","command":"#);
+    json::write_str(&mut out, command);
+    out.push_str(r#","payload":"#);
+    json::write_value(&mut out, payload);
+    out.push('}');
+    out
 }
 
 /// The JSON text of an error reply: the error is the payload (`{error, code, name}`).
@@ -239,6 +254,20 @@ fn to_json<T: Serialize>(frame: &T) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn value_reply_is_reply() {
+        for (id, command, payload) in [
+            (65300001, "echo", json!({"x": 1, "text": "a \"quoted\" line\n"})),
+            (0, "mesh/noop", Value::Null),
+            (u64::MAX, "odd \"name\"\u{1}", json!([1.5, -2, "x".repeat(64)])),
+        ] {
+            assert_eq!(
+                value_reply(id, command, &payload),
+                reply(id, command, &payload)
+            );
+        }
+    }
 
     #[test]
     fn golden_frames() {
