@@ -53,12 +53,16 @@ pub(super) fn write_str(out: &mut String, text: &str) {
 }
 
 /// Whether any byte of `bytes` must be escaped in a JSON string. Checked 16 bytes at a
-/// time without an early exit inside a block, which the compiler turns into vector
+/// time without an early exit inside a block, which the compiler can turn into vector
 /// instructions: a byte-by-byte search cost more than writing the rest of the reply.
 pub(super) fn needs_escaping(bytes: &[u8]) -> bool {
     let mut blocks = bytes.chunks_exact(16);
     for block in &mut blocks {
-        if block.iter().fold(false, |found, &byte| found | needs_escape(byte)) {
+        if block
+            .iter()
+            .fold(0u8, |found, &byte| found | u8::from(needs_escape(byte)))
+            != 0
+        {
             return true;
         }
     }
@@ -96,6 +100,7 @@ mod tests {
     fn finds_an_escape_anywhere() {
         for len in 0..40 {
             assert!(!needs_escaping("x".repeat(len).as_bytes()));
+            assert!(!needs_escaping("é😀\u{7f} ~/!#".repeat(len).as_bytes()));
             for at in 0..len {
                 for escaped in [b'"', b'\\', b'\n', 0x1f] {
                     let mut bytes = vec![b'x'; len];
