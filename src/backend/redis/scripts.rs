@@ -30,10 +30,10 @@ end
 -- lost is still announced. It goes as the envelope the subscribers parse (tag 'p' in
 -- src/backend/redis/envelope.rs): room, connection id, kind, state (JSON text; empty for
 -- a cleared state), timestamp. Each instance renders the push itself. `state` is JSON
--- text, 'null', or nil.
-local function announce(p, kind, cid, room, state)
+-- text, 'null', or nil. `now` is the script's clock reading if it took one (nil: read it).
+local function announce(p, kind, cid, room, state, now)
   if state == nil or state == 'null' then state = '' end
-  local ts = string.format('%.0f', now_ms())
+  local ts = string.format('%.0f', now or now_ms())
   redis.call('PUBLISH', p .. 'topic:presence:' .. room,
     'p' .. u32(#room) .. room .. u32(#cid) .. cid .. u32(#kind) .. kind
       .. u32(#state) .. state .. u32(#ts) .. ts)
@@ -276,7 +276,7 @@ impl Scripts {
                 else
                   redis.call('ZREM', p .. 'state-expiry', entry)
                 end
-                if ARGV[6] == '1' then announce(p, 'state', cid, room, ARGV[4]) end
+                if ARGV[6] == '1' then announce(p, 'state', cid, room, ARGV[4], now) end
                 return 1
                 ",
             ),
