@@ -121,3 +121,29 @@ fn open_tls(url: &str, tls: &TlsSettings) -> Result<redis::Client, MeshError> {
     }
     Ok(client)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_is_read_from_the_scheme_in_any_case() {
+        assert!(names_tls("rediss://host:6380"));
+        assert!(names_tls("REDISS://host"));
+        assert!(names_tls("valkeys://host"));
+        assert!(!names_tls("redis://host"));
+        assert!(!names_tls("redis+unix:///tmp/redis.sock"));
+        assert!(!names_tls("rediss"));
+    }
+
+    // Runs in a build without the feature (`cargo test --lib`, default features).
+    #[cfg(not(feature = "redis-tls-rustls"))]
+    #[test]
+    fn a_tls_url_without_the_feature_names_the_feature() {
+        let err = open("rediss://127.0.0.1:6380", &TlsSettings::default())
+            .err()
+            .map(|err| err.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("`redis-tls-rustls` feature"), "{err}");
+    }
+}
