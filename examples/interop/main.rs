@@ -16,8 +16,15 @@
 //! socket that has not sent a complete request head within `HEADER_READ_TIMEOUT_MS`
 //! (default 30 000) is closed, and accept errors back off.
 //!
+//! A `rediss://` `REDIS_URL` connects over TLS (build with `--features redis-tls-rustls`);
+//! `REDIS_CA_FILE` names a PEM file of the CA certificates to trust instead of the system's
+//! (a private CA), and `REDIS_CLIENT_CERT_FILE` with `REDIS_CLIENT_KEY_FILE` a client
+//! certificate chain and its key, for a Redis that verifies its clients.
+//!
 //! ```text
 //! cargo run --example interop
+//! REDIS_URL=rediss://redis.internal:6380 REDIS_CA_FILE=ca.pem \
+//!     cargo run --example interop --features redis-tls-rustls
 //! ```
 
 #[path = "../common/serve.rs"]
@@ -140,6 +147,30 @@ fn records_under_collection_id() -> Collection {
     .membership_by_existence()
 }
 
+/// The Redis backend at `url`, with the key prefix and TLS files the environment names.
+fn redis_backend(url: &str) -> Result<tower_mesh::RedisBackend, String> {
+    let prefix = std::env::var("MESH_PREFIX").unwrap_or_else(|_| "mesh:".into());
+    let mut backend = tower_mesh::RedisBackend::builder(url).prefix(prefix);
+    let read = |name: &str| match std::env::var_os(name) {
+        None => Ok(None),
+        Some(path) => std::fs::read(&path)
+            .map(Some)
+            .map_err(|err| format!("{name} ({}): {err}", path.to_string_lossy())),
+    };
+    if let Some(pem) = read("REDIS_CA_FILE")? {
+        backend = backend.tls_root_certificates(pem);
+    }
+    match (
+        read("REDIS_CLIENT_CERT_FILE")?,
+        read("REDIS_CLIENT_KEY_FILE")?,
+    ) {
+        (Some(chain), Some(key)) => backend = backend.tls_client_certificate(chain, key),
+        (None, None) => {}
+        _ => return Err("REDIS_CLIENT_CERT_FILE and REDIS_CLIENT_KEY_FILE go together".into()),
+    }
+    backend.build().map_err(|err| format!("REDIS_URL: {err}"))
+}
+
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
     tracing_subscriber::fmt()
@@ -164,14 +195,10 @@ async fn main() -> std::io::Result<()> {
         .expose_writable_record(every(), Access::open())
         .expose_collection(every(), records_under_collection_id());
     if let Ok(url) = std::env::var("REDIS_URL") {
-        let prefix = std::env::var("MESH_PREFIX").unwrap_or_else(|_| "mesh:".into());
-        match tower_mesh::RedisBackend::builder(url.as_str())
-            .prefix(prefix)
-            .build()
-        {
+        match redis_backend(&url) {
             Ok(backend) => builder = builder.redis_backend(backend),
             Err(err) => {
-                eprintln!("REDIS_URL: {err}");
+                eprintln!("{err}");
                 std::process::exit(2);
             }
         }

@@ -25,6 +25,8 @@ mod presence;
 mod protocol;
 mod records;
 mod redis_faults;
+#[cfg(feature = "redis-tls-rustls")]
+mod redis_tls;
 mod registry;
 mod rooms;
 mod smoke;

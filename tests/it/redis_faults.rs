@@ -1,7 +1,6 @@
 //! Redis faults: a killed instance is swept; a restarted Redis neither crashes nor wedges
 //! an instance. These tests start private `redis-server` processes on free ports.
 
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,90 +14,6 @@ use tower_mesh::client::{ClientEvent, MeshClient, PresenceKind, StateOptions};
 use tower_mesh::{MergeStrategy, Mesh, MeshBuilder, PresenceOptions, RedisBackend};
 
 use crate::common::*;
-
-/// A private `redis-server` on a free port, stopped when dropped.
-struct RedisServer {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl RedisServer {
-    fn start() -> RedisServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("free port")
-            .port();
-        let mut server = RedisServer { port, child: None };
-        server.restart();
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts (again) on the same port and waits until it accepts connections.
-    fn restart(&mut self) {
-        let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-        let child = Command::new(&binary)
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|err| {
-                panic!("cannot start {binary} (install redis-server or set REDIS_SERVER): {err}")
-            });
-        self.child = Some(child);
-        let deadline = Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Stops the server (SIGSTOP): it keeps its sockets but answers nothing, as a stalled
-    /// host or a long fork would.
-    fn pause(&self) {
-        self.signal("-STOP");
-    }
-
-    /// Lets a paused server run again (SIGCONT): it then executes what queued meanwhile.
-    fn resume(&self) {
-        self.signal("-CONT");
-    }
-
-    fn signal(&self, signal: &str) {
-        let child = self.child.as_ref().expect("redis-server is running");
-        let status = Command::new("kill")
-            .args([signal, &child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill {signal} failed");
-    }
-
-    /// Kills the server (SIGKILL) and waits for it to exit.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 fn builder(url: &str, prefix: &str) -> MeshBuilder {
     let backend = RedisBackend::builder(url)

@@ -85,6 +85,7 @@
 //!
 //! | file | concern |
 //! |---|---|
+//! | `client.rs` | the client every connection comes from: the URL, TLS (`rediss://`) |
 //! | `connection.rs` | the shared multiplexed connection, replaced after it fails |
 //! | `keys.rs` | every key and channel name |
 //! | `liveness.rs` | attach and detach, connection registration, the heartbeat, the sweep |
@@ -99,6 +100,7 @@
 //! | `envelope.rs` | the binary form deliveries travel in |
 
 mod channels;
+mod client;
 mod connection;
 mod envelope;
 mod keys;
@@ -119,6 +121,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use self::client::TlsSettings;
 use self::connection::{Connection, SharedConnection};
 use self::keys::Keys;
 use self::scripts::Scripts;
@@ -199,6 +202,7 @@ pub struct RedisBackendBuilder {
     prefix: String,
     heartbeat_interval: Duration,
     instance_ttl: Duration,
+    tls: TlsSettings,
 }
 
 impl RedisBackendBuilder {
@@ -217,11 +221,40 @@ impl RedisBackendBuilder {
         self
     }
 
-    /// Checks the URL. Nothing connects until the mesh needs Redis.
+    /// Trusts the CA certificates in `pem` (one or more PEM `CERTIFICATE` blocks) for a
+    /// `rediss://` URL, instead of the system's root certificates: for a Redis whose
+    /// certificate a private CA signed. The server's certificate must still name the URL's
+    /// host.
+    ///
+    /// Needs the `redis-tls-rustls` feature: [`build`](Self::build) fails without it, with
+    /// a `redis://` URL, or when `pem` holds no certificate.
+    pub fn tls_root_certificates(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.root_certificates = Some(pem.into());
+        self
+    }
+
+    /// Presents a client certificate over TLS, for a Redis that verifies its clients
+    /// (`tls-auth-clients yes`, redis-server's default once TLS is on):
+    /// `certificate_chain` is PEM, the client's certificate first; `private_key` is its
+    /// PEM key (PKCS#8, PKCS#1 or SEC1).
+    ///
+    /// Needs the `redis-tls-rustls` feature: [`build`](Self::build) fails without it, with
+    /// a `redis://` URL, or when either does not parse.
+    pub fn tls_client_certificate(
+        mut self,
+        certificate_chain: impl Into<Vec<u8>>,
+        private_key: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls.client_identity = Some((certificate_chain.into(), private_key.into()));
+        self
+    }
+
+    /// Checks the URL and the TLS settings. Nothing connects until the mesh needs Redis.
+    ///
+    /// A `rediss://` URL connects over TLS (every connection: commands and pub/sub) and
+    /// needs the `redis-tls-rustls` feature; without it, this fails.
     pub fn build(self) -> Result<RedisBackend, MeshError> {
-        let client = redis::Client::open(self.url.as_str()).map_err(|err| {
-            MeshError::Unavailable(BackendError::caused_by("invalid Redis URL", err))
-        })?;
+        let client = client::open(&self.url, &self.tls)?;
         // The operation timeout bounds every command; the redis crate's own default
         // response timeout (500 ms) would otherwise fail commands that a busy machine
         // answers a little late, well within what the backend promises to wait.
@@ -246,7 +279,8 @@ impl RedisBackendBuilder {
 }
 
 impl RedisBackend {
-    /// A backend for the Redis at `url` (`redis://host:port/db`) with the default settings.
+    /// A backend for the Redis at `url` (`redis://host:port/db`, or `rediss://` for TLS
+    /// with the `redis-tls-rustls` feature) with the default settings.
     pub fn new(url: &str) -> Result<Self, MeshError> {
         Self::builder(url).build()
     }
@@ -258,6 +292,7 @@ impl RedisBackend {
             prefix: "mesh:".to_owned(),
             heartbeat_interval: Duration::from_secs(2),
             instance_ttl: Duration::from_secs(10),
+            tls: TlsSettings::default(),
         }
     }
 

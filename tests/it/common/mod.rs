@@ -1,5 +1,6 @@
 //! The harness every suite shares: servers on real sockets, raw WebSocket clients, the
-//! backends a conformance test runs on, and waits that fail instead of hanging.
+//! backends a conformance test runs on, private redis-servers, and waits that fail
+//! instead of hanging.
 
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ mod commands;
 mod mesh_client;
 mod raw_client;
 mod records;
+mod redis_server;
 mod server;
 mod waiting;
 
@@ -18,6 +20,7 @@ pub(crate) use commands::*;
 pub(crate) use mesh_client::*;
 pub(crate) use raw_client::*;
 pub(crate) use records::*;
+pub(crate) use redis_server::*;
 pub(crate) use server::*;
 pub(crate) use waiting::*;
 
