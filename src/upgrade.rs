@@ -1,6 +1,8 @@
 //! The WebSocket handshake over hyper's upgrade, keeping the request's parts.
 
 use bytes::Bytes;
+use futures_util::future::Either;
+use futures_util::FutureExt;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
@@ -126,25 +128,30 @@ pub(crate) fn accept<B>(
     let parts = Box::new(parts);
     let config = websocket_config(mesh);
     let mesh = mesh.clone();
-    tokio::spawn(
-        async move {
-            match on_upgrade.await {
-                Ok(upgraded) => {
-                    let socket = WebSocketStream::from_raw_socket(
-                        TokioIo::new(upgraded),
-                        Role::Server,
-                        Some(config),
-                    )
-                    .await;
-                    slot.hand_over();
-                    connection::serve(mesh, socket, parts).await;
-                }
-                // The slot is dropped with this task: the place is given back.
-                Err(err) => tracing::debug!(%err, "upgrade failed"),
+    let upgrade = async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let socket = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(config),
+                )
+                .await;
+                slot.hand_over();
+                Either::Left(connection::serve(mesh, socket, parts))
+            }
+            // The slot is dropped with this future: the place is given back.
+            Err(err) => {
+                tracing::debug!(%err, "upgrade failed");
+                Either::Right(std::future::ready(()))
             }
         }
-        .in_current_span(),
-    );
+    };
+    // Flattened rather than awaited inside the block: the task then holds either the
+    // upgrade or the connection, as an enum of the two. Awaiting the connection in the
+    // block would keep room for the upgrade's state (the socket being built) beside it
+    // for the connection's whole life.
+    tokio::spawn(upgrade.flatten().in_current_span());
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();

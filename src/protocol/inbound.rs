@@ -340,7 +340,10 @@ mod tests {
                 assert_eq!(Some(read), Inbound::read_well_formed(frame), "{frame}");
             }
         }
-        assert_eq!(fastest, 3, "the first three frames are read the fastest way");
+        assert_eq!(
+            fastest, 3,
+            "the first three frames are read the fastest way"
+        );
     }
 
     #[test]

@@ -258,9 +258,17 @@ mod tests {
     #[test]
     fn value_reply_is_reply() {
         for (id, command, payload) in [
-            (65300001, "echo", json!({"x": 1, "text": "a \"quoted\" line\n"})),
+            (
+                65300001,
+                "echo",
+                json!({"x": 1, "text": "a \"quoted\" line\n"}),
+            ),
             (0, "mesh/noop", Value::Null),
-            (u64::MAX, "odd \"name\"\u{1}", json!([1.5, -2, "x".repeat(64)])),
+            (
+                u64::MAX,
+                "odd \"name\"\u{1}",
+                json!([1.5, -2, "x".repeat(64)]),
+            ),
         ] {
             assert_eq!(
                 value_reply(id, command, &payload),
