@@ -13,6 +13,7 @@ use tracing::Instrument;
 
 use crate::connection;
 use crate::mesh::Mesh;
+use crate::read_on_demand::{ReadOnDemand, FRAME_BUFFER_BYTES};
 
 /// `Retry-After` of an upgrade refused for `max_connections`, in seconds: long enough for
 /// a few connections to end, short enough that a client does not give up on the instance.
@@ -127,12 +128,13 @@ pub(crate) fn accept<B>(
     // `serve` frees the box when it moves them into the connection.
     let parts = Box::new(parts);
     let config = websocket_config(mesh);
+    let read_size = mesh.config().read_buffer_bytes;
     let mesh = mesh.clone();
     let upgrade = async move {
         match on_upgrade.await {
             Ok(upgraded) => {
                 let socket = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
+                    ReadOnDemand::new(TokioIo::new(upgraded), read_size),
                     Role::Server,
                     Some(config),
                 )
@@ -212,7 +214,10 @@ fn detach_from_read_buffer(parts: &mut http::request::Parts, max_header_bytes: u
 fn websocket_config(mesh: &Mesh) -> WebSocketConfig {
     let config = mesh.config();
     WebSocketConfig::default()
-        .read_buffer_size(config.read_buffer_bytes)
+        // tungstenite keeps this buffer for the connection's whole life; the socket is read
+        // `read_buffer_bytes` at a time through `ReadOnDemand`, which holds its buffer only
+        // while data arrives.
+        .read_buffer_size(FRAME_BUFFER_BYTES.min(config.read_buffer_bytes))
         .write_buffer_size(config.write_buffer_bytes)
         .max_message_size(Some(config.max_frame_bytes))
         .max_frame_size(Some(config.max_frame_bytes))
