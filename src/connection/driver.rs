@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::Instrument;
 
-use super::outbound::{Batch, CloseReason};
+use super::outbound::{Batch, CloseReason, SMALL_BATCH};
 use super::Connection;
 use crate::command::{dispatch, Route};
 use crate::error::CommandError;
@@ -549,11 +549,14 @@ where
     loop {
         match connection.outbound().next_batch(&mut batch).await {
             Batch::Frames => {
+                let frames = batch.len();
                 for frame in batch.drain(..) {
                     sink.feed(Message::Text(frame)).await?;
                 }
                 sink.flush().await?;
-                if batch.capacity() > 256 {
+                // Like the queue's ring (see `SMALL_BATCH`): kept only by a busy connection,
+                // and only up to 256 frames.
+                if frames <= SMALL_BATCH || batch.capacity() > 256 {
                     batch = Vec::new();
                 }
             }
