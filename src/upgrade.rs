@@ -175,7 +175,7 @@ pub(crate) fn accept<B>(
 /// a few hundred bytes, and never more than the budget.
 fn detach_from_read_buffer(parts: &mut http::request::Parts, max_header_bytes: usize) {
     let shared = std::mem::take(&mut parts.headers);
-    let mut headers = HeaderMap::with_capacity(shared.len());
+    let mut kept = Vec::with_capacity(shared.len());
     let mut budget = max_header_bytes;
     let mut left_out = 0usize;
     for (name, value) in &shared {
@@ -185,7 +185,19 @@ fn detach_from_read_buffer(parts: &mut http::request::Parts, max_header_bytes: u
             continue;
         }
         budget -= size;
-        let value = match HeaderValue::from_bytes(value.as_bytes()) {
+        kept.push((name, value));
+    }
+    // Every kept value is a slice of one copy: one allocation rather than one per value.
+    let mut values =
+        bytes::BytesMut::with_capacity(kept.iter().map(|(_, value)| value.len()).sum());
+    for (_, value) in &kept {
+        values.extend_from_slice(value.as_bytes());
+    }
+    let mut values = values.freeze();
+    let mut headers = HeaderMap::with_capacity(kept.len());
+    for (name, value) in kept {
+        let copy = values.split_to(value.len());
+        let value = match HeaderValue::from_maybe_shared(copy) {
             Ok(mut copied) => {
                 copied.set_sensitive(value.is_sensitive());
                 copied
