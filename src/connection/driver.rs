@@ -77,7 +77,10 @@ pub(crate) fn serve(
     parts: Box<http::request::Parts>,
 ) -> impl Future<Output = ()> {
     let id = mesh.next_connection_id();
-    let span = tracing::info_span!("connection", connection = %id);
+    // Debug, as the command spans inside it are: with a subscriber, every span enabled
+    // keeps its fields in memory for as long as it lives, a few hundred bytes per
+    // connection. Events the driver logs above debug name the connection themselves.
+    let span = tracing::debug_span!("connection", connection = %id);
     let connection = Connection::new(
         id,
         *parts,
@@ -395,7 +398,7 @@ where
         };
         let text = match message {
             None => return CloseReason::PeerClosed,
-            Some(Err(err)) => return read_error(mesh, err),
+            Some(Err(err)) => return read_error(mesh, connection, err),
             Some(Ok(Message::Text(text))) => text,
             // Read as UTF-8 text (docs/protocol.md §1); bytes that are not UTF-8 are the same
             // bad input as in a text frame, which the WebSocket layer refuses.
@@ -512,15 +515,20 @@ fn server_close(connection: &Connection) -> CloseReason {
     connection.close_reason().unwrap_or(CloseReason::GoingAway)
 }
 
-fn read_error(mesh: &Mesh, err: WsError) -> CloseReason {
+fn read_error(mesh: &Mesh, connection: &Connection, err: WsError) -> CloseReason {
     match err {
         WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => {
-            tracing::info!(size, max_size, "closing: inbound frame too large");
+            tracing::info!(
+                connection = connection.id(),
+                size,
+                max_size,
+                "closing: inbound frame too large"
+            );
             mesh.stats_record_oversize();
             CloseReason::FrameTooLarge
         }
         WsError::Capacity(other) => {
-            tracing::info!(%other, "closing: inbound frame too large");
+            tracing::info!(connection = connection.id(), %other, "closing: inbound frame too large");
             mesh.stats_record_oversize();
             CloseReason::FrameTooLarge
         }
