@@ -140,20 +140,24 @@ pub(crate) fn accept<B>(
                 )
                 .await;
                 slot.hand_over();
-                Either::Left(connection::serve(mesh, socket, parts))
+                Some((mesh, socket, parts))
             }
             // The slot is dropped with this future: the place is given back.
             Err(err) => {
                 tracing::debug!(%err, "upgrade failed");
-                Either::Right(std::future::ready(()))
+                None
             }
         }
     };
-    // Flattened rather than awaited inside the block: the task then holds either the
+    // Chained rather than awaited inside the block: the task then holds either the
     // upgrade or the connection, as an enum of the two. Awaiting the connection in the
     // block would keep room for the upgrade's state (the socket being built) beside it
     // for the connection's whole life.
-    tokio::spawn(upgrade.flatten().in_current_span());
+    let task = upgrade.then(|upgraded| match upgraded {
+        Some((mesh, socket, parts)) => Either::Left(connection::serve(mesh, socket, parts)),
+        None => Either::Right(std::future::ready(())),
+    });
+    tokio::spawn(task.in_current_span());
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
