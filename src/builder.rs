@@ -260,11 +260,14 @@ impl MeshBuilder {
         self
     }
 
-    /// Socket read buffer per connection in bytes. Default 2 KiB.
+    /// Socket read buffer per connection in bytes: a read takes at most this much from the
+    /// socket. Default 2 KiB.
     ///
-    /// Every connection holds it for its whole life, idle or not: it is most of an idle
-    /// connection's memory. A read takes at most this much from the socket; a larger frame
-    /// grows the buffer to the frame's size (at most `max_frame_size`).
+    /// A connection holds it only while its data is arriving: it is freed each time the
+    /// socket has nothing more to read, so an idle connection holds none. Frames are
+    /// assembled in a smaller buffer (256 bytes, or this size if smaller) that each
+    /// connection keeps for its whole life; a larger frame grows that one to the frame's
+    /// size (at most `max_frame_size`).
     pub fn read_buffer_size(mut self, bytes: usize) -> Self {
         self.config.read_buffer_bytes = bytes;
         self

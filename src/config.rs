@@ -24,7 +24,8 @@ pub(crate) struct MeshConfig {
     pub max_outbound_bytes: usize,
     /// Commands of one connection running at once. Default 64.
     pub max_in_flight: usize,
-    /// Socket read buffer per connection, in bytes. Default 2 KiB.
+    /// Bytes one read takes from the socket, through a buffer held only while data
+    /// arrives. Default 2 KiB.
     pub read_buffer_bytes: usize,
     /// Bytes gathered before a socket write, per connection. Default 16 KiB.
     pub write_buffer_bytes: usize,

@@ -29,6 +29,7 @@ mod mesh;
 mod metadata;
 mod presence;
 mod protocol;
+mod read_on_demand;
 mod record_stream;
 mod records;
 mod reply_budget;

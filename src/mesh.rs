@@ -468,7 +468,11 @@ impl Mesh {
         {
             // Retried by the sweeper: a connection left registered would linger in rooms,
             // presence and listings until its instance dies.
-            tracing::warn!(%err, "could not unregister connection from the backend; will retry");
+            tracing::warn!(
+                connection = connection.id(),
+                %err,
+                "could not unregister connection from the backend; will retry"
+            );
             lock(&self.inner.unregister_later).push(connection.shared_id());
             self.inner
                 .presence
@@ -597,7 +601,7 @@ impl Mesh {
             Ok(Ok(())) => Ok(()),
             Ok(Err(err)) => Err(err.message().to_owned()),
             Err(_) => {
-                tracing::error!("on_connect panicked");
+                tracing::error!(connection = connection.id(), "on_connect panicked");
                 Err("connection refused".to_owned())
             }
         }
@@ -608,7 +612,7 @@ impl Mesh {
             use futures_util::FutureExt;
             let run = std::panic::AssertUnwindSafe(hook(connection.clone())).catch_unwind();
             if run.await.is_err() {
-                tracing::error!("on_disconnect panicked");
+                tracing::error!(connection = connection.id(), "on_disconnect panicked");
             }
         }
     }

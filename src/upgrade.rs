@@ -1,6 +1,8 @@
 //! The WebSocket handshake over hyper's upgrade, keeping the request's parts.
 
 use bytes::Bytes;
+use futures_util::future::Either;
+use futures_util::FutureExt;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
@@ -11,6 +13,7 @@ use tracing::Instrument;
 
 use crate::connection;
 use crate::mesh::Mesh;
+use crate::read_on_demand::{ReadOnDemand, FRAME_BUFFER_BYTES};
 
 /// `Retry-After` of an upgrade refused for `max_connections`, in seconds: long enough for
 /// a few connections to end, short enough that a client does not give up on the instance.
@@ -125,26 +128,36 @@ pub(crate) fn accept<B>(
     // `serve` frees the box when it moves them into the connection.
     let parts = Box::new(parts);
     let config = websocket_config(mesh);
+    let read_size = mesh.config().read_buffer_bytes;
     let mesh = mesh.clone();
-    tokio::spawn(
-        async move {
-            match on_upgrade.await {
-                Ok(upgraded) => {
-                    let socket = WebSocketStream::from_raw_socket(
-                        TokioIo::new(upgraded),
-                        Role::Server,
-                        Some(config),
-                    )
-                    .await;
-                    slot.hand_over();
-                    connection::serve(mesh, socket, parts).await;
-                }
-                // The slot is dropped with this task: the place is given back.
-                Err(err) => tracing::debug!(%err, "upgrade failed"),
+    let upgrade = async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let socket = WebSocketStream::from_raw_socket(
+                    ReadOnDemand::new(TokioIo::new(upgraded), read_size),
+                    Role::Server,
+                    Some(config),
+                )
+                .await;
+                slot.hand_over();
+                Some((mesh, socket, parts))
+            }
+            // The slot is dropped with this future: the place is given back.
+            Err(err) => {
+                tracing::debug!(%err, "upgrade failed");
+                None
             }
         }
-        .in_current_span(),
-    );
+    };
+    // Chained rather than awaited inside the block: the task then holds either the
+    // upgrade or the connection, as an enum of the two. Awaiting the connection in the
+    // block would keep room for the upgrade's state (the socket being built) beside it
+    // for the connection's whole life.
+    let task = upgrade.then(|upgraded| match upgraded {
+        Some((mesh, socket, parts)) => Either::Left(connection::serve(mesh, socket, parts)),
+        None => Either::Right(std::future::ready(())),
+    });
+    tokio::spawn(task.in_current_span());
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
@@ -166,7 +179,7 @@ pub(crate) fn accept<B>(
 /// a few hundred bytes, and never more than the budget.
 fn detach_from_read_buffer(parts: &mut http::request::Parts, max_header_bytes: usize) {
     let shared = std::mem::take(&mut parts.headers);
-    let mut headers = HeaderMap::with_capacity(shared.len());
+    let mut kept = Vec::with_capacity(shared.len());
     let mut budget = max_header_bytes;
     let mut left_out = 0usize;
     for (name, value) in &shared {
@@ -176,7 +189,19 @@ fn detach_from_read_buffer(parts: &mut http::request::Parts, max_header_bytes: u
             continue;
         }
         budget -= size;
-        let value = match HeaderValue::from_bytes(value.as_bytes()) {
+        kept.push((name, value));
+    }
+    // Every kept value is a slice of one copy: one allocation rather than one per value.
+    let mut values =
+        bytes::BytesMut::with_capacity(kept.iter().map(|(_, value)| value.len()).sum());
+    for (_, value) in &kept {
+        values.extend_from_slice(value.as_bytes());
+    }
+    let mut values = values.freeze();
+    let mut headers = HeaderMap::with_capacity(kept.len());
+    for (name, value) in kept {
+        let copy = values.split_to(value.len());
+        let value = match HeaderValue::from_maybe_shared(copy) {
             Ok(mut copied) => {
                 copied.set_sensitive(value.is_sensitive());
                 copied
@@ -205,7 +230,10 @@ fn detach_from_read_buffer(parts: &mut http::request::Parts, max_header_bytes: u
 fn websocket_config(mesh: &Mesh) -> WebSocketConfig {
     let config = mesh.config();
     WebSocketConfig::default()
-        .read_buffer_size(config.read_buffer_bytes)
+        // tungstenite keeps this buffer for the connection's whole life; the socket is read
+        // `read_buffer_bytes` at a time through `ReadOnDemand`, which holds its buffer only
+        // while data arrives.
+        .read_buffer_size(FRAME_BUFFER_BYTES.min(config.read_buffer_bytes))
         .write_buffer_size(config.write_buffer_bytes)
         .max_message_size(Some(config.max_frame_bytes))
         .max_frame_size(Some(config.max_frame_bytes))

@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::Instrument;
 
-use super::outbound::{Batch, CloseReason};
+use super::outbound::{Batch, CloseReason, SMALL_BATCH};
 use super::Connection;
 use crate::command::{dispatch, Route};
 use crate::error::CommandError;
@@ -77,7 +77,10 @@ pub(crate) fn serve(
     parts: Box<http::request::Parts>,
 ) -> impl Future<Output = ()> {
     let id = mesh.next_connection_id();
-    let span = tracing::info_span!("connection", connection = %id);
+    // Debug, as the command spans inside it are: with a subscriber, every span enabled
+    // keeps its fields in memory for as long as it lives, a few hundred bytes per
+    // connection. Events the driver logs above debug name the connection themselves.
+    let span = tracing::debug_span!("connection", connection = %id);
     let connection = Connection::new(
         id,
         *parts,
@@ -93,17 +96,54 @@ where
     W: Sink<Message, Error = WsError> + Unpin,
     R: Stream<Item = Result<Message, WsError>> + Unpin,
 {
+    let _live = mesh.connection_started();
+    // Setting up and cleaning up await the backend and the hooks, whose futures are far
+    // larger than the running loop's. Boxed, they are on the heap only while they run:
+    // inline, the task would keep room for the largest of them for the connection's whole
+    // life, idle or not.
+    let accepted = match Box::pin(set_up(&mesh, &connection, &mut sink, &mut stream)).await {
+        SetUp::NotRegistered => return,
+        SetUp::Refused => false,
+        SetUp::Accepted => {
+            run(&mesh, &connection, &mut sink, &mut stream).await;
+            true
+        }
+    };
+    Box::pin(clean_up(
+        &mesh,
+        &connection,
+        &mut sink,
+        &mut stream,
+        accepted,
+    ))
+    .await;
+}
+
+/// How setting a connection up went.
+enum SetUp {
+    /// The backend could not register it; it is closed and needs no cleanup.
+    NotRegistered,
+    /// `on_connect` refused it; it is closing, and registered.
+    Refused,
+    Accepted,
+}
+
+/// Registers the connection, queues its id and runs `on_connect`.
+async fn set_up<W, R>(mesh: &Mesh, connection: &Connection, sink: &mut W, stream: &mut R) -> SetUp
+where
+    W: Sink<Message, Error = WsError> + Unpin,
+    R: Stream<Item = Result<Message, WsError>> + Unpin,
+{
     // Register first, then assign the id, then read (docs/protocol.md §6): no command can run
     // for a connection the mesh does not know yet.
-    let _live = mesh.connection_started();
-    if let Err(err) = mesh.register(&connection).await {
-        tracing::warn!(%err, "could not register connection");
+    if let Err(err) = mesh.register(connection).await {
+        tracing::warn!(connection = connection.id(), %err, "could not register connection");
         connection.close_with(match err {
             crate::error::MeshError::ShuttingDown => CloseReason::GoingAway,
             _ => CloseReason::Unavailable,
         });
-        finish(&connection, &mut sink, &mut stream, false).await;
-        return;
+        finish(connection, sink, stream, false).await;
+        return SetUp::NotRegistered;
     }
     // The id is queued before `on_connect` runs, so anything the hook sends follows it;
     // nothing is written until the hook has accepted the connection.
@@ -111,53 +151,76 @@ where
         protocol::ASSIGN_ID,
         connection.id(),
     )));
-    let accepted = match mesh.run_on_connect(&connection).await {
-        Ok(()) => true,
+    match mesh.run_on_connect(connection).await {
+        Ok(()) => {
+            tracing::debug!("connected");
+            SetUp::Accepted
+        }
         Err(reason) => {
             tracing::debug!(%reason, "on_connect refused the connection");
             connection.close_with(CloseReason::Refused(reason));
-            false
+            SetUp::Refused
         }
-    };
+    }
+}
+
+/// Reads and writes until the connection ends.
+async fn run<W, R>(mesh: &Mesh, connection: &Connection, sink: &mut W, stream: &mut R)
+where
+    W: Sink<Message, Error = WsError> + Unpin,
+    R: Stream<Item = Result<Message, WsError>> + Unpin,
+{
+    let mut running = None;
+    {
+        let reader = read_loop(
+            mesh,
+            connection,
+            stream,
+            &mut running,
+            |id, command, payload, cx| start_command(mesh, connection, id, command, payload, cx),
+        );
+        let writer = write_loop(connection, sink);
+        // Side by side in one task, each polled only when it was woken: a broadcast
+        // wakes the writer alone, and the reader is not asked to read a socket that
+        // has nothing for it (tungstenite zeroes its read buffer on every attempt).
+        let mut reader = pin!(reader);
+        let mut writer = pin!(writer);
+        if let Ended::Reader(reason) = first_to_end(reader.as_mut(), writer.as_mut()).await {
+            connection.close_with(reason);
+            // Boxed: a timer is over a hundred bytes the running loop need not keep.
+            let _ = Box::pin(tokio::time::timeout(CLOSE_GRACE, writer)).await;
+        }
+    }
+    if let Some(mut running) = running.filter(|running| !running.is_empty()) {
+        // Commands still running finish on their own, as they would have had the
+        // connection stayed: cancelling one midway could leave a change half made.
+        tokio::spawn(async move { while running.next().await.is_some() {} }.in_current_span());
+    }
+    // Whatever ended it, the handle now reports the connection as closed.
+    connection.close_with(CloseReason::PeerClosed);
+}
+
+/// Runs `on_disconnect` (for an accepted connection), unregisters the connection and
+/// sends its close frame if one is owed.
+async fn clean_up<W, R>(
+    mesh: &Mesh,
+    connection: &Connection,
+    sink: &mut W,
+    stream: &mut R,
+    accepted: bool,
+) where
+    W: Sink<Message, Error = WsError> + Unpin,
+    R: Stream<Item = Result<Message, WsError>> + Unpin,
+{
     if accepted {
-        tracing::debug!("connected");
-        let mut running = None;
-        {
-            let reader = read_loop(
-                &mesh,
-                &connection,
-                &mut stream,
-                &mut running,
-                |id, command, payload, cx| {
-                    start_command(&mesh, &connection, id, command, payload, cx)
-                },
-            );
-            let writer = write_loop(&connection, &mut sink);
-            // Side by side in one task, each polled only when it was woken: a broadcast
-            // wakes the writer alone, and the reader is not asked to read a socket that
-            // has nothing for it (tungstenite zeroes its read buffer on every attempt).
-            let mut reader = pin!(reader);
-            let mut writer = pin!(writer);
-            if let Ended::Reader(reason) = first_to_end(reader.as_mut(), writer.as_mut()).await {
-                connection.close_with(reason);
-                let _ = tokio::time::timeout(CLOSE_GRACE, writer).await;
-            }
-        }
-        if let Some(mut running) = running.filter(|running| !running.is_empty()) {
-            // Commands still running finish on their own, as they would have had the
-            // connection stayed: cancelling one midway could leave a change half made.
-            tokio::spawn(async move { while running.next().await.is_some() {} }.in_current_span());
-        }
-        // Whatever ended it, the handle now reports the connection as closed.
-        connection.close_with(CloseReason::PeerClosed);
         // The hook runs while the connection is still registered, so it can read the
         // connection's metadata one last time.
-        mesh.run_on_disconnect(&connection).await;
+        mesh.run_on_disconnect(connection).await;
     }
     // Clean up before waiting on the peer's close acknowledgement, so that a peer that
     // never answers cannot keep a dead connection listed.
-    mesh.unregister(&connection).await;
-    finish(&connection, &mut sink, &mut stream, accepted).await;
+    mesh.unregister(connection).await;
+    finish(connection, sink, stream, accepted).await;
     tracing::debug!(reason = ?connection.close_reason(), "disconnected");
 }
 
@@ -335,7 +398,7 @@ where
         };
         let text = match message {
             None => return CloseReason::PeerClosed,
-            Some(Err(err)) => return read_error(mesh, err),
+            Some(Err(err)) => return read_error(mesh, connection, err),
             Some(Ok(Message::Text(text))) => text,
             // Read as UTF-8 text (docs/protocol.md §1); bytes that are not UTF-8 are the same
             // bad input as in a text frame, which the WebSocket layer refuses.
@@ -452,15 +515,20 @@ fn server_close(connection: &Connection) -> CloseReason {
     connection.close_reason().unwrap_or(CloseReason::GoingAway)
 }
 
-fn read_error(mesh: &Mesh, err: WsError) -> CloseReason {
+fn read_error(mesh: &Mesh, connection: &Connection, err: WsError) -> CloseReason {
     match err {
         WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => {
-            tracing::info!(size, max_size, "closing: inbound frame too large");
+            tracing::info!(
+                connection = connection.id(),
+                size,
+                max_size,
+                "closing: inbound frame too large"
+            );
             mesh.stats_record_oversize();
             CloseReason::FrameTooLarge
         }
         WsError::Capacity(other) => {
-            tracing::info!(%other, "closing: inbound frame too large");
+            tracing::info!(connection = connection.id(), %other, "closing: inbound frame too large");
             mesh.stats_record_oversize();
             CloseReason::FrameTooLarge
         }
@@ -489,11 +557,14 @@ where
     loop {
         match connection.outbound().next_batch(&mut batch).await {
             Batch::Frames => {
+                let frames = batch.len();
                 for frame in batch.drain(..) {
                     sink.feed(Message::Text(frame)).await?;
                 }
                 sink.flush().await?;
-                if batch.capacity() > 256 {
+                // Like the queue's ring (see `SMALL_BATCH`): kept only by a busy connection,
+                // and only up to 256 frames.
+                if frames <= SMALL_BATCH || batch.capacity() > 256 {
                     batch = Vec::new();
                 }
             }

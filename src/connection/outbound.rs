@@ -199,6 +199,11 @@ pub(crate) struct WriteProgress {
     pub(crate) writing: bool,
 }
 
+/// Frames in a batch small enough that neither the queue's ring nor the writer's buffer
+/// is kept after it: both are allocated again for the next batch, in one allocation each
+/// (4 is the first capacity a ring or a vector of frames gets).
+pub(crate) const SMALL_BATCH: usize = 4;
+
 /// What the writer should do next.
 pub(crate) enum Batch {
     /// Write these frames (moved into the caller's buffer), then ask again.
@@ -455,7 +460,12 @@ impl Outbound {
                     state.push_bytes = state.push_bytes.saturating_sub(pushes);
                     state.batches_taken += 1;
                     state.writer_busy = true;
-                    if state.slots.capacity() > 64 && state.slots.len() < 8 {
+                    if state.slots.is_empty() && ready <= SMALL_BATCH {
+                        // A batch this small fits the ring's first allocation again, so
+                        // queueing the next one costs one allocation: a quiet or idle
+                        // connection keeps no ring between batches.
+                        state.slots = VecDeque::new();
+                    } else if state.slots.capacity() > 64 && state.slots.len() < 8 {
                         // A burst grew the ring; an idle connection should not keep it.
                         state.slots.shrink_to(8);
                     }

@@ -22,6 +22,7 @@ conformance!(
     slow_consumer_that_reads_late_gets_a_close_frame,
     pongs_are_read_while_the_in_flight_limit_is_reached,
     a_pipelining_client_gets_every_large_reply,
+    frames_larger_than_the_read_buffer_and_bursts_of_small_ones_arrive_whole,
     a_reply_over_the_budget_then_a_tiny_one_both_arrive,
     pings_behind_queued_replies_are_not_counted_as_missed,
     a_client_that_stops_reading_under_a_broadcast_flood_is_closed,
@@ -416,6 +417,38 @@ async fn a_pipelining_client_gets_every_large_reply(backend: Backend) {
     }
     assert_echo_is_next(&mut client, 100).await;
     assert_eq!(server.mesh.stats().slow_consumer_closes, 0);
+}
+
+async fn frames_larger_than_the_read_buffer_and_bursts_of_small_ones_arrive_whole(
+    backend: Backend,
+) {
+    // The socket is read 300 bytes at a time and handed on in smaller pieces: frames of
+    // every size straddle both, in one write and one at a time.
+    let server = serve(
+        backend
+            .builder()
+            .command("echo", echo)
+            .read_buffer_size(300),
+    )
+    .await;
+    let mut client = RawClient::connect(&server.url()).await;
+    let sizes = [0usize, 1, 100, 250, 256, 299, 300, 301, 513, 4096, 70_000];
+    let payload = |id: u64| json!("x".repeat(sizes[(id as usize) % sizes.len()]) + &id.to_string());
+    send_in_one_write(
+        &mut client,
+        (1..=200u64).map(|id| json!({"id": id, "command": "echo", "payload": payload(id)})),
+    )
+    .await;
+    let replies = within("200 replies", client.replies(200)).await;
+    for id in 1..=200u64 {
+        assert_eq!(replies[&id]["payload"], payload(id), "{id}");
+    }
+    for id in 201..=222u64 {
+        assert_eq!(
+            client.command(id, "echo", payload(id)).await["payload"],
+            payload(id)
+        );
+    }
 }
 
 async fn a_reply_over_the_budget_then_a_tiny_one_both_arrive(backend: Backend) {
