@@ -265,7 +265,7 @@ impl MeshBuilder {
     ///
     /// A connection holds it only while its data is arriving: it is freed each time the
     /// socket has nothing more to read, so an idle connection holds none. Frames are
-    /// assembled in a smaller buffer (256 bytes, or this size if smaller) that each
+    /// assembled in a smaller buffer (512 bytes, or this size if smaller) that each
     /// connection keeps for its whole life; a larger frame grows that one to the frame's
     /// size (at most `max_frame_size`).
     pub fn read_buffer_size(mut self, bytes: usize) -> Self {
