@@ -51,7 +51,8 @@ async fn write<B: Backend>(
 async fn history<B: Backend>(from: &Instance<B>, channel: &str, limit: usize) -> Vec<String> {
     from.ok(
         format!("channel_history({channel:?}, {limit})"),
-        from.backend.channel_history(channel, limit),
+        from.backend
+            .channel_history(channel, limit, UNBOUNDED_BYTES, UNBOUNDED_BYTES),
     )
     .await
 }

@@ -130,6 +130,7 @@ use super::{
     Backend, BackendFuture, Delivery, Inbox, MetadataKind, MetadataOf, MetadataWrite,
     PresenceRefresh, PresenceView, RecordRemover, RecordUpdater, StoredRecord, Topic,
 };
+use crate::access::Pattern;
 use crate::error::{BackendError, MeshError};
 
 /// Longest any single Redis operation may take before it counts as unavailable.
@@ -203,6 +204,7 @@ pub struct RedisBackendBuilder {
     heartbeat_interval: Duration,
     instance_ttl: Duration,
     tls: TlsSettings,
+    plain_channels: Vec<Pattern>,
 }
 
 impl RedisBackendBuilder {
@@ -218,6 +220,37 @@ impl RedisBackendBuilder {
     pub fn liveness(mut self, heartbeat_interval: Duration, instance_ttl: Duration) -> Self {
         self.heartbeat_interval = heartbeat_interval;
         self.instance_ttl = instance_ttl.max(heartbeat_interval * 2);
+        self
+    }
+
+    /// Makes the channels `pattern` matches (an exact name or a [`Regex`](crate::Regex))
+    /// plain Redis channels, which processes outside the mesh can publish to and read,
+    /// as with mesh: the Redis channel is the channel's own name, the payload is the
+    /// message text, and the history is the Redis list `P history:{channel}` (`P` the
+    /// [`prefix`](Self::prefix)), newest first. Call it again to add patterns.
+    ///
+    /// ```text
+    /// PUBLISH ext:orders '{"id":7}'          # reaches every subscriber of ext:orders
+    /// LPUSH mesh:history:ext:orders '{"id":7}'   # and keeps it in the history (optional)
+    /// ```
+    ///
+    /// Names that start with the prefix are never plain, whatever matches them: the
+    /// engine's own channels stay closed to outside text. Every instance of a mesh must
+    /// have the same patterns. A message published from outside reaches clients only
+    /// within [`max_channel_message_bytes`](crate::MeshBuilder::max_channel_message_bytes)
+    /// (a longer one is dropped, logged and counted in
+    /// [`MeshStats::dropped_channel_messages`](crate::MeshStats::dropped_channel_messages));
+    /// history reads are bounded in bytes whoever wrote the list. Clients see a plain
+    /// channel exactly as any other channel: expose it with
+    /// [`expose_channel`](crate::MeshBuilder::expose_channel) as usual. The in-memory
+    /// backend has no outside publishers, so it has no such setting: there every channel
+    /// behaves as a plain one does here. The module docs of the Redis backend (in the
+    /// README, "Plain channels") say how history sizes are counted when others append.
+    ///
+    /// [`build`](Self::build) fails with an empty prefix, under which plain channels
+    /// could not be told apart from the engine's own.
+    pub fn plain_channels(mut self, pattern: impl Into<Pattern>) -> Self {
+        self.plain_channels.push(pattern.into());
         self
     }
 
@@ -253,7 +286,15 @@ impl RedisBackendBuilder {
     ///
     /// A `rediss://` URL connects over TLS (every connection: commands and pub/sub) and
     /// needs the `redis-tls-rustls` feature; without it, this fails.
+    ///
+    /// Fails too when [`plain_channels`](Self::plain_channels) were given with an empty
+    /// prefix.
     pub fn build(self) -> Result<RedisBackend, MeshError> {
+        if self.prefix.is_empty() && !self.plain_channels.is_empty() {
+            return Err(MeshError::Unavailable(BackendError::new(
+                "plain channels need a non-empty key prefix, to keep them apart from the mesh's own channels",
+            )));
+        }
         let client = client::open(&self.url, &self.tls)?;
         // The operation timeout bounds every command; the redis crate's own default
         // response timeout (500 ms) would otherwise fail commands that a busy machine
@@ -267,6 +308,7 @@ impl RedisBackendBuilder {
                 client,
                 keys: Keys {
                     prefix: self.prefix,
+                    plain_channels: self.plain_channels.into(),
                 },
                 heartbeat_interval: self.heartbeat_interval,
                 instance_ttl: self.instance_ttl,
@@ -293,6 +335,7 @@ impl RedisBackend {
             heartbeat_interval: Duration::from_secs(2),
             instance_ttl: Duration::from_secs(10),
             tls: TlsSettings::default(),
+            plain_channels: Vec::new(),
         }
     }
 
@@ -480,8 +523,10 @@ impl Backend for RedisBackend {
         &'a self,
         channel: &'a str,
         limit: usize,
+        max_message_bytes: usize,
+        max_bytes: usize,
     ) -> BackendFuture<'a, Vec<String>> {
-        Box::pin(self.run(self.read_channel_history(channel, limit)))
+        Box::pin(self.run(self.read_channel_history(channel, limit, max_message_bytes, max_bytes)))
     }
 
     fn records<'a>(&'a self, ids: &'a [String]) -> BackendFuture<'a, Vec<Option<StoredRecord>>> {
