@@ -9,6 +9,11 @@
 //! may reach it twice: in the history and live.
 //! Names starting with the reserved prefix (`mesh:` by default) are never open to clients
 //! (docs/protocol.md §6), and stay apart from the engine's own channels in Redis anyway.
+//!
+//! On a Redis backend with plain channels, other processes publish and append to a
+//! channel too: their messages arrive as [`Delivery::ChannelMessage`] and are checked
+//! here against `max_channel_message_bytes` before any client gets them, and every
+//! history read is bounded in bytes by the backend, whoever wrote the history.
 
 use std::sync::Arc;
 
@@ -16,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::access::{valid_name, Access, Rules};
-use crate::backend::{Push, Topic};
+use crate::backend::{Delivery, Push, Topic};
 use crate::connection::Connection;
 use crate::error::{CommandError, MeshError};
 use crate::extract::Payload;
@@ -69,7 +74,7 @@ impl Mesh {
                 size: message.len(),
             });
         }
-        let announcement = crate::backend::Delivery::Topic {
+        let announcement = Delivery::Topic {
             topic: Topic::Channel(Arc::from(channel)),
             push: Push {
                 command: Arc::from(protocol::SUBSCRIPTION_MESSAGE),
