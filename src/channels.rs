@@ -9,6 +9,11 @@
 //! may reach it twice: in the history and live.
 //! Names starting with the reserved prefix (`mesh:` by default) are never open to clients
 //! (docs/protocol.md §6), and stay apart from the engine's own channels in Redis anyway.
+//!
+//! On a Redis backend with plain channels, other processes publish and append to a
+//! channel too: their messages arrive as [`Delivery::ChannelMessage`] and are checked
+//! here against `max_channel_message_bytes` before any client gets them, and every
+//! history read is bounded in bytes by the backend, whoever wrote the history.
 
 use std::sync::Arc;
 
@@ -16,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::access::{valid_name, Access, Rules};
-use crate::backend::{Push, Topic};
+use crate::backend::{Delivery, Push, Topic};
 use crate::connection::Connection;
 use crate::error::{CommandError, MeshError};
 use crate::extract::Payload;
@@ -69,7 +74,7 @@ impl Mesh {
                 size: message.len(),
             });
         }
-        let announcement = crate::backend::Delivery::Topic {
+        let announcement = Delivery::Topic {
             topic: Topic::Channel(Arc::from(channel)),
             push: Push {
                 command: Arc::from(protocol::SUBSCRIPTION_MESSAGE),
@@ -90,14 +95,74 @@ impl Mesh {
             .await
     }
 
-    /// The newest `limit` kept messages of a channel, newest first.
+    /// The newest `limit` kept messages of a channel, newest first: at most
+    /// [`max_history_bytes`](crate::MeshBuilder::max_history_bytes) of them, leaving out
+    /// any over [`max_channel_message_bytes`](crate::MeshBuilder::max_channel_message_bytes)
+    /// (which only another process, appending to a Redis plain channel's list, can keep).
     pub async fn channel_history(
         &self,
         channel: &str,
         limit: usize,
     ) -> Result<Vec<String>, MeshError> {
+        let max_bytes = self.config().bytes.history;
+        let mut history = self.read_history(channel, limit, max_bytes).await?;
+        // The read returns the message that took it past the bound, as a mark.
+        let mut total = 0usize;
+        if let Some(within) = history.iter().position(|message| {
+            total = total.saturating_add(message.len());
+            total > max_bytes
+        }) {
+            history.truncate(within);
+        }
+        Ok(history)
+    }
+
+    /// The newest `limit` kept messages of a channel that fit in `max_bytes`, plus the
+    /// one that does not (if any), leaving out those over the message limit: history
+    /// written by other processes is bounded before it is read into memory.
+    async fn read_history(
+        &self,
+        channel: &str,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<String>, MeshError> {
         self.ready().await?;
-        self.inner().backend.channel_history(channel, limit).await
+        let max_message_bytes = self.config().bytes.channel_message;
+        self.inner()
+            .backend
+            .channel_history(channel, limit, max_message_bytes, max_bytes)
+            .await
+    }
+
+    /// Hands a channel message that arrived from outside the mesh (a Redis plain
+    /// channel's publisher) to the channel's local subscribers, unless it is over
+    /// `max_channel_message_bytes`: the same bound [`Mesh::write_channel`] sets on the
+    /// server's own messages.
+    pub(crate) fn deliver_outside_channel_message(&self, channel: Arc<str>, message: &str) {
+        let limit = self.config().bytes.channel_message;
+        if message.len() > limit {
+            self.inner()
+                .stats
+                .dropped_channel_messages
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(
+                channel = &*channel,
+                size = message.len(),
+                limit,
+                "dropped a channel message from outside the mesh: over max_channel_message_bytes"
+            );
+            return;
+        }
+        let push = Push {
+            command: Arc::from(protocol::SUBSCRIPTION_MESSAGE),
+            payload: Arc::from(protocol::subscription_message_payload(&channel, message)),
+        };
+        self.inner().topics.fan_out(
+            &Topic::Channel(channel),
+            &crate::mesh::render(&push),
+            &[],
+            self.registry(),
+        );
     }
 
     /// Whether `connection` may read `channel`: it is exposed, not reserved, and its
@@ -155,7 +220,11 @@ pub(crate) async fn subscribe_channel(
         return Ok(refused);
     }
     let history = mesh
-        .channel_history(channel, limit(request.history_limit, 0))
+        .read_history(
+            channel,
+            limit(request.history_limit, 0),
+            reply_budget::for_entries(&mesh),
+        )
         .await;
     let history = mesh.unless_failed(&connection, &topic, history).await?;
     Ok(history_reply(&mesh, history))
@@ -197,7 +266,11 @@ pub(crate) async fn get_channel_history(
         return Ok(json!({ "success": false, "history": [] }));
     }
     let history = mesh
-        .channel_history(channel, limit(request.limit, DEFAULT_HISTORY_LIMIT))
+        .read_history(
+            channel,
+            limit(request.limit, DEFAULT_HISTORY_LIMIT),
+            reply_budget::for_entries(&mesh),
+        )
         .await?;
     Ok(history_reply(&mesh, history))
 }

@@ -18,6 +18,11 @@ impl Inbox for MeshInner {
             } => self
                 .topics
                 .fan_out(&topic, &render(&push), &exclude, &self.registry),
+            Delivery::ChannelMessage { channel, message } => {
+                if let Some(mesh) = Mesh::from_weak(&self.this) {
+                    mesh.deliver_outside_channel_message(channel, &message);
+                }
+            }
             Delivery::Presence {
                 room,
                 connection_id,

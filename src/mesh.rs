@@ -90,6 +90,7 @@ pub(crate) struct Counters {
     oversize_closes: AtomicU64,
     ping_timeout_closes: AtomicU64,
     refused: AtomicU64,
+    pub(crate) dropped_channel_messages: AtomicU64,
 }
 
 /// Counters of one instance, for monitoring.
@@ -111,6 +112,10 @@ pub struct MeshStats {
     /// Upgrades answered `503` because the instance held
     /// [`max_connections`](crate::MeshBuilder::max_connections) already.
     pub refused_connections: u64,
+    /// Channel messages that arrived from outside the mesh (on a Redis backend's plain
+    /// channel) over [`max_channel_message_bytes`](crate::MeshBuilder::max_channel_message_bytes),
+    /// and so reached no client.
+    pub dropped_channel_messages: u64,
 }
 
 impl std::fmt::Debug for Mesh {
@@ -219,6 +224,7 @@ impl Mesh {
             oversize_closes: stats.oversize_closes.load(Ordering::Relaxed),
             ping_timeout_closes: stats.ping_timeout_closes.load(Ordering::Relaxed),
             refused_connections: stats.refused.load(Ordering::Relaxed),
+            dropped_channel_messages: stats.dropped_channel_messages.load(Ordering::Relaxed),
         }
     }
 

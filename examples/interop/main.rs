@@ -16,6 +16,14 @@
 //! socket that has not sent a complete request head within `HEADER_READ_TIMEOUT_MS`
 //! (default 30 000) is closed, and accept errors back off.
 //!
+//! On Redis, channels whose names start with `ext:` are plain Redis channels, published on
+//! their own name with the bare message text, so that another process can
+//! `PUBLISH ext:news '{...}'` to their subscribers and read or `LPUSH` their history list
+//! `{MESH_PREFIX}history:ext:news` (newest first); every other channel stays internal to
+//! the mesh, so both kinds can be tested side by side. On the in-memory backend `ext:`
+//! channels are ordinary channels (nothing outside can publish). `MESH_PREFIX` must not be
+//! empty then.
+//!
 //! A `rediss://` `REDIS_URL` connects over TLS (build with `--features redis-tls-rustls`);
 //! `REDIS_CA_FILE` names a PEM file of the CA certificates to trust instead of the system's
 //! (a private CA), and `REDIS_CLIENT_CERT_FILE` with `REDIS_CLIENT_KEY_FILE` a client
@@ -150,7 +158,9 @@ fn records_under_collection_id() -> Collection {
 /// The Redis backend at `url`, with the key prefix and TLS files the environment names.
 fn redis_backend(url: &str) -> Result<tower_mesh::RedisBackend, String> {
     let prefix = std::env::var("MESH_PREFIX").unwrap_or_else(|_| "mesh:".into());
-    let mut backend = tower_mesh::RedisBackend::builder(url).prefix(prefix);
+    let mut backend = tower_mesh::RedisBackend::builder(url)
+        .prefix(prefix)
+        .plain_channels(Regex::new("^ext:").map_err(|err| err.to_string())?);
     let read = |name: &str| match std::env::var_os(name) {
         None => Ok(None),
         Some(path) => std::fs::read(&path)

@@ -93,6 +93,18 @@ pub enum Delivery {
         /// The record that changed: only collections that can hold it re-resolve.
         record_id: Arc<str>,
     },
+    /// A channel message as its bare text, for the channel's listeners on every instance:
+    /// what a store that carries channel messages unwrapped hands over (the Redis
+    /// backend's plain channels, which processes outside the mesh publish to). The
+    /// receiving instance checks it against its own limits (a message over
+    /// `max_channel_message_bytes` reaches nobody) and renders the push itself, as it
+    /// would have been rendered for [`Delivery::Topic`].
+    ChannelMessage {
+        /// The channel's name, as clients know it.
+        channel: Arc<str>,
+        /// The message text.
+        message: Arc<str>,
+    },
     /// An operation on a connection, for the instance that holds it to run; it answers
     /// with [`Delivery::Answer`] to instance `from`.
     Call {

@@ -235,11 +235,17 @@ pub trait Backend: Send + Sync + 'static {
         announcement: Delivery,
     ) -> BackendFuture<'a, ()>;
 
-    /// The newest `limit` messages of a channel, newest first.
+    /// The newest `limit` messages of a channel, newest first, bounded in bytes: a message
+    /// longer than `max_message_bytes` is left out (only a writer other than the mesh,
+    /// such as another process appending to a Redis backend's plain channel, can keep
+    /// one), and the read stops after the message that takes the total past `max_bytes`
+    /// (that one is returned, so the caller can tell that older ones were left out).
     fn channel_history<'a>(
         &'a self,
         channel: &'a str,
         limit: usize,
+        max_message_bytes: usize,
+        max_bytes: usize,
     ) -> BackendFuture<'a, Vec<String>>;
 
     // Records.

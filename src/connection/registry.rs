@@ -117,6 +117,7 @@ impl Registry {
                 }
             }
             Delivery::Topic { .. }
+            | Delivery::ChannelMessage { .. }
             | Delivery::Presence { .. }
             | Delivery::Record { .. }
             | Delivery::RecordDeleted { .. }

@@ -21,6 +21,7 @@ mod http;
 mod lifecycle;
 mod limits;
 mod middleware;
+mod plain_channels;
 mod presence;
 mod protocol;
 mod records;

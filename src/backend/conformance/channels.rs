@@ -51,7 +51,8 @@ async fn write<B: Backend>(
 async fn history<B: Backend>(from: &Instance<B>, channel: &str, limit: usize) -> Vec<String> {
     from.ok(
         format!("channel_history({channel:?}, {limit})"),
-        from.backend.channel_history(channel, limit),
+        from.backend
+            .channel_history(channel, limit, UNBOUNDED_BYTES, UNBOUNDED_BYTES),
     )
     .await
 }
@@ -164,5 +165,48 @@ pub(super) async fn byte_bound<B: Backend>(case: &Case<B>) {
         );
     }
     case.quiet(b, "channel writes (one announcement each)")
+        .await;
+}
+
+/// A history read leaves out messages over its message bound (only other writers than
+/// the mesh keep one), and stops after the message that takes it past its byte bound.
+pub(super) async fn read_bounds<B: Backend>(case: &Case<B>) {
+    let a = &case.a;
+    case.listen_on_both(&Topic::Channel(Arc::from("bounded")))
+        .await;
+    for message in ["aaaa", "bbbbbbbbbb", "cc", "dddd"] {
+        write(case, a, "bounded", message, 10, UNBOUNDED_BYTES).await;
+    }
+    for instance in case.both() {
+        let read = |max_message: usize, max_bytes: usize| {
+            let description =
+                format!("channel_history(\"bounded\", 10, {max_message}, {max_bytes})");
+            instance.ok(
+                description,
+                instance
+                    .backend
+                    .channel_history("bounded", 10, max_message, max_bytes),
+            )
+        };
+        let skipped = read(5, UNBOUNDED_BYTES).await;
+        instance.same(
+            skipped,
+            strings(&["dddd", "cc", "aaaa"]),
+            "the history without the message over 5 bytes",
+        );
+        let stopped = read(UNBOUNDED_BYTES, 5).await;
+        instance.same(
+            stopped,
+            strings(&["dddd", "cc"]),
+            "the history up to the message that takes it past 5 bytes",
+        );
+        let exact = read(UNBOUNDED_BYTES, 6).await;
+        instance.same(
+            exact,
+            strings(&["dddd", "cc", "bbbbbbbbbb"]),
+            "the history up to the message that takes it past 6 bytes",
+        );
+    }
+    case.quiet(a, "channel writes (one announcement each)")
         .await;
 }

@@ -430,6 +430,7 @@ impl std::fmt::Debug for Recorder {
 fn topic_of(delivery: &Delivery) -> Option<Topic> {
     match delivery {
         Delivery::Topic { topic, .. } => Some(topic.clone()),
+        Delivery::ChannelMessage { channel, .. } => Some(Topic::Channel(channel.clone())),
         Delivery::Presence { room, .. } => Some(Topic::Presence(room.clone())),
         Delivery::Record { record_id, .. } | Delivery::RecordDeleted { record_id, .. } => {
             Some(Topic::Record(record_id.clone()))

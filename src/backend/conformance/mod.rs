@@ -103,6 +103,7 @@ where
         lifecycle::detach,
         channels::count_bound,
         channels::byte_bound,
+        channels::read_bounds,
         records::writes,
         records::concurrent_writers,
         records::ids_and_deletes,

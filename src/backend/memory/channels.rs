@@ -24,12 +24,29 @@ impl MemoryBackend {
         state.flush();
     }
 
-    pub(super) fn read_channel_history(&self, channel: &str, limit: usize) -> Vec<String> {
-        self.lock()
-            .channel_history
-            .get(channel)
-            .map(|kept| kept.messages.iter().take(limit).cloned().collect())
-            .unwrap_or_default()
+    pub(super) fn read_channel_history(
+        &self,
+        channel: &str,
+        limit: usize,
+        max_message_bytes: usize,
+        max_bytes: usize,
+    ) -> Vec<String> {
+        let state = self.lock();
+        let Some(kept) = state.channel_history.get(channel) else {
+            return Vec::new();
+        };
+        let mut read = Vec::new();
+        let mut total = 0usize;
+        for message in kept.messages.iter() {
+            if read.len() >= limit || total > max_bytes {
+                break;
+            }
+            if message.len() <= max_message_bytes {
+                total = total.saturating_add(message.len());
+                read.push(message.clone());
+            }
+        }
+        read
     }
 }
 

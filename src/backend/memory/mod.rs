@@ -277,8 +277,10 @@ impl Backend for MemoryBackend {
         &'a self,
         channel: &'a str,
         limit: usize,
+        max_message_bytes: usize,
+        max_bytes: usize,
     ) -> BackendFuture<'a, Vec<String>> {
-        ready(self.read_channel_history(channel, limit))
+        ready(self.read_channel_history(channel, limit, max_message_bytes, max_bytes))
     }
 
     fn records<'a>(&'a self, ids: &'a [String]) -> BackendFuture<'a, Vec<Option<StoredRecord>>> {

@@ -31,6 +31,7 @@ impl MemoryBackend {
                     .collect(),
                 Delivery::Broadcast { .. }
                 | Delivery::Topic { .. }
+                | Delivery::ChannelMessage { .. }
                 | Delivery::Presence { .. }
                 | Delivery::Record { .. }
                 | Delivery::RecordDeleted { .. }
@@ -42,7 +43,9 @@ impl MemoryBackend {
         let delivered = !targets.is_empty()
             || matches!(
                 delivery,
-                Delivery::Broadcast { .. } | Delivery::Topic { .. }
+                Delivery::Broadcast { .. }
+                    | Delivery::Topic { .. }
+                    | Delivery::ChannelMessage { .. }
             );
         // Delivered outside the lock: an inbox only enqueues, but it must never be able
         // to deadlock against a backend call made from a connection task.

@@ -1,5 +1,11 @@
 //! Channels: a message is kept in the channel's history and published in one Lua script
 //! (`write_channel`), so history and live messages never disagree.
+//!
+//! A plain channel (`RedisBackendBuilder::plain_channels`) is published on its own name
+//! with the message text as the payload, and its history list may be written by other
+//! processes too: each write checks that the list's length is what the previous write
+//! left, and recounts the list's bytes when it is not (see the module docs of `mod.rs`).
+//! Every read is bounded in bytes inside Redis (`read_history`), whoever wrote the list.
 
 use super::{envelope, redis_error, RedisBackend};
 use crate::backend::Delivery;
@@ -15,10 +21,26 @@ impl RedisBackend {
         announcement: Delivery,
     ) -> Result<(), MeshError> {
         let keys = &self.shared.keys;
-        let Some(pubsub_channel) = keys.channel_of(&announcement) else {
-            return Err(MeshError::Corrupt(
-                "a channel message must go to a topic".into(),
-            ));
+        let plain = keys.plain_channel(channel);
+        // A plain channel carries the bare text, for any subscriber to read; every
+        // instance renders the push from it, as it does for an outside publisher's.
+        let (pubsub_channel, payload, length_key) = if plain {
+            (
+                channel.to_owned(),
+                message.as_bytes().to_vec(),
+                keys.channel_history_length(channel),
+            )
+        } else {
+            let Some(pubsub_channel) = keys.channel_of(&announcement) else {
+                return Err(MeshError::Corrupt(
+                    "a channel message must go to a topic".into(),
+                ));
+            };
+            (
+                pubsub_channel,
+                envelope::encode(&announcement),
+                String::new(),
+            )
         };
         let mut conn = self.connection().await?;
         self.shared
@@ -28,9 +50,10 @@ impl RedisBackend {
             .arg(message)
             .arg(history)
             .arg(pubsub_channel)
-            .arg(envelope::encode(&announcement))
+            .arg(payload)
             .arg(keys.channel_history_bytes(channel))
             .arg(history_bytes)
+            .arg(length_key)
             .invoke_async::<()>(&mut conn)
             .await
             .map_err(redis_error)
@@ -40,16 +63,21 @@ impl RedisBackend {
         &self,
         channel: &str,
         limit: usize,
+        max_message_bytes: usize,
+        max_bytes: usize,
     ) -> Result<Vec<String>, MeshError> {
         if limit == 0 {
             return Ok(Vec::new());
         }
         let mut conn = self.connection().await?;
-        redis::cmd("LRANGE")
-            .arg(self.shared.keys.channel_history(channel))
-            .arg(0)
-            .arg(limit.saturating_sub(1))
-            .query_async(&mut conn)
+        self.shared
+            .scripts
+            .read_history
+            .key(self.shared.keys.channel_history(channel))
+            .arg(limit)
+            .arg(max_message_bytes)
+            .arg(max_bytes)
+            .invoke_async(&mut conn)
             .await
             .map_err(redis_error)
     }

@@ -12,6 +12,8 @@ const TO_CONNECTION: u8 = b'c';
 const BROADCAST: u8 = b'b';
 const CLOSE: u8 = b'x';
 const TOPIC: u8 = b't';
+/// A channel message as bare text (a plain channel carries it without any envelope).
+const CHANNEL_MESSAGE: u8 = b'h';
 const CALL: u8 = b'k';
 const ANSWER: u8 = b'a';
 const RECORD: u8 = b'r';
@@ -116,6 +118,11 @@ pub(super) fn encode(delivery: &Delivery) -> Vec<u8> {
                 writer = writer.field(id.as_bytes());
             }
             writer
+        }
+        Delivery::ChannelMessage { channel, message } => {
+            Writer::new(CHANNEL_MESSAGE, 8 + channel.len() + message.len())
+                .field(channel.as_bytes())
+                .field(message.as_bytes())
         }
         Delivery::Presence {
             room,
@@ -229,6 +236,10 @@ pub(super) fn decode(bytes: &[u8]) -> Option<Delivery> {
                 exclude: exclude.into(),
             }
         }
+        CHANNEL_MESSAGE => Delivery::ChannelMessage {
+            channel: fields.id()?,
+            message: fields.id()?,
+        },
         PRESENCE => {
             let room = fields.id()?;
             let connection_id = fields.id()?;
@@ -321,6 +332,10 @@ mod tests {
                 topic: Topic::Room(Arc::from("a\nroom")),
                 push,
                 exclude: vec![Arc::from("x"), Arc::from("")].into(),
+            },
+            Delivery::ChannelMessage {
+                channel: Arc::from("ext:news"),
+                message: Arc::from("{\"a\":1}"),
             },
             Delivery::Presence {
                 room: Arc::from("lobby"),

@@ -10,7 +10,9 @@
 //! # Key and channel layout
 //!
 //! Every key and channel starts with the configurable prefix `P` (default `mesh:`), so
-//! several apps, or parallel tests, share one Redis without colliding.
+//! several apps, or parallel tests, share one Redis without colliding. The one exception
+//! is a plain channel's pub/sub channel (see "Plain channels" below), which is the
+//! channel's own name and never starts with `P`.
 //!
 //! | key | type | holds |
 //! |---|---|---|
@@ -29,8 +31,9 @@
 //! | `P presence-expiry` | sorted set | `"{cid}\n{room}"` for every presence entry, scored by its deadline |
 //! | `P state-expiry` | sorted set | `"{cid}\n{room}"` for every state with `expireAfter`, scored by its deadline |
 //! | `P dead-connections` | set | connections of dead instances not forgotten yet |
-//! | `P history:{channel}` | list | a channel's kept messages, newest first |
+//! | `P history:{channel}` | list | a channel's kept messages, newest first (for a plain channel, other processes may read it and `LPUSH` to it) |
 //! | `P history-bytes:{channel}` | string | the total size in bytes of a channel's kept messages (absent when none are kept) |
+//! | `P history-length:{channel}` | string | plain channels only: the list's length as mesh's last write left it |
 //! | `P record:{id}` | hash | `value`: a record's JSON; `version`: its version; `token`: renewed by every write (the compare-and-set key) |
 //! | `P record-ids` | sorted set, every score 0 | every stored record id, in byte order: prefix listings read a range (`ZRANGEBYLEX`) |
 //!
@@ -43,11 +46,64 @@
 //! | `P broadcast` | deliveries for every connection |
 //! | `P topic:room:{room}`, `P topic:presence:{room}`, `P topic:channel:{channel}`, `P topic:record:{id}` | room broadcasts, presence updates, channel messages, record updates; only instances with a local listener subscribe |
 //! | `P topic:collections:{pattern}` | "a record that collections of this exposure may hold changed" |
+//! | `{channel}` (no prefix) | a plain channel's messages, as their bare text; only instances with a local listener subscribe |
 //!
 //! A push to one connection is one script call that looks up the holder and publishes on
 //! its channel: one round trip, and only the holder receives it. A delivery is a short
 //! binary envelope (a tag, then length-prefixed fields: ids, a push's command and its
 //! payload's JSON text verbatim) parsed once per instance.
+//!
+//! # Plain channels
+//!
+//! [`RedisBackendBuilder::plain_channels`] makes the channels its patterns match plain
+//! Redis channels, as all of mesh's are: any process can `PUBLISH {channel} text` to
+//! their subscribers, `SUBSCRIBE {channel}` to what the mesh writes, and read
+//! `P history:{channel}` (newest first) or `LPUSH` to it. A plain channel's pub/sub
+//! messages are the message text (UTF-8) and nothing else: each instance turns one into
+//! [`Delivery::ChannelMessage`], and the engine pushes it to the channel's local
+//! subscribers unless it is over `max_channel_message_bytes` (then it is dropped, logged,
+//! and counted in `MeshStats::dropped_channel_messages`). The mesh's own writes go the same
+//! way, so outside subscribers see them too.
+//!
+//! The prefix stays closed: a name that starts with `P` is never plain, whatever pattern
+//! matches it, so the pub/sub channel of a plain channel is never one of the engine's, a
+//! mesh write to a plain channel never publishes under `P`, and the subscriber reads a
+//! message as bare text only when it arrives on a name outside `P`. Text published on an
+//! engine channel (`P broadcast`, `P instance:{iid}`, `P topic:…`) is parsed as an envelope
+//! and dropped when it is not one, as before. (Publishing an envelope there takes what any
+//! Redis client with access can do anyway: write the keys; plain channels open no new way.)
+//! `build` refuses plain channels with an empty prefix, under which nothing could be told
+//! apart.
+//!
+//! History sizes: mesh keeps `P history-bytes:{channel}` in step with what it pushes and
+//! pops, in the `write_channel` script. Others' `LPUSH`es are not counted when they happen;
+//! instead, for a plain channel the script also keeps `P history-length:{channel}`, the
+//! list's length as it left it, and when it finds another length (someone else pushed,
+//! trimmed or deleted) it counts the list's bytes again (one pass, in chunks) before it
+//! pushes and trims. So after every mesh write the list holds at most the write's count
+//! and `max_history_bytes`, whoever appended; only an outside `LPUSH` and a pop of the
+//! same count between two mesh writes can leave the size off until the next recount. A
+//! process that appends to a channel the mesh never writes must trim the list itself
+//! (`LTRIM`). Reads are bounded whoever wrote: `read_history` walks the list in chunks
+//! inside Redis, skips messages over `max_channel_message_bytes` (as live delivery
+//! does), and stops at the request's count and after the reply's byte budget.
+//!
+//! ## Redis Cluster (not supported yet; what the Cluster step will need)
+//!
+//! Plain `PUBLISH` is cluster-wide: a message published on any node reaches `SUBSCRIBE`rs
+//! on every node, over the cluster bus. `SPUBLISH` reaches only `SSUBSCRIBE`rs of the
+//! channel's shard. So for a plain `PUBLISH` from outside to keep working on Cluster, a
+//! Cluster backend should subscribe to plain channels with `SUBSCRIBE` (on any node) and
+//! publish them with `PUBLISH` (from its history script, where it is allowed, as it has
+//! no key); outside publishers then use `PUBLISH`, exactly as on a single Redis. If the
+//! Cluster backend moves plain channels to sharded pub/sub for throughput instead,
+//! outside publishers must use `SPUBLISH {channel}`, and a plain `PUBLISH` reaches
+//! nobody: that would have to be a documented, separate choice. The history list and its
+//! two counters must share a slot for the script: expect a hash tag around the channel
+//! name (for example `P history:{{channel}}`, literal braces), which changes the key
+//! outside processes read and `LPUSH` to on Cluster; the Cluster step decides and
+//! documents it, and should run the raw-client tests of `tests/it/plain_channels.rs`
+//! against a Cluster, publishing on a node other than the subscribers'.
 //!
 //! # Liveness and expiry
 //!
@@ -130,6 +186,7 @@ use super::{
     Backend, BackendFuture, Delivery, Inbox, MetadataKind, MetadataOf, MetadataWrite,
     PresenceRefresh, PresenceView, RecordRemover, RecordUpdater, StoredRecord, Topic,
 };
+use crate::access::Pattern;
 use crate::error::{BackendError, MeshError};
 
 /// Longest any single Redis operation may take before it counts as unavailable.
@@ -203,6 +260,7 @@ pub struct RedisBackendBuilder {
     heartbeat_interval: Duration,
     instance_ttl: Duration,
     tls: TlsSettings,
+    plain_channels: Vec<Pattern>,
 }
 
 impl RedisBackendBuilder {
@@ -218,6 +276,37 @@ impl RedisBackendBuilder {
     pub fn liveness(mut self, heartbeat_interval: Duration, instance_ttl: Duration) -> Self {
         self.heartbeat_interval = heartbeat_interval;
         self.instance_ttl = instance_ttl.max(heartbeat_interval * 2);
+        self
+    }
+
+    /// Makes the channels `pattern` matches (an exact name or a [`Regex`](crate::Regex))
+    /// plain Redis channels, which processes outside the mesh can publish to and read,
+    /// as with mesh: the Redis channel is the channel's own name, the payload is the
+    /// message text, and the history is the Redis list `P history:{channel}` (`P` the
+    /// [`prefix`](Self::prefix)), newest first. Call it again to add patterns.
+    ///
+    /// ```text
+    /// PUBLISH ext:orders '{"id":7}'          # reaches every subscriber of ext:orders
+    /// LPUSH mesh:history:ext:orders '{"id":7}'   # and keeps it in the history (optional)
+    /// ```
+    ///
+    /// Names that start with the prefix are never plain, whatever matches them: the
+    /// engine's own channels stay closed to outside text. Every instance of a mesh must
+    /// have the same patterns. A message published from outside reaches clients only
+    /// within [`max_channel_message_bytes`](crate::MeshBuilder::max_channel_message_bytes)
+    /// (a longer one is dropped, logged and counted in
+    /// [`MeshStats::dropped_channel_messages`](crate::MeshStats::dropped_channel_messages));
+    /// history reads are bounded in bytes whoever wrote the list. Clients see a plain
+    /// channel exactly as any other channel: expose it with
+    /// [`expose_channel`](crate::MeshBuilder::expose_channel) as usual. The in-memory
+    /// backend has no outside publishers, so it has no such setting: there every channel
+    /// behaves as a plain one does here. The module docs of the Redis backend (in the
+    /// README, "Plain channels") say how history sizes are counted when others append.
+    ///
+    /// [`build`](Self::build) fails with an empty prefix, under which plain channels
+    /// could not be told apart from the engine's own.
+    pub fn plain_channels(mut self, pattern: impl Into<Pattern>) -> Self {
+        self.plain_channels.push(pattern.into());
         self
     }
 
@@ -253,7 +342,15 @@ impl RedisBackendBuilder {
     ///
     /// A `rediss://` URL connects over TLS (every connection: commands and pub/sub) and
     /// needs the `redis-tls-rustls` feature; without it, this fails.
+    ///
+    /// Fails too when [`plain_channels`](Self::plain_channels) were given with an empty
+    /// prefix.
     pub fn build(self) -> Result<RedisBackend, MeshError> {
+        if self.prefix.is_empty() && !self.plain_channels.is_empty() {
+            return Err(MeshError::Unavailable(BackendError::new(
+                "plain channels need a non-empty key prefix, to keep them apart from the mesh's own channels",
+            )));
+        }
         let client = client::open(&self.url, &self.tls)?;
         // The operation timeout bounds every command; the redis crate's own default
         // response timeout (500 ms) would otherwise fail commands that a busy machine
@@ -267,6 +364,7 @@ impl RedisBackendBuilder {
                 client,
                 keys: Keys {
                     prefix: self.prefix,
+                    plain_channels: self.plain_channels.into(),
                 },
                 heartbeat_interval: self.heartbeat_interval,
                 instance_ttl: self.instance_ttl,
@@ -293,6 +391,7 @@ impl RedisBackend {
             heartbeat_interval: Duration::from_secs(2),
             instance_ttl: Duration::from_secs(10),
             tls: TlsSettings::default(),
+            plain_channels: Vec::new(),
         }
     }
 
@@ -480,8 +579,10 @@ impl Backend for RedisBackend {
         &'a self,
         channel: &'a str,
         limit: usize,
+        max_message_bytes: usize,
+        max_bytes: usize,
     ) -> BackendFuture<'a, Vec<String>> {
-        Box::pin(self.run(self.read_channel_history(channel, limit)))
+        Box::pin(self.run(self.read_channel_history(channel, limit, max_message_bytes, max_bytes)))
     }
 
     fn records<'a>(&'a self, ids: &'a [String]) -> BackendFuture<'a, Vec<Option<StoredRecord>>> {

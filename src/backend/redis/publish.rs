@@ -1,15 +1,31 @@
 //! Publishing a delivery: one for a connection goes to its holder's instance channel
 //! (the `route` Lua script looks the holder up and publishes, in one round trip), any
-//! other to its channel (`Keys::channel_of`).
+//! other to its channel (`Keys::channel_of`). A plain channel carries bare message text,
+//! never an envelope.
 
 use super::{envelope, redis_error, RedisBackend};
-use crate::backend::Delivery;
+use crate::backend::{Delivery, Topic};
 use crate::error::MeshError;
 
 impl RedisBackend {
     pub(super) async fn publish_delivery(&self, delivery: Delivery) -> Result<bool, MeshError> {
         let keys = &self.shared.keys;
-        let envelope = envelope::encode(&delivery);
+        let envelope = match &delivery {
+            Delivery::ChannelMessage { channel, message } if keys.plain_channel(channel) => {
+                message.as_bytes().to_vec()
+            }
+            Delivery::Topic {
+                topic: Topic::Channel(channel),
+                ..
+            } if keys.plain_channel(channel) => {
+                // Its subscribers, inside the mesh and out, read bare text: a rendered
+                // push has none to give them.
+                return Err(MeshError::Corrupt(
+                    "a plain channel carries channel messages, not pushes".into(),
+                ));
+            }
+            _ => envelope::encode(&delivery),
+        };
         let channel = match (keys.channel_of(&delivery), &delivery) {
             (Some(channel), _) => channel,
             (

@@ -103,6 +103,7 @@ pub(super) struct Scripts {
     pub(super) clear_state: Script,
     pub(super) sweep: Script,
     pub(super) write_channel: Script,
+    pub(super) read_history: Script,
     pub(super) record_cas: Script,
     pub(super) metadata_cas: Script,
 }
@@ -347,22 +348,34 @@ impl Scripts {
                 ",
             ),
             // ARGV[1] history list key, ARGV[2] message, ARGV[3] how many to keep (0:
-            // none), ARGV[4] pub/sub channel, ARGV[5] envelope, ARGV[6] the key of the
-            // kept messages' total size, ARGV[7] how many bytes to keep. Keeps the message
-            // and publishes it in one step, so history and live messages never disagree.
-            // The oldest messages go while more than the count or the bytes are kept;
-            // each write pops only what it pushed out, so it costs O(1) amortised.
+            // none), ARGV[4] pub/sub channel, ARGV[5] its payload (an envelope, or a plain
+            // channel's bare text), ARGV[6] the key of the kept messages' total size,
+            // ARGV[7] how many bytes to keep, ARGV[8] for a plain channel the key of the
+            // list's length as the previous write left it ('' otherwise). Keeps the
+            // message and publishes it in one step, so history and live messages never
+            // disagree. The oldest messages go while more than the count or the bytes are
+            // kept; each write pops only what it pushed out, so it costs O(1) amortised.
+            // Other processes may push to a plain channel's list: when its length is not
+            // what the previous write left, the size is counted again, in one pass.
             write_channel: script(
                 r"
-                local list, bytes_key = ARGV[1], ARGV[6]
+                local list, bytes_key, length_key = ARGV[1], ARGV[6], ARGV[8]
                 local keep, keep_bytes = tonumber(ARGV[3]), tonumber(ARGV[7])
                 if keep > 0 then
-                  if redis.call('EXISTS', bytes_key) == 0 then
-                    -- A history kept before sizes were counted: count it once.
-                    local total = 0
-                    for _, message in ipairs(redis.call('LRANGE', list, 0, -1)) do
-                      total = total + #message
-                    end
+                  -- Absent: a history kept before sizes were counted, or a plain one
+                  -- that only other processes wrote so far.
+                  local recount = redis.call('EXISTS', bytes_key) == 0
+                  if not recount and length_key ~= '' then
+                    local left = tonumber(redis.call('GET', length_key) or '-1')
+                    recount = left ~= redis.call('LLEN', list)
+                  end
+                  if recount then
+                    local total, start = 0, 0
+                    repeat
+                      local chunk = redis.call('LRANGE', list, start, start + 999)
+                      for _, message in ipairs(chunk) do total = total + #message end
+                      start = start + 1000
+                    until #chunk < 1000
                     redis.call('SET', bytes_key, total)
                   end
                   redis.call('LPUSH', list, ARGV[2])
@@ -373,10 +386,40 @@ impl Scripts {
                     total = redis.call('DECRBY', bytes_key, #oldest)
                     length = length - 1
                   end
-                  if length == 0 then redis.call('DEL', bytes_key) end
+                  if length == 0 then
+                    redis.call('DEL', bytes_key)
+                    if length_key ~= '' then redis.call('DEL', length_key) end
+                  elseif length_key ~= '' then
+                    redis.call('SET', length_key, length)
+                  end
                 end
                 redis.call('PUBLISH', ARGV[4], ARGV[5])
                 return 1
+                ",
+            ),
+            // KEYS[1] history list; ARGV[1] most messages to return, ARGV[2] the longest
+            // message to return (longer ones are skipped: only other processes, writing a
+            // plain channel's list, can keep one), ARGV[3] bytes after which to stop.
+            // Returns the newest messages, newest first, up to and including the one that
+            // takes the total past ARGV[3]: the caller sees that older ones were left out.
+            // Reads in chunks, so that a long list written by others is never copied whole.
+            read_history: Script::new(
+                r"
+                local limit, longest, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+                local out, total, start = {}, 0, 0
+                local step = math.min(limit, 100)
+                while true do
+                  local chunk = redis.call('LRANGE', KEYS[1], start, start + step - 1)
+                  for _, message in ipairs(chunk) do
+                    if #message <= longest then
+                      out[#out + 1] = message
+                      total = total + #message
+                      if #out >= limit or total > budget then return out end
+                    end
+                  end
+                  if #chunk < step then return out end
+                  start = start + step
+                end
                 ",
             ),
             // ARGV[1] prefix, ARGV[2] record id, ARGV[3] the write token the writer read

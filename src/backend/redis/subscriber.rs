@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::keys::Keys;
 use super::{envelope, unavailable, RedisBackend, WeakBackend, OPERATION_TIMEOUT};
-use crate::backend::{Inbox, Topic};
+use crate::backend::{Delivery, Inbox, Topic};
 use crate::error::MeshError;
 
 /// A change to an instance's subscriptions.
@@ -117,7 +117,7 @@ pub(super) async fn run(
                         message = stream.next() => {
                             let Some(message) = message else { break };
                             let Some(inbox) = inbox.upgrade() else { return };
-                            match envelope::decode(message.get_payload_bytes()) {
+                            match read(&keys, &message) {
                                 Some(delivery) => inbox.deliver(delivery),
                                 None => tracing::warn!(
                                     channel = message.get_channel_name(),
@@ -175,6 +175,22 @@ pub(super) async fn run(
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+}
+
+/// The delivery a pub/sub message carries: a plain channel's is its bare text (which
+/// must be UTF-8), any other channel's an envelope. Plain channels' names never start
+/// with the prefix and the engine's always do, so the name alone tells them apart, and
+/// text published on an engine channel is never taken for a message.
+fn read(keys: &Keys, message: &redis::Msg) -> Option<Delivery> {
+    let channel = message.get_channel_name();
+    if keys.plain_channel(channel) {
+        let text = std::str::from_utf8(message.get_payload_bytes()).ok()?;
+        return Some(Delivery::ChannelMessage {
+            channel: Arc::from(channel),
+            message: Arc::from(text),
+        });
+    }
+    envelope::decode(message.get_payload_bytes())
 }
 
 /// Applies one subscription change on a live connection. Returns `false` when the
