@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::Instrument;
 
-use super::outbound::{Batch, CloseReason, SMALL_BATCH};
+use super::outbound::{Batch, CloseReason};
 use super::Connection;
 use crate::command::{dispatch, Route};
 use crate::error::CommandError;
@@ -456,6 +456,7 @@ where
                 if running.as_ref().is_some_and(FuturesUnordered::is_empty) {
                     *running = None;
                 }
+                outbound.trim_idle();
                 mesh.pong_received(connection);
             }
             Inbound::LatencyResponse => connection.latency_response_received(),
@@ -557,17 +558,17 @@ where
     W: Sink<Message, Error = WsError> + Unpin,
 {
     let mut batch: Vec<Frame> = Vec::new();
+    let mut greeting = true;
     loop {
         match connection.outbound().next_batch(&mut batch).await {
             Batch::Frames => {
-                let frames = batch.len();
                 for frame in batch.drain(..) {
                     sink.feed(Message::Text(frame)).await?;
                 }
                 sink.flush().await?;
-                // Like the queue's ring (see `SMALL_BATCH`): kept only by a busy connection,
-                // and only up to 256 frames.
-                if frames <= SMALL_BATCH || batch.capacity() > 256 {
+                // Like the queue's ring (see `Outbound::next_batch`): not kept after the
+                // greeting, so an idle connection holds none, and never above 256 frames.
+                if std::mem::take(&mut greeting) || batch.capacity() > 256 {
                     batch = Vec::new();
                 }
             }

@@ -43,7 +43,9 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
+use std::task::Poll;
 
+use futures_util::task::AtomicWaker;
 use tokio::sync::Notify;
 
 use crate::protocol::Frame;
@@ -152,7 +154,10 @@ impl std::error::Error for SendError {}
 
 pub(crate) struct Outbound {
     state: Mutex<QueueState>,
-    wake_writer: Notify,
+    /// The writer's task, waiting for frames. One waiter only, so an atomic waker: a
+    /// `Notify` took a lock on both sides of every wake, a fifth of a broadcast's cost per
+    /// recipient.
+    wake_writer: AtomicWaker,
     closing: Notify,
     /// Woken when the queued reply bytes fall back within the budget.
     reply_room: Notify,
@@ -199,11 +204,6 @@ pub(crate) struct WriteProgress {
     pub(crate) writing: bool,
 }
 
-/// Frames in a batch small enough that neither the queue's ring nor the writer's buffer
-/// is kept after it: both are allocated again for the next batch, in one allocation each
-/// (4 is the first capacity a ring or a vector of frames gets).
-pub(crate) const SMALL_BATCH: usize = 4;
-
 /// What the writer should do next.
 pub(crate) enum Batch {
     /// Write these frames (moved into the caller's buffer), then ask again.
@@ -216,7 +216,7 @@ impl Outbound {
     pub(crate) fn new(max_bytes: usize) -> Self {
         Outbound {
             state: Mutex::new(QueueState::default()),
-            wake_writer: Notify::new(),
+            wake_writer: AtomicWaker::new(),
             closing: Notify::new(),
             reply_room: Notify::new(),
             replies_over_budget: AtomicBool::new(false),
@@ -282,7 +282,7 @@ impl Outbound {
     /// already, and behind a reservation it must wait for `fill` anyway.
     fn wake_writer_if(&self, first_in_line: bool) {
         if first_in_line {
-            self.wake_writer.notify_one();
+            self.wake_writer.wake();
         }
     }
 
@@ -292,6 +292,15 @@ impl Outbound {
         state.push_bytes = 0;
         state.reply_bytes = 0;
         self.replies_over_budget.store(false, Ordering::Release);
+    }
+
+    /// Gives back the queue's ring if nothing is queued: called at a pong, so a
+    /// connection that has gone quiet holds none.
+    pub(crate) fn trim_idle(&self) {
+        let mut state = self.lock();
+        if state.slots.is_empty() && state.slots.capacity() > 0 {
+            state.slots = VecDeque::new();
+        }
     }
 
     /// Reserves the next place in the queue; `None` when the connection is closing.
@@ -328,7 +337,7 @@ impl Outbound {
             }
         }
         drop(state);
-        self.wake_writer.notify_one();
+        self.wake_writer.wake();
     }
 
     /// Puts the push `frame` in a reserved place (a push that must reach the client before
@@ -355,7 +364,7 @@ impl Outbound {
         state.push_bytes += len;
         state.slots[index] = Slot::Push(frame);
         drop(state);
-        self.wake_writer.notify_one();
+        self.wake_writer.wake();
         Ok(())
     }
 
@@ -378,7 +387,7 @@ impl Outbound {
     }
 
     fn wake_all(&self) {
-        self.wake_writer.notify_one();
+        self.wake_writer.wake();
         self.closing.notify_waiters();
         self.reply_room.notify_waiters();
     }
@@ -432,62 +441,75 @@ impl Outbound {
     /// Waits for work and moves every queued frame into `out`. Calling it again means the
     /// previous batch was written.
     pub(crate) async fn next_batch(&self, out: &mut Vec<Frame>) -> Batch {
-        loop {
-            {
-                let mut state = self.lock();
-                state.writer_busy = false;
-                let ready = state
-                    .slots
-                    .iter()
-                    .take_while(|slot| slot.is_frame())
-                    .count();
-                if ready > 0 {
-                    let (mut replies, mut pushes) = (0, 0);
-                    for slot in state.slots.drain(..ready) {
-                        match slot {
-                            Slot::Reply(frame) => {
-                                replies += frame.len();
-                                out.push(frame);
-                            }
-                            Slot::Push(frame) => {
-                                pushes += frame.len();
-                                out.push(frame);
-                            }
-                            Slot::Reserved(_) => {}
+        std::future::poll_fn(|cx| {
+            // Registered before the queue is looked at, so a frame queued in between
+            // wakes it.
+            self.wake_writer.register(cx.waker());
+            match self.take_batch(out) {
+                Some(batch) => Poll::Ready(batch),
+                None => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    /// Moves every queued frame into `out`; `None` when there is nothing to do yet.
+    fn take_batch(&self, out: &mut Vec<Frame>) -> Option<Batch> {
+        {
+            let mut state = self.lock();
+            state.writer_busy = false;
+            let ready = state
+                .slots
+                .iter()
+                .take_while(|slot| slot.is_frame())
+                .count();
+            if ready > 0 {
+                let (mut replies, mut pushes) = (0, 0);
+                for slot in state.slots.drain(..ready) {
+                    match slot {
+                        Slot::Reply(frame) => {
+                            replies += frame.len();
+                            out.push(frame);
                         }
+                        Slot::Push(frame) => {
+                            pushes += frame.len();
+                            out.push(frame);
+                        }
+                        Slot::Reserved(_) => {}
                     }
-                    state.reply_bytes = state.reply_bytes.saturating_sub(replies);
-                    state.push_bytes = state.push_bytes.saturating_sub(pushes);
-                    state.batches_taken += 1;
-                    state.writer_busy = true;
-                    if state.slots.is_empty() && ready <= SMALL_BATCH {
-                        // A batch this small fits the ring's first allocation again, so
-                        // queueing the next one costs one allocation: a quiet or idle
-                        // connection keeps no ring between batches.
-                        state.slots = VecDeque::new();
-                    } else if state.slots.capacity() > 64 && state.slots.len() < 8 {
-                        // A burst grew the ring; an idle connection should not keep it.
-                        state.slots.shrink_to(8);
-                    }
-                    let room_for_replies = state.reply_bytes <= self.max_bytes
-                        && self.replies_over_budget.load(Ordering::Relaxed);
-                    if room_for_replies {
-                        self.replies_over_budget.store(false, Ordering::Release);
-                    }
-                    drop(state);
-                    if room_for_replies {
-                        self.reply_room.notify_waiters();
-                    }
-                    return Batch::Frames;
                 }
-                if state.slots.is_empty() {
-                    if let Some(reason) = &state.close {
-                        return Batch::Close(reason.clone());
-                    }
+                state.reply_bytes = state.reply_bytes.saturating_sub(replies);
+                state.push_bytes = state.push_bytes.saturating_sub(pushes);
+                state.batches_taken += 1;
+                state.writer_busy = true;
+                if state.slots.is_empty() && state.batches_taken == 1 {
+                    // The connection's greeting (its id, what `on_connect` sent): a
+                    // connection that then stays idle keeps no ring. After that the
+                    // ring is kept, since allocating it again for every broadcast cost
+                    // a sixth of a delivery; `trim_idle` gives it back at a pong.
+                    state.slots = VecDeque::new();
+                } else if state.slots.capacity() > 64 && state.slots.len() < 8 {
+                    // A burst grew the ring; an idle connection should not keep it.
+                    state.slots.shrink_to(8);
+                }
+                let room_for_replies = state.reply_bytes <= self.max_bytes
+                    && self.replies_over_budget.load(Ordering::Relaxed);
+                if room_for_replies {
+                    self.replies_over_budget.store(false, Ordering::Release);
+                }
+                drop(state);
+                if room_for_replies {
+                    self.reply_room.notify_waiters();
+                }
+                return Some(Batch::Frames);
+            }
+            if state.slots.is_empty() {
+                if let Some(reason) = &state.close {
+                    return Some(Batch::Close(reason.clone()));
                 }
             }
-            self.wake_writer.notified().await;
         }
+        None
     }
 }
 
