@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use futures_util::stream::FuturesUnordered;
 use futures_util::task::AtomicWaker;
+use futures_util::future::Either;
 use futures_util::{Future, Sink, SinkExt, Stream, StreamExt};
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::error::CapacityError;
@@ -88,7 +89,14 @@ pub(crate) fn serve(
         mesh.downgrade(),
     );
     let (sink, stream) = socket.split();
-    serve_connection(mesh, connection, sink, stream).instrument(span)
+    let served = serve_connection(mesh, connection, sink, stream);
+    // Entering and leaving even a disabled span on every poll showed in the fan-out
+    // profile; a connection whose span is off runs without the wrapper.
+    if span.is_disabled() {
+        Either::Left(served)
+    } else {
+        Either::Right(served.instrument(span))
+    }
 }
 
 async fn serve_connection<W, R>(mesh: Mesh, connection: Connection, mut sink: W, mut stream: R)
