@@ -219,7 +219,8 @@ impl MeshBuilder {
         self
     }
 
-    /// Interval between pings. Default 30 s.
+    /// Interval between pings. Default 30 s. Each connection is pinged once per interval;
+    /// the pings go out in ten slices of it, a tenth of the connections at a time.
     pub fn ping_interval(mut self, interval: Duration) -> Self {
         self.config.ping_interval = interval;
         self
@@ -231,7 +232,8 @@ impl MeshBuilder {
         self
     }
 
-    /// Interval between latency probes. Default 5 s.
+    /// Interval between latency probes. Default 5 s. Like pings, they go out in ten slices
+    /// of the interval.
     pub fn latency_interval(mut self, interval: Duration) -> Self {
         self.config.latency_interval = interval;
         self
