@@ -83,7 +83,13 @@ impl Future for CommandRun {
                     .map(|s| (*s).to_owned())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_default();
-                tracing::error!(panic = %detail, "command handler panicked");
+                // The command span is debug-level, so this names the command itself.
+                tracing::error!(
+                    panic = %detail,
+                    command = %this.command,
+                    request = this.id,
+                    "command handler panicked"
+                );
                 protocol::error_reply(this.id, &*this.command, &CommandError::internal())
             }
         };
