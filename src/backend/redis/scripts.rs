@@ -407,6 +407,8 @@ impl Scripts {
                 r"
                 local limit, longest, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
                 local out, total, start = {}, 0, 0
+                -- A step of 0 would never advance: no limit, nothing read.
+                if limit < 1 then return out end
                 local step = math.min(limit, 100)
                 while true do
                   local chunk = redis.call('LRANGE', KEYS[1], start, start + step - 1)
