@@ -1,5 +1,6 @@
-//! `GET /health`, answered by hand before the WebSocket handshake, shared by the baseline
-//! servers (`raw_echo`, `raw_fanout`) so a health probe never costs a handshake.
+//! What the baseline servers (`raw_echo`, `raw_fanout`) share: binding and accepting, and
+//! `GET /health` answered by hand before the WebSocket handshake, so a health probe never
+//! costs a handshake.
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -45,4 +46,31 @@ pub async fn answer_health(stream: &mut TcpStream) {
         .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
         .await;
     let _ = stream.shutdown().await;
+}
+
+/// Binds the baseline server `name` on `PORT` (default `default_port`), after raising the
+/// soft open-file limit so that many connections do not run into it.
+pub async fn bind(name: &str, default_port: u16) -> std::io::Result<tokio::net::TcpListener> {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let port: u16 = std::env::var("PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(default_port);
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
+    eprintln!("{name} listening on 0.0.0.0:{port}");
+    Ok(listener)
+}
+
+/// The next accepted socket; accept errors (EMFILE and friends) back off briefly instead
+/// of spinning.
+pub async fn accept(listener: &tokio::net::TcpListener) -> TcpStream {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => return stream,
+            Err(err) => {
+                eprintln!("accept: {err}");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    }
 }

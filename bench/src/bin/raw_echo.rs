@@ -20,29 +20,14 @@
 mod health;
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> std::io::Result<()> {
-    // Many connections must not run into the soft open-file limit.
-    let _ = rlimit::increase_nofile_limit(u64::MAX);
-    let port: u16 = std::env::var("PORT")
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(8788);
-    let listener = TcpListener::bind(("0.0.0.0", port)).await?;
-    eprintln!("raw_echo listening on 0.0.0.0:{port}");
+    let listener = health::bind("raw_echo", 8788).await?;
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                eprintln!("accept: {err}");
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                continue;
-            }
-        };
+        let stream = health::accept(&listener).await;
         tokio::spawn(serve(stream));
     }
 }

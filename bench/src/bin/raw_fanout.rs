@@ -35,7 +35,7 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
@@ -119,26 +119,11 @@ struct BroadcastRoom<'a> {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> std::io::Result<()> {
-    // Many connections must not run into the soft open-file limit.
-    let _ = rlimit::increase_nofile_limit(u64::MAX);
-    let port: u16 = std::env::var("PORT")
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(8789);
-    let listener = TcpListener::bind(("0.0.0.0", port)).await?;
-    eprintln!("raw_fanout listening on 0.0.0.0:{port}");
+    let listener = health::bind("raw_fanout", 8789).await?;
     let rooms = Arc::new(Rooms::default());
     let next_id = Arc::new(AtomicU64::new(1));
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                eprintln!("accept: {err}");
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                continue;
-            }
-        };
+        let stream = health::accept(&listener).await;
         let id = next_id.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(serve(stream, id, rooms.clone()));
     }
