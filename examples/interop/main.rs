@@ -19,7 +19,7 @@
 //! On Redis, channels whose names start with `ext:` are plain Redis channels, published on
 //! their own name with the bare message text, so that another process can
 //! `PUBLISH ext:news '{...}'` to their subscribers and read or `LPUSH` their history list
-//! `{MESH_PREFIX}history:ext:news` (newest first); every other channel stays internal to
+//! `{MESH_PREFIX}history:{ext:news}` (braces literal) (newest first); every other channel stays internal to
 //! the mesh, so both kinds can be tested side by side. On the in-memory backend `ext:`
 //! channels are ordinary channels (nothing outside can publish). `MESH_PREFIX` must not be
 //! empty then.

@@ -65,7 +65,7 @@ impl Plain {
 
     /// The history list of `channel`, as the backend documents it.
     fn history_key(&self, channel: &str) -> String {
-        format!("{}history:{channel}", self.prefix)
+        format!("{}history:{{{channel}}}", self.prefix)
     }
 
     fn redis(&self) -> ::redis::aio::MultiplexedConnection {
@@ -382,7 +382,7 @@ async fn history_bytes_count_what_outsiders_appended() {
     let server = serve(plain.builder().max_history_bytes(30)).await;
     let channel = plain.channel(true, "sized");
     let key = plain.history_key(&channel);
-    let bytes_key = format!("{}history-bytes:{channel}", plain.prefix);
+    let bytes_key = format!("{}history-bytes:{{{channel}}}", plain.prefix);
     // Ten bytes each.
     plain
         .lpush(&key, &["outside-01", "outside-02", "outside-03"])
@@ -504,7 +504,7 @@ async fn a_channel_that_is_not_plain_works_as_before() {
         ["from the mesh"]
     );
     // Its history keeps no length mark: only plain channels need one.
-    let length_key = format!("{}history-length:{channel}", plain.prefix);
+    let length_key = format!("{}history-length:{{{channel}}}", plain.prefix);
     assert_eq!(plain.get(&length_key).await, None);
 }
 

@@ -621,7 +621,7 @@ async fn pump(
 async fn an_instance_swept_while_its_heartbeat_reply_is_lost_closes_its_connections() {
     let redis = RedisServer::start();
     let prefix = "mesh:lost-reply:";
-    let proxy = HoldingProxy::start(redis.port, &format!("{prefix}instances")).await;
+    let proxy = HoldingProxy::start(redis.port, &format!("{prefix}{{registry}}:instances")).await;
     let tracked = |url: &str| builder(url, prefix).track_presence("room", PresenceOptions::new());
     let survivor = serve(tracked(&redis.url())).await;
     let stalled = serve(tracked(&proxy.url())).await;

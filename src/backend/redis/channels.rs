@@ -24,36 +24,30 @@ impl RedisBackend {
         let plain = keys.plain_channel(channel);
         // A plain channel carries the bare text, for any subscriber to read; every
         // instance renders the push from it, as it does for an outside publisher's.
-        let (pubsub_channel, payload, length_key) = if plain {
-            (
-                channel.to_owned(),
-                message.as_bytes().to_vec(),
-                keys.channel_history_length(channel),
-            )
+        let Some((pubsub_channel, pubsub)) = keys.channel_of(&announcement) else {
+            return Err(MeshError::Corrupt(
+                "a channel message must go to a topic".into(),
+            ));
+        };
+        let payload = if plain {
+            message.as_bytes().to_vec()
         } else {
-            let Some(pubsub_channel) = keys.channel_of(&announcement) else {
-                return Err(MeshError::Corrupt(
-                    "a channel message must go to a topic".into(),
-                ));
-            };
-            (
-                pubsub_channel,
-                envelope::encode(&announcement),
-                String::new(),
-            )
+            envelope::encode(&announcement)
         };
         let mut conn = self.connection().await?;
         self.shared
             .scripts
             .write_channel
-            .arg(keys.channel_history(channel))
+            .key(keys.channel_history(channel))
+            .key(keys.channel_history_bytes(channel))
+            .key(keys.channel_history_length(channel))
             .arg(message)
             .arg(history)
+            .arg(history_bytes)
+            .arg(pubsub.publish_command())
             .arg(pubsub_channel)
             .arg(payload)
-            .arg(keys.channel_history_bytes(channel))
-            .arg(history_bytes)
-            .arg(length_key)
+            .arg(if plain { "1" } else { "0" })
             .invoke_async::<()>(&mut conn)
             .await
             .map_err(redis_error)

@@ -3,7 +3,110 @@
 //! TLS settings apply to all of them. Everything about them is checked here, when the
 //! backend is built, so that a misconfiguration fails there and not at the first command.
 
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::AsyncConnectionConfig;
+
+use super::OPERATION_TIMEOUT;
 use crate::error::{BackendError, MeshError};
+
+/// Where a backend's connections go: one Redis, or a Cluster through its seed nodes.
+#[derive(Clone)]
+// One per backend, cloned only when a subscriber starts: its size does not matter.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Client {
+    Single(redis::Client),
+    Cluster(Box<ClusterSettings>),
+}
+
+/// A Cluster's clients.
+#[derive(Clone)]
+pub(super) struct ClusterSettings {
+    /// Commands: routed by slot, following redirections.
+    pub(super) commands: ClusterClient,
+    /// What each pub/sub connection is built from (it needs a push sender of its own).
+    pub(super) seeds: Vec<String>,
+    pub(super) tls: TlsSettings,
+}
+
+/// The settings of every single-node connection. The operation timeout bounds every
+/// command; the redis crate's own default response timeout (500 ms) would otherwise fail
+/// commands that a busy machine answers a little late, well within what the backend
+/// promises to wait.
+pub(super) fn config() -> AsyncConnectionConfig {
+    AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(OPERATION_TIMEOUT))
+        .set_response_timeout(Some(OPERATION_TIMEOUT))
+}
+
+/// A Cluster client on `seeds`, with the backend's timeouts and TLS settings. Retries of a
+/// redirected or failed command stay within the operation timeout.
+pub(super) fn cluster_builder(
+    seeds: &[String],
+    tls: &TlsSettings,
+) -> Result<ClusterClientBuilder, MeshError> {
+    if seeds.is_empty() {
+        return Err(misconfigured("a Redis Cluster needs at least one seed URL"));
+    }
+    let uses_tls = seeds.iter().any(|seed| names_tls(seed));
+    if uses_tls != seeds.iter().all(|seed| names_tls(seed)) {
+        return Err(misconfigured(
+            "the Cluster's seed URLs must all use TLS (rediss://) or none",
+        ));
+    }
+    if !uses_tls && tls.is_set() {
+        return Err(misconfigured(
+            "TLS certificates were given for Redis URLs without TLS: use rediss:// URLs",
+        ));
+    }
+    let builder = ClusterClientBuilder::new(seeds.to_vec())
+        .connection_timeout(OPERATION_TIMEOUT)
+        .response_timeout(OPERATION_TIMEOUT)
+        .retries(6)
+        .max_retry_wait(500);
+    cluster_tls(builder, uses_tls, tls)
+}
+
+#[cfg(not(feature = "redis-tls-rustls"))]
+fn cluster_tls(
+    builder: ClusterClientBuilder,
+    uses_tls: bool,
+    _tls: &TlsSettings,
+) -> Result<ClusterClientBuilder, MeshError> {
+    if uses_tls {
+        return Err(misconfigured(
+            "a rediss:// URL needs TLS support: enable tower-mesh's `redis-tls-rustls` feature",
+        ));
+    }
+    Ok(builder)
+}
+
+#[cfg(feature = "redis-tls-rustls")]
+fn cluster_tls(
+    builder: ClusterClientBuilder,
+    uses_tls: bool,
+    tls: &TlsSettings,
+) -> Result<ClusterClientBuilder, MeshError> {
+    if !uses_tls {
+        return Ok(builder);
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    check_root_certificates(tls)?;
+    Ok(if tls.is_set() {
+        builder.certs(certificates(tls))
+    } else {
+        builder
+    })
+}
+
+/// A client for the Cluster that `seeds` lead to.
+pub(super) fn open_cluster(seeds: Vec<String>, tls: &TlsSettings) -> Result<Client, MeshError> {
+    let commands = cluster_builder(&seeds, tls)?.build().map_err(invalid_url)?;
+    Ok(Client::Cluster(Box::new(ClusterSettings {
+        commands,
+        seeds,
+        tls: tls.clone(),
+    })))
+}
 
 /// The TLS settings of a [`RedisBackendBuilder`](super::RedisBackendBuilder): whom to
 /// trust, and whom to present.
@@ -50,17 +153,19 @@ fn names_tls(url: &str) -> bool {
     })
 }
 
-/// A client for `url`, over TLS when its scheme asks for it.
-pub(super) fn open(url: &str, tls: &TlsSettings) -> Result<redis::Client, MeshError> {
+/// A client for the single Redis at `url`, over TLS when its scheme asks for it.
+pub(super) fn open(url: &str, tls: &TlsSettings) -> Result<Client, MeshError> {
     if !names_tls(url) {
         if tls.is_set() {
             return Err(misconfigured(
                 "TLS certificates were given for a Redis URL without TLS: use a rediss:// URL",
             ));
         }
-        return redis::Client::open(url).map_err(invalid_url);
+        return redis::Client::open(url)
+            .map(Client::Single)
+            .map_err(invalid_url);
     }
-    open_tls(url, tls)
+    open_tls(url, tls).map(Client::Single)
 }
 
 #[cfg(not(feature = "redis-tls-rustls"))]
@@ -72,35 +177,13 @@ fn open_tls(_url: &str, _tls: &TlsSettings) -> Result<redis::Client, MeshError> 
 
 #[cfg(feature = "redis-tls-rustls")]
 fn open_tls(url: &str, tls: &TlsSettings) -> Result<redis::Client, MeshError> {
-    use rustls::pki_types::pem::PemObject;
-
     // The redis crate builds each connection's rustls configuration on the process-wide
     // default crypto provider, and rustls panics when there is none it can pick. Installing
     // ring fails harmlessly when the application installed a provider first: that one stays.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = if tls.is_set() {
-        // An empty root store would refuse every server, at connect time: say so now.
-        if let Some(pem) = &tls.root_certificates {
-            if rustls::pki_types::CertificateDer::pem_slice_iter(pem)
-                .next()
-                .is_none()
-            {
-                return Err(misconfigured(
-                    "the TLS root certificates hold no PEM CERTIFICATE block",
-                ));
-            }
-        }
-        let certificates = redis::TlsCertificates {
-            client_tls: tls
-                .client_identity
-                .as_ref()
-                .map(|(chain, key)| redis::ClientTlsConfig {
-                    client_cert: chain.clone(),
-                    client_key: key.clone(),
-                }),
-            root_cert: tls.root_certificates.clone(),
-        };
-        redis::Client::build_with_tls(url, certificates).map_err(|err| {
+        check_root_certificates(tls)?;
+        redis::Client::build_with_tls(url, certificates(tls)).map_err(|err| {
             MeshError::Unavailable(BackendError::caused_by(
                 "invalid Redis URL or TLS certificates",
                 err,
@@ -120,6 +203,39 @@ fn open_tls(url: &str, tls: &TlsSettings) -> Result<redis::Client, MeshError> {
         ));
     }
     Ok(client)
+}
+
+/// An empty root store would refuse every server, at connect time: say so now.
+#[cfg(feature = "redis-tls-rustls")]
+fn check_root_certificates(tls: &TlsSettings) -> Result<(), MeshError> {
+    use rustls::pki_types::pem::PemObject;
+
+    match &tls.root_certificates {
+        Some(pem)
+            if rustls::pki_types::CertificateDer::pem_slice_iter(pem)
+                .next()
+                .is_none() =>
+        {
+            Err(misconfigured(
+                "the TLS root certificates hold no PEM CERTIFICATE block",
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(feature = "redis-tls-rustls")]
+fn certificates(tls: &TlsSettings) -> redis::TlsCertificates {
+    redis::TlsCertificates {
+        client_tls: tls
+            .client_identity
+            .as_ref()
+            .map(|(chain, key)| redis::ClientTlsConfig {
+                client_cert: chain.clone(),
+                client_key: key.clone(),
+            }),
+        root_cert: tls.root_certificates.clone(),
+    }
 }
 
 #[cfg(test)]

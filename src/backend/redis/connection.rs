@@ -3,33 +3,44 @@
 //! else (no checkout, no liveness check per use). When it fails for good (dropped,
 //! refused, timed out), the next use connects afresh, so commands fail with
 //! `EUNAVAILABLE` while Redis is down and succeed again once it is back.
+//!
+//! On a Cluster it is the redis crate's cluster connection: one multiplexed connection per
+//! node, each command routed by its first key's slot, following `MOVED` and `ASK`
+//! redirections and refreshing the slot map after a failover.
 
 use std::sync::Arc;
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, Cmd, Pipeline, RedisError, RedisFuture, Value};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
 use tokio::sync::Mutex;
 
+use super::client::Client;
 use super::unavailable;
 use crate::error::MeshError;
 
 /// The shared connection, made on first use and replaced after it fails.
 pub(super) struct SharedConnection {
     client: Client,
-    config: AsyncConnectionConfig,
     current: Arc<Mutex<Option<Current>>>,
 }
 
 struct Current {
     generation: u64,
-    connection: MultiplexedConnection,
+    connection: Link,
+}
+
+/// A connection to a single Redis or to a Cluster.
+#[derive(Clone)]
+enum Link {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
 }
 
 impl SharedConnection {
-    pub(super) fn new(client: Client, config: AsyncConnectionConfig) -> Self {
+    pub(super) fn new(client: Client) -> Self {
         SharedConnection {
             client,
-            config,
             current: Arc::new(Mutex::new(None)),
         }
     }
@@ -46,11 +57,21 @@ impl SharedConnection {
                 slot: Arc::clone(&self.current),
             });
         }
-        let connection = self
-            .client
-            .get_multiplexed_async_connection_with_config(&self.config)
-            .await
-            .map_err(unavailable)?;
+        let connection = match &self.client {
+            Client::Single(client) => Link::Single(
+                client
+                    .get_multiplexed_async_connection_with_config(&super::client::config())
+                    .await
+                    .map_err(unavailable)?,
+            ),
+            Client::Cluster(cluster) => Link::Cluster(
+                cluster
+                    .commands
+                    .get_async_connection()
+                    .await
+                    .map_err(unavailable)?,
+            ),
+        };
         let generation = GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         *current = Some(Current {
             generation,
@@ -69,13 +90,19 @@ static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64:
 
 /// A handle on the shared connection. A failure that leaves the connection unusable
 /// retires it, so the next [`SharedConnection::get`] connects again.
+#[derive(Clone)]
 pub(super) struct Connection {
     generation: u64,
-    connection: MultiplexedConnection,
+    connection: Link,
     slot: Arc<Mutex<Option<Current>>>,
 }
 
 impl Connection {
+    /// Whether commands on different slots must go separately (no pipeline spans them).
+    pub(super) fn is_cluster(&self) -> bool {
+        matches!(self.connection, Link::Cluster(_))
+    }
+
     /// A failure blocks on nothing: when the slot is busy (another caller connecting or
     /// taking a handle), a later failure on the same connection retires it.
     fn retire_after(&self, err: &RedisError) {
@@ -96,7 +123,10 @@ impl Connection {
 impl redis::aio::ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
-            let reply = self.connection.req_packed_command(cmd).await;
+            let reply = match &mut self.connection {
+                Link::Single(connection) => connection.req_packed_command(cmd).await,
+                Link::Cluster(connection) => connection.req_packed_command(cmd).await,
+            };
             if let Err(err) = &reply {
                 self.retire_after(err);
             }
@@ -111,10 +141,18 @@ impl redis::aio::ConnectionLike for Connection {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
-            let replies = self
-                .connection
-                .req_packed_commands(pipeline, offset, count)
-                .await;
+            let replies = match &mut self.connection {
+                Link::Single(connection) => {
+                    connection
+                        .req_packed_commands(pipeline, offset, count)
+                        .await
+                }
+                Link::Cluster(connection) => {
+                    connection
+                        .req_packed_commands(pipeline, offset, count)
+                        .await
+                }
+            };
             if let Err(err) = &replies {
                 self.retire_after(err);
             }
@@ -123,6 +161,9 @@ impl redis::aio::ConnectionLike for Connection {
     }
 
     fn get_db(&self) -> i64 {
-        self.connection.get_db()
+        match &self.connection {
+            Link::Single(connection) => connection.get_db(),
+            Link::Cluster(_) => 0,
+        }
     }
 }

@@ -1,14 +1,17 @@
-//! Instances and the connections they hold: attaching (entering `P instances`, starting
-//! the pub/sub subscriber and the heartbeat) and detaching, registering connections, the
-//! heartbeat that finds a lost registration and enters again, and the sweep that removes
-//! what lapsed (dead instances' connections, presence, presence states). The module docs
-//! of `redis/mod.rs` explain the design ("Liveness and expiry").
+//! Instances and the connections they hold: attaching (entering the instances, starting
+//! the pub/sub subscriber and the heartbeat) and detaching, registering and forgetting
+//! connections, the heartbeat that finds a lost registration and enters again, and the
+//! sweep that removes what lapsed (dead instances' connections, presence, presence
+//! states). The module docs of `redis/mod.rs` explain the design ("Liveness and expiry").
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+
+use futures_util::future::BoxFuture;
+use futures_util::{StreamExt, TryStreamExt};
 
 use super::{redis_error, subscriber, RedisBackend, WeakBackend};
 use crate::backend::Inbox;
@@ -61,41 +64,40 @@ impl RedisBackend {
             subscribers.remove(instance_id);
         }
         let keys = &self.shared.keys;
+        let connections: Vec<String> = self
+            .run(self.query_one(redis::cmd("SMEMBERS").arg(keys.instance_connections(instance_id))))
+            .await?;
+        let mut unregisters: Vec<BoxFuture<'_, Result<(), MeshError>>> = Vec::new();
+        for connection_id in connections {
+            unregisters.push(Box::pin(async move {
+                self.run(self.unregister(instance_id, &connection_id)).await
+            }));
+        }
+        futures_util::stream::iter(unregisters)
+            .buffer_unordered(super::CROSS_SLOT_CONCURRENCY)
+            .try_collect::<()>()
+            .await?;
+        // Last, so that a detach cut short leaves the connections to the sweep.
         self.run(async {
             let mut conn = self.connection().await?;
-            self.shared
-                .scripts
-                .detach
-                .key(keys.instances())
-                .key(keys.instance_connections(instance_id))
-                .arg(&keys.prefix)
+            redis::pipe()
+                .cmd("ZREM")
+                .arg(keys.instances())
                 .arg(instance_id)
-                .invoke_async::<i64>(&mut conn)
+                .ignore()
+                .cmd("DEL")
+                .arg(keys.instance_connections(instance_id))
+                .ignore()
+                .query_async::<()>(&mut conn)
                 .await
-                .map_err(redis_error)?;
-            Ok(())
+                .map_err(redis_error)
         })
         .await
     }
 
+    /// Registers a connection: first in the registry (so that, should this stop half-way,
+    /// the sweep still finds it when the instance dies), then its routing.
     pub(super) async fn register(
-        &self,
-        instance_id: &str,
-        connection_id: &str,
-    ) -> Result<(), MeshError> {
-        let mut conn = self.connection().await?;
-        self.shared
-            .scripts
-            .register
-            .arg(&self.shared.keys.prefix)
-            .arg(instance_id)
-            .arg(connection_id)
-            .invoke_async::<()>(&mut conn)
-            .await
-            .map_err(redis_error)
-    }
-
-    pub(super) async fn unregister(
         &self,
         instance_id: &str,
         connection_id: &str,
@@ -104,29 +106,123 @@ impl RedisBackend {
         let mut conn = self.connection().await?;
         self.shared
             .scripts
-            .unregister
+            .register
             .key(keys.instance_connections(instance_id))
-            .arg(&keys.prefix)
+            .key(keys.connections())
             .arg(connection_id)
             .invoke_async::<()>(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        redis::cmd("HSET")
+            .arg(keys.connection(connection_id))
+            .arg("instance")
+            .arg(instance_id)
+            .query_async::<()>(&mut conn)
             .await
             .map_err(redis_error)
     }
 
-    pub(super) async fn sweep_expired(&self) -> Result<Duration, MeshError> {
+    /// Forgets a connection, then takes it out of the registry: a forget cut short is
+    /// done again by the sweep should the instance die, and doing it again is harmless.
+    pub(super) async fn unregister(
+        &self,
+        instance_id: &str,
+        connection_id: &str,
+    ) -> Result<(), MeshError> {
+        self.forget(connection_id).await?;
+        let keys = &self.shared.keys;
         let mut conn = self.connection().await?;
-        let next_due: i64 = self
+        redis::pipe()
+            .cmd("SREM")
+            .arg(keys.instance_connections(instance_id))
+            .arg(connection_id)
+            .ignore()
+            .cmd("ZREM")
+            .arg(keys.connections())
+            .arg(connection_id)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(redis_error)
+    }
+
+    /// Forgets a connection: it stops being registered (so no join or metadata write can
+    /// succeed any more), leaves its rooms (announcing its leaves), and then its keys go.
+    /// Each step may be repeated: a leave that finds nothing announces nothing, so every
+    /// leave is announced exactly once however often, and by whomever, this runs.
+    async fn forget(&self, connection_id: &str) -> Result<(), MeshError> {
+        let keys = &self.shared.keys;
+        let mut conn = self.connection().await?;
+        let rooms: Vec<String> = self
             .shared
             .scripts
-            .sweep
-            .arg(&self.shared.keys.prefix)
+            .release
+            .key(keys.connection(connection_id))
+            .key(keys.connection_rooms(connection_id))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        let leaves = rooms
+            .iter()
+            .map(|room| {
+                let mut leave = self.shared.scripts.leave.prepare_invoke();
+                leave.key(keys.room_base(room)).arg(connection_id).arg(room);
+                leave
+            })
+            .collect();
+        self.invoke_each::<i64>(leaves).await?;
+        redis::cmd("DEL")
+            .arg(keys.connection(connection_id))
+            .arg(keys.connection_rooms(connection_id))
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(redis_error)
+    }
+
+    /// Sweeps what lapsed: dead instances' connections (forgotten as `unregister` does)
+    /// and, in every room bucket, presence and states past their deadline. Returns when
+    /// the next deadline is due.
+    pub(super) async fn sweep_expired(&self) -> Result<Duration, MeshError> {
+        let keys = &self.shared.keys;
+        let mut conn = self.connection().await?;
+        let (instances_due, orphans): (i64, Vec<(String, String)>) = self
+            .shared
+            .scripts
+            .sweep_instances
+            .key(keys.instances())
+            .key(keys.dead_instances())
+            .arg(keys.registry())
             .arg(SWEEP_BATCH)
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
-        // Entries made by other instances after this sweep are caught by their own
-        // sweepers, or by this one within a heartbeat interval if they die.
-        Ok(u64::try_from(next_due)
+        let mut unregisters: Vec<BoxFuture<'_, Result<(), MeshError>>> = Vec::new();
+        for (instance_id, connection_id) in orphans {
+            unregisters.push(Box::pin(async move {
+                self.unregister(&instance_id, &connection_id).await
+            }));
+        }
+        futures_util::stream::iter(unregisters)
+            .buffer_unordered(super::CROSS_SLOT_CONCURRENCY)
+            .try_collect::<()>()
+            .await?;
+        let buckets = keys
+            .room_buckets()
+            .map(|bucket| {
+                let mut sweep = self.shared.scripts.sweep_rooms.prepare_invoke();
+                sweep.key(bucket).arg(SWEEP_BATCH);
+                sweep
+            })
+            .collect();
+        let rooms_due: Vec<i64> = self.invoke_each(buckets).await?;
+        // Negative: nothing is due. Entries made by other instances after this sweep are
+        // caught by their own sweepers, or by this one within a heartbeat interval if
+        // they die.
+        let next_due = std::iter::once(instances_due)
+            .chain(rooms_due)
+            .filter_map(|due| u64::try_from(due).ok())
+            .min();
+        Ok(next_due
             .map(Duration::from_millis)
             .unwrap_or(self.shared.heartbeat_interval)
             .min(self.shared.heartbeat_interval))

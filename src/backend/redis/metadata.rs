@@ -1,10 +1,11 @@
-//! Connection and room metadata: JSON in field `meta` of a hash (`P conn:{cid}`, beside
-//! the `instance` routing field; `P room-meta:{room}`), merged in Rust and written back by
-//! compare-and-set (`merge_json`, the `metadata_cas` Lua script).
+//! Connection and room metadata: JSON in field `meta` of a hash (the connection's hash,
+//! beside the `instance` routing field; the room's `room-meta` hash in its bucket), merged
+//! in Rust and written back by compare-and-set (`merge_json`, the `metadata_cas` Lua
+//! script).
 
 use serde_json::Value;
 
-use super::{conflict_pause, parse_json, parse_json_or_null, redis_error, RedisBackend};
+use super::{conflict_pause, parse_json, redis_error, RedisBackend};
 use crate::backend::{MetadataKind, MetadataOf, MetadataWrite};
 use crate::error::MeshError;
 
@@ -59,28 +60,15 @@ impl RedisBackend {
     }
 
     async fn list_connection_metadata(&self) -> Result<Vec<(String, Value)>, MeshError> {
-        let keys = &self.shared.keys;
-        let mut conn = self.connection().await?;
-        let ids: Vec<String> = redis::cmd("ZRANGE")
-            .arg(keys.connections())
-            .arg(0)
-            .arg(-1)
-            .query_async(&mut conn)
-            .await
-            .map_err(redis_error)?;
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for id in &ids {
-            pipe.cmd("HGET").arg(keys.connection(id)).arg("meta");
-        }
-        let metadata: Vec<Option<String>> =
-            pipe.query_async(&mut conn).await.map_err(redis_error)?;
-        ids.into_iter()
-            .zip(metadata)
-            .map(|(id, raw)| Ok((id, parse_json_or_null(raw.as_deref())?)))
-            .collect()
+        let ids: Vec<String> = self
+            .query_one(
+                redis::cmd("ZRANGE")
+                    .arg(self.shared.keys.connections())
+                    .arg(0)
+                    .arg(-1),
+            )
+            .await?;
+        self.with_connection_metadata(ids).await
     }
 
     async fn read_room_metadata(&self, room: &str) -> Result<Option<Value>, MeshError> {
@@ -93,41 +81,40 @@ impl RedisBackend {
         write: &MetadataWrite,
     ) -> Result<(), MeshError> {
         let keys = &self.shared.keys;
-        let index = keys.rooms_with_metadata();
+        let index = format!("{}rooms-with-meta", keys.room_base(room));
         self.merge_json(&keys.room_metadata(room), None, write, Some((&index, room)))
             .await
             .map(drop)
     }
 
     pub(super) async fn remove_room_metadata(&self, room: &str) -> Result<(), MeshError> {
-        let keys = &self.shared.keys;
         let mut conn = self.connection().await?;
-        redis::pipe()
-            .atomic()
-            .cmd("DEL")
-            .arg(keys.room_metadata(room))
-            .ignore()
-            .cmd("SREM")
-            .arg(keys.rooms_with_metadata())
+        self.shared
+            .scripts
+            .delete_room_metadata
+            .key(self.shared.keys.room_base(room))
             .arg(room)
-            .ignore()
-            .query_async::<()>(&mut conn)
+            .invoke_async::<()>(&mut conn)
             .await
             .map_err(redis_error)
     }
 
+    /// Every room's metadata: one script per room bucket.
     async fn list_room_metadata(&self) -> Result<Vec<(String, Value)>, MeshError> {
-        let mut conn = self.connection().await?;
-        let pairs: Vec<(String, String)> = self
+        let buckets = self
             .shared
-            .scripts
-            .all_room_metadata
-            .arg(&self.shared.keys.prefix)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(redis_error)?;
-        let mut all = pairs
+            .keys
+            .room_buckets()
+            .map(|bucket| {
+                let mut list = self.shared.scripts.all_room_metadata.prepare_invoke();
+                list.key(bucket);
+                list
+            })
+            .collect();
+        let buckets: Vec<Vec<(String, String)>> = self.invoke_each(buckets).await?;
+        let mut all = buckets
             .into_iter()
+            .flatten()
             .map(|(room, raw)| Ok((room, parse_json(&raw)?)))
             .collect::<Result<Vec<_>, MeshError>>()?;
         all.sort_unstable_by(|a, b| a.0.cmp(&b.0));

@@ -14,70 +14,128 @@
 //! is a plain channel's pub/sub channel (see "Plain channels" below), which is the
 //! channel's own name and never starts with `P`.
 //!
+//! Braces are literal: they are the hash tag that decides a key's Redis Cluster slot (the
+//! text between the first `{` and the next `}`), and they are there on a single Redis too,
+//! so that both run the same code on the same layout. Rooms and records are spread over 64
+//! *buckets* each (bucket `N` = FNV-1a of the name, modulo 64): a room's keys share a slot
+//! with the indexes of its bucket, which its scripts change in the same atomic step.
+//!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `P instances` | sorted set | instance id, scored by its liveness deadline (Redis server time, ms) |
-//! | `P instance:{iid}:connections` | set | the connection ids an instance holds |
-//! | `P connections` | sorted set | every connection id, scored by registration time (for ordered listings) |
-//! | `P conn:{cid}` | hash | `instance`: the holder's id (routing); `meta`: the metadata JSON |
-//! | `P conn:{cid}:rooms` | set | the rooms a connection is in |
-//! | `P room:{room}` | sorted set | a room's members, scored by join order (`P join-order` counts) |
-//! | `P join-order` | string | a counter every join increments: the next join order |
-//! | `P rooms` | set | every room with at least one member |
-//! | `P room-meta:{room}` | hash | `meta`: a room's metadata JSON |
-//! | `P rooms-with-meta` | set | every room that has metadata |
-//! | `P presence:{room}` | sorted set | a tracked room's present connections, scored by presence deadline |
-//! | `P presence-states:{room}` | hash | connection id -> presence state JSON |
-//! | `P presence-expiry` | sorted set | `"{cid}\n{room}"` for every presence entry, scored by its deadline |
-//! | `P state-expiry` | sorted set | `"{cid}\n{room}"` for every state with `expireAfter`, scored by its deadline |
-//! | `P dead-connections` | set | connections of dead instances not forgotten yet |
-//! | `P history:{channel}` | list | a channel's kept messages, newest first (for a plain channel, other processes may read it and `LPUSH` to it) |
-//! | `P history-bytes:{channel}` | string | the total size in bytes of a channel's kept messages (absent when none are kept) |
-//! | `P history-length:{channel}` | string | plain channels only: the list's length as mesh's last write left it |
-//! | `P record:{id}` | hash | `value`: a record's JSON; `version`: its version; `token`: renewed by every write (the compare-and-set key) |
-//! | `P record-ids` | sorted set, every score 0 | every stored record id, in byte order: prefix listings read a range (`ZRANGEBYLEX`) |
+//! | `P{registry}:instances` | sorted set | instance id, scored by its liveness deadline (Redis server time, ms) |
+//! | `P{registry}:dead-instances` | sorted set | instances past their deadline whose connections are still being forgotten |
+//! | `P{registry}:instance:IID` | set | the connection ids instance `IID` holds |
+//! | `P{registry}:connections` | sorted set | every connection id, scored by registration time (for ordered listings) |
+//! | `P conn:{CID}` | hash | `instance`: the holder's id (routing); `meta`: the metadata JSON |
+//! | `P conn-rooms:{CID}` | set | the rooms a connection is in |
+//! | `P{rooms:N}:room:ROOM` | sorted set | a room's members, scored by join order (`P{rooms:N}:join-order` counts) |
+//! | `P{rooms:N}:rooms` | set | the bucket's rooms with at least one member |
+//! | `P{rooms:N}:room-meta:ROOM` | hash | `meta`: a room's metadata JSON |
+//! | `P{rooms:N}:rooms-with-meta` | set | the bucket's rooms that have metadata |
+//! | `P{rooms:N}:presence:ROOM` | sorted set | a tracked room's present connections, scored by presence deadline |
+//! | `P{rooms:N}:presence-states:ROOM` | hash | connection id -> presence state JSON |
+//! | `P{rooms:N}:presence-expiry` | sorted set | `"{cid}\n{room}"` for the bucket's presence entries, scored by deadline |
+//! | `P{rooms:N}:state-expiry` | sorted set | `"{cid}\n{room}"` for the bucket's states with `expireAfter`, scored by deadline |
+//! | `P history:{CHANNEL}` | list | a channel's kept messages, newest first (for a plain channel, other processes may read it and `LPUSH` to it) |
+//! | `P history-bytes:{CHANNEL}` | string | the total size in bytes of a channel's kept messages (absent when none are kept) |
+//! | `P history-length:{CHANNEL}` | string | plain channels only: the list's length as mesh's last write left it |
+//! | `P{records:N}:record:ID` | hash | `value`: a record's JSON; `version`: its version; `token`: renewed by every write (the compare-and-set key) |
+//! | `P{records:N}:record-ids` | sorted set, every score 0 | the bucket's record ids, in byte order: prefix listings read a range of each bucket (`ZRANGEBYLEX`) |
 //!
 //! Routing and metadata are two fields of one hash, written by different commands, so
 //! setting metadata can never redirect a connection's pushes (mesh's fault, docs/protocol.md §6).
 //!
-//! | channel | carries |
-//! |---|---|
-//! | `P instance:{iid}` | deliveries for connections held by that instance, and calls and answers between instances |
-//! | `P broadcast` | deliveries for every connection |
-//! | `P topic:room:{room}`, `P topic:presence:{room}`, `P topic:channel:{channel}`, `P topic:record:{id}` | room broadcasts, presence updates, channel messages, record updates; only instances with a local listener subscribe |
-//! | `P topic:collections:{pattern}` | "a record that collections of this exposure may hold changed" |
-//! | `{channel}` (no prefix) | a plain channel's messages, as their bare text; only instances with a local listener subscribe |
+//! | channel | pub/sub on a Cluster | carries |
+//! |---|---|---|
+//! | `P instance:IID` | classic | deliveries for connections held by that instance, and calls and answers between instances |
+//! | `P broadcast` | classic | deliveries for every connection |
+//! | `P{rooms:N}:topic:room:ROOM`, `P{rooms:N}:topic:presence:ROOM` | sharded | room broadcasts, presence updates |
+//! | `P topic:channel:{CHANNEL}` | sharded | channel messages |
+//! | `P{records:N}:topic:record:ID` | sharded | record updates |
+//! | `P topic:collections:PATTERN` | classic | "a record that collections of this exposure may hold changed" |
+//! | `CHANNEL` (no prefix) | classic | a plain channel's messages, as their bare text |
 //!
-//! A push to one connection is one script call that looks up the holder and publishes on
-//! its channel: one round trip, and only the holder receives it. A delivery is a short
-//! binary envelope (a tag, then length-prefixed fields: ids, a push's command and its
-//! payload's JSON text verbatim) parsed once per instance.
+//! Only instances with a local listener subscribe to a topic. A push to one connection is
+//! one script call that looks up the holder and publishes on its channel: one round trip,
+//! and only the holder receives it. A delivery is a short binary envelope (a tag, then
+//! length-prefixed fields: ids, a push's command and its payload's JSON text verbatim)
+//! parsed once per instance.
+//!
+//! # Redis Cluster
+//!
+//! [`RedisBackend::cluster`] connects through seed nodes and routes each command by its
+//! first key's slot; every script names a key of the one slot it touches first. Commands
+//! that read several slots (members' metadata, the buckets of a listing) go separately, 64
+//! at a time, pipelined per node.
+//!
+//! **Sharded pub/sub.** A topic whose messages are published by the scripts of one slot
+//! (presence by the room's, a record's updates by its own, a channel's messages by its
+//! history's) travels on that slot's sharded channel (`SPUBLISH`/`SSUBSCRIBE`), and so do
+//! room broadcasts, in the room's slot: a room's traffic stays on the shard that owns it,
+//! and pub/sub load grows with the number of shards, not with the whole Cluster. Classic
+//! pub/sub reaches every node over the cluster bus, which is what an instance's own
+//! channel and broadcasts need (one subscriber, any publisher; there are few of them), and
+//! what plain channels need, so that an outside `PUBLISH` reaches their subscribers as on
+//! a single Redis. Collections topics stay classic too: a record write announces them
+//! from the record's slot, which is not theirs. On a single Redis every channel is
+//! classic (so Redis 5 and 6 keep working there).
+//!
+//! **Recovery.** The redis crate's cluster connection follows `MOVED` and `ASK`,
+//! refreshes its slot map after a failover, reconnects to nodes that come back, and
+//! subscribes again on whichever node now serves each channel. While a slot is
+//! unreachable its operations fail with `EUNAVAILABLE` after the operation timeout, as
+//! on a single Redis that is down; the instance reports each pub/sub outage to the engine
+//! once the subscriptions are back, so that records and collections catch up.
+//!
+//! # Steps across slots
+//!
+//! A connection's keys and a room's keys are in different slots, so joining, leaving and
+//! forgetting a connection (when it closes, or when the sweep finds its instance dead)
+//! are steps, one script each, ordered so that whoever comes next completes or undoes an
+//! interrupted change, and every announcement is made once:
+//! - **Forget:** the connection stops being registered (its `instance` field goes, so
+//!   joins and metadata writes fail from then on), it leaves each room it noted, its keys
+//!   go, and only then does it leave the registry. Each step may be repeated: a sweep
+//!   repeats all of it for a connection still in its instance's set.
+//! - **Join:** the connection notes the room (only while registered), the room takes the
+//!   member, and the connection is checked to be registered still; if it is not, a forget
+//!   ran in between and may have read the notes before the member arrived, so the join
+//!   leaves the room itself.
+//! - **Leave:** the room first, then the note, so that an interrupted leave leaves a note
+//!   of a room the connection is not in (which a later forget leaves again, harmlessly),
+//!   never a member nobody knows of.
+//! - **Announcements:** a `leave` is published by the script that removes the presence
+//!   entry, and only when it removed one, so however many steps run twice, by whomever,
+//!   each leave is announced exactly once.
 //!
 //! # Plain channels
 //!
 //! [`RedisBackendBuilder::plain_channels`] makes the channels its patterns match plain
 //! Redis channels, as all of mesh's are: any process can `PUBLISH {channel} text` to
 //! their subscribers, `SUBSCRIBE {channel}` to what the mesh writes, and read
-//! `P history:{channel}` (newest first) or `LPUSH` to it. A plain channel's pub/sub
-//! messages are the message text (UTF-8) and nothing else: each instance turns one into
-//! [`Delivery::ChannelMessage`], and the engine pushes it to the channel's local
-//! subscribers unless it is over `max_channel_message_bytes` (then it is dropped, logged,
-//! and counted in `MeshStats::dropped_channel_messages`). The mesh's own writes go the same
-//! way, so outside subscribers see them too.
+//! `P history:{CHANNEL}` (newest first, braces literal) or `LPUSH` to it. A plain
+//! channel's pub/sub messages are the message text (UTF-8) and nothing else: each instance
+//! turns one into [`Delivery::ChannelMessage`], and the engine pushes it to the channel's
+//! local subscribers unless it is over `max_channel_message_bytes` (then it is dropped,
+//! logged, and counted in `MeshStats::dropped_channel_messages`). The mesh's own writes go
+//! the same way, so outside subscribers see them too. On a Cluster, outside processes
+//! publish with a plain `PUBLISH` as well (plain channels are classic pub/sub there), and
+//! reach the history list through any Cluster-aware client (its slot is the channel
+//! name's).
 //!
 //! The prefix stays closed: a name that starts with `P` is never plain, whatever pattern
 //! matches it, so the pub/sub channel of a plain channel is never one of the engine's, a
 //! mesh write to a plain channel never publishes under `P`, and the subscriber reads a
 //! message as bare text only when it arrives on a name outside `P`. Text published on an
-//! engine channel (`P broadcast`, `P instance:{iid}`, `P topic:…`) is parsed as an envelope
+//! engine channel (`P broadcast`, `P instance:IID`, the topics) is parsed as an envelope
 //! and dropped when it is not one, as before. (Publishing an envelope there takes what any
 //! Redis client with access can do anyway: write the keys; plain channels open no new way.)
 //! `build` refuses plain channels with an empty prefix, under which nothing could be told
 //! apart.
 //!
-//! History sizes: mesh keeps `P history-bytes:{channel}` in step with what it pushes and
+//! History sizes: mesh keeps `P history-bytes:{CHANNEL}` in step with what it pushes and
 //! pops, in the `write_channel` script. Others' `LPUSH`es are not counted when they happen;
-//! instead, for a plain channel the script also keeps `P history-length:{channel}`, the
+//! instead, for a plain channel the script also keeps `P history-length:{CHANNEL}`, the
 //! list's length as it left it, and when it finds another length (someone else pushed,
 //! trimmed or deleted) it counts the list's bytes again (one pass, in chunks) before it
 //! pushes and trims. So after every mesh write the list holds at most the write's count
@@ -88,51 +146,39 @@
 //! inside Redis, skips messages over `max_channel_message_bytes` (as live delivery
 //! does), and stops at the request's count and after the reply's byte budget.
 //!
-//! ## Redis Cluster (not supported yet; what the Cluster step will need)
-//!
-//! Plain `PUBLISH` is cluster-wide: a message published on any node reaches `SUBSCRIBE`rs
-//! on every node, over the cluster bus. `SPUBLISH` reaches only `SSUBSCRIBE`rs of the
-//! channel's shard. So for a plain `PUBLISH` from outside to keep working on Cluster, a
-//! Cluster backend should subscribe to plain channels with `SUBSCRIBE` (on any node) and
-//! publish them with `PUBLISH` (from its history script, where it is allowed, as it has
-//! no key); outside publishers then use `PUBLISH`, exactly as on a single Redis. If the
-//! Cluster backend moves plain channels to sharded pub/sub for throughput instead,
-//! outside publishers must use `SPUBLISH {channel}`, and a plain `PUBLISH` reaches
-//! nobody: that would have to be a documented, separate choice. The history list and its
-//! two counters must share a slot for the script: expect a hash tag around the channel
-//! name (for example `P history:{{channel}}`, literal braces), which changes the key
-//! outside processes read and `LPUSH` to on Cluster; the Cluster step decides and
-//! documents it, and should run the raw-client tests of `tests/it/plain_channels.rs`
-//! against a Cluster, publishing on a node other than the subscribers'.
-//!
 //! # Liveness and expiry
 //!
-//! Each instance refreshes its deadline in `P instances` every `heartbeat_interval`
-//! (default 2 s) to now + `instance_ttl` (default 10 s), using Redis's clock so that skewed
-//! hosts agree. An instance that finds itself missing from `P instances` (Redis restarted
-//! empty, or it was swept during a long stall) has lost its connections' rooms, presence
-//! and metadata: it closes them with 1012 so that their clients reconnect and set them up
-//! again, and only then enters `P instances` again. The heartbeat itself never adds the
-//! instance: a command can run although its reply is lost (a stall queues it, the caller
-//! times out), and a heartbeat that put a swept instance back that way would hide the loss.
+//! Each instance refreshes its deadline in `P{registry}:instances` every
+//! `heartbeat_interval` (default 2 s) to now + `instance_ttl` (default 10 s), using
+//! Redis's clock so that skewed hosts agree. An instance that finds itself missing from
+//! the instances (Redis restarted empty, or it was swept during a long stall) has lost its
+//! connections' rooms, presence and metadata: it closes them with 1012 so that their
+//! clients reconnect and set them up again, and only then enters the instances again. The
+//! heartbeat itself never adds the instance: a command can run although its reply is lost
+//! (a stall queues it, the caller times out), and a heartbeat that put a swept instance
+//! back that way would hide the loss.
 //!
 //! Everything that can lapse is a score in a sorted set: instance deadlines, presence
-//! deadlines (`P presence-expiry`), state expiries (`P state-expiry`). One sweep script,
-//! which any instance may run at any time, claims lapsed entries with `ZREM` (which
-//! succeeds for exactly one sweeper), removes what hangs on them, and publishes each
-//! `leave` or cleared state from inside the script, so each is announced exactly once and
-//! in order with every other presence change (all of which are published by the script
-//! that makes them). It returns when the next entry lapses, so the engine sleeps until
-//! then. A dead instance's connections are moved to `P dead-connections` and forgotten a
-//! bounded batch per sweep, so no script runs long. This is the
-//! layout Centrifugo uses for presence; it needs no keyspace notifications, which Redis
-//! Cluster and many managed services do not deliver reliably, and it still works when
-//! the instance that owned a connection is gone. A dead instance's connections are
+//! deadlines and state expiries (one set each per room bucket). Any instance may sweep at
+//! any time, and each lapsed entry is removed and announced exactly once:
+//! - A lapsed instance is claimed by one sweeper (`ZREM` succeeds once) and moved to
+//!   `P{registry}:dead-instances`. Its connections stay in its set until each has been
+//!   forgotten (see "Steps across slots"), a bounded batch per sweep, handed to any
+//!   sweeper that asks; two sweepers may forget one connection together, which announces
+//!   each leave once all the same. An instance whose set is empty is done.
+//! - In each room bucket, one script claims lapsed presence and states with `ZREM`, which
+//!   succeeds for exactly one sweeper, removes what hangs on them and publishes each
+//!   `leave` or cleared state from inside the script, in order with every other presence
+//!   change of the room (all of which are published by the script that makes them).
+//!
+//! The sweep returns when the next entry lapses, so the engine sleeps until then. This is
+//! the layout Centrifugo uses for presence; it needs no keyspace notifications, which
+//! Redis Cluster and many managed services do not deliver reliably, and it still works
+//! when the instance that owned a connection is gone. A dead instance's connections are
 //! removed within `instance_ttl + heartbeat_interval`.
 //!
-//! Scripts touch keys they compute from the prefix, so this layout targets a single Redis
-//! (or a primary with replicas), not Redis Cluster. They write after reading `TIME`,
-//! which needs Redis 5 or newer (script effects replication).
+//! Scripts write after reading `TIME`, which needs Redis 5 or newer (script effects
+//! replication); sharded pub/sub on a Cluster needs Redis 7.
 //!
 //! # Where the code lives
 //!
@@ -173,13 +219,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
+use futures_util::{StreamExt, TryStreamExt};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use self::client::TlsSettings;
+use self::client::{Client, TlsSettings};
 use self::connection::{Connection, SharedConnection};
-use self::keys::Keys;
+use self::keys::{Keys, PubSub};
 use self::scripts::Scripts;
 use self::subscriber::Command;
 use super::{
@@ -191,6 +239,8 @@ use crate::error::{BackendError, MeshError};
 
 /// Longest any single Redis operation may take before it counts as unavailable.
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(3);
+/// How many commands on different slots one operation has in flight at once.
+const CROSS_SLOT_CONCURRENCY: usize = 64;
 /// The longest pause between two attempts of a contended read-modify-write.
 const MAX_CONFLICT_PAUSE: Duration = Duration::from_millis(8);
 
@@ -210,7 +260,7 @@ impl std::fmt::Debug for RedisBackend {
 
 struct Shared {
     commands: SharedConnection,
-    client: redis::Client,
+    client: Client,
     keys: Keys,
     heartbeat_interval: Duration,
     instance_ttl: Duration,
@@ -255,12 +305,19 @@ fn redis_error(err: redis::RedisError) -> MeshError {
 #[derive(Debug, Clone)]
 #[must_use = "a builder does nothing until build() is called"]
 pub struct RedisBackendBuilder {
-    url: String,
+    target: Target,
     prefix: String,
     heartbeat_interval: Duration,
     instance_ttl: Duration,
     tls: TlsSettings,
     plain_channels: Vec<Pattern>,
+}
+
+/// Where a backend connects.
+#[derive(Debug, Clone)]
+enum Target {
+    Single(String),
+    Cluster(Vec<String>),
 }
 
 impl RedisBackendBuilder {
@@ -282,13 +339,17 @@ impl RedisBackendBuilder {
     /// Makes the channels `pattern` matches (an exact name or a [`Regex`](crate::Regex))
     /// plain Redis channels, which processes outside the mesh can publish to and read,
     /// as with mesh: the Redis channel is the channel's own name, the payload is the
-    /// message text, and the history is the Redis list `P history:{channel}` (`P` the
-    /// [`prefix`](Self::prefix)), newest first. Call it again to add patterns.
+    /// message text, and the history is the Redis list `P history:{CHANNEL}` (`P` the
+    /// [`prefix`](Self::prefix), the braces literal: they keep the list in the
+    /// channel's Cluster slot), newest first. Call it again to add patterns.
     ///
     /// ```text
-    /// PUBLISH ext:orders '{"id":7}'          # reaches every subscriber of ext:orders
-    /// LPUSH mesh:history:ext:orders '{"id":7}'   # and keeps it in the history (optional)
+    /// PUBLISH ext:orders '{"id":7}'              # reaches every subscriber of ext:orders
+    /// LPUSH mesh:history:{ext:orders} '{"id":7}'  # and keeps it in the history (optional)
     /// ```
+    ///
+    /// On a [Cluster](RedisBackend::cluster) too, outside publishers use a plain
+    /// `PUBLISH`.
     ///
     /// Names that start with the prefix are never plain, whatever matches them: the
     /// engine's own channels stay closed to outside text. Every instance of a mesh must
@@ -351,24 +412,22 @@ impl RedisBackendBuilder {
                 "plain channels need a non-empty key prefix, to keep them apart from the mesh's own channels",
             )));
         }
-        let client = client::open(&self.url, &self.tls)?;
-        // The operation timeout bounds every command; the redis crate's own default
-        // response timeout (500 ms) would otherwise fail commands that a busy machine
-        // answers a little late, well within what the backend promises to wait.
-        let connection_config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(OPERATION_TIMEOUT))
-            .set_response_timeout(Some(OPERATION_TIMEOUT));
+        let (client, topics) = match self.target {
+            Target::Single(url) => (client::open(&url, &self.tls)?, PubSub::Classic),
+            Target::Cluster(seeds) => (client::open_cluster(seeds, &self.tls)?, PubSub::Sharded),
+        };
         Ok(RedisBackend {
             shared: Arc::new(Shared {
-                commands: SharedConnection::new(client.clone(), connection_config),
+                commands: SharedConnection::new(client.clone()),
                 client,
                 keys: Keys {
                     prefix: self.prefix,
                     plain_channels: self.plain_channels.into(),
+                    sharded: topics == PubSub::Sharded,
                 },
                 heartbeat_interval: self.heartbeat_interval,
                 instance_ttl: self.instance_ttl,
-                scripts: Scripts::new(),
+                scripts: Scripts::new(topics),
                 tasks: Mutex::new(HashMap::new()),
                 subscribers: Mutex::new(HashMap::new()),
             }),
@@ -385,8 +444,25 @@ impl RedisBackend {
 
     /// Starts configuring a backend for the Redis at `url`.
     pub fn builder(url: impl Into<String>) -> RedisBackendBuilder {
+        Self::builder_for(Target::Single(url.into()))
+    }
+
+    /// Starts configuring a backend for a Redis Cluster, found through `seeds` (the URLs
+    /// of one or more of its nodes: `redis://host:port`, or all `rediss://` for TLS). The
+    /// backend learns the rest of the Cluster from them, follows `MOVED` and `ASK`
+    /// redirections, and finds the new primary after a failover. Topics travel on sharded
+    /// pub/sub (Redis 7 or newer); the module docs explain the layout.
+    pub fn cluster<I, S>(seeds: I) -> RedisBackendBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self::builder_for(Target::Cluster(seeds.into_iter().map(Into::into).collect()))
+    }
+
+    fn builder_for(target: Target) -> RedisBackendBuilder {
         RedisBackendBuilder {
-            url: url.into(),
+            target,
             prefix: "mesh:".to_owned(),
             heartbeat_interval: Duration::from_secs(2),
             instance_ttl: Duration::from_secs(10),
@@ -404,8 +480,8 @@ impl RedisBackend {
         self.shared.commands.get().await
     }
 
-    /// Runs a script that takes one connection in one room (`prefix`, `connection_id`,
-    /// `room`) and answers whether it found what it changes (1 or 0).
+    /// Runs a script of `room`'s bucket that takes one connection in that room and
+    /// answers whether it found what it changes (1 or 0).
     async fn connection_in_room(
         &self,
         script: &redis::Script,
@@ -414,13 +490,77 @@ impl RedisBackend {
     ) -> Result<bool, MeshError> {
         let mut conn = self.connection().await?;
         let found: i64 = script
-            .arg(&self.shared.keys.prefix)
+            .key(self.shared.keys.room_base(room))
             .arg(connection_id)
             .arg(room)
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
         Ok(found == 1)
+    }
+
+    /// Runs one command.
+    async fn query_one<T: redis::FromRedisValue>(
+        &self,
+        command: &redis::Cmd,
+    ) -> Result<T, MeshError> {
+        let mut conn = self.connection().await?;
+        command.query_async(&mut conn).await.map_err(redis_error)
+    }
+
+    /// Runs `commands`, which may be on different slots, and returns their replies in
+    /// order: as one pipeline on a single Redis; on a Cluster (where a pipeline must stay
+    /// on one slot) as separate commands, [`CROSS_SLOT_CONCURRENCY`] at a time, which the
+    /// cluster connection pipelines per node.
+    async fn query_each<T: redis::FromRedisValue + Send>(
+        &self,
+        commands: Vec<redis::Cmd>,
+    ) -> Result<Vec<T>, MeshError> {
+        if commands.is_empty() {
+            return Ok(Vec::new());
+        }
+        let conn = self.connection().await?;
+        if !conn.is_cluster() {
+            let mut pipe = redis::pipe();
+            for command in commands {
+                pipe.add_command(command);
+            }
+            let mut conn = conn;
+            return pipe.query_async(&mut conn).await.map_err(redis_error);
+        }
+        let mut queries = Vec::with_capacity(commands.len());
+        for command in commands {
+            let mut conn = conn.clone();
+            queries.push(async move { command.query_async(&mut conn).await.map_err(redis_error) });
+        }
+        futures_util::stream::iter(queries)
+            .buffered(CROSS_SLOT_CONCURRENCY)
+            .try_collect()
+            .await
+    }
+
+    /// Runs script `invocations` (each on its own slot) concurrently and returns their
+    /// replies in order.
+    async fn invoke_each<T: redis::FromRedisValue + Send>(
+        &self,
+        invocations: Vec<redis::ScriptInvocation<'_>>,
+    ) -> Result<Vec<T>, MeshError> {
+        let conn = self.connection().await?;
+        let mut runs: Vec<BoxFuture<'_, Result<T, MeshError>>> =
+            Vec::with_capacity(invocations.len());
+        for invocation in invocations {
+            let mut conn = conn.clone();
+            runs.push(Box::pin(async move {
+                invocation
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(redis_error)
+            }));
+        }
+        futures_util::stream::iter(runs)
+            .buffered(CROSS_SLOT_CONCURRENCY)
+            .try_collect()
+            .await
     }
 
     /// Runs one Redis operation under the operation timeout.

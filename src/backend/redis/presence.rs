@@ -3,53 +3,64 @@
 //! publishes the presence change it makes (`announce` in `scripts.rs`); lapsed presence
 //! and states are removed by the sweep (`liveness.rs`).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{millis, parse_json, parse_json_or_null, redis_error, RedisBackend};
+use super::{millis, parse_json, redis_error, RedisBackend};
 use crate::backend::{PresenceRefresh, PresenceView};
 use crate::error::MeshError;
 
 impl RedisBackend {
+    /// Extends presence with one script per room bucket the refreshes touch.
     pub(super) async fn extend_presence(
         &self,
         refreshes: &[PresenceRefresh],
     ) -> Result<(), MeshError> {
-        let mut conn = self.connection().await?;
-        let mut invocation = self.shared.scripts.refresh_presence.prepare_invoke();
-        invocation.arg(&self.shared.keys.prefix);
+        let keys = &self.shared.keys;
+        let mut by_bucket: HashMap<String, redis::ScriptInvocation<'_>> = HashMap::new();
         for (connection_id, rooms) in refreshes {
-            invocation.arg(&**connection_id).arg(rooms.len());
             for (room, ttl) in rooms {
-                invocation.arg(&**room).arg(millis(*ttl));
+                by_bucket
+                    .entry(keys.room_base(room))
+                    .or_insert_with_key(|bucket| {
+                        let mut refresh = self.shared.scripts.refresh_presence.prepare_invoke();
+                        refresh.key(bucket.as_str());
+                        refresh
+                    })
+                    .arg(&**connection_id)
+                    .arg(&**room)
+                    .arg(millis(*ttl));
             }
         }
-        invocation
-            .invoke_async::<()>(&mut conn)
+        self.invoke_each::<()>(by_bucket.into_values().collect())
             .await
-            .map_err(redis_error)
+            .map(drop)
     }
 
+    /// The present connections and their states (one script in the room's bucket), then
+    /// their metadata (in each connection's slot).
     pub(super) async fn presence_view(&self, room: &str) -> Result<PresenceView, MeshError> {
         let mut conn = self.connection().await?;
-        let entries: Vec<(String, Option<String>, Option<String>)> = self
+        let entries: Vec<(String, Option<String>)> = self
             .shared
             .scripts
             .presence
-            .arg(&self.shared.keys.prefix)
+            .key(self.shared.keys.room_base(room))
             .arg(room)
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
         let mut view = PresenceView::default();
-        for (id, metadata, state) in entries {
+        let mut present = Vec::with_capacity(entries.len());
+        for (id, state) in entries {
             if let Some(state) = state {
                 view.states.push((id.clone(), parse_json(&state)?));
             }
-            view.present
-                .push((id, parse_json_or_null(metadata.as_deref())?));
+            present.push(id);
         }
+        view.present = self.with_connection_metadata(present).await?;
         Ok(view)
     }
 
@@ -66,7 +77,7 @@ impl RedisBackend {
             .shared
             .scripts
             .set_state
-            .arg(&self.shared.keys.prefix)
+            .key(self.shared.keys.room_base(room))
             .arg(connection_id)
             .arg(room)
             .arg(state.to_string())

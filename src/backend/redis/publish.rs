@@ -26,7 +26,7 @@ impl RedisBackend {
             }
             _ => envelope::encode(&delivery),
         };
-        let channel = match (keys.channel_of(&delivery), &delivery) {
+        let (channel, pubsub) = match (keys.channel_of(&delivery), &delivery) {
             (Some(channel), _) => channel,
             (
                 None,
@@ -50,7 +50,7 @@ impl RedisBackend {
             (None, _) => return Ok(false),
         };
         let mut conn = self.connection().await?;
-        let received: i64 = redis::cmd("PUBLISH")
+        let received: i64 = redis::cmd(pubsub.publish_command())
             .arg(channel)
             .arg(envelope)
             .query_async(&mut conn)

@@ -14,35 +14,49 @@ impl RedisBackend {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for id in ids {
-            pipe.cmd("HMGET")
-                .arg(self.shared.keys.record(id))
-                .arg("value")
-                .arg("version");
-        }
-        let mut conn = self.connection().await?;
-        let stored: Vec<(Option<String>, Option<u64>)> =
-            pipe.query_async(&mut conn).await.map_err(redis_error)?;
+        let reads = ids
+            .iter()
+            .map(|id| {
+                let mut read = redis::cmd("HMGET");
+                read.arg(self.shared.keys.record(id))
+                    .arg("value")
+                    .arg("version");
+                read
+            })
+            .collect();
+        let stored: Vec<(Option<String>, Option<u64>)> = self.query_each(reads).await?;
         stored.into_iter().map(stored_record).collect()
     }
 
+    /// The ids that start with `prefix`, in byte order: a range of each bucket's index,
+    /// merged.
     pub(super) async fn list_record_ids(&self, prefix: &str) -> Result<Vec<String>, MeshError> {
-        let mut conn = self.connection().await?;
-        let mut listing = redis::cmd("ZRANGEBYLEX");
-        listing.arg(self.shared.keys.record_ids());
-        if prefix.is_empty() {
-            listing.arg("-").arg("+");
+        let (lower, upper) = if prefix.is_empty() {
+            (b"-".to_vec(), b"+".to_vec())
         } else {
             // No UTF-8 text holds the byte 0xff: every id with the prefix sorts
             // between the prefix itself and the prefix followed by it.
-            let mut upper = Vec::with_capacity(prefix.len() + 2);
-            upper.push(b'[');
-            upper.extend_from_slice(prefix.as_bytes());
+            let mut lower = Vec::with_capacity(prefix.len() + 1);
+            lower.push(b'[');
+            lower.extend_from_slice(prefix.as_bytes());
+            let mut upper = lower.clone();
             upper.push(0xff);
-            listing.arg(format!("[{prefix}")).arg(upper);
-        }
-        listing.query_async(&mut conn).await.map_err(redis_error)
+            (lower, upper)
+        };
+        let reads = self
+            .shared
+            .keys
+            .record_id_indexes()
+            .map(|index| {
+                let mut read = redis::cmd("ZRANGEBYLEX");
+                read.arg(index).arg(&lower).arg(&upper);
+                read
+            })
+            .collect();
+        let buckets: Vec<Vec<String>> = self.query_each(reads).await?;
+        let mut ids: Vec<String> = buckets.into_iter().flatten().collect();
+        ids.sort_unstable();
+        Ok(ids)
     }
 
     pub(super) async fn write_record(
@@ -139,19 +153,23 @@ impl RedisBackend {
         let (value, version) = write.unwrap_or(("", 0));
         let mut invocation = self.shared.scripts.record_cas.prepare_invoke();
         invocation
-            .arg(&keys.prefix)
+            .key(keys.record(id))
+            .key(keys.record_ids_of(id))
             .arg(id)
             .arg(expected)
             .arg(value)
             .arg(version)
             .arg(uuid::Uuid::new_v4().simple().to_string());
         for announcement in announcements {
-            let Some(channel) = keys.channel_of(announcement) else {
+            let Some((channel, pubsub)) = keys.channel_of(announcement) else {
                 return Err(MeshError::Corrupt(
                     "a record announcement must go to a topic".into(),
                 ));
             };
-            invocation.arg(channel).arg(envelope::encode(announcement));
+            invocation
+                .arg(pubsub.publish_command())
+                .arg(channel)
+                .arg(envelope::encode(announcement));
         }
         let written: i64 = invocation.invoke_async(conn).await.map_err(redis_error)?;
         Ok(written == 1)

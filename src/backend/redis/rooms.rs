@@ -1,5 +1,9 @@
 //! Rooms: joining (which also makes a connection present in a tracked room) and leaving,
-//! both Lua scripts, and the listings of members and rooms.
+//! and the listings of members and rooms.
+//!
+//! A connection's rooms and a room's members are in different slots, so a join and a
+//! leave are steps of one script each, ordered so that a connection forgotten in between
+//! never stays a member (see "Steps across slots" in the module docs of `mod.rs`).
 
 use std::time::Duration;
 
@@ -9,94 +13,146 @@ use super::{millis, parse_json_or_null, redis_error, RedisBackend};
 use crate::error::MeshError;
 
 impl RedisBackend {
+    /// Joins in three steps: the connection notes the room (only while registered), the
+    /// room takes the member, and the connection is checked to be registered still. A
+    /// forget that ran between the first and the last step may have missed the member
+    /// (it reads the noted rooms first, and leaves them before the member arrived): the
+    /// join then takes the member out again itself, and answers that the connection is
+    /// not registered.
     pub(super) async fn join(
         &self,
         connection_id: &str,
         room: &str,
         presence_ttl: Option<Duration>,
     ) -> Result<bool, MeshError> {
+        let keys = &self.shared.keys;
+        let scripts = &self.shared.scripts;
         let mut conn = self.connection().await?;
-        let registered: i64 = self
-            .shared
-            .scripts
-            .join
-            .arg(&self.shared.keys.prefix)
-            .arg(connection_id)
+        let noted: i64 = scripts
+            .enter_room
+            .key(keys.connection(connection_id))
+            .key(keys.connection_rooms(connection_id))
             .arg(room)
-            .arg(presence_ttl.map_or(0, millis))
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
-        Ok(registered == 1)
+        if noted == 0 {
+            return Ok(false);
+        }
+        scripts
+            .join
+            .key(keys.room_base(room))
+            .arg(connection_id)
+            .arg(room)
+            .arg(presence_ttl.map_or(0, millis))
+            .invoke_async::<()>(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        let registered: bool = redis::cmd("HEXISTS")
+            .arg(keys.connection(connection_id))
+            .arg("instance")
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        if !registered {
+            self.connection_in_room(&scripts.leave, connection_id, room)
+                .await?;
+        }
+        Ok(registered)
     }
 
+    /// Leaves in two steps: the room first, then the connection's note of it, so that a
+    /// leave cut short leaves a note of a room the connection is not in (which a later
+    /// forget leaves again, harmlessly), never a member nobody knows of.
     pub(super) async fn leave(&self, connection_id: &str, room: &str) -> Result<bool, MeshError> {
-        self.connection_in_room(&self.shared.scripts.leave, connection_id, room)
-            .await
+        let was_member = self
+            .connection_in_room(&self.shared.scripts.leave, connection_id, room)
+            .await?;
+        self.query_one::<()>(
+            redis::cmd("SREM")
+                .arg(self.shared.keys.connection_rooms(connection_id))
+                .arg(room),
+        )
+        .await?;
+        Ok(was_member)
     }
 
     pub(super) async fn members(&self, room: &str) -> Result<Vec<String>, MeshError> {
-        let mut conn = self.connection().await?;
-        redis::cmd("ZRANGE")
-            .arg(self.shared.keys.room(room))
-            .arg(0)
-            .arg(-1)
-            .query_async(&mut conn)
-            .await
-            .map_err(redis_error)
+        self.query_one(
+            redis::cmd("ZRANGE")
+                .arg(self.shared.keys.room(room))
+                .arg(0)
+                .arg(-1),
+        )
+        .await
     }
 
     pub(super) async fn members_with_metadata(
         &self,
         room: &str,
     ) -> Result<Vec<(String, Value)>, MeshError> {
-        let mut conn = self.connection().await?;
-        let pairs: Vec<(String, Option<String>)> = self
-            .shared
-            .scripts
-            .members_with_metadata
-            .arg(&self.shared.keys.prefix)
-            .arg(room)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(redis_error)?;
-        pairs
-            .into_iter()
+        let members = self.members(room).await?;
+        self.with_connection_metadata(members).await
+    }
+
+    /// Each connection with its metadata (`null` when it has none), read from each
+    /// connection's own slot.
+    pub(super) async fn with_connection_metadata(
+        &self,
+        ids: Vec<String>,
+    ) -> Result<Vec<(String, Value)>, MeshError> {
+        let keys = &self.shared.keys;
+        let reads = ids
+            .iter()
+            .map(|id| {
+                let mut read = redis::cmd("HGET");
+                read.arg(keys.connection(id)).arg("meta");
+                read
+            })
+            .collect();
+        let metadata: Vec<Option<String>> = self.query_each(reads).await?;
+        ids.into_iter()
+            .zip(metadata)
             .map(|(id, raw)| Ok((id, parse_json_or_null(raw.as_deref())?)))
             .collect()
     }
 
     pub(super) async fn rooms_of(&self, connection_id: &str) -> Result<Vec<String>, MeshError> {
-        let mut conn = self.connection().await?;
-        let mut rooms: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(self.shared.keys.connection_rooms(connection_id))
-            .query_async(&mut conn)
-            .await
-            .map_err(redis_error)?;
+        let mut rooms: Vec<String> = self
+            .query_one(redis::cmd("SMEMBERS").arg(self.shared.keys.connection_rooms(connection_id)))
+            .await?;
         rooms.sort_unstable();
         Ok(rooms)
     }
 
+    /// Every room with a member: the union of the buckets' room sets.
     pub(super) async fn list_rooms(&self) -> Result<Vec<String>, MeshError> {
-        let mut conn = self.connection().await?;
-        let mut rooms: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(self.shared.keys.rooms())
-            .query_async(&mut conn)
-            .await
-            .map_err(redis_error)?;
+        let reads = self
+            .shared
+            .keys
+            .room_buckets()
+            .map(|bucket| {
+                let mut read = redis::cmd("SMEMBERS");
+                read.arg(format!("{bucket}rooms"));
+                read
+            })
+            .collect();
+        let buckets: Vec<Vec<String>> = self.query_each(reads).await?;
+        let mut rooms: Vec<String> = buckets.into_iter().flatten().collect();
         rooms.sort_unstable();
         Ok(rooms)
     }
 
     pub(super) async fn in_a_common_room(&self, a: &str, b: &str) -> Result<bool, MeshError> {
         let keys = &self.shared.keys;
-        let mut conn = self.connection().await?;
-        let common: Vec<String> = redis::cmd("SINTER")
-            .arg(keys.connection_rooms(a))
-            .arg(keys.connection_rooms(b))
-            .query_async(&mut conn)
-            .await
-            .map_err(redis_error)?;
-        Ok(!common.is_empty())
+        let mut of_a = redis::cmd("SMEMBERS");
+        of_a.arg(keys.connection_rooms(a));
+        let mut of_b = redis::cmd("SMEMBERS");
+        of_b.arg(keys.connection_rooms(b));
+        let (rooms_of_a, rooms_of_b) = futures_util::try_join!(
+            self.query_one::<Vec<String>>(&of_a),
+            self.query_one::<Vec<String>>(&of_b),
+        )?;
+        Ok(rooms_of_a.iter().any(|room| rooms_of_b.contains(room)))
     }
 }

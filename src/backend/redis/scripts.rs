@@ -1,12 +1,20 @@
-//! The Lua scripts: every change that touches several keys is one atomic script.
+//! The Lua scripts: every change that touches several keys is one atomic script, and
+//! every script touches the keys of one Cluster slot only (see `keys.rs`), which its
+//! first key (`KEYS[1]`) names, so that a Cluster client routes it to the slot's node.
+//! A script of a room bucket gets the bucket's base (`P{rooms:N}:`) as `KEYS[1]` and
+//! builds its keys from it. Changes that span slots (a connection's rooms and the rooms'
+//! members) are steps of one script each, ordered so that an interrupted change is
+//! completed or undone by whoever comes next (see "Steps across slots" in `mod.rs`).
 //!
-//! Scripts compute key names from the prefix (`ARGV[1]`), so they target a single Redis
-//! or a primary with replicas, not Redis Cluster. Times are Redis's own clock (`TIME`, in
-//! milliseconds), so instances on skewed hosts agree on every deadline.
+//! Times are Redis's own clock (`TIME`, in milliseconds), so instances on skewed hosts
+//! agree on every deadline.
 
 use redis::Script;
 
-/// Helpers shared by the scripts, prepended to each.
+use super::keys::PubSub;
+
+/// Helpers shared by the scripts, prepended to each. `PUBLISH_TOPIC` (set before it) is
+/// the command topic channels are published with.
 const LIBRARY: &str = r#"
 local function now_ms()
   local t = redis.call('TIME')
@@ -25,65 +33,67 @@ local function u32(n)
   return struct.pack('<I4', n)
 end
 
--- Publishes a presence change to the room's presence topic, from inside the script that
--- made it: announcements are ordered exactly as the changes, and a change whose reply is
--- lost is still announced. It goes as the envelope the subscribers parse (tag 'p' in
--- src/backend/redis/envelope.rs): room, connection id, kind, state (JSON text; empty for
--- a cleared state), timestamp. Each instance renders the push itself. `state` is JSON
--- text, 'null', or nil. `now` is the script's clock reading if it took one (nil: read it).
-local function announce(p, kind, cid, room, state, now)
+-- Publishes a presence change to the room's presence topic (in bucket `b`), from inside
+-- the script that made it: announcements are ordered exactly as the changes, and a change
+-- whose reply is lost is still announced. It goes as the envelope the subscribers parse
+-- (tag 'p' in src/backend/redis/envelope.rs): room, connection id, kind, state (JSON
+-- text; empty for a cleared state), timestamp. Each instance renders the push itself.
+-- `state` is JSON text, 'null', or nil. `now` is the script's clock reading if it took
+-- one (nil: read it).
+local function announce(b, kind, cid, room, state, now)
   if state == nil or state == 'null' then state = '' end
   local ts = string.format('%.0f', now or now_ms())
-  redis.call('PUBLISH', p .. 'topic:presence:' .. room,
+  redis.call(PUBLISH_TOPIC, b .. 'topic:presence:' .. room,
     'p' .. u32(#room) .. room .. u32(#cid) .. cid .. u32(#kind) .. kind
       .. u32(#state) .. state .. u32(#ts) .. ts)
 end
 
 -- Makes a connection present in a room until `deadline` (extending its presence there),
 -- announcing its join when it was not present.
-local function make_present(p, cid, room, deadline)
-  if redis.call('ZADD', p .. 'presence:' .. room, deadline, cid) == 1 then
-    announce(p, 'join', cid, room, nil)
+local function make_present(b, cid, room, deadline)
+  if redis.call('ZADD', b .. 'presence:' .. room, deadline, cid) == 1 then
+    announce(b, 'join', cid, room, nil)
   end
-  redis.call('ZADD', p .. 'presence-expiry', deadline, cid .. '\n' .. room)
+  redis.call('ZADD', b .. 'presence-expiry', deadline, cid .. '\n' .. room)
 end
 
 -- Removes a connection from a room with its presence and state there, announcing its
--- leave if it was present. Returns whether it was a member.
-local function leave(p, cid, room)
-  local member = redis.call('ZREM', p .. 'room:' .. room, cid)
-  if member == 1 and redis.call('EXISTS', p .. 'room:' .. room) == 0 then
-    redis.call('SREM', p .. 'rooms', room)
+-- leave if it was present. Returns whether it was a member. Doing it again changes and
+-- announces nothing: whoever removes the presence entry announces, exactly once.
+local function leave(b, cid, room)
+  local member = redis.call('ZREM', b .. 'room:' .. room, cid)
+  if member == 1 and redis.call('EXISTS', b .. 'room:' .. room) == 0 then
+    redis.call('SREM', b .. 'rooms', room)
   end
-  redis.call('SREM', p .. 'conn:' .. cid .. ':rooms', room)
-  local present = redis.call('ZREM', p .. 'presence:' .. room, cid)
+  local present = redis.call('ZREM', b .. 'presence:' .. room, cid)
   local entry = cid .. '\n' .. room
-  redis.call('ZREM', p .. 'presence-expiry', entry)
-  redis.call('HDEL', p .. 'presence-states:' .. room, cid)
-  redis.call('ZREM', p .. 'state-expiry', entry)
-  if present == 1 then announce(p, 'leave', cid, room, nil) end
+  redis.call('ZREM', b .. 'presence-expiry', entry)
+  redis.call('HDEL', b .. 'presence-states:' .. room, cid)
+  redis.call('ZREM', b .. 'state-expiry', entry)
+  if present == 1 then announce(b, 'leave', cid, room, nil) end
   return member
 end
 
--- Forgets a connection: its rooms (announcing its leaves), metadata and routing.
-local function forget(p, cid)
-  for _, room in ipairs(redis.call('SMEMBERS', p .. 'conn:' .. cid .. ':rooms')) do
-    leave(p, cid, room)
-  end
-  redis.call('DEL', p .. 'conn:' .. cid .. ':rooms', p .. 'conn:' .. cid)
-  redis.call('ZREM', p .. 'connections', cid)
-end
-
 -- Whether a connection's presence in a room is still live.
-local function is_present(p, cid, room, now)
-  local deadline = redis.call('ZSCORE', p .. 'presence:' .. room, cid)
+local function is_present(b, cid, room, now)
+  local deadline = redis.call('ZSCORE', b .. 'presence:' .. room, cid)
   return deadline and tonumber(deadline) > now
 end
-"#;
 
-fn script(body: &str) -> Script {
-    Script::new(&format!("{LIBRARY}\n{body}"))
-}
+-- The ms until the earliest score of the sorted sets `keys` lapses (0 when one has),
+-- or -1 when they are empty.
+local function next_due(keys, now)
+  local due = -1
+  for _, key in ipairs(keys) do
+    local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    if first[2] then
+      local left = math.max(0, tonumber(first[2]) - now)
+      if due < 0 or left < due then due = left end
+    end
+  end
+  return due
+end
+"#;
 
 /// Every script, loaded once per backend.
 pub(super) struct Scripts {
@@ -91,17 +101,18 @@ pub(super) struct Scripts {
     pub(super) enter: Script,
     pub(super) register: Script,
     pub(super) route: Script,
-    pub(super) detach: Script,
-    pub(super) unregister: Script,
+    pub(super) enter_room: Script,
     pub(super) join: Script,
     pub(super) leave: Script,
-    pub(super) members_with_metadata: Script,
+    pub(super) release: Script,
     pub(super) all_room_metadata: Script,
+    pub(super) delete_room_metadata: Script,
     pub(super) refresh_presence: Script,
     pub(super) presence: Script,
     pub(super) set_state: Script,
     pub(super) clear_state: Script,
-    pub(super) sweep: Script,
+    pub(super) sweep_instances: Script,
+    pub(super) sweep_rooms: Script,
     pub(super) write_channel: Script,
     pub(super) read_history: Script,
     pub(super) record_cas: Script,
@@ -109,7 +120,13 @@ pub(super) struct Scripts {
 }
 
 impl Scripts {
-    pub(super) fn new() -> Self {
+    /// The scripts, publishing topics on `topics` pub/sub.
+    pub(super) fn new(topics: PubSub) -> Self {
+        let library = format!(
+            "local PUBLISH_TOPIC = '{}'\n{LIBRARY}",
+            topics.publish_command()
+        );
+        let script = |body: &str| Script::new(&format!("{library}\n{body}"));
         Scripts {
             // KEYS[1] instances; ARGV[1] instance id; ARGV[2] ttl ms. Extends the
             // instance's deadline but never adds it: returns 0, changing nothing, when it
@@ -130,15 +147,14 @@ impl Scripts {
                 return 1
                 ",
             ),
-            // ARGV[1] prefix, ARGV[2] instance id, ARGV[3] connection id.
+            // KEYS[1] the instance's connections, KEYS[2] every connection; ARGV[1]
+            // connection id. The registry's half of registering a connection.
             register: script(
                 r"
-                local p, iid, cid = ARGV[1], ARGV[2], ARGV[3]
                 local t = redis.call('TIME')
                 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-                redis.call('HSET', p .. 'conn:' .. cid, 'instance', iid)
-                redis.call('SADD', p .. 'instance:' .. iid .. ':connections', cid)
-                redis.call('ZADD', p .. 'connections', 'NX', now_us, cid)
+                redis.call('SADD', KEYS[1], ARGV[1])
+                redis.call('ZADD', KEYS[2], 'NX', now_us, ARGV[1])
                 return 1
                 ",
             ),
@@ -152,68 +168,53 @@ impl Scripts {
                 return redis.call('PUBLISH', ARGV[1] .. 'instance:' .. iid, ARGV[2])
                 ",
             ),
-            // KEYS[1] instances, KEYS[2] instance connections; ARGV[1] prefix;
-            // ARGV[2] instance id.
-            detach: script(
+            // KEYS[1] conn hash, KEYS[2] its rooms; ARGV[1] room. A join's first step:
+            // returns 0 when the connection is not registered, else notes the room.
+            enter_room: script(
                 r"
-                for _, cid in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-                  forget(ARGV[1], cid)
-                end
-                redis.call('DEL', KEYS[2])
-                redis.call('ZREM', KEYS[1], ARGV[2])
+                if redis.call('HEXISTS', KEYS[1], 'instance') == 0 then return 0 end
+                redis.call('SADD', KEYS[2], ARGV[1])
                 return 1
                 ",
             ),
-            // KEYS[1] instance connections; ARGV[1] prefix; ARGV[2] connection id.
-            unregister: script(
-                r"
-                redis.call('SREM', KEYS[1], ARGV[2])
-                forget(ARGV[1], ARGV[2])
-                return 1
-                ",
-            ),
-            // ARGV[1] prefix, ARGV[2] connection id, ARGV[3] room, ARGV[4] presence ttl ms
-            // (0: not tracked). Returns 0 when the connection is not registered, else 1;
-            // announces the join when it became present.
+            // KEYS[1] room bucket; ARGV[1] connection id, ARGV[2] room, ARGV[3] presence
+            // ttl ms (0: not tracked). A join's second step: makes the connection a member
+            // (and present); announces the join when it became present.
             join: script(
                 r"
-                local p, cid, room = ARGV[1], ARGV[2], ARGV[3]
-                if redis.call('HEXISTS', p .. 'conn:' .. cid, 'instance') == 0 then return 0 end
-                local order = redis.call('INCR', p .. 'join-order')
-                redis.call('ZADD', p .. 'room:' .. room, 'NX', order, cid)
-                redis.call('SADD', p .. 'conn:' .. cid .. ':rooms', room)
-                redis.call('SADD', p .. 'rooms', room)
-                local ttl = tonumber(ARGV[4])
-                if ttl > 0 then make_present(p, cid, room, now_ms() + ttl) end
+                local b, cid, room = KEYS[1], ARGV[1], ARGV[2]
+                local order = redis.call('INCR', b .. 'join-order')
+                redis.call('ZADD', b .. 'room:' .. room, 'NX', order, cid)
+                redis.call('SADD', b .. 'rooms', room)
+                local ttl = tonumber(ARGV[3])
+                if ttl > 0 then make_present(b, cid, room, now_ms() + ttl) end
                 return 1
                 ",
             ),
-            // ARGV[1] prefix, ARGV[2] connection id, ARGV[3] room. Returns whether the
-            // connection was a member.
+            // KEYS[1] room bucket; ARGV[1] connection id, ARGV[2] room. Returns whether
+            // the connection was a member.
             leave: script(
                 r"
-                return leave(ARGV[1], ARGV[2], ARGV[3])
+                return leave(KEYS[1], ARGV[1], ARGV[2])
                 ",
             ),
-            // ARGV[1] prefix, ARGV[2] room. Returns {id, metadata or nil, ...} in join order.
-            members_with_metadata: script(
+            // KEYS[1] conn hash, KEYS[2] its rooms. Forgetting's first step: the
+            // connection is no longer registered (joins and metadata writes fail from now
+            // on); returns its rooms, which stay noted until the connection is dropped.
+            release: script(
                 r"
-                local p = ARGV[1]
-                local out = {}
-                for _, cid in ipairs(redis.call('ZRANGE', p .. 'room:' .. ARGV[2], 0, -1)) do
-                  out[#out + 1] = cid
-                  out[#out + 1] = redis.call('HGET', p .. 'conn:' .. cid, 'meta')
-                end
-                return out
+                redis.call('HDEL', KEYS[1], 'instance')
+                return redis.call('SMEMBERS', KEYS[2])
                 ",
             ),
-            // ARGV[1] prefix. Returns {room, metadata, ...} for every room with metadata.
+            // KEYS[1] room bucket. Returns {room, metadata, ...} for the bucket's rooms
+            // with metadata.
             all_room_metadata: script(
                 r"
-                local p = ARGV[1]
+                local b = KEYS[1]
                 local out = {}
-                for _, room in ipairs(redis.call('SMEMBERS', p .. 'rooms-with-meta')) do
-                  local meta = redis.call('HGET', p .. 'room-meta:' .. room, 'meta')
+                for _, room in ipairs(redis.call('SMEMBERS', b .. 'rooms-with-meta')) do
+                  local meta = redis.call('HGET', b .. 'room-meta:' .. room, 'meta')
                   if meta then
                     out[#out + 1] = room
                     out[#out + 1] = meta
@@ -222,150 +223,167 @@ impl Scripts {
                 return out
                 ",
             ),
-            // ARGV[1] prefix, then for each connection: its id, its room count n, and n
-            // pairs (room, ttl ms). Extends presence where the connection is still a
-            // member; announces a join where it had lapsed.
+            // KEYS[1] room bucket; ARGV[1] room.
+            delete_room_metadata: script(
+                r"
+                redis.call('DEL', KEYS[1] .. 'room-meta:' .. ARGV[1])
+                redis.call('SREM', KEYS[1] .. 'rooms-with-meta', ARGV[1])
+                return 1
+                ",
+            ),
+            // KEYS[1] room bucket; ARGV: (connection id, room, ttl ms) triples, rooms of
+            // this bucket. Extends presence where the connection is still a member;
+            // announces a join where it had lapsed.
             refresh_presence: script(
                 r"
-                local p = ARGV[1]
+                local b = KEYS[1]
                 local now = now_ms()
-                local i = 2
-                while i <= #ARGV do
-                  local cid, rooms = ARGV[i], tonumber(ARGV[i + 1])
-                  i = i + 2
-                  for _ = 1, rooms do
-                    local room, ttl = ARGV[i], tonumber(ARGV[i + 1])
-                    i = i + 2
-                    if redis.call('ZSCORE', p .. 'room:' .. room, cid) then
-                      make_present(p, cid, room, now + ttl)
-                    end
+                for i = 1, #ARGV, 3 do
+                  local cid, room, ttl = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+                  if redis.call('ZSCORE', b .. 'room:' .. room, cid) then
+                    make_present(b, cid, room, now + ttl)
                   end
                 end
                 return 1
                 ",
             ),
-            // ARGV[1] prefix, ARGV[2] room. Returns {id, metadata or nil, state or nil, ...}
-            // for the present connections in join order.
+            // KEYS[1] room bucket; ARGV[1] room. Returns {id, state or nil, ...} for the
+            // present connections in join order.
             presence: script(
                 r"
-                local p, room = ARGV[1], ARGV[2]
+                local b, room = KEYS[1], ARGV[1]
                 local now = now_ms()
                 local out = {}
-                for _, cid in ipairs(redis.call('ZRANGE', p .. 'room:' .. room, 0, -1)) do
-                  if is_present(p, cid, room, now) then
+                for _, cid in ipairs(redis.call('ZRANGE', b .. 'room:' .. room, 0, -1)) do
+                  if is_present(b, cid, room, now) then
                     out[#out + 1] = cid
-                    out[#out + 1] = redis.call('HGET', p .. 'conn:' .. cid, 'meta')
-                    out[#out + 1] = redis.call('HGET', p .. 'presence-states:' .. room, cid)
+                    out[#out + 1] = redis.call('HGET', b .. 'presence-states:' .. room, cid)
                   end
                 end
                 return out
                 ",
             ),
-            // ARGV[1] prefix, ARGV[2] connection id, ARGV[3] room, ARGV[4] state JSON,
-            // ARGV[5] expiry ms (0: none), ARGV[6] 1 to announce. Returns 0 when the
+            // KEYS[1] room bucket; ARGV[1] connection id, ARGV[2] room, ARGV[3] state
+            // JSON, ARGV[4] expiry ms (0: none), ARGV[5] 1 to announce. Returns 0 when the
             // connection is not present.
             set_state: script(
                 r"
-                local p, cid, room = ARGV[1], ARGV[2], ARGV[3]
+                local b, cid, room = KEYS[1], ARGV[1], ARGV[2]
                 local now = now_ms()
-                if not is_present(p, cid, room, now) then return 0 end
-                redis.call('HSET', p .. 'presence-states:' .. room, cid, ARGV[4])
+                if not is_present(b, cid, room, now) then return 0 end
+                redis.call('HSET', b .. 'presence-states:' .. room, cid, ARGV[3])
                 local entry = cid .. '\n' .. room
-                local expire = tonumber(ARGV[5])
+                local expire = tonumber(ARGV[4])
                 if expire > 0 then
-                  redis.call('ZADD', p .. 'state-expiry', now + expire, entry)
+                  redis.call('ZADD', b .. 'state-expiry', now + expire, entry)
                 else
-                  redis.call('ZREM', p .. 'state-expiry', entry)
+                  redis.call('ZREM', b .. 'state-expiry', entry)
                 end
-                if ARGV[6] == '1' then announce(p, 'state', cid, room, ARGV[4], now) end
+                if ARGV[5] == '1' then announce(b, 'state', cid, room, ARGV[3], now) end
                 return 1
                 ",
             ),
-            // ARGV[1] prefix, ARGV[2] connection id, ARGV[3] room. Returns 0 when the
-            // connection is not present; announces `state: null` when it had a state.
+            // KEYS[1] room bucket; ARGV[1] connection id, ARGV[2] room. Returns 0 when
+            // the connection is not present; announces `state: null` when it had a state.
             clear_state: script(
                 r"
-                local p, cid, room = ARGV[1], ARGV[2], ARGV[3]
-                if not is_present(p, cid, room, now_ms()) then return 0 end
-                redis.call('ZREM', p .. 'state-expiry', cid .. '\n' .. room)
-                if redis.call('HDEL', p .. 'presence-states:' .. room, cid) == 1 then
-                  announce(p, 'state', cid, room, 'null')
+                local b, cid, room = KEYS[1], ARGV[1], ARGV[2]
+                if not is_present(b, cid, room, now_ms()) then return 0 end
+                redis.call('ZREM', b .. 'state-expiry', cid .. '\n' .. room)
+                if redis.call('HDEL', b .. 'presence-states:' .. room, cid) == 1 then
+                  announce(b, 'state', cid, room, 'null')
                 end
                 return 1
                 ",
             ),
-            // ARGV[1] prefix, ARGV[2] most entries of each kind per run. Claims dead
-            // instances and lapsed entries with ZREM (or SPOP), which succeeds for
-            // exactly one sweeper, and announces what it removes. A dead instance's
-            // connections go to `P dead-connections` and are forgotten a batch per run.
-            // Returns ms until the next deadline, 0 when work is left, or -1.
-            sweep: script(
+            // KEYS[1] instances, KEYS[2] dead instances; ARGV[1] the registry's base,
+            // ARGV[2] most connections to hand out. Moves lapsed instances to the dead
+            // ones (ZREM succeeds for exactly one sweeper), and hands out connections of
+            // dead instances to forget: {ms until the next deadline (0: work is left, -1:
+            // none), {instance id, connection id, ...}}. A dead instance whose set is
+            // empty is done. Connections stay in their set until forgotten, so a sweeper
+            // that stops half-way leaves them to the next.
+            sweep_instances: script(
                 r"
-                local p, limit = ARGV[1], tonumber(ARGV[2])
+                local instances, dead, base = KEYS[1], KEYS[2], ARGV[1]
+                local limit = tonumber(ARGV[2])
                 local now = now_ms()
-                local dead = p .. 'dead-connections'
-                for _, iid in ipairs(redis.call('ZRANGEBYSCORE', p .. 'instances', '-inf', now, 'LIMIT', 0, limit)) do
-                  if redis.call('ZREM', p .. 'instances', iid) == 1 then
-                    local set = p .. 'instance:' .. iid .. ':connections'
-                    if redis.call('EXISTS', set) == 1 then
-                      redis.call('SUNIONSTORE', dead, dead, set)
-                      redis.call('DEL', set)
-                    end
+                for _, iid in ipairs(redis.call('ZRANGEBYSCORE', instances, '-inf', now, 'LIMIT', 0, limit)) do
+                  if redis.call('ZREM', instances, iid) == 1 then
+                    redis.call('ZADD', dead, 0, iid)
                   end
                 end
-                for _, cid in ipairs(redis.call('SPOP', dead, limit)) do
-                  forget(p, cid)
-                end
-                for _, entry in ipairs(redis.call('ZRANGEBYSCORE', p .. 'presence-expiry', '-inf', now, 'LIMIT', 0, limit)) do
-                  if redis.call('ZREM', p .. 'presence-expiry', entry) == 1 then
-                    local cid, room = split_entry(entry)
-                    if cid then
-                      redis.call('ZREM', p .. 'presence:' .. room, cid)
-                      redis.call('HDEL', p .. 'presence-states:' .. room, cid)
-                      redis.call('ZREM', p .. 'state-expiry', entry)
-                      announce(p, 'leave', cid, room, nil)
-                    end
+                local out = {}
+                for _, iid in ipairs(redis.call('ZRANGE', dead, 0, limit - 1)) do
+                  local left = limit - #out / 2
+                  if left <= 0 then break end
+                  local cids = redis.call('SRANDMEMBER', base .. 'instance:' .. iid, left)
+                  if #cids == 0 then
+                    redis.call('ZREM', dead, iid)
+                  end
+                  for _, cid in ipairs(cids) do
+                    out[#out + 1] = iid
+                    out[#out + 1] = cid
                   end
                 end
-                for _, entry in ipairs(redis.call('ZRANGEBYSCORE', p .. 'state-expiry', '-inf', now, 'LIMIT', 0, limit)) do
-                  if redis.call('ZREM', p .. 'state-expiry', entry) == 1 then
-                    local cid, room = split_entry(entry)
-                    if cid and redis.call('HDEL', p .. 'presence-states:' .. room, cid) == 1 then
-                      announce(p, 'state', cid, room, 'null')
-                    end
-                  end
-                end
-                if redis.call('EXISTS', dead) == 1 then return 0 end
-                local next_due = -1
-                for _, key in ipairs({'instances', 'presence-expiry', 'state-expiry'}) do
-                  local first = redis.call('ZRANGE', p .. key, 0, 0, 'WITHSCORES')
-                  if first[2] then
-                    local due = math.max(0, tonumber(first[2]) - now)
-                    if next_due < 0 or due < next_due then next_due = due end
-                  end
-                end
-                return next_due
+                if #out > 0 then return {0, out} end
+                return {next_due({instances}, now), out}
                 ",
             ),
-            // ARGV[1] history list key, ARGV[2] message, ARGV[3] how many to keep (0:
-            // none), ARGV[4] pub/sub channel, ARGV[5] its payload (an envelope, or a plain
-            // channel's bare text), ARGV[6] the key of the kept messages' total size,
-            // ARGV[7] how many bytes to keep, ARGV[8] for a plain channel the key of the
-            // list's length as the previous write left it ('' otherwise). Keeps the
-            // message and publishes it in one step, so history and live messages never
-            // disagree. The oldest messages go while more than the count or the bytes are
-            // kept; each write pops only what it pushed out, so it costs O(1) amortised.
-            // Other processes may push to a plain channel's list: when its length is not
-            // what the previous write left, the size is counted again, in one pass.
+            // KEYS[1] room bucket; ARGV[1] most entries of each kind per run. Claims
+            // lapsed presence and states with ZREM, which succeeds for exactly one
+            // sweeper, and announces what it removes. Returns ms until the next deadline
+            // (0: work is left), or -1.
+            sweep_rooms: script(
+                r"
+                local b, limit = KEYS[1], tonumber(ARGV[1])
+                local now = now_ms()
+                local presence = redis.call('ZRANGEBYSCORE', b .. 'presence-expiry', '-inf', now, 'LIMIT', 0, limit)
+                for _, entry in ipairs(presence) do
+                  if redis.call('ZREM', b .. 'presence-expiry', entry) == 1 then
+                    local cid, room = split_entry(entry)
+                    if cid then
+                      redis.call('ZREM', b .. 'presence:' .. room, cid)
+                      redis.call('HDEL', b .. 'presence-states:' .. room, cid)
+                      redis.call('ZREM', b .. 'state-expiry', entry)
+                      announce(b, 'leave', cid, room, nil)
+                    end
+                  end
+                end
+                local states = redis.call('ZRANGEBYSCORE', b .. 'state-expiry', '-inf', now, 'LIMIT', 0, limit)
+                for _, entry in ipairs(states) do
+                  if redis.call('ZREM', b .. 'state-expiry', entry) == 1 then
+                    local cid, room = split_entry(entry)
+                    if cid and redis.call('HDEL', b .. 'presence-states:' .. room, cid) == 1 then
+                      announce(b, 'state', cid, room, 'null')
+                    end
+                  end
+                end
+                if #presence == limit or #states == limit then return 0 end
+                return next_due({b .. 'presence-expiry', b .. 'state-expiry'}, now)
+                ",
+            ),
+            // KEYS[1] history list, KEYS[2] the kept messages' total size, KEYS[3] the
+            // list's length as the previous write left it (kept for plain channels only);
+            // ARGV[1] message, ARGV[2] how many to keep (0: none), ARGV[3] how many bytes
+            // to keep, ARGV[4] the publish command, ARGV[5] pub/sub channel, ARGV[6] its
+            // payload (an envelope, or a plain channel's bare text), ARGV[7] '1' for a
+            // plain channel. Keeps the message and publishes it in one step, so history
+            // and live messages never disagree. The oldest messages go while more than the
+            // count or the bytes are kept; each write pops only what it pushed out, so it
+            // costs O(1) amortised. Other processes may push to a plain channel's list:
+            // when its length is not what the previous write left, the size is counted
+            // again, in one pass.
             write_channel: script(
                 r"
-                local list, bytes_key, length_key = ARGV[1], ARGV[6], ARGV[8]
-                local keep, keep_bytes = tonumber(ARGV[3]), tonumber(ARGV[7])
+                local list, bytes_key, length_key = KEYS[1], KEYS[2], KEYS[3]
+                local plain = ARGV[7] == '1'
+                local message, keep, keep_bytes = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
                 if keep > 0 then
                   -- Absent: a history kept before sizes were counted, or a plain one
                   -- that only other processes wrote so far.
                   local recount = redis.call('EXISTS', bytes_key) == 0
-                  if not recount and length_key ~= '' then
+                  if not recount and plain then
                     local left = tonumber(redis.call('GET', length_key) or '-1')
                     recount = left ~= redis.call('LLEN', list)
                   end
@@ -378,8 +396,8 @@ impl Scripts {
                     until #chunk < 1000
                     redis.call('SET', bytes_key, total)
                   end
-                  redis.call('LPUSH', list, ARGV[2])
-                  local total = redis.call('INCRBY', bytes_key, #ARGV[2])
+                  redis.call('LPUSH', list, message)
+                  local total = redis.call('INCRBY', bytes_key, #message)
                   local length = redis.call('LLEN', list)
                   while length > 0 and (length > keep or total > keep_bytes) do
                     local oldest = redis.call('RPOP', list)
@@ -388,12 +406,12 @@ impl Scripts {
                   end
                   if length == 0 then
                     redis.call('DEL', bytes_key)
-                    if length_key ~= '' then redis.call('DEL', length_key) end
-                  elseif length_key ~= '' then
+                    if plain then redis.call('DEL', length_key) end
+                  elseif plain then
                     redis.call('SET', length_key, length)
                   end
                 end
-                redis.call('PUBLISH', ARGV[4], ARGV[5])
+                redis.call(ARGV[4], ARGV[5], ARGV[6])
                 return 1
                 ",
             ),
@@ -424,26 +442,25 @@ impl Scripts {
                 end
                 ",
             ),
-            // ARGV[1] prefix, ARGV[2] record id, ARGV[3] the write token the writer read
-            // ('' for no record), ARGV[4] the new value JSON ('' deletes), ARGV[5] the new
-            // version, ARGV[6] a fresh token, then (channel, envelope) pairs to publish.
-            // Compare-and-set: returns 0, changing nothing, when another write got in
-            // since the read.
+            // KEYS[1] the record, KEYS[2] its bucket's id index; ARGV[1] record id, ARGV[2]
+            // the write token the writer read ('' for no record), ARGV[3] the new value JSON
+            // ('' deletes), ARGV[4] the new version, ARGV[5] a fresh token, then (publish
+            // command, channel, envelope) triples to publish. Compare-and-set: returns 0,
+            // changing nothing, when another write got in since the read.
             record_cas: script(
                 r"
-                local p, id = ARGV[1], ARGV[2]
-                local key = p .. 'record:' .. id
+                local key, id = KEYS[1], ARGV[1]
                 local current = redis.call('HGET', key, 'token') or ''
-                if current ~= ARGV[3] then return 0 end
-                if ARGV[4] == '' then
+                if current ~= ARGV[2] then return 0 end
+                if ARGV[3] == '' then
                   redis.call('DEL', key)
-                  redis.call('ZREM', p .. 'record-ids', id)
+                  redis.call('ZREM', KEYS[2], id)
                 else
-                  redis.call('HSET', key, 'value', ARGV[4], 'version', ARGV[5], 'token', ARGV[6])
-                  redis.call('ZADD', p .. 'record-ids', 0, id)
+                  redis.call('HSET', key, 'value', ARGV[3], 'version', ARGV[4], 'token', ARGV[5])
+                  redis.call('ZADD', KEYS[2], 0, id)
                 end
-                for i = 7, #ARGV, 2 do
-                  redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
+                for i = 6, #ARGV, 3 do
+                  redis.call(ARGV[i], ARGV[i + 1], ARGV[i + 2])
                 end
                 return 1
                 ",

@@ -22,7 +22,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
-use super::keys::Keys;
+use super::client::{cluster_builder, Client, TlsSettings};
+use super::keys::{Keys, PubSub};
 use super::{envelope, unavailable, RedisBackend, WeakBackend, OPERATION_TIMEOUT};
 use crate::backend::{Delivery, Inbox, Topic};
 use crate::error::MeshError;
@@ -62,6 +63,21 @@ pub(super) async fn run(
         .map(|backend| (backend.shared.client.clone(), backend.shared.keys.clone()))
     else {
         return;
+    };
+    let client = match client {
+        Client::Single(client) => client,
+        Client::Cluster(cluster) => {
+            return run_on_cluster(
+                &cluster.seeds,
+                &cluster.tls,
+                keys,
+                instance_id,
+                inbox,
+                commands,
+                first,
+            )
+            .await
+        }
     };
     let fixed = [
         keys.instance_channel(&instance_id),
@@ -177,20 +193,193 @@ pub(super) async fn run(
     }
 }
 
+/// The subscriber on a Cluster: one cluster connection (RESP3, its pushes sent to this
+/// task), classic `SUBSCRIBE` for the instance's own channel, broadcasts, plain channels
+/// and collections topics, sharded `SSUBSCRIBE` for every other topic. The redis crate
+/// keeps the subscriptions: after a node's connection drops or the slots move (a
+/// failover), it subscribes again on whichever node now serves each channel. Each such
+/// outage is reported to the inbox once the subscriptions are back, as on a single Redis.
+async fn run_on_cluster(
+    seeds: &[String],
+    tls: &TlsSettings,
+    keys: Keys,
+    instance_id: Arc<str>,
+    inbox: Weak<dyn Inbox>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    first: oneshot::Sender<Result<(), MeshError>>,
+) {
+    let (pushes_to, mut pushes) = mpsc::unbounded_channel::<redis::PushInfo>();
+    let connected = async {
+        let client = cluster_builder(seeds, tls)?
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(pushes_to)
+            .build()
+            .map_err(unavailable)?;
+        let mut connection = client.get_async_connection().await.map_err(unavailable)?;
+        let mut channels: Vec<(String, PubSub)> = vec![
+            (keys.instance_channel(&instance_id), PubSub::Classic),
+            (keys.broadcast_channel(), PubSub::Classic),
+        ];
+        if let Some(local) = inbox.upgrade() {
+            channels.extend(
+                local
+                    .topics()
+                    .iter()
+                    .map(|topic| (keys.topic_channel(topic), keys.topic_pubsub(topic))),
+            );
+        }
+        let mut subscribed = HashSet::new();
+        for (channel, pubsub) in channels {
+            cluster_subscribe(&mut connection, &channel, pubsub).await?;
+            subscribed.insert(channel);
+        }
+        Ok::<_, MeshError>((connection, subscribed))
+    };
+    let (mut connection, mut channels) =
+        match tokio::time::timeout(OPERATION_TIMEOUT, connected).await {
+            Ok(Ok(connected)) => connected,
+            Ok(Err(err)) => {
+                let _ = first.send(Err(err));
+                return;
+            }
+            Err(_) => {
+                let _ = first.send(Err(MeshError::Unavailable(
+                    "Redis subscribe timed out".into(),
+                )));
+                return;
+            }
+        };
+    let _ = first.send(Ok(()));
+    // Set by a dropped node connection; the next subscription confirmation (the crate
+    // subscribing again) tells the inbox that deliveries may have been missed.
+    let mut interrupted = false;
+    loop {
+        tokio::select! {
+            push = pushes.recv() => {
+                let Some(push) = push else { return };
+                let Some(local) = inbox.upgrade() else { return };
+                match push.kind {
+                    redis::PushKind::Message | redis::PushKind::SMessage => {
+                        match read_push(&keys, push.data) {
+                            Some(delivery) => local.deliver(delivery),
+                            None => tracing::warn!("dropped a pub/sub message that does not parse"),
+                        }
+                    }
+                    redis::PushKind::Disconnection => {
+                        tracing::warn!("a Redis Cluster node's pub/sub connection dropped; resubscribing");
+                        interrupted = true;
+                    }
+                    redis::PushKind::Subscribe | redis::PushKind::SSubscribe if interrupted => {
+                        interrupted = false;
+                        tracing::info!("Redis Cluster pub/sub subscriptions re-established");
+                        local.resubscribed();
+                    }
+                    _ => {}
+                }
+            }
+            command = commands.recv() => {
+                let Some(command) = command else { return };
+                apply_on_cluster(command, &keys, &inbox, &mut channels, &mut connection).await;
+            }
+        }
+    }
+}
+
+async fn cluster_subscribe(
+    connection: &mut redis::cluster_async::ClusterConnection,
+    channel: &str,
+    pubsub: PubSub,
+) -> Result<(), MeshError> {
+    let subscribed = match pubsub {
+        PubSub::Classic => connection.subscribe(channel).await,
+        PubSub::Sharded => connection.ssubscribe(channel).await,
+    };
+    subscribed.map_err(unavailable)
+}
+
+/// Applies one subscription change on the cluster connection. A failed subscribe is
+/// answered with its error at once: the crate retries nothing it was not confirmed.
+async fn apply_on_cluster(
+    command: Command,
+    keys: &Keys,
+    inbox: &Weak<dyn Inbox>,
+    channels: &mut HashSet<String>,
+    connection: &mut redis::cluster_async::ClusterConnection,
+) {
+    match command {
+        Command::Subscribe(topic, done) => {
+            let channel = keys.topic_channel(&topic);
+            if channels.contains(&channel) {
+                let _ = done.send(Ok(()));
+                return;
+            }
+            let subscribed = tokio::time::timeout(
+                OPERATION_TIMEOUT,
+                cluster_subscribe(connection, &channel, keys.topic_pubsub(&topic)),
+            )
+            .await
+            .unwrap_or_else(|_| Err(MeshError::Unavailable("Redis subscribe timed out".into())));
+            if subscribed.is_ok() {
+                channels.insert(channel);
+            }
+            let _ = done.send(subscribed);
+        }
+        Command::Unsubscribe(topic) => {
+            let wanted = inbox
+                .upgrade()
+                .is_some_and(|inbox| inbox.has_listeners(&topic));
+            let channel = keys.topic_channel(&topic);
+            if wanted || !channels.remove(&channel) {
+                return;
+            }
+            let unsubscribe = async {
+                match keys.topic_pubsub(&topic) {
+                    PubSub::Classic => connection.unsubscribe(&channel).await,
+                    PubSub::Sharded => connection.sunsubscribe(&channel).await,
+                }
+            };
+            if !matches!(
+                tokio::time::timeout(OPERATION_TIMEOUT, unsubscribe).await,
+                Ok(Ok(()))
+            ) {
+                tracing::debug!(channel, "Redis unsubscribe failed");
+            }
+        }
+    }
+}
+
+/// The delivery of a RESP3 message push: `[channel, payload]`.
+fn read_push(keys: &Keys, data: Vec<redis::Value>) -> Option<Delivery> {
+    let mut data = data.into_iter();
+    let (Some(redis::Value::BulkString(channel)), Some(redis::Value::BulkString(payload))) =
+        (data.next(), data.next())
+    else {
+        return None;
+    };
+    read_message(keys, std::str::from_utf8(&channel).ok()?, &payload)
+}
+
 /// The delivery a pub/sub message carries: a plain channel's is its bare text (which
 /// must be UTF-8), any other channel's an envelope. Plain channels' names never start
 /// with the prefix and the engine's always do, so the name alone tells them apart, and
 /// text published on an engine channel is never taken for a message.
 fn read(keys: &Keys, message: &redis::Msg) -> Option<Delivery> {
-    let channel = message.get_channel_name();
+    read_message(
+        keys,
+        message.get_channel_name(),
+        message.get_payload_bytes(),
+    )
+}
+
+fn read_message(keys: &Keys, channel: &str, payload: &[u8]) -> Option<Delivery> {
     if keys.plain_channel(channel) {
-        let text = std::str::from_utf8(message.get_payload_bytes()).ok()?;
+        let text = std::str::from_utf8(payload).ok()?;
         return Some(Delivery::ChannelMessage {
             channel: Arc::from(channel),
             message: Arc::from(text),
         });
     }
-    envelope::decode(message.get_payload_bytes())
+    envelope::decode(payload)
 }
 
 /// Applies one subscription change on a live connection. Returns `false` when the
