@@ -112,9 +112,13 @@ impl Plain {
 }
 
 fn plain_builder(url: &str, prefix: &str) -> MeshBuilder {
+    plain_mesh(RedisBackend::builder(url).prefix(prefix))
+}
+
+/// A mesh on `redis` whose `ext:` channels are plain.
+fn plain_mesh(redis: tower_mesh::RedisBackendBuilder) -> MeshBuilder {
     Mesh::builder().redis_backend(
-        RedisBackend::builder(url)
-            .prefix(prefix)
+        redis
             .plain_channels(Regex::new("^ext:").expect("regex"))
             .build()
             .expect("Redis backend"),
@@ -160,9 +164,9 @@ async fn pushes_before_marker(
 /// such setting) it is an ordinary channel.
 async fn plain_channels_look_like_any_other_to_clients(backend: Backend) {
     let builder = |backend: &Backend| {
-        match backend {
-            Backend::Memory(_) => backend.builder(),
-            Backend::Redis { url, prefix } => plain_builder(url, prefix),
+        match backend.redis_builder() {
+            None => backend.builder(),
+            Some(redis) => plain_mesh(redis),
         }
         .expose_channel(Regex::new("^ext:").expect("regex"), Access::open())
     };
@@ -170,7 +174,9 @@ async fn plain_channels_look_like_any_other_to_clients(backend: Backend) {
     let b = serve(builder(&backend)).await;
     let channel = match &backend {
         Backend::Memory(_) => "ext:news".to_owned(),
-        Backend::Redis { prefix, .. } => format!("ext:{prefix}news"),
+        Backend::Redis { prefix, .. } | Backend::RedisCluster { prefix, .. } => {
+            format!("ext:{prefix}news")
+        }
     };
     let mut client = subscribed(&a, &channel).await;
     for n in 1..=3 {
@@ -429,9 +435,9 @@ async fn outside_text_on_the_engines_channels_injects_nothing() {
         r#"{"command":"mesh/subscription-message","payload":{"channel":"x","message":"y"}}"#;
     for target in [
         format!("{p}broadcast"),
-        format!("{p}instance:{}", a.mesh.instance_id()),
-        format!("{p}topic:channel:{plain_channel}"),
-        format!("{p}topic:channel:{other_channel}"),
+        format!("{p}instance:{{{}}}", a.mesh.instance_id()),
+        format!("{p}topic:channel:{{{plain_channel}}}"),
+        format!("{p}topic:channel:{{{other_channel}}}"),
     ] {
         // A rendered frame, and text shaped like an envelope's tag and length.
         plain.publish(&target, frame).await;

@@ -156,8 +156,21 @@ impl Keys {
 
     // Pub/sub channels.
 
+    /// An instance's own channel: deliveries for the connections it holds, and calls
+    /// and answers between instances.
     pub(super) fn instance_channel(&self, instance_id: &str) -> String {
-        format!("{}instance:{instance_id}", self.prefix)
+        format!("{}instance:{{{instance_id}}}", self.prefix)
+    }
+    /// Which pub/sub instance channels are on: sharded on a Cluster, so that each
+    /// instance's traffic stays on one shard, and a publish's count of receivers (which
+    /// tells whether the holder still listens) is exact; classic `PUBLISH` counts only the
+    /// receiving node's subscribers.
+    pub(super) fn instance_pubsub(&self) -> PubSub {
+        if self.sharded {
+            PubSub::Sharded
+        } else {
+            PubSub::Classic
+        }
     }
     pub(super) fn broadcast_channel(&self) -> String {
         format!("{}broadcast", self.prefix)
@@ -200,7 +213,7 @@ impl Keys {
         let topic = match delivery {
             Delivery::Broadcast { .. } => return Some((self.broadcast_channel(), PubSub::Classic)),
             Delivery::Answer { to, .. } => {
-                return Some((self.instance_channel(to), PubSub::Classic))
+                return Some((self.instance_channel(to), self.instance_pubsub()))
             }
             Delivery::Topic { topic, .. } => topic.clone(),
             Delivery::ChannelMessage { channel, .. } => Topic::Channel(channel.clone()),

@@ -47,7 +47,7 @@
 //!
 //! | channel | pub/sub on a Cluster | carries |
 //! |---|---|---|
-//! | `P instance:IID` | classic | deliveries for connections held by that instance, and calls and answers between instances |
+//! | `P instance:{IID}` | sharded | deliveries for connections held by that instance, and calls and answers between instances |
 //! | `P broadcast` | classic | deliveries for every connection |
 //! | `P{rooms:N}:topic:room:ROOM`, `P{rooms:N}:topic:presence:ROOM` | sharded | room broadcasts, presence updates |
 //! | `P topic:channel:{CHANNEL}` | sharded | channel messages |
@@ -72,11 +72,13 @@
 //! (presence by the room's, a record's updates by its own, a channel's messages by its
 //! history's) travels on that slot's sharded channel (`SPUBLISH`/`SSUBSCRIBE`), and so do
 //! room broadcasts, in the room's slot: a room's traffic stays on the shard that owns it,
-//! and pub/sub load grows with the number of shards, not with the whole Cluster. Classic
-//! pub/sub reaches every node over the cluster bus, which is what an instance's own
-//! channel and broadcasts need (one subscriber, any publisher; there are few of them), and
-//! what plain channels need, so that an outside `PUBLISH` reaches their subscribers as on
-//! a single Redis. Collections topics stay classic too: a record write announces them
+//! and pub/sub load grows with the number of shards, not with the whole Cluster. An
+//! instance's own channel is sharded too, in a slot of its own: pushes to its connections
+//! stay on one shard, and a publish's count of receivers stays exact (a classic `PUBLISH`
+//! counts only the receiving node's subscribers), which is how a push learns that its
+//! connection's holder is gone. Classic pub/sub reaches every node over the cluster bus,
+//! which is what broadcasts need (every instance listens), and what plain channels need,
+//! so that an outside `PUBLISH` reaches their subscribers as on a single Redis. Collections topics stay classic too: a record write announces them
 //! from the record's slot, which is not theirs. On a single Redis every channel is
 //! classic (so Redis 5 and 6 keep working there).
 //!
@@ -127,7 +129,7 @@
 //! matches it, so the pub/sub channel of a plain channel is never one of the engine's, a
 //! mesh write to a plain channel never publishes under `P`, and the subscriber reads a
 //! message as bare text only when it arrives on a name outside `P`. Text published on an
-//! engine channel (`P broadcast`, `P instance:IID`, the topics) is parsed as an envelope
+//! engine channel (`P broadcast`, `P instance:{IID}`, the topics) is parsed as an envelope
 //! and dropped when it is not one, as before. (Publishing an envelope there takes what any
 //! Redis client with access can do anyway: write the keys; plain channels open no new way.)
 //! `build` refuses plain channels with an empty prefix, under which nothing could be told

@@ -1,7 +1,8 @@
 //! Publishing a delivery: one for a connection goes to its holder's instance channel
-//! (the `route` Lua script looks the holder up and publishes, in one round trip), any
-//! other to its channel (`Keys::channel_of`). A plain channel carries bare message text,
-//! never an envelope.
+//! (on a single Redis the `route` Lua script looks the holder up and publishes, in one
+//! round trip; on a Cluster the holder's channel is in another slot than the connection's
+//! hash, so the lookup and the publish are two), any other to its channel
+//! (`Keys::channel_of`). A plain channel carries bare message text, never an envelope.
 
 use super::{envelope, redis_error, RedisBackend};
 use crate::backend::{Delivery, Topic};
@@ -35,6 +36,24 @@ impl RedisBackend {
                 | Delivery::Call { connection_id, .. },
             ) => {
                 let mut conn = self.connection().await?;
+                if conn.is_cluster() {
+                    let holder: Option<String> = redis::cmd("HGET")
+                        .arg(keys.connection(connection_id))
+                        .arg("instance")
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(redis_error)?;
+                    let Some(holder) = holder else {
+                        return Ok(false);
+                    };
+                    let routed: i64 = redis::cmd(keys.instance_pubsub().publish_command())
+                        .arg(keys.instance_channel(&holder))
+                        .arg(envelope)
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(redis_error)?;
+                    return Ok(routed > 0);
+                }
                 let routed: i64 = self
                     .shared
                     .scripts

@@ -160,12 +160,13 @@ impl Scripts {
             ),
             // KEYS[1] conn hash; ARGV[1] prefix; ARGV[2] envelope. Publishes on the
             // holder's channel; returns how many instances received it (0 when the
-            // connection is unknown or its instance no longer listens).
+            // connection is unknown or its instance no longer listens). Single Redis only:
+            // on a Cluster the holder's channel is another slot's.
             route: script(
                 r"
                 local iid = redis.call('HGET', KEYS[1], 'instance')
                 if not iid then return 0 end
-                return redis.call('PUBLISH', ARGV[1] .. 'instance:' .. iid, ARGV[2])
+                return redis.call('PUBLISH', ARGV[1] .. 'instance:{' .. iid .. '}', ARGV[2])
                 ",
             ),
             // KEYS[1] conn hash, KEYS[2] its rooms; ARGV[1] room. A join's first step:

@@ -217,7 +217,7 @@ async fn run_on_cluster(
             .map_err(unavailable)?;
         let mut connection = client.get_async_connection().await.map_err(unavailable)?;
         let mut channels: Vec<(String, PubSub)> = vec![
-            (keys.instance_channel(&instance_id), PubSub::Classic),
+            (keys.instance_channel(&instance_id), keys.instance_pubsub()),
             (keys.broadcast_channel(), PubSub::Classic),
         ];
         if let Some(local) = inbox.upgrade() {

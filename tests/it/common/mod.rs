@@ -34,7 +34,8 @@ pub(crate) fn sorted<T: Ord>(mut items: Vec<T>) -> Vec<T> {
 }
 
 /// Instantiates `async fn name(backend: Backend)` tests once per backend:
-/// `conformance!(a, b);` makes `memory::a`, `redis::a`, `memory::b`, `redis::b`.
+/// `conformance!(a, b);` makes `memory::a`, `redis::a`, `redis_cluster::a`, and the
+/// same for `b`.
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -50,6 +51,14 @@ macro_rules! conformance {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name($crate::common::Backend::redis()).await
+                }
+            )*
+        }
+        mod redis_cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::redis_cluster()).await
                 }
             )*
         }
