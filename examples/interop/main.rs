@@ -1,7 +1,9 @@
 //! The server that mirrors mesh's reference test server, for protocol and load testing.
 //!
 //! Contract: `PORT` (default 8787); `REDIS_URL` selects the Redis backend (key prefix
-//! `MESH_PREFIX`, default `mesh:`), otherwise the in-memory backend runs; `GET /health`
+//! `MESH_PREFIX`, default `mesh:`), and `REDIS_CLUSTER_URLS` (comma-separated seed URLs
+//! of a Redis Cluster) the Redis backend on a Cluster; otherwise the in-memory backend
+//! runs; `GET /health`
 //! answers `200 ok` through the inner router; mesh is mounted on `/`; command `echo`
 //! replies with its payload; `broadcast-room {room, message}` pushes `room-message` with
 //! `message` to every member of `room` and replies `{success: true}`; presence is tracked
@@ -19,8 +21,8 @@
 //! On Redis, channels whose names start with `ext:` are plain Redis channels, published on
 //! their own name with the bare message text, so that another process can
 //! `PUBLISH ext:news '{...}'` to their subscribers and read or `LPUSH` their history list
-//! `{MESH_PREFIX}history:{ext:news}` (braces literal) (newest first); every other channel stays internal to
-//! the mesh, so both kinds can be tested side by side. On the in-memory backend `ext:`
+//! `{MESH_PREFIX}history:{ext:news}` (braces literal; newest first); every other channel
+//! stays internal to the mesh, so both kinds can be tested side by side. On the in-memory backend `ext:`
 //! channels are ordinary channels (nothing outside can publish). `MESH_PREFIX` must not be
 //! empty then.
 //!
@@ -31,6 +33,7 @@
 //!
 //! ```text
 //! cargo run --example interop
+//! REDIS_CLUSTER_URLS=redis://10.0.0.1:7000,redis://10.0.0.2:7000 cargo run --example interop
 //! REDIS_URL=rediss://redis.internal:6380 REDIS_CA_FILE=ca.pem \
 //!     cargo run --example interop --features redis-tls-rustls
 //! ```
@@ -155,10 +158,32 @@ fn records_under_collection_id() -> Collection {
     .membership_by_existence()
 }
 
-/// The Redis backend at `url`, with the key prefix and TLS files the environment names.
-fn redis_backend(url: &str) -> Result<tower_mesh::RedisBackend, String> {
+/// Which Redis the environment names: `REDIS_CLUSTER_URLS` (a Cluster's seeds), else
+/// `REDIS_URL`; `None` for neither.
+fn redis_target() -> Option<(&'static str, tower_mesh::RedisBackendBuilder)> {
+    if let Ok(seeds) = std::env::var("REDIS_CLUSTER_URLS") {
+        let seeds = seeds
+            .split(',')
+            .map(str::trim)
+            .filter(|seed| !seed.is_empty())
+            .map(str::to_owned);
+        return Some((
+            "REDIS_CLUSTER_URLS",
+            tower_mesh::RedisBackend::cluster(seeds),
+        ));
+    }
+    let url = std::env::var("REDIS_URL").ok()?;
+    Some(("REDIS_URL", tower_mesh::RedisBackend::builder(url)))
+}
+
+/// The Redis backend `backend` configures, with the key prefix and TLS files the
+/// environment names; `variable` names where its address came from.
+fn redis_backend(
+    variable: &str,
+    backend: tower_mesh::RedisBackendBuilder,
+) -> Result<tower_mesh::RedisBackend, String> {
     let prefix = std::env::var("MESH_PREFIX").unwrap_or_else(|_| "mesh:".into());
-    let mut backend = tower_mesh::RedisBackend::builder(url)
+    let mut backend = backend
         .prefix(prefix)
         .plain_channels(Regex::new("^ext:").map_err(|err| err.to_string())?);
     let read = |name: &str| match std::env::var_os(name) {
@@ -178,7 +203,7 @@ fn redis_backend(url: &str) -> Result<tower_mesh::RedisBackend, String> {
         (None, None) => {}
         _ => return Err("REDIS_CLIENT_CERT_FILE and REDIS_CLIENT_KEY_FILE go together".into()),
     }
-    backend.build().map_err(|err| format!("REDIS_URL: {err}"))
+    backend.build().map_err(|err| format!("{variable}: {err}"))
 }
 
 #[tokio::main]
@@ -204,15 +229,15 @@ async fn main() -> std::io::Result<()> {
         .expose_channel(every(), Access::open())
         .expose_writable_record(every(), Access::open())
         .expose_collection(every(), records_under_collection_id());
-    if let Ok(url) = std::env::var("REDIS_URL") {
-        match redis_backend(&url) {
+    if let Some((variable, backend)) = redis_target() {
+        match redis_backend(variable, backend) {
             Ok(backend) => builder = builder.redis_backend(backend),
             Err(err) => {
                 eprintln!("{err}");
                 std::process::exit(2);
             }
         }
-        tracing::info!("using the Redis backend at {url}");
+        tracing::info!("using the Redis backend at {variable}");
     }
     if let Some(interval) = env_ms("PING_INTERVAL_MS") {
         builder = builder.ping_interval(interval);
