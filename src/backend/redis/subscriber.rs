@@ -325,13 +325,9 @@ async fn apply_on_cluster(
             let _ = done.send(subscribed);
         }
         Command::Unsubscribe(topic) => {
-            let wanted = inbox
-                .upgrade()
-                .is_some_and(|inbox| inbox.has_listeners(&topic));
-            let channel = keys.topic_channel(&topic);
-            if wanted || !channels.remove(&channel) {
+            let Some(channel) = channel_to_drop(&topic, keys, inbox, channels) else {
                 return;
-            }
+            };
             let unsubscribe = async {
                 match keys.topic_pubsub(&topic) {
                     PubSub::Classic => connection.unsubscribe(&channel).await,
@@ -346,6 +342,22 @@ async fn apply_on_cluster(
             }
         }
     }
+}
+
+/// The channel an unsubscribe from `topic` drops, taken out of `channels`: none when the
+/// instance is not subscribed, or when a local connection listens to the topic again
+/// (the unsubscribe raced a new listener).
+fn channel_to_drop(
+    topic: &Topic,
+    keys: &Keys,
+    inbox: &Weak<dyn Inbox>,
+    channels: &mut HashSet<String>,
+) -> Option<String> {
+    let wanted = inbox
+        .upgrade()
+        .is_some_and(|inbox| inbox.has_listeners(topic));
+    let channel = keys.topic_channel(topic);
+    (!wanted && channels.remove(&channel)).then_some(channel)
 }
 
 /// The delivery of a RESP3 message push: `[channel, payload]`.
@@ -418,13 +430,9 @@ async fn apply(
             }
         }
         Command::Unsubscribe(topic) => {
-            let wanted = inbox
-                .upgrade()
-                .is_some_and(|inbox| inbox.has_listeners(&topic));
-            let channel = keys.topic_channel(&topic);
-            if wanted || !channels.remove(&channel) {
+            let Some(channel) = channel_to_drop(&topic, keys, inbox, channels) else {
                 return true;
-            }
+            };
             matches!(
                 tokio::time::timeout(OPERATION_TIMEOUT, sink.unsubscribe(&channel)).await,
                 Ok(Ok(()))
