@@ -190,21 +190,39 @@ impl Keys {
         }
     }
     /// Which pub/sub a topic's channel is on. On a single Redis, classic for all. On a
-    /// Cluster, sharded for the topics of one slot; classic for plain channels (so that
-    /// an outside `PUBLISH` reaches them, as on a single Redis) and for collections
-    /// topics (a record write announces them from the record's slot, which is not
-    /// theirs, and there are only as many as exposures).
+    /// Cluster, sharded, except for plain channels (classic, so that an outside
+    /// `PUBLISH` reaches them, as on a single Redis).
     pub(super) fn topic_pubsub(&self, topic: &Topic) -> PubSub {
         let sharded = self.sharded
             && match topic {
                 Topic::Channel(channel) => !self.plain_channel(channel),
-                Topic::Collections(_) => false,
-                Topic::Room(_) | Topic::Presence(_) | Topic::Record(_) => true,
+                Topic::Collections(_) | Topic::Room(_) | Topic::Presence(_) | Topic::Record(_) => {
+                    true
+                }
             };
         if sharded {
             PubSub::Sharded
         } else {
             PubSub::Classic
+        }
+    }
+    /// Every channel a listener of `topic` subscribes to. One, but for a collections
+    /// topic on a Cluster: a record write announces it from the record's slot, on the
+    /// topic's channel in the record's bucket, so its listeners subscribe to that
+    /// channel in every bucket. (Announced on one classic channel instead, it would reach
+    /// other nodes over the cluster bus after the write's reply, and a collection
+    /// subscribed just after a write could still hear of it.)
+    pub(super) fn topic_channels(&self, topic: &Topic) -> Vec<(String, PubSub)> {
+        match topic {
+            Topic::Collections(exposure) if self.sharded => (0..BUCKETS)
+                .map(|bucket| {
+                    (
+                        format!("{}topic:collections:{exposure}", self.record_bucket(bucket)),
+                        PubSub::Sharded,
+                    )
+                })
+                .collect(),
+            _ => vec![(self.topic_channel(topic), self.topic_pubsub(topic))],
         }
     }
     /// The pub/sub channel of a delivery that is not routed to one connection's holder,
@@ -220,6 +238,15 @@ impl Keys {
             Delivery::Presence { room, .. } => Topic::Presence(room.clone()),
             Delivery::Record { record_id, .. } | Delivery::RecordDeleted { record_id, .. } => {
                 Topic::Record(record_id.clone())
+            }
+            Delivery::RecordsChanged {
+                exposure,
+                record_id,
+            } if self.sharded => {
+                return Some((
+                    format!("{}topic:collections:{exposure}", self.record_base(record_id)),
+                    PubSub::Sharded,
+                ))
             }
             Delivery::RecordsChanged { exposure, .. } => Topic::Collections(exposure.clone()),
             Delivery::ToConnection { .. } | Delivery::Close { .. } | Delivery::Call { .. } => {

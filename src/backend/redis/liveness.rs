@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, TryStreamExt};
 
+use super::rooms::Part;
 use super::{redis_error, subscriber, RedisBackend, WeakBackend};
 use crate::backend::Inbox;
 use crate::error::MeshError;
@@ -147,9 +148,11 @@ impl RedisBackend {
     }
 
     /// Forgets a connection: it stops being registered (so no join or metadata write can
-    /// succeed any more), leaves its rooms (announcing its leaves), and then its keys go.
-    /// Each step may be repeated: a leave that finds nothing announces nothing, so every
-    /// leave is announced exactly once however often, and by whomever, this runs.
+    /// succeed any more), its memberships go, then its keys, and last its presence, with
+    /// the `leave` announcements, so that whoever sees one finds the connection gone
+    /// everywhere. Each step may be repeated: a leave that finds nothing announces
+    /// nothing, so every leave is announced exactly once however often, and by whomever,
+    /// this runs.
     async fn forget(&self, connection_id: &str) -> Result<(), MeshError> {
         let keys = &self.shared.keys;
         let mut conn = self.connection().await?;
@@ -162,21 +165,23 @@ impl RedisBackend {
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
-        let leaves = rooms
-            .iter()
-            .map(|room| {
-                let mut leave = self.shared.scripts.leave.prepare_invoke();
-                leave.key(keys.room_base(room)).arg(connection_id).arg(room);
-                leave
-            })
-            .collect();
-        self.invoke_each::<i64>(leaves).await?;
+        let left = self
+            .leave_part(connection_id, &rooms, Part::Member)
+            .await?;
         redis::cmd("DEL")
             .arg(keys.connection(connection_id))
             .arg(keys.connection_rooms(connection_id))
             .query_async::<()>(&mut conn)
             .await
-            .map_err(redis_error)
+            .map_err(redis_error)?;
+        let present: Vec<&String> = rooms
+            .iter()
+            .zip(left)
+            .filter_map(|(room, (_, present))| present.then_some(room))
+            .collect();
+        self.leave_part(connection_id, &present, Part::Presence)
+            .await
+            .map(drop)
     }
 
     /// Sweeps what lapsed: dead instances' connections (forgotten as `unregister` does)

@@ -52,7 +52,7 @@
 //! | `P{rooms:N}:topic:room:ROOM`, `P{rooms:N}:topic:presence:ROOM` | sharded | room broadcasts, presence updates |
 //! | `P topic:channel:{CHANNEL}` | sharded | channel messages |
 //! | `P{records:N}:topic:record:ID` | sharded | record updates |
-//! | `P topic:collections:PATTERN` | classic | "a record that collections of this exposure may hold changed" |
+//! | `P topic:collections:PATTERN` (single Redis), `P{records:N}:topic:collections:PATTERN` (Cluster: one per record bucket) | sharded | "a record that collections of this exposure may hold changed" |
 //! | `CHANNEL` (no prefix) | classic | a plain channel's messages, as their bare text |
 //!
 //! Only instances with a local listener subscribe to a topic. A push to one connection is
@@ -78,9 +78,13 @@
 //! counts only the receiving node's subscribers), which is how a push learns that its
 //! connection's holder is gone. Classic pub/sub reaches every node over the cluster bus,
 //! which is what broadcasts need (every instance listens), and what plain channels need,
-//! so that an outside `PUBLISH` reaches their subscribers as on a single Redis. Collections topics stay classic too: a record write announces them
-//! from the record's slot, which is not theirs. On a single Redis every channel is
-//! classic (so Redis 5 and 6 keep working there).
+//! so that an outside `PUBLISH` reaches their subscribers as on a single Redis. A
+//! collections topic is announced by record writes, from each record's slot: it has one
+//! sharded channel per record bucket, and its listeners subscribe to all 64. (A classic
+//! `PUBLISH` reaches other nodes over the cluster bus after the write has answered, so a
+//! collection subscribed just after a write could still hear of it; a sharded one is
+//! delivered by the node that wrote.) On a single Redis every channel is classic (so
+//! Redis 5 and 6 keep working there).
 //!
 //! **Recovery.** The redis crate's cluster connection follows `MOVED` and `ASK`,
 //! refreshes its slot map after a failover, reconnects to nodes that come back, and
@@ -96,16 +100,19 @@
 //! are steps, one script each, ordered so that whoever comes next completes or undoes an
 //! interrupted change, and every announcement is made once:
 //! - **Forget:** the connection stops being registered (its `instance` field goes, so
-//!   joins and metadata writes fail from then on), it leaves each room it noted, its keys
-//!   go, and only then does it leave the registry. Each step may be repeated: a sweep
-//!   repeats all of it for a connection still in its instance's set.
+//!   joins and metadata writes fail from then on), its memberships of the rooms it noted
+//!   go, then its keys, then its presence in those rooms (with the `leave`
+//!   announcements, so that whoever sees one finds the connection gone everywhere), and
+//!   only then does it leave the registry. Each step may be repeated: a sweep repeats all
+//!   of it for a connection still in its instance's set.
 //! - **Join:** the connection notes the room (only while registered), the room takes the
 //!   member, and the connection is checked to be registered still; if it is not, a forget
 //!   ran in between and may have read the notes before the member arrived, so the join
 //!   leaves the room itself.
-//! - **Leave:** the room first, then the note, so that an interrupted leave leaves a note
-//!   of a room the connection is not in (which a later forget leaves again, harmlessly),
-//!   never a member nobody knows of.
+//! - **Leave:** the membership first, then the note, then the presence (announcing the
+//!   `leave`), so that an interrupted leave leaves a note of a room the connection is not
+//!   in (which a later forget leaves again, harmlessly) or a presence that lapses (and is
+//!   announced by the sweep), never a member nobody knows of.
 //! - **Announcements:** a `leave` is published by the script that removes the presence
 //!   entry, and only when it removed one, so however many steps run twice, by whomever,
 //!   each leave is announced exactly once.

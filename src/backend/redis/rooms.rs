@@ -12,6 +12,27 @@ use serde_json::Value;
 use super::{millis, parse_json_or_null, redis_error, RedisBackend};
 use crate::error::MeshError;
 
+/// What a leave script removes.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Part {
+    /// The membership only (and it answers whether the connection is present).
+    Member,
+    /// The presence and state only, announcing the `leave`.
+    Presence,
+    /// Both, in one step.
+    All,
+}
+
+impl Part {
+    fn name(self) -> &'static str {
+        match self {
+            Part::Member => "member",
+            Part::Presence => "presence",
+            Part::All => "all",
+        }
+    }
+}
+
 impl RedisBackend {
     /// Joins in three steps: the connection notes the room (only while registered), the
     /// room takes the member, and the connection is checked to be registered still. A
@@ -55,26 +76,63 @@ impl RedisBackend {
             .await
             .map_err(redis_error)?;
         if !registered {
-            self.connection_in_room(&scripts.leave, connection_id, room)
-                .await?;
+            self.leave_part(connection_id, &[room], Part::All).await?;
         }
         Ok(registered)
     }
 
-    /// Leaves in two steps: the room first, then the connection's note of it, so that a
-    /// leave cut short leaves a note of a room the connection is not in (which a later
-    /// forget leaves again, harmlessly), never a member nobody knows of.
+    /// Leaves in steps: the membership, then the connection's note of the room, and last
+    /// its presence there (with the `leave` announcement), so that whoever sees the
+    /// announcement finds the leave complete. A leave cut short leaves a note of a room
+    /// the connection is not in (which a later forget leaves again, harmlessly), or a
+    /// presence that lapses (the sweep announces it), never a member nobody knows of.
     pub(super) async fn leave(&self, connection_id: &str, room: &str) -> Result<bool, MeshError> {
-        let was_member = self
-            .connection_in_room(&self.shared.scripts.leave, connection_id, room)
-            .await?;
+        let [(was_member, present)] = self
+            .leave_part(connection_id, &[room], Part::Member)
+            .await?[..]
+        else {
+            return Err(MeshError::Corrupt("a leave answered for no room".into()));
+        };
         self.query_one::<()>(
             redis::cmd("SREM")
                 .arg(self.shared.keys.connection_rooms(connection_id))
                 .arg(room),
         )
         .await?;
+        if present {
+            self.leave_part(connection_id, &[room], Part::Presence)
+                .await?;
+        }
         Ok(was_member)
+    }
+
+    /// Takes `part` of a connection out of each of `rooms` (one script per room, in its
+    /// bucket): for each, whether it was a member and whether it is (or, with
+    /// [`Part::All`], was) present.
+    pub(super) async fn leave_part<R: AsRef<str>>(
+        &self,
+        connection_id: &str,
+        rooms: &[R],
+        part: Part,
+    ) -> Result<Vec<(bool, bool)>, MeshError> {
+        let leaves = rooms
+            .iter()
+            .map(|room| {
+                let room = room.as_ref();
+                let mut leave = self.shared.scripts.leave.prepare_invoke();
+                leave
+                    .key(self.shared.keys.room_base(room))
+                    .arg(connection_id)
+                    .arg(room)
+                    .arg(part.name());
+                leave
+            })
+            .collect();
+        let found: Vec<(i64, i64)> = self.invoke_each(leaves).await?;
+        Ok(found
+            .into_iter()
+            .map(|(member, present)| (member == 1, present == 1))
+            .collect())
     }
 
     pub(super) async fn members(&self, room: &str) -> Result<Vec<String>, MeshError> {

@@ -57,13 +57,21 @@ local function make_present(b, cid, room, deadline)
   redis.call('ZADD', b .. 'presence-expiry', deadline, cid .. '\n' .. room)
 end
 
--- Removes a connection from a room with its presence and state there, announcing its
--- leave if it was present. Returns whether it was a member. Doing it again changes and
--- announces nothing: whoever removes the presence entry announces, exactly once.
-local function leave(b, cid, room)
-  local member = redis.call('ZREM', b .. 'room:' .. room, cid)
-  if member == 1 and redis.call('EXISTS', b .. 'room:' .. room) == 0 then
-    redis.call('SREM', b .. 'rooms', room)
+-- Removes a connection from a room: its membership when `part` is 'member', its presence
+-- and state when 'presence' (announcing its leave if it was present), both when 'all'.
+-- Returns {whether it was a member, whether it is (or was, for 'all') present}. Doing it
+-- again changes and announces nothing: whoever removes the presence entry announces,
+-- exactly once.
+local function leave(b, cid, room, part)
+  local member = 0
+  if part ~= 'presence' then
+    member = redis.call('ZREM', b .. 'room:' .. room, cid)
+    if member == 1 and redis.call('EXISTS', b .. 'room:' .. room) == 0 then
+      redis.call('SREM', b .. 'rooms', room)
+    end
+  end
+  if part == 'member' then
+    return {member, redis.call('ZSCORE', b .. 'presence:' .. room, cid) and 1 or 0}
   end
   local present = redis.call('ZREM', b .. 'presence:' .. room, cid)
   local entry = cid .. '\n' .. room
@@ -71,7 +79,7 @@ local function leave(b, cid, room)
   redis.call('HDEL', b .. 'presence-states:' .. room, cid)
   redis.call('ZREM', b .. 'state-expiry', entry)
   if present == 1 then announce(b, 'leave', cid, room, nil) end
-  return member
+  return {member, present}
 end
 
 -- Whether a connection's presence in a room is still live.
@@ -192,11 +200,12 @@ impl Scripts {
                 return 1
                 ",
             ),
-            // KEYS[1] room bucket; ARGV[1] connection id, ARGV[2] room. Returns whether
-            // the connection was a member.
+            // KEYS[1] room bucket; ARGV[1] connection id, ARGV[2] room, ARGV[3] what to
+            // remove: 'member', 'presence' or 'all' (see `leave` above). Returns {whether
+            // the connection was a member, whether it is or was present}.
             leave: script(
                 r"
-                return leave(KEYS[1], ARGV[1], ARGV[2])
+                return leave(KEYS[1], ARGV[1], ARGV[2], ARGV[3])
                 ",
             ),
             // KEYS[1] conn hash, KEYS[2] its rooms. Forgetting's first step: the

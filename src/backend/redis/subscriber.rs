@@ -15,7 +15,7 @@
 //! `Backend::subscribe` and `Backend::unsubscribe` hand their changes to this task (at the
 //! end of this file).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -215,7 +215,7 @@ async fn run_on_cluster(
             .push_sender(pushes_to)
             .build()
             .map_err(unavailable)?;
-        let mut connection = client.get_async_connection().await.map_err(unavailable)?;
+        let connection = client.get_async_connection().await.map_err(unavailable)?;
         let mut channels: Vec<(String, PubSub)> = vec![
             (keys.instance_channel(&instance_id), keys.instance_pubsub()),
             (keys.broadcast_channel(), PubSub::Classic),
@@ -225,18 +225,20 @@ async fn run_on_cluster(
                 local
                     .topics()
                     .iter()
-                    .map(|topic| (keys.topic_channel(topic), keys.topic_pubsub(topic))),
+                    .flat_map(|topic| keys.topic_channels(topic)),
             );
         }
-        let mut subscribed = HashSet::new();
+        let mut subscriptions = ClusterSubscriptions {
+            connection,
+            channels: HashSet::new(),
+            unconfirmed: HashMap::new(),
+        };
         for (channel, pubsub) in channels {
-            cluster_subscribe(&mut connection, &channel, pubsub).await?;
-            subscribed.insert(channel);
+            subscriptions.subscribe(channel, pubsub).await?;
         }
-        Ok::<_, MeshError>((connection, subscribed))
+        Ok::<_, MeshError>(subscriptions)
     };
-    let (mut connection, mut channels) =
-        match tokio::time::timeout(OPERATION_TIMEOUT, connected).await {
+    let mut subscriptions = match tokio::time::timeout(OPERATION_TIMEOUT, connected).await {
             Ok(Ok(connected)) => connected,
             Ok(Err(err)) => {
                 let _ = first.send(Err(err));
@@ -250,10 +252,17 @@ async fn run_on_cluster(
             }
         };
     let _ = first.send(Ok(()));
-    // Set by a dropped node connection; the next subscription confirmation (the crate
-    // subscribing again) tells the inbox that deliveries may have been missed.
-    let mut interrupted = false;
+    // When the crate subscribes again (after a node's connection dropped, or the slots
+    // moved), what was published meanwhile is lost: the inbox is told once per burst of
+    // such confirmations, after they settle.
+    let mut report_at: Option<tokio::time::Instant> = None;
     loop {
+        let report = async {
+            match report_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             push = pushes.recv() => {
                 let Some(push) = push else { return };
@@ -266,98 +275,127 @@ async fn run_on_cluster(
                         }
                     }
                     redis::PushKind::Disconnection => {
-                        tracing::warn!("a Redis Cluster node's pub/sub connection dropped; resubscribing");
-                        interrupted = true;
+                        tracing::debug!("a Redis Cluster node's connection dropped");
                     }
-                    redis::PushKind::Subscribe | redis::PushKind::SSubscribe if interrupted => {
-                        interrupted = false;
-                        tracing::info!("Redis Cluster pub/sub subscriptions re-established");
-                        local.resubscribed();
+                    redis::PushKind::Subscribe | redis::PushKind::SSubscribe
+                        if !subscriptions.confirmed(&push.data) && report_at.is_none() =>
+                    {
+                        report_at = Some(tokio::time::Instant::now() + RESUBSCRIBED_SETTLE);
                     }
                     _ => {}
                 }
             }
+            () = report => {
+                report_at = None;
+                tracing::info!("Redis Cluster pub/sub subscriptions re-established");
+                if let Some(local) = inbox.upgrade() {
+                    local.resubscribed();
+                }
+            }
             command = commands.recv() => {
                 let Some(command) = command else { return };
-                apply_on_cluster(command, &keys, &inbox, &mut channels, &mut connection).await;
+                subscriptions.apply(command, &keys, &inbox).await;
             }
         }
     }
 }
 
-async fn cluster_subscribe(
-    connection: &mut redis::cluster_async::ClusterConnection,
-    channel: &str,
-    pubsub: PubSub,
-) -> Result<(), MeshError> {
-    let subscribed = match pubsub {
-        PubSub::Classic => connection.subscribe(channel).await,
-        PubSub::Sharded => connection.ssubscribe(channel).await,
-    };
-    subscribed.map_err(unavailable)
+/// How long after the first of a burst of resubscriptions the inbox hears of them.
+const RESUBSCRIBED_SETTLE: Duration = Duration::from_millis(100);
+
+/// An instance's subscriptions on a Cluster.
+struct ClusterSubscriptions {
+    connection: redis::cluster_async::ClusterConnection,
+    /// The channels subscribed to.
+    channels: HashSet<String>,
+    /// Subscribes of ours whose confirmation push has not arrived yet, by channel: any
+    /// other confirmation is the crate subscribing again.
+    unconfirmed: HashMap<String, u32>,
 }
 
-/// Applies one subscription change on the cluster connection. A failed subscribe is
-/// answered with its error at once: the crate retries nothing it was not confirmed.
-async fn apply_on_cluster(
-    command: Command,
-    keys: &Keys,
-    inbox: &Weak<dyn Inbox>,
-    channels: &mut HashSet<String>,
-    connection: &mut redis::cluster_async::ClusterConnection,
-) {
-    match command {
-        Command::Subscribe(topic, done) => {
-            let channel = keys.topic_channel(&topic);
-            if channels.contains(&channel) {
-                let _ = done.send(Ok(()));
-                return;
+impl ClusterSubscriptions {
+    async fn subscribe(&mut self, channel: String, pubsub: PubSub) -> Result<(), MeshError> {
+        let subscribed = match pubsub {
+            PubSub::Classic => self.connection.subscribe(&channel).await,
+            PubSub::Sharded => self.connection.ssubscribe(&channel).await,
+        };
+        subscribed.map_err(unavailable)?;
+        *self.unconfirmed.entry(channel.clone()).or_default() += 1;
+        self.channels.insert(channel);
+        Ok(())
+    }
+
+    /// Whether a subscription confirmation (`[channel, count]`) answers a subscribe of
+    /// ours; `false` for the crate subscribing again.
+    fn confirmed(&mut self, data: &[redis::Value]) -> bool {
+        let Some(redis::Value::BulkString(channel)) = data.first() else {
+            return false;
+        };
+        let Ok(channel) = std::str::from_utf8(channel) else {
+            return false;
+        };
+        match self.unconfirmed.get_mut(channel) {
+            Some(left) if *left > 1 => *left -= 1,
+            Some(_) => {
+                self.unconfirmed.remove(channel);
             }
-            let subscribed = tokio::time::timeout(
-                OPERATION_TIMEOUT,
-                cluster_subscribe(connection, &channel, keys.topic_pubsub(&topic)),
-            )
-            .await
-            .unwrap_or_else(|_| Err(MeshError::Unavailable("Redis subscribe timed out".into())));
-            if subscribed.is_ok() {
-                channels.insert(channel);
-            }
-            let _ = done.send(subscribed);
+            None => return false,
         }
-        Command::Unsubscribe(topic) => {
-            let Some(channel) = channel_to_drop(&topic, keys, inbox, channels) else {
-                return;
-            };
-            let unsubscribe = async {
-                match keys.topic_pubsub(&topic) {
-                    PubSub::Classic => connection.unsubscribe(&channel).await,
-                    PubSub::Sharded => connection.sunsubscribe(&channel).await,
+        true
+    }
+
+    /// Applies one subscription change. A failed subscribe is answered with its error at
+    /// once: the crate keeps only the subscriptions a node confirmed.
+    async fn apply(&mut self, command: Command, keys: &Keys, inbox: &Weak<dyn Inbox>) {
+        match command {
+            Command::Subscribe(topic, done) => {
+                let subscribe = async {
+                    for (channel, pubsub) in keys.topic_channels(&topic) {
+                        if !self.channels.contains(&channel) {
+                            self.subscribe(channel, pubsub).await?;
+                        }
+                    }
+                    Ok(())
+                };
+                let subscribed = tokio::time::timeout(OPERATION_TIMEOUT, subscribe)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(MeshError::Unavailable("Redis subscribe timed out".into()))
+                    });
+                let _ = done.send(subscribed);
+            }
+            Command::Unsubscribe(topic) => {
+                if still_wanted(&topic, inbox) {
+                    return;
                 }
-            };
-            if !matches!(
-                tokio::time::timeout(OPERATION_TIMEOUT, unsubscribe).await,
-                Ok(Ok(()))
-            ) {
-                tracing::debug!(channel, "Redis unsubscribe failed");
+                for (channel, pubsub) in keys.topic_channels(&topic) {
+                    if !self.channels.remove(&channel) {
+                        continue;
+                    }
+                    let unsubscribe = async {
+                        match pubsub {
+                            PubSub::Classic => self.connection.unsubscribe(&channel).await,
+                            PubSub::Sharded => self.connection.sunsubscribe(&channel).await,
+                        }
+                    };
+                    if !matches!(
+                        tokio::time::timeout(OPERATION_TIMEOUT, unsubscribe).await,
+                        Ok(Ok(()))
+                    ) {
+                        tracing::debug!(channel, "Redis unsubscribe failed");
+                    }
+                }
             }
         }
     }
 }
 
-/// The channel an unsubscribe from `topic` drops, taken out of `channels`: none when the
-/// instance is not subscribed, or when a local connection listens to the topic again
-/// (the unsubscribe raced a new listener).
-fn channel_to_drop(
-    topic: &Topic,
-    keys: &Keys,
-    inbox: &Weak<dyn Inbox>,
-    channels: &mut HashSet<String>,
-) -> Option<String> {
-    let wanted = inbox
+/// Whether a local connection listens to `topic` again: an unsubscribe that raced a new
+/// listener is skipped.
+fn still_wanted(topic: &Topic, inbox: &Weak<dyn Inbox>) -> bool {
+    inbox
         .upgrade()
-        .is_some_and(|inbox| inbox.has_listeners(topic));
-    let channel = keys.topic_channel(topic);
-    (!wanted && channels.remove(&channel)).then_some(channel)
+        .is_some_and(|inbox| inbox.has_listeners(topic))
 }
 
 /// The delivery of a RESP3 message push: `[channel, payload]`.
@@ -430,9 +468,10 @@ async fn apply(
             }
         }
         Command::Unsubscribe(topic) => {
-            let Some(channel) = channel_to_drop(&topic, keys, inbox, channels) else {
+            let channel = keys.topic_channel(&topic);
+            if still_wanted(&topic, inbox) || !channels.remove(&channel) {
                 return true;
-            };
+            }
             matches!(
                 tokio::time::timeout(OPERATION_TIMEOUT, sink.unsubscribe(&channel)).await,
                 Ok(Ok(()))
