@@ -681,8 +681,11 @@ async fn outside_text_on_the_engines_channels_injects_nothing(backend: Backend) 
         .write_channel(&format!("{p}broadcast"), frame, 0)
         .await
         .expect("write_channel");
-    // Weak on a Cluster (see the module docs): the writes below, which the client awaits
-    // first, follow the texts published on their channels from their channels' nodes.
+    // Weak on a Cluster (see the module docs). There the writes below back it up for the
+    // plain channel and the other channel's topic: each is published on the node that
+    // serves its channel, after the texts published there on that channel (the plain
+    // channel's from that node, the topic's by SPUBLISH), so an injected message would
+    // reach the client before it.
     for frames in pushes_before_marker(&b.mesh, "marker", &mut [&mut client]).await {
         assert!(frames.is_empty(), "nothing before the marker: {frames:?}");
     }
