@@ -6,15 +6,28 @@
 //! outside messages over `max_channel_message_bytes` reach nobody. Clients see plain
 //! channels exactly as any other, on either backend.
 //!
+//! The raw-client tests run on a single Redis (`on_redis::*`) and on the Redis Cluster
+//! of `REDIS_CLUSTER_URLS` (`on_cluster::*`). On a Cluster the outside process publishes
+//! with a plain `PUBLISH` over a single-node connection to each master in turn, so that
+//! messages are published on nodes other than the one that holds the instances'
+//! subscriptions (classic pub/sub crosses the cluster bus), and it reads and appends to
+//! the history list through a Cluster-aware connection (the list's slot is the channel
+//! name's).
+//!
 //! Every test runs its meshes under a key prefix of its own, and names its plain
 //! channels after that prefix: plain channel names are not prefixed, and the suites
-//! share one Redis. "Nothing arrived" is shown without sleeping: after the outside
-//! publish, the server broadcasts a marker, which reaches each client after whatever its
-//! instance received before it on its one pub/sub connection.
-//!
-//! Redis Cluster is not covered: the backend targets a single Redis so far. The Cluster
-//! step should run the outside-publisher tests against a Cluster too, publishing with a
-//! plain `PUBLISH` on a node other than the subscribers' (see the backend's module docs).
+//! share one Redis. "Nothing arrived" is shown without sleeping. On a single Redis, after
+//! the outside publish, the server broadcasts a marker, which reaches each client after
+//! whatever its instance received before it on its one pub/sub connection. On a Cluster
+//! an instance reads pub/sub over one connection per node, with no order between them,
+//! so the marker proves it only weakly there; where they can, the Cluster variants follow
+//! the message that must not arrive with one that must, on the same channel and from the
+//! same node (one bus link, then one subscription connection: they arrive in that
+//! order), and await that one. Subscriber counts come from `PUBSUB NUMSUB` asked of
+//! every node, since a classic `PUBLISH` on a Cluster counts only the publishing node's
+//! subscribers.
+
+use std::collections::HashMap;
 
 use futures_util::StreamExt;
 use serde_json::{json, Value};
@@ -24,37 +37,155 @@ use crate::common::*;
 
 conformance!(plain_channels_look_like_any_other_to_clients);
 
+/// Instantiates `async fn name(backend: Backend)` raw-client tests on a single Redis
+/// (`on_redis::name`) and on the Redis Cluster (`on_cluster::name`).
+macro_rules! on_redis_and_cluster {
+    ($($name:ident),* $(,)?) => {
+        mod on_redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::redis()).await
+                }
+            )*
+        }
+        mod on_cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::redis_cluster()).await
+                }
+            )*
+        }
+    };
+}
+
+on_redis_and_cluster!(
+    an_outside_publish_reaches_subscribers_on_every_instance,
+    a_mesh_write_reaches_outside_subscribers_and_the_list,
+    outside_history_is_read_newest_first_and_bounded,
+    history_bytes_count_what_outsiders_appended,
+    outside_text_on_the_engines_channels_injects_nothing,
+    a_channel_that_is_not_plain_works_as_before,
+    oversize_outside_messages_are_not_delivered,
+);
+
 const MESSAGE: &str = "mesh/subscription-message";
 
-/// A Redis-backed test mesh whose `ext:` channels are plain, and a raw client beside it.
+/// A Redis-backed test mesh whose `ext:` channels are plain, and a raw client beside it
+/// (the outside process: none of its connections are the mesh's).
 struct Plain {
-    url: String,
+    /// The mesh's Redis or Cluster, under this test's prefix.
+    backend: Backend,
     prefix: String,
-    /// The outside process's connection: none of the mesh's.
-    outside: ::redis::aio::MultiplexedConnection,
+    /// Where the outside process publishes: the one Redis, or every master of the
+    /// Cluster, each over a single-node connection.
+    publishers: Vec<Publisher>,
+    /// The outside process's connection for keys.
+    keyspace: Keyspace,
+}
+
+/// A single-node connection of the outside process, to publish on.
+struct Publisher {
+    url: String,
+    connection: ::redis::aio::MultiplexedConnection,
+}
+
+impl Publisher {
+    async fn connect(url: &str) -> Self {
+        let connection = ::redis::Client::open(url)
+            .unwrap_or_else(|err| panic!("{url} is not a valid Redis URL: {err}"))
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap_or_else(|err| panic!("a raw Redis connection to {url}: {err}"));
+        Publisher {
+            url: url.to_owned(),
+            connection,
+        }
+    }
+
+    /// `PUBLISH channel payload` on this node; how many subscribers got it. On a Cluster
+    /// that counts this node's subscribers only.
+    async fn publish(&self, channel: &str, payload: impl ::redis::ToRedisArgs) -> i64 {
+        ::redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(payload)
+            .query_async(&mut self.connection.clone())
+            .await
+            .unwrap_or_else(|err| panic!("PUBLISH on {}: {err}", self.url))
+    }
+
+    async fn query<T: ::redis::FromRedisValue>(&self, command: &::redis::Cmd, what: &str) -> T {
+        command
+            .query_async(&mut self.connection.clone())
+            .await
+            .unwrap_or_else(|err| panic!("{what} on {}: {err}", self.url))
+    }
+}
+
+/// The outside process's connection for keys: on a Cluster a Cluster-aware one, which
+/// sends each command to the master of its key's slot.
+enum Keyspace {
+    Single(::redis::aio::MultiplexedConnection),
+    Cluster(::redis::cluster_async::ClusterConnection),
+}
+
+impl Keyspace {
+    async fn query<T: ::redis::FromRedisValue>(&self, command: &::redis::Cmd, what: &str) -> T {
+        match self {
+            Keyspace::Single(connection) => command.query_async(&mut connection.clone()).await,
+            Keyspace::Cluster(connection) => command.query_async(&mut connection.clone()).await,
+        }
+        .unwrap_or_else(|err| panic!("{what}: {err}"))
+    }
 }
 
 impl Plain {
-    async fn new() -> Self {
-        let Backend::Redis { url, prefix } = Backend::redis() else {
-            unreachable!("Backend::redis() is a Redis backend")
+    async fn new(backend: Backend) -> Self {
+        let (prefix, publishers, keyspace) = match &backend {
+            Backend::Redis { url, prefix } => {
+                let publisher = Publisher::connect(url).await;
+                let keyspace = Keyspace::Single(publisher.connection.clone());
+                (prefix.clone(), vec![publisher], keyspace)
+            }
+            Backend::RedisCluster { seeds, prefix } => {
+                let keyspace =
+                    ::redis::cluster::ClusterClient::new(seeds.iter().map(String::as_str))
+                        .expect("valid Redis Cluster seed URLs")
+                        .get_async_connection()
+                        .await
+                        .expect("a raw Redis Cluster connection");
+                (
+                    prefix.clone(),
+                    masters(seeds).await,
+                    Keyspace::Cluster(keyspace),
+                )
+            }
+            Backend::Memory(_) => unreachable!("the outside process needs Redis"),
         };
-        let outside = ::redis::Client::open(url.as_str())
-            .expect("a valid Redis URL")
-            .get_multiplexed_async_connection()
-            .await
-            .expect("a raw Redis connection");
         Plain {
-            url,
+            backend,
             prefix,
-            outside,
+            publishers,
+            keyspace,
         }
+    }
+
+    fn on_cluster(&self) -> bool {
+        matches!(self.backend, Backend::RedisCluster { .. })
+    }
+
+    /// A Redis backend builder on this test's Redis (or Cluster) and prefix.
+    fn redis_builder(&self) -> tower_mesh::RedisBackendBuilder {
+        self.backend
+            .redis_builder()
+            .expect("the outside tests run on Redis")
     }
 
     /// A builder for one more instance of the mesh: `ext:` channels plain, every channel
     /// exposed.
     fn builder(&self) -> MeshBuilder {
-        plain_builder(&self.url, &self.prefix).expose_channel(everything(), Access::open())
+        plain_mesh(self.redis_builder()).expose_channel(everything(), Access::open())
     }
 
     /// A channel name of this test's own; plain when `plain`.
@@ -68,51 +199,95 @@ impl Plain {
         format!("{}history:{{{channel}}}", self.prefix)
     }
 
-    fn redis(&self) -> ::redis::aio::MultiplexedConnection {
-        self.outside.clone()
+    /// How many subscriptions `channel` has: on a Cluster, summed over every node (the
+    /// Cluster-aware connection asks them all).
+    async fn subscribers(&self, channel: &str) -> i64 {
+        let counts: HashMap<String, i64> = self
+            .keyspace
+            .query(
+                ::redis::cmd("PUBSUB").arg("NUMSUB").arg(channel),
+                "PUBSUB NUMSUB",
+            )
+            .await;
+        counts.get(channel).copied().unwrap_or_default()
     }
 
-    /// `PUBLISH channel payload` from outside the mesh; how many subscribers got it.
-    async fn publish(&self, channel: &str, payload: impl ::redis::ToRedisArgs) -> i64 {
-        ::redis::cmd("PUBLISH")
-            .arg(channel)
-            .arg(payload)
-            .query_async(&mut self.redis())
-            .await
-            .expect("PUBLISH")
+    /// Waits until `channel` has `count` subscriptions.
+    async fn await_subscribers(&self, channel: &str, count: i64) {
+        within(&format!("{count} subscriptions to {channel}"), async {
+            while self.subscribers(channel).await != count {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+    }
+
+    /// `SPUBLISH channel payload` through the Cluster-aware connection (to the master of
+    /// the channel's slot): how an outside process reaches a sharded channel.
+    async fn spublish(&self, channel: &str, payload: impl ::redis::ToRedisArgs) {
+        let _: i64 = self
+            .keyspace
+            .query(
+                ::redis::cmd("SPUBLISH").arg(channel).arg(payload),
+                "SPUBLISH",
+            )
+            .await;
     }
 
     /// `LPUSH` from outside the mesh, oldest first: the last is the newest.
     async fn lpush(&self, key: &str, messages: &[&str]) {
-        let _: i64 = ::redis::cmd("LPUSH")
-            .arg(key)
-            .arg(messages)
-            .query_async(&mut self.redis())
-            .await
-            .expect("LPUSH");
+        let _: i64 = self
+            .keyspace
+            .query(::redis::cmd("LPUSH").arg(key).arg(messages), "LPUSH")
+            .await;
     }
 
     async fn lrange(&self, key: &str) -> Vec<String> {
-        ::redis::cmd("LRANGE")
-            .arg(key)
-            .arg(0)
-            .arg(-1)
-            .query_async(&mut self.redis())
+        self.keyspace
+            .query(::redis::cmd("LRANGE").arg(key).arg(0).arg(-1), "LRANGE")
             .await
-            .expect("LRANGE")
     }
 
     async fn get(&self, key: &str) -> Option<String> {
-        ::redis::cmd("GET")
-            .arg(key)
-            .query_async(&mut self.redis())
+        self.keyspace
+            .query(::redis::cmd("GET").arg(key), "GET")
             .await
-            .expect("GET")
     }
 }
 
-fn plain_builder(url: &str, prefix: &str) -> MeshBuilder {
-    plain_mesh(RedisBackend::builder(url).prefix(prefix))
+/// A single-node connection to every master of the Cluster. The seeds must be the
+/// masters, all of them (scripts/test's are): checked, so that "each master in turn"
+/// covers the node that holds the subscriptions and at least one that does not.
+async fn masters(seeds: &[String]) -> Vec<Publisher> {
+    let mut masters = Vec::new();
+    for seed in seeds {
+        let node = Publisher::connect(seed).await;
+        let info: String = node
+            .query(::redis::cmd("INFO").arg("replication"), "INFO replication")
+            .await;
+        assert!(
+            info.lines().any(|line| line.trim() == "role:master"),
+            "{seed} in REDIS_CLUSTER_URLS is not a master:\n{info}"
+        );
+        masters.push(node);
+    }
+    let info: String = masters[0]
+        .query(::redis::cmd("CLUSTER").arg("INFO"), "CLUSTER INFO")
+        .await;
+    let size = info
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("cluster_size:"))
+        .and_then(|size| size.parse::<usize>().ok());
+    assert_eq!(
+        size,
+        Some(masters.len()),
+        "REDIS_CLUSTER_URLS must name every master of the Cluster once:\n{info}"
+    );
+    assert!(
+        masters.len() >= 2,
+        "a Cluster of one master publishes every message on the subscribers' node"
+    );
+    masters
 }
 
 /// A mesh on `redis` whose `ext:` channels are plain.
@@ -233,9 +408,8 @@ async fn plain_channels_look_like_any_other_to_clients(backend: Backend) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_outside_publish_reaches_subscribers_on_every_instance() {
-    let plain = Plain::new().await;
+async fn an_outside_publish_reaches_subscribers_on_every_instance(backend: Backend) {
+    let plain = Plain::new(backend).await;
     let a = serve(plain.builder()).await;
     let b = serve(plain.builder()).await;
     let channel = plain.channel(true, "notifications");
@@ -243,20 +417,31 @@ async fn an_outside_publish_reaches_subscribers_on_every_instance() {
     let mut on_b = subscribed(&b, &channel).await;
 
     // One subscription per instance, on the channel's own name.
+    assert_eq!(plain.subscribers(&channel).await, 2);
     let text = r#"{"kind":"deploy","id":7}"#;
-    assert_eq!(plain.publish(&channel, text).await, 2);
-    for client in [&mut on_a, &mut on_b] {
-        assert_eq!(
-            message(client).await,
-            json!({"channel": channel, "message": text})
-        );
+    for publisher in &plain.publishers {
+        let reached = publisher.publish(&channel, text).await;
+        if !plain.on_cluster() {
+            assert_eq!(reached, 2);
+        }
+        for client in [&mut on_a, &mut on_b] {
+            assert_eq!(
+                message(client).await,
+                json!({"channel": channel, "message": text})
+            );
+        }
     }
     // Any text is a message; it is not parsed.
-    assert_eq!(plain.publish(&channel, "not json").await, 2);
-    assert_eq!(
-        message(&mut on_a).await,
-        json!({"channel": channel, "message": "not json"})
-    );
+    for publisher in &plain.publishers {
+        let reached = publisher.publish(&channel, "not json").await;
+        if !plain.on_cluster() {
+            assert_eq!(reached, 2);
+        }
+        assert_eq!(
+            message(&mut on_a).await,
+            json!({"channel": channel, "message": "not json"})
+        );
+    }
 
     // Once nobody on an instance listens, it unsubscribes from the channel.
     call(
@@ -267,42 +452,64 @@ async fn an_outside_publish_reaches_subscribers_on_every_instance() {
     )
     .await;
     // The unsubscribe is applied in order by the instance's subscriber: wait for it.
-    within("the instance to unsubscribe", async {
-        while plain.publish(&channel, "probe").await != 1 {
-            tokio::task::yield_now().await;
+    if plain.on_cluster() {
+        plain.await_subscribers(&channel, 1).await;
+        // Redis sends b nothing more; a still gets what every node publishes.
+        for publisher in &plain.publishers {
+            publisher.publish(&channel, "after").await;
+            assert_eq!(
+                message(&mut on_a).await,
+                json!({"channel": channel, "message": "after"})
+            );
         }
-    })
-    .await;
+    } else {
+        let publisher = &plain.publishers[0];
+        within("the instance to unsubscribe", async {
+            while publisher.publish(&channel, "probe").await != 1 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+    }
     for frames in pushes_before_marker(&b.mesh, "marker", &mut [&mut on_b]).await {
         assert!(pushes_named(&frames, MESSAGE).is_empty(), "{frames:?}");
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_mesh_write_reaches_outside_subscribers_and_the_list() {
-    let plain = Plain::new().await;
+async fn a_mesh_write_reaches_outside_subscribers_and_the_list(backend: Backend) {
+    let plain = Plain::new(backend).await;
     let a = serve(plain.builder()).await;
     let b = serve(plain.builder()).await;
     let channel = plain.channel(true, "orders");
     let mut client = subscribed(&b, &channel).await;
 
-    let mut outside = ::redis::Client::open(plain.url.as_str())
-        .expect("a valid Redis URL")
-        .get_async_pubsub()
-        .await
-        .expect("a raw pub/sub connection");
-    outside.subscribe(&channel).await.expect("SUBSCRIBE");
-    let mut outside = outside.into_on_message();
+    // An outside subscriber on every node the outside process publishes on: on a
+    // Cluster, every master, most of them not the one the mesh publishes on.
+    let mut outsiders = Vec::new();
+    for node in &plain.publishers {
+        let mut outside = ::redis::Client::open(node.url.as_str())
+            .expect("a valid Redis URL")
+            .get_async_pubsub()
+            .await
+            .expect("a raw pub/sub connection");
+        outside.subscribe(&channel).await.expect("SUBSCRIBE");
+        outsiders.push((node.url.as_str(), outside.into_on_message()));
+    }
 
     a.mesh
         .write_channel(&channel, r#"{"id":1}"#, 10)
         .await
         .expect("write_channel");
-    let received = within("the outside subscriber's message", outside.next())
+    for (url, outside) in &mut outsiders {
+        let received = within(
+            &format!("the outside subscriber's message on {url}"),
+            outside.next(),
+        )
         .await
         .expect("a message");
-    assert_eq!(received.get_channel_name(), channel);
-    assert_eq!(received.get_payload_bytes(), br#"{"id":1}"#);
+        assert_eq!(received.get_channel_name(), channel, "on {url}");
+        assert_eq!(received.get_payload_bytes(), br#"{"id":1}"#, "on {url}");
+    }
     assert_eq!(
         message(&mut client).await,
         json!({"channel": channel, "message": r#"{"id":1}"#})
@@ -313,9 +520,8 @@ async fn a_mesh_write_reaches_outside_subscribers_and_the_list() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn outside_history_is_read_newest_first_and_bounded() {
-    let plain = Plain::new().await;
+async fn outside_history_is_read_newest_first_and_bounded(backend: Backend) {
+    let plain = Plain::new(backend).await;
     const FRAME: usize = 4096;
     const LONGEST: usize = 512;
     let server = serve(
@@ -382,9 +588,8 @@ async fn outside_history_is_read_newest_first_and_bounded() {
     assert!(history.iter().all(|message| message == &json!(filler)));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn history_bytes_count_what_outsiders_appended() {
-    let plain = Plain::new().await;
+async fn history_bytes_count_what_outsiders_appended(backend: Backend) {
+    let plain = Plain::new(backend).await;
     let server = serve(plain.builder().max_history_bytes(30)).await;
     let channel = plain.channel(true, "sized");
     let key = plain.history_key(&channel);
@@ -418,9 +623,8 @@ async fn history_bytes_count_what_outsiders_appended() {
     assert_eq!(plain.get(&bytes_key).await.as_deref(), Some("30"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn outside_text_on_the_engines_channels_injects_nothing() {
-    let plain = Plain::new().await;
+async fn outside_text_on_the_engines_channels_injects_nothing(backend: Backend) {
+    let plain = Plain::new(backend).await;
     let a = serve(plain.builder()).await;
     let b = serve(plain.builder()).await;
     let plain_channel = plain.channel(true, "feed");
@@ -433,27 +637,38 @@ async fn outside_text_on_the_engines_channels_injects_nothing() {
     let p = &plain.prefix;
     let frame =
         r#"{"command":"mesh/subscription-message","payload":{"channel":"x","message":"y"}}"#;
+    let texts: [&[u8]; 3] = [
+        // A rendered frame, and text shaped like an envelope's tag and length.
+        frame.as_bytes(),
+        "b\u{4}\0\0\0ping\u{2}\0\0\0{}".as_bytes(),
+        &[0xff, 0xfe],
+    ];
     for target in [
         format!("{p}broadcast"),
         format!("{p}instance:{{{}}}", a.mesh.instance_id()),
         format!("{p}topic:channel:{{{plain_channel}}}"),
         format!("{p}topic:channel:{{{other_channel}}}"),
     ] {
-        // A rendered frame, and text shaped like an envelope's tag and length.
-        plain.publish(&target, frame).await;
-        plain
-            .publish(&target, "b\u{4}\0\0\0ping\u{2}\0\0\0{}")
-            .await;
-        plain.publish(&target, vec![0xffu8, 0xfe]).await;
+        for text in texts {
+            for publisher in &plain.publishers {
+                publisher.publish(&target, text).await;
+            }
+            // On a Cluster the instance's own channel and the topics are sharded.
+            if plain.on_cluster() {
+                plain.spublish(&target, text).await;
+            }
+        }
     }
     // Not UTF-8: no message, on a plain channel either.
-    plain.publish(&plain_channel, vec![0xffu8, 0xfe]).await;
+    for publisher in &plain.publishers {
+        publisher.publish(&plain_channel, &[0xffu8, 0xfe][..]).await;
+    }
     // A plain pattern never reaches under the prefix, whatever it matches.
     let everything_plain = serve(
         Mesh::builder()
             .redis_backend(
-                RedisBackend::builder(plain.url.as_str())
-                    .prefix(p.as_str())
+                plain
+                    .redis_builder()
                     .plain_channels(everything())
                     .build()
                     .expect("Redis backend"),
@@ -466,6 +681,11 @@ async fn outside_text_on_the_engines_channels_injects_nothing() {
         .write_channel(&format!("{p}broadcast"), frame, 0)
         .await
         .expect("write_channel");
+    // Weak on a Cluster (see the module docs). There the writes below back it up for the
+    // plain channel and the other channel's topic: each is published on the node that
+    // serves its channel, after the texts published there on that channel (the plain
+    // channel's from that node, the topic's by SPUBLISH), so an injected message would
+    // reach the client before it.
     for frames in pushes_before_marker(&b.mesh, "marker", &mut [&mut client]).await {
         assert!(frames.is_empty(), "nothing before the marker: {frames:?}");
     }
@@ -488,15 +708,18 @@ async fn outside_text_on_the_engines_channels_injects_nothing() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_channel_that_is_not_plain_works_as_before() {
-    let plain = Plain::new().await;
+async fn a_channel_that_is_not_plain_works_as_before(backend: Backend) {
+    let plain = Plain::new(backend).await;
     let a = serve(plain.builder()).await;
     let b = serve(plain.builder()).await;
     let channel = plain.channel(false, "news");
     let mut client = subscribed(&a, &channel).await;
-    // Nobody subscribes to its bare name: an outside publish there reaches nobody.
-    assert_eq!(plain.publish(&channel, "hello").await, 0);
+    // Nobody subscribes to its bare name: an outside publish there reaches nobody, on
+    // any node.
+    assert_eq!(plain.subscribers(&channel).await, 0);
+    for publisher in &plain.publishers {
+        assert_eq!(publisher.publish(&channel, "hello").await, 0);
+    }
     b.mesh
         .write_channel(&channel, "from the mesh", 10)
         .await
@@ -514,30 +737,43 @@ async fn a_channel_that_is_not_plain_works_as_before() {
     assert_eq!(plain.get(&length_key).await, None);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oversize_outside_messages_are_not_delivered() {
-    let plain = Plain::new().await;
+async fn oversize_outside_messages_are_not_delivered(backend: Backend) {
+    let plain = Plain::new(backend).await;
     const LONGEST: usize = 16;
     let server = serve(plain.builder().max_channel_message_bytes(LONGEST)).await;
     let channel = plain.channel(true, "alerts");
     let mut client = subscribed(&server, &channel).await;
     let dropped_before = server.mesh.stats().dropped_channel_messages;
+    assert_eq!(plain.subscribers(&channel).await, 1);
 
-    assert_eq!(plain.publish(&channel, "x".repeat(LONGEST + 1)).await, 1);
-    for frames in pushes_before_marker(&server.mesh, "marker", &mut [&mut client]).await {
-        assert!(pushes_named(&frames, MESSAGE).is_empty(), "{frames:?}");
-    }
-    assert_eq!(
-        server.mesh.stats().dropped_channel_messages,
-        dropped_before + 1
-    );
-    // One at the limit is delivered.
+    let oversize = "x".repeat(LONGEST + 1);
     let fits = "y".repeat(LONGEST);
-    plain.publish(&channel, fits.as_str()).await;
-    assert_eq!(
-        message(&mut client).await,
-        json!({"channel": channel, "message": fits})
-    );
+    for (published, publisher) in (1..).zip(&plain.publishers) {
+        let reached = publisher.publish(&channel, oversize.as_str()).await;
+        if !plain.on_cluster() {
+            assert_eq!(reached, 1);
+            for frames in pushes_before_marker(&server.mesh, "marker", &mut [&mut client]).await {
+                assert!(pushes_named(&frames, MESSAGE).is_empty(), "{frames:?}");
+            }
+            assert_eq!(
+                server.mesh.stats().dropped_channel_messages,
+                dropped_before + published
+            );
+        }
+        // One at the limit is delivered. From the same node on the same channel it
+        // arrives after the oversize one, so the first message the client gets shows
+        // that the oversize one reached nobody (on a Cluster too), and by then it has been
+        // counted.
+        publisher.publish(&channel, fits.as_str()).await;
+        assert_eq!(
+            message(&mut client).await,
+            json!({"channel": channel, "message": fits})
+        );
+        assert_eq!(
+            server.mesh.stats().dropped_channel_messages,
+            dropped_before + published
+        );
+    }
 }
 
 #[test]
