@@ -36,7 +36,7 @@
 //!
 //! For a networked store, build two separate handles for each case, isolated from every
 //! other case: `RedisBackend` gets two `RedisBackend::builder(url).prefix(p).build()`
-//! with a prefix `p` unique to the case (this crate's `tests/backend_conformance.rs` does
+//! with a prefix `p` unique to the case (this crate's `tests/it/backend_conformance.rs` does
 //! that, and deletes the keys afterwards).
 //!
 //! # What the suite assumes

@@ -186,6 +186,11 @@ impl Keys {
             Topic::Presence(room) => format!("{}topic:presence:{room}", self.room_base(room)),
             Topic::Record(id) => format!("{}topic:record:{id}", self.record_base(id)),
             Topic::Channel(channel) => format!("{}topic:channel:{{{channel}}}", self.prefix),
+            // On a Cluster its listeners subscribe in every record bucket (see
+            // `topic_channels`): any one of them reaches them all.
+            Topic::Collections(pattern) if self.sharded => {
+                format!("{}topic:collections:{pattern}", self.record_base(pattern))
+            }
             Topic::Collections(pattern) => format!("{}topic:collections:{pattern}", self.prefix),
         }
     }
@@ -244,7 +249,10 @@ impl Keys {
                 record_id,
             } if self.sharded => {
                 return Some((
-                    format!("{}topic:collections:{exposure}", self.record_base(record_id)),
+                    format!(
+                        "{}topic:collections:{exposure}",
+                        self.record_base(record_id)
+                    ),
                     PubSub::Sharded,
                 ))
             }

@@ -165,9 +165,7 @@ impl RedisBackend {
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
-        let left = self
-            .leave_part(connection_id, &rooms, Part::Member)
-            .await?;
+        let left = self.leave_part(connection_id, &rooms, Part::Member).await?;
         redis::cmd("DEL")
             .arg(keys.connection(connection_id))
             .arg(keys.connection_rooms(connection_id))

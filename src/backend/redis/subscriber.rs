@@ -239,18 +239,18 @@ async fn run_on_cluster(
         Ok::<_, MeshError>(subscriptions)
     };
     let mut subscriptions = match tokio::time::timeout(OPERATION_TIMEOUT, connected).await {
-            Ok(Ok(connected)) => connected,
-            Ok(Err(err)) => {
-                let _ = first.send(Err(err));
-                return;
-            }
-            Err(_) => {
-                let _ = first.send(Err(MeshError::Unavailable(
-                    "Redis subscribe timed out".into(),
-                )));
-                return;
-            }
-        };
+        Ok(Ok(connected)) => connected,
+        Ok(Err(err)) => {
+            let _ = first.send(Err(err));
+            return;
+        }
+        Err(_) => {
+            let _ = first.send(Err(MeshError::Unavailable(
+                "Redis subscribe timed out".into(),
+            )));
+            return;
+        }
+    };
     let _ = first.send(Ok(()));
     // When the crate subscribes again (after a node's connection dropped, or the slots
     // moved), what was published meanwhile is lost: the inbox is told once per burst of
