@@ -98,6 +98,39 @@ async fn presence_update(
     })
 }
 
+/// Reads `updates` until one of `kind` has come for each of `ids`, in whatever order
+/// (different connections' updates are not ordered), within `within`; panics, naming
+/// `stream`, when one comes twice, when another connection's update of `kind` comes, or
+/// when some never come. Updates of other kinds are skipped.
+async fn one_update_each(
+    updates: &mut mpsc::UnboundedReceiver<PresenceUpdate>,
+    kind: PresenceKind,
+    ids: &[&String],
+    stream: &str,
+    within: Duration,
+) {
+    let mut awaited: Vec<&String> = ids.to_vec();
+    let arrived = tokio::time::timeout(within, async {
+        while !awaited.is_empty() {
+            let update = updates.recv().await.expect("presence updates");
+            if update.kind != kind {
+                continue;
+            }
+            let before = awaited.len();
+            awaited.retain(|id| **id != update.connection_id);
+            assert!(
+                awaited.len() < before,
+                "an unexpected or second {kind:?} on {stream}: {update:?}"
+            );
+        }
+    })
+    .await;
+    assert!(
+        arrived.is_ok(),
+        "no {kind:?} on {stream} within {within:?} for {awaited:?}"
+    );
+}
+
 /// The next push named `command`, within [`WAIT`].
 async fn push(pushes: &mut broadcast::Receiver<Push>, command: &str) -> Value {
     within(&format!("a {command} push"), async {
@@ -441,15 +474,7 @@ async fn a_dead_instances_members_are_swept_once_on_a_cluster() {
         ),
     ];
     for (updates, stream, joining) in &mut streams {
-        for victim in joining.iter() {
-            presence_update(
-                updates,
-                &format!("(join of {victim}) on {stream}"),
-                WAIT,
-                |update| update.kind == PresenceKind::Join && update.connection_id == **victim,
-            )
-            .await;
-        }
+        one_update_each(updates, PresenceKind::Join, joining, stream, WAIT).await;
     }
 
     doomed.kill().await;
@@ -458,15 +483,7 @@ async fn a_dead_instances_members_are_swept_once_on_a_cluster() {
     // Nothing announces a dead instance: its leaves are the announcement. Within the
     // TTL (1 s) and a few sweeps, each membership's leave arrives.
     for (updates, stream, leaving) in &mut streams {
-        for victim in leaving.iter() {
-            presence_update(
-                updates,
-                &format!("(leave of {victim}) on {stream}"),
-                RECOVERY,
-                |update| update.kind == PresenceKind::Leave && update.connection_id == **victim,
-            )
-            .await;
-        }
+        one_update_each(updates, PresenceKind::Leave, leaving, stream, RECOVERY).await;
     }
     eprintln!(
         "the dead instance's leaves arrived {:?} after the kill (ttl 1000 ms, heartbeat 200 ms)",
