@@ -25,6 +25,7 @@ mod plain_channels;
 mod presence;
 mod protocol;
 mod records;
+mod redis_cluster_faults;
 mod redis_cluster_harness;
 mod redis_faults;
 #[cfg(feature = "redis-tls-rustls")]
