@@ -15,7 +15,7 @@
 //! `Backend::subscribe` and `Backend::unsubscribe` hand their changes to this task (at the
 //! end of this file).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -172,33 +172,21 @@ pub(super) async fn run(
         }
         // While reconnecting, subscribes wait for the next connection, which they bring
         // forward.
-        waiting.retain(|done| !done.is_closed());
-        let paused_at = tokio::time::Instant::now();
-        let mut resume_at = paused_at + backoff;
-        loop {
-            if !waiting.is_empty() {
-                resume_at = resume_at.min(paused_at + FIRST_BACKOFF);
-            }
-            tokio::select! {
-                () = tokio::time::sleep_until(resume_at) => break,
-                command = commands.recv() => match command {
-                    None => return,
-                    Some(Command::Subscribe(_, done)) => waiting.push(done),
-                    // The next connection subscribes only what local listeners want.
-                    Some(Command::Unsubscribe(_)) => {}
-                },
-            }
+        if !pause(&mut commands, &mut waiting, backoff).await {
+            return;
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
 /// The subscriber on a Cluster: one cluster connection (RESP3, its pushes sent to this
-/// task), classic `SUBSCRIBE` for the instance's own channel, broadcasts, plain channels
-/// and collections topics, sharded `SSUBSCRIBE` for every other topic. The redis crate
-/// keeps the subscriptions: after a node's connection drops or the slots move (a
-/// failover), it subscribes again on whichever node now serves each channel. Each such
-/// outage is reported to the inbox once the subscriptions are back, as on a single Redis.
+/// task), `SSUBSCRIBE` for the instance's own channel and the topics, classic `SUBSCRIBE`
+/// for broadcasts and plain channels, re-established as a whole, with backoff, whenever a
+/// node's connection drops or the Cluster's topology changes (a failover, a node
+/// restarted empty, slots moved), which a probe notices within [`TOPOLOGY_CHECK`]. The
+/// redis crate moves subscriptions only when a command of its own meets a redirection,
+/// and this connection sends none; subscribing again by hand on top of it could deliver
+/// twice. As on a single Redis, the inbox hears of every re-established subscription.
 async fn run_on_cluster(
     seeds: &[String],
     tls: &TlsSettings,
@@ -208,16 +196,153 @@ async fn run_on_cluster(
     mut commands: mpsc::UnboundedReceiver<Command>,
     first: oneshot::Sender<Result<(), MeshError>>,
 ) {
-    let (pushes_to, mut pushes) = mpsc::unbounded_channel::<redis::PushInfo>();
-    let connected = async {
+    let mut first = Some(first);
+    let mut backoff = FIRST_BACKOFF;
+    // Subscribes that arrived while disconnected: the next connection subscribes their
+    // topics (their listeners are in place), and they are answered then.
+    let mut waiting: Vec<Done> = Vec::new();
+    loop {
+        let (pushes_to, mut pushes) = mpsc::unbounded_channel::<redis::PushInfo>();
+        let connected =
+            ClusterSubscriptions::connect(seeds, tls, &keys, &instance_id, &inbox, pushes_to);
+        match tokio::time::timeout(OPERATION_TIMEOUT, connected).await {
+            Ok(Ok(mut subscriptions)) => {
+                for done in waiting.drain(..) {
+                    let _ = done.send(Ok(()));
+                }
+                if let Some(first) = first.take() {
+                    let _ = first.send(Ok(()));
+                } else {
+                    tracing::info!("Redis Cluster pub/sub subscriptions re-established");
+                    if let Some(inbox) = inbox.upgrade() {
+                        inbox.resubscribed();
+                    }
+                }
+                backoff = FIRST_BACKOFF;
+                let mut check = tokio::time::interval(TOPOLOGY_CHECK);
+                check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                check.tick().await;
+                loop {
+                    tokio::select! {
+                        push = pushes.recv() => {
+                            let Some(push) = push else { break };
+                            let Some(local) = inbox.upgrade() else { return };
+                            match push.kind {
+                                redis::PushKind::Message | redis::PushKind::SMessage => {
+                                    match read_push(&keys, push.data) {
+                                        Some(delivery) => local.deliver(delivery),
+                                        None => tracing::warn!("dropped a pub/sub message that does not parse"),
+                                    }
+                                }
+                                redis::PushKind::Disconnection => break,
+                                _ => {}
+                            }
+                        }
+                        _ = check.tick() => {
+                            if subscriptions.topology_changed().await {
+                                break;
+                            }
+                        }
+                        command = commands.recv() => {
+                            let Some(command) = command else { return };
+                            subscriptions.apply(command, &keys, &inbox).await;
+                        }
+                    }
+                }
+                tracing::warn!("Redis Cluster pub/sub connection lost or the Cluster changed; subscribing again");
+            }
+            Ok(Err(err)) => {
+                if let Some(first) = first.take() {
+                    let _ = first.send(Err(err));
+                    return;
+                }
+                tracing::debug!(%err, "Redis Cluster pub/sub reconnect failed");
+            }
+            Err(_) => {
+                if let Some(first) = first.take() {
+                    let _ = first.send(Err(MeshError::Unavailable(
+                        "Redis subscribe timed out".into(),
+                    )));
+                    return;
+                }
+            }
+        }
+        if inbox.strong_count() == 0 {
+            return;
+        }
+        if !pause(&mut commands, &mut waiting, backoff).await {
+            return;
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Waits out `backoff` before the next connection attempt (less while a subscribe waits
+/// for it), collecting subscribes meanwhile. `false` when the backend is gone.
+async fn pause(
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+    waiting: &mut Vec<Done>,
+    backoff: Duration,
+) -> bool {
+    waiting.retain(|done| !done.is_closed());
+    let paused_at = tokio::time::Instant::now();
+    let mut resume_at = paused_at + backoff;
+    loop {
+        if !waiting.is_empty() {
+            resume_at = resume_at.min(paused_at + FIRST_BACKOFF);
+        }
+        tokio::select! {
+            () = tokio::time::sleep_until(resume_at) => return true,
+            command = commands.recv() => match command {
+                None => return false,
+                Some(Command::Subscribe(_, done)) => waiting.push(done),
+                // The next connection subscribes only what local listeners want.
+                Some(Command::Unsubscribe(_)) => {}
+            },
+        }
+    }
+}
+
+/// How often a Cluster subscriber checks that the Cluster's masters are those it
+/// subscribed on.
+const TOPOLOGY_CHECK: Duration = Duration::from_secs(1);
+
+/// An instance's subscriptions on a Cluster.
+struct ClusterSubscriptions {
+    connection: redis::cluster_async::ClusterConnection,
+    /// The channels subscribed to.
+    channels: HashSet<String>,
+    /// Which master (address and node id) served each slot range when they were made.
+    topology: Vec<SlotOwner>,
+}
+
+/// A slot range and the master serving it: `(first, last, host, port, node id)`.
+type SlotOwner = (i64, i64, String, i64, String);
+
+impl ClusterSubscriptions {
+    /// A new cluster connection, subscribed to the instance's fixed channels and to
+    /// every topic a local connection listens to.
+    async fn connect(
+        seeds: &[String],
+        tls: &TlsSettings,
+        keys: &Keys,
+        instance_id: &str,
+        inbox: &Weak<dyn Inbox>,
+        pushes_to: mpsc::UnboundedSender<redis::PushInfo>,
+    ) -> Result<Self, MeshError> {
         let client = cluster_builder(seeds, tls)?
             .use_protocol(redis::ProtocolVersion::RESP3)
             .push_sender(pushes_to)
             .build()
             .map_err(unavailable)?;
-        let connection = client.get_async_connection().await.map_err(unavailable)?;
+        let mut subscriptions = ClusterSubscriptions {
+            connection: client.get_async_connection().await.map_err(unavailable)?,
+            channels: HashSet::new(),
+            topology: Vec::new(),
+        };
+        subscriptions.topology = subscriptions.read_topology().await?;
         let mut channels: Vec<(String, PubSub)> = vec![
-            (keys.instance_channel(&instance_id), keys.instance_pubsub()),
+            (keys.instance_channel(instance_id), keys.instance_pubsub()),
             (keys.broadcast_channel(), PubSub::Classic),
         ];
         if let Some(local) = inbox.upgrade() {
@@ -228,124 +353,46 @@ async fn run_on_cluster(
                     .flat_map(|topic| keys.topic_channels(topic)),
             );
         }
-        let mut subscriptions = ClusterSubscriptions {
-            connection,
-            channels: HashSet::new(),
-            unconfirmed: HashMap::new(),
-        };
         for (channel, pubsub) in channels {
             subscriptions.subscribe(channel, pubsub).await?;
         }
-        Ok::<_, MeshError>(subscriptions)
-    };
-    let mut subscriptions = match tokio::time::timeout(OPERATION_TIMEOUT, connected).await {
-        Ok(Ok(connected)) => connected,
-        Ok(Err(err)) => {
-            let _ = first.send(Err(err));
-            return;
-        }
-        Err(_) => {
-            let _ = first.send(Err(MeshError::Unavailable(
-                "Redis subscribe timed out".into(),
-            )));
-            return;
-        }
-    };
-    let _ = first.send(Ok(()));
-    // When the crate subscribes again (after a node's connection dropped, or the slots
-    // moved), what was published meanwhile is lost: the inbox is told once per burst of
-    // such confirmations, after they settle.
-    let mut report_at: Option<tokio::time::Instant> = None;
-    loop {
-        let report = async {
-            match report_at {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            push = pushes.recv() => {
-                let Some(push) = push else { return };
-                let Some(local) = inbox.upgrade() else { return };
-                match push.kind {
-                    redis::PushKind::Message | redis::PushKind::SMessage => {
-                        match read_push(&keys, push.data) {
-                            Some(delivery) => local.deliver(delivery),
-                            None => tracing::warn!("dropped a pub/sub message that does not parse"),
-                        }
-                    }
-                    redis::PushKind::Disconnection => {
-                        tracing::debug!("a Redis Cluster node's connection dropped");
-                    }
-                    redis::PushKind::Subscribe | redis::PushKind::SSubscribe
-                        if !subscriptions.confirmed(&push.data) && report_at.is_none() =>
-                    {
-                        report_at = Some(tokio::time::Instant::now() + RESUBSCRIBED_SETTLE);
-                    }
-                    _ => {}
-                }
-            }
-            () = report => {
-                report_at = None;
-                tracing::info!("Redis Cluster pub/sub subscriptions re-established");
-                if let Some(local) = inbox.upgrade() {
-                    local.resubscribed();
-                }
-            }
-            command = commands.recv() => {
-                let Some(command) = command else { return };
-                subscriptions.apply(command, &keys, &inbox).await;
-            }
+        Ok(subscriptions)
+    }
+
+    /// The masters and their slots, as a node of the Cluster sees them.
+    async fn read_topology(&mut self) -> Result<Vec<SlotOwner>, MeshError> {
+        let slots: Vec<redis::Value> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut self.connection)
+            .await
+            .map_err(unavailable)?;
+        let mut owners: Vec<SlotOwner> = slots.iter().filter_map(slot_owner).collect();
+        owners.sort_unstable();
+        Ok(owners)
+    }
+
+    /// Whether a node now reports other masters than those the subscriptions were made
+    /// on. A node that does not answer says nothing (it may be the one that failed: a
+    /// dropped connection is reported apart).
+    async fn topology_changed(&mut self) -> bool {
+        match tokio::time::timeout(OPERATION_TIMEOUT, self.read_topology()).await {
+            Ok(Ok(topology)) => topology != self.topology,
+            _ => false,
         }
     }
-}
 
-/// How long after the first of a burst of resubscriptions the inbox hears of them.
-const RESUBSCRIBED_SETTLE: Duration = Duration::from_millis(100);
-
-/// An instance's subscriptions on a Cluster.
-struct ClusterSubscriptions {
-    connection: redis::cluster_async::ClusterConnection,
-    /// The channels subscribed to.
-    channels: HashSet<String>,
-    /// Subscribes of ours whose confirmation push has not arrived yet, by channel: any
-    /// other confirmation is the crate subscribing again.
-    unconfirmed: HashMap<String, u32>,
-}
-
-impl ClusterSubscriptions {
     async fn subscribe(&mut self, channel: String, pubsub: PubSub) -> Result<(), MeshError> {
         let subscribed = match pubsub {
             PubSub::Classic => self.connection.subscribe(&channel).await,
             PubSub::Sharded => self.connection.ssubscribe(&channel).await,
         };
         subscribed.map_err(unavailable)?;
-        *self.unconfirmed.entry(channel.clone()).or_default() += 1;
         self.channels.insert(channel);
         Ok(())
     }
 
-    /// Whether a subscription confirmation (`[channel, count]`) answers a subscribe of
-    /// ours; `false` for the crate subscribing again.
-    fn confirmed(&mut self, data: &[redis::Value]) -> bool {
-        let Some(redis::Value::BulkString(channel)) = data.first() else {
-            return false;
-        };
-        let Ok(channel) = std::str::from_utf8(channel) else {
-            return false;
-        };
-        match self.unconfirmed.get_mut(channel) {
-            Some(left) if *left > 1 => *left -= 1,
-            Some(_) => {
-                self.unconfirmed.remove(channel);
-            }
-            None => return false,
-        }
-        true
-    }
-
-    /// Applies one subscription change. A failed subscribe is answered with its error at
-    /// once: the crate keeps only the subscriptions a node confirmed.
+    /// Applies one subscription change. A failed subscribe is answered with its error:
+    /// the connection stays as it is until a drop or a topology change renews it.
     async fn apply(&mut self, command: Command, keys: &Keys, inbox: &Weak<dyn Inbox>) {
         match command {
             Command::Subscribe(topic, done) => {
@@ -388,6 +435,34 @@ impl ClusterSubscriptions {
             }
         }
     }
+}
+
+/// One entry of `CLUSTER SLOTS`: `[first, last, [host, port, id, ...], replicas...]`.
+fn slot_owner(entry: &redis::Value) -> Option<SlotOwner> {
+    use redis::Value;
+    let Value::Array(entry) = entry else {
+        return None;
+    };
+    let (Some(Value::Int(first)), Some(Value::Int(last)), Some(Value::Array(master))) =
+        (entry.first(), entry.get(1), entry.get(2))
+    else {
+        return None;
+    };
+    let text = |value: Option<&Value>| match value {
+        Some(Value::BulkString(bytes)) => String::from_utf8(bytes.clone()).ok(),
+        Some(Value::SimpleString(text)) => Some(text.clone()),
+        _ => None,
+    };
+    let Some(Value::Int(port)) = master.get(1) else {
+        return None;
+    };
+    Some((
+        *first,
+        *last,
+        text(master.first())?,
+        *port,
+        text(master.get(2)).unwrap_or_default(),
+    ))
 }
 
 /// Whether a local connection listens to `topic` again: an unsubscribe that raced a new
