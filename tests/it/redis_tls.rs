@@ -413,6 +413,15 @@ fn cluster_tls_settings_that_cannot_work_fail_at_build() {
         certificates_without_tls.contains("use rediss://"),
         "{certificates_without_tls}"
     );
+    // As for a single Redis: verification is not to be turned off, with or without a CA.
+    for backend in [
+        RedisBackend::cluster(["rediss://127.0.0.1:7002/#insecure"]),
+        RedisBackend::cluster([tls, "rediss://127.0.0.1:7002/#insecure"]),
+        RedisBackend::cluster(["rediss://127.0.0.1:7002/#insecure"]).tls_root_certificates(ca),
+    ] {
+        let insecure = error(backend);
+        assert!(insecure.contains("#insecure"), "{insecure}");
+    }
     let no_certificate = error(RedisBackend::cluster([tls]).tls_root_certificates("not PEM"));
     assert!(no_certificate.contains("CERTIFICATE"), "{no_certificate}");
     let no_seed = error(RedisBackend::cluster(Vec::<String>::new()));
