@@ -63,12 +63,13 @@ pub(super) fn cluster_builder(
         .response_timeout(OPERATION_TIMEOUT)
         .retries(6)
         .max_retry_wait(500);
-    cluster_tls(builder, uses_tls, tls)
+    cluster_tls(builder, seeds, uses_tls, tls)
 }
 
 #[cfg(not(feature = "redis-tls-rustls"))]
 fn cluster_tls(
     builder: ClusterClientBuilder,
+    _seeds: &[String],
     uses_tls: bool,
     _tls: &TlsSettings,
 ) -> Result<ClusterClientBuilder, MeshError> {
@@ -83,6 +84,7 @@ fn cluster_tls(
 #[cfg(feature = "redis-tls-rustls")]
 fn cluster_tls(
     builder: ClusterClientBuilder,
+    seeds: &[String],
     uses_tls: bool,
     tls: &TlsSettings,
 ) -> Result<ClusterClientBuilder, MeshError> {
@@ -90,6 +92,12 @@ fn cluster_tls(
         return Ok(builder);
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // On a seed, the redis crate takes `#insecure` as a mode that fails every connect
+    // (without its insecure feature), ignores it once certificates are given, and calls a
+    // mix with verified seeds "different TLS modes": refused here as for a single Redis.
+    if seeds.iter().any(|seed| asks_insecure(seed)) {
+        return Err(insecure_refused());
+    }
     check_root_certificates(tls)?;
     Ok(if tls.is_set() {
         builder.certs(certificates(tls))
@@ -197,12 +205,31 @@ fn open_tls(url: &str, tls: &TlsSettings) -> Result<redis::Client, MeshError> {
     if let redis::ConnectionAddr::TcpTls { insecure: true, .. } =
         client.get_connection_info().addr()
     {
-        return Err(misconfigured(
-            "rediss://...#insecure (no certificate verification) is not supported: trust the \
-             server's CA with RedisBackendBuilder::tls_root_certificates",
-        ));
+        return Err(insecure_refused());
     }
     Ok(client)
+}
+
+/// Whether `url` parses to a TLS address without certificate verification. One that does
+/// not parse is left to the client's build, which says why.
+#[cfg(feature = "redis-tls-rustls")]
+fn asks_insecure(url: &str) -> bool {
+    use redis::IntoConnectionInfo;
+
+    url.into_connection_info().is_ok_and(|info| {
+        matches!(
+            info.addr(),
+            redis::ConnectionAddr::TcpTls { insecure: true, .. }
+        )
+    })
+}
+
+#[cfg(feature = "redis-tls-rustls")]
+fn insecure_refused() -> MeshError {
+    misconfigured(
+        "rediss://...#insecure (no certificate verification) is not supported: trust the \
+         server's CA with RedisBackendBuilder::tls_root_certificates",
+    )
 }
 
 /// An empty root store would refuse every server, at connect time: say so now.

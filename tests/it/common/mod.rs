@@ -12,6 +12,8 @@ mod raw_client;
 mod records;
 mod redis_cluster;
 mod redis_server;
+#[cfg(feature = "redis-tls-rustls")]
+mod redis_tls_cluster;
 mod server;
 mod waiting;
 
@@ -23,6 +25,8 @@ pub(crate) use raw_client::*;
 pub(crate) use records::*;
 pub(crate) use redis_cluster::*;
 pub(crate) use redis_server::*;
+#[cfg(feature = "redis-tls-rustls")]
+pub(crate) use redis_tls_cluster::*;
 pub(crate) use server::*;
 pub(crate) use waiting::*;
 
