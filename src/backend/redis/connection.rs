@@ -103,6 +103,14 @@ impl Connection {
         matches!(self.connection, Link::Cluster(_))
     }
 
+    /// The cluster connection, on a Cluster.
+    pub(super) fn cluster(&mut self) -> Option<&mut ClusterConnection> {
+        match &mut self.connection {
+            Link::Cluster(connection) => Some(connection),
+            Link::Single(_) => None,
+        }
+    }
+
     /// A failure blocks on nothing: when the slot is busy (another caller connecting or
     /// taking a handle), a later failure on the same connection retires it.
     fn retire_after(&self, err: &RedisError) {

@@ -6,8 +6,22 @@
 //! a sharded topic channel lives in the slot of the keys whose script publishes on it. A
 //! room, or a record, shares a slot with the other rooms (records) of its *bucket*, so that
 //! the indexes a script keeps beside it (the rooms with members, the presence deadlines,
-//! the record ids) can be per bucket and still change in the same atomic step. On a single
-//! Redis the tags are only characters.
+//! the record ids) can be per bucket and still change in the same atomic step; connections
+//! are in buckets too, so that reading many of them takes one pipeline per bucket. On a
+//! single Redis the tags are only characters.
+
+/// The hash tag of a key (what decides its Cluster slot): the text between its first `{`
+/// and the next `}` when that is not empty, else the whole key.
+pub(super) fn hash_tag(key: &[u8]) -> &[u8] {
+    if let Some(open) = key.iter().position(|&byte| byte == b'{') {
+        if let Some(length) = key[open + 1..].iter().position(|&byte| byte == b'}') {
+            if length > 0 {
+                return &key[open + 1..open + 1 + length];
+            }
+        }
+    }
+    key
+}
 
 use std::sync::Arc;
 
@@ -90,13 +104,23 @@ impl Keys {
         format!("{}connections", self.registry())
     }
 
-    // A connection: its routing and metadata hash, and its rooms, in its own slot.
+    // Connections, by bucket: `P{conns:N}:`. A connection's keys need no index beside
+    // them, but reads of many connections at once (members' metadata) then take one
+    // pipeline per bucket on a Cluster, not one command each.
 
     pub(super) fn connection(&self, connection_id: &str) -> String {
-        format!("{}conn:{{{connection_id}}}", self.prefix)
+        format!(
+            "{}{{conns:{}}}:conn:{connection_id}",
+            self.prefix,
+            bucket_of(connection_id)
+        )
     }
     pub(super) fn connection_rooms(&self, connection_id: &str) -> String {
-        format!("{}conn-rooms:{{{connection_id}}}", self.prefix)
+        format!(
+            "{}{{conns:{}}}:conn-rooms:{connection_id}",
+            self.prefix,
+            bucket_of(connection_id)
+        )
     }
 
     // Rooms, by bucket: `P{rooms:N}:` starts every key of the rooms in bucket N.
@@ -277,12 +301,17 @@ mod tests {
         }
     }
 
-    /// The slot a key is in is decided by its hash tag: the text between the first `{`
-    /// and the next `}`.
-    fn tag(key: &str) -> &str {
-        let open = key.find('{').map_or(0, |i| i + 1);
-        let close = key[open..].find('}').map_or(key.len(), |i| open + i);
-        &key[open..close]
+    fn tag(key: &str) -> &[u8] {
+        hash_tag(key.as_bytes())
+    }
+
+    #[test]
+    fn hash_tags_are_read_as_redis_reads_them() {
+        assert_eq!(hash_tag(b"a{b}c"), b"b");
+        assert_eq!(hash_tag(b"a{b}c{d}"), b"b");
+        assert_eq!(hash_tag(b"a{}b{c}"), b"a{}b{c}");
+        assert_eq!(hash_tag(b"a{b"), b"a{b");
+        assert_eq!(hash_tag(b"{a}}"), b"a");
     }
 
     #[test]

@@ -16,9 +16,10 @@
 //!
 //! Braces are literal: they are the hash tag that decides a key's Redis Cluster slot (the
 //! text between the first `{` and the next `}`), and they are there on a single Redis too,
-//! so that both run the same code on the same layout. Rooms and records are spread over 64
-//! *buckets* each (bucket `N` = FNV-1a of the name, modulo 64): a room's keys share a slot
-//! with the indexes of its bucket, which its scripts change in the same atomic step.
+//! so that both run the same code on the same layout. Rooms, records and connections are
+//! spread over 64 *buckets* each (bucket `N` = FNV-1a of the name or id, modulo 64): a
+//! room's keys share a slot with the indexes of its bucket, which its scripts change in
+//! the same atomic step, and reading many connections takes a pipeline per bucket.
 //!
 //! | key | type | holds |
 //! |---|---|---|
@@ -26,8 +27,8 @@
 //! | `P{registry}:dead-instances` | sorted set | instances past their deadline whose connections are still being forgotten |
 //! | `P{registry}:instance:IID` | set | the connection ids instance `IID` holds |
 //! | `P{registry}:connections` | sorted set | every connection id, scored by registration time (for ordered listings) |
-//! | `P conn:{CID}` | hash | `instance`: the holder's id (routing); `meta`: the metadata JSON |
-//! | `P conn-rooms:{CID}` | set | the rooms a connection is in |
+//! | `P{conns:N}:conn:CID` | hash | `instance`: the holder's id (routing); `meta`: the metadata JSON |
+//! | `P{conns:N}:conn-rooms:CID` | set | the rooms a connection is in |
 //! | `P{rooms:N}:room:ROOM` | sorted set | a room's members, scored by join order (`P{rooms:N}:join-order` counts) |
 //! | `P{rooms:N}:rooms` | set | the bucket's rooms with at least one member |
 //! | `P{rooms:N}:room-meta:ROOM` | hash | `meta`: a room's metadata JSON |
@@ -223,6 +224,7 @@ mod records;
 mod rooms;
 mod scripts;
 mod subscriber;
+mod topology;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -230,6 +232,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, TryStreamExt};
+use redis::cluster_routing::SingleNodeRoutingInfo;
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -274,6 +277,9 @@ struct Shared {
     heartbeat_interval: Duration,
     instance_ttl: Duration,
     scripts: Scripts,
+    /// Which master serves which slots (on a Cluster), for reads of many keys; empty
+    /// until first needed, and after a master answered with a redirection.
+    masters: Mutex<Arc<Vec<topology::SlotOwner>>>,
     /// Background tasks by instance: one backend value may serve several meshes.
     tasks: Mutex<HashMap<Arc<str>, Vec<JoinHandle<()>>>>,
     /// Each attached instance's subscriber, which applies subscription changes in order.
@@ -437,6 +443,7 @@ impl RedisBackendBuilder {
                 heartbeat_interval: self.heartbeat_interval,
                 instance_ttl: self.instance_ttl,
                 scripts: Scripts::new(topics),
+                masters: Mutex::new(Arc::new(Vec::new())),
                 tasks: Mutex::new(HashMap::new()),
                 subscribers: Mutex::new(HashMap::new()),
             }),
@@ -519,8 +526,7 @@ impl RedisBackend {
 
     /// Runs `commands`, which may be on different slots, and returns their replies in
     /// order: as one pipeline on a single Redis; on a Cluster (where a pipeline must stay
-    /// on one slot) as separate commands, [`CROSS_SLOT_CONCURRENCY`] at a time, which the
-    /// cluster connection pipelines per node.
+    /// on one slot) as one pipeline per slot, [`CROSS_SLOT_CONCURRENCY`] at a time.
     async fn query_each<T: redis::FromRedisValue + Send>(
         &self,
         commands: Vec<redis::Cmd>,
@@ -528,24 +534,163 @@ impl RedisBackend {
         if commands.is_empty() {
             return Ok(Vec::new());
         }
-        let conn = self.connection().await?;
+        let mut conn = self.connection().await?;
         if !conn.is_cluster() {
             let mut pipe = redis::pipe();
             for command in commands {
                 pipe.add_command(command);
             }
-            let mut conn = conn;
             return pipe.query_async(&mut conn).await.map_err(redis_error);
         }
-        let mut queries = Vec::with_capacity(commands.len());
-        for command in commands {
-            let mut conn = conn.clone();
-            queries.push(async move { command.query_async(&mut conn).await.map_err(redis_error) });
+        // By master: one pipeline each, sent to the master that serves every key in it
+        // (a Cluster runs each command of a pipeline on its own; only a transaction must
+        // stay in one slot). Commands the map does not place, or a master that answers
+        // with a redirection, go again by slot, which follows redirections.
+        let masters = self.masters(&mut conn).await;
+        let count = commands.len();
+        let mut by_master: HashMap<(String, u16), Vec<(usize, redis::Cmd)>> = HashMap::new();
+        let mut unplaced = Vec::new();
+        for (index, command) in commands.into_iter().enumerate() {
+            match first_key(&command).and_then(|key| topology::owner_of(&masters, key)) {
+                Some(owner) => by_master
+                    .entry((owner.host.clone(), owner.port))
+                    .or_default()
+                    .push((index, command)),
+                None => unplaced.push((index, command)),
+            }
         }
-        futures_util::stream::iter(queries)
-            .buffered(CROSS_SLOT_CONCURRENCY)
-            .try_collect()
-            .await
+        let mut runs = Vec::with_capacity(by_master.len());
+        for ((host, port), group) in by_master {
+            let mut conn = conn.clone();
+            runs.push(async move {
+                let mut pipe = redis::pipe();
+                for (_, command) in &group {
+                    pipe.add_command(command.clone());
+                }
+                let Some(cluster) = conn.cluster() else {
+                    return Err(group);
+                };
+                match cluster
+                    .route_pipeline(
+                        pipe,
+                        0,
+                        group.len(),
+                        SingleNodeRoutingInfo::ByAddress { host, port },
+                    )
+                    .await
+                {
+                    Ok(values)
+                        if values.len() == group.len()
+                            && !values
+                                .iter()
+                                .any(|value| matches!(value, redis::Value::ServerError(_))) =>
+                    {
+                        Ok(group
+                            .into_iter()
+                            .map(|(index, _)| index)
+                            .zip(values)
+                            .collect::<Vec<_>>())
+                    }
+                    _ => Err(group),
+                }
+            });
+        }
+        let mut replies: Vec<Option<redis::Value>> = vec![None; count];
+        for run in futures_util::future::join_all(runs).await {
+            match run {
+                Ok(answered) => {
+                    for (index, value) in answered {
+                        replies[index] = Some(value);
+                    }
+                }
+                Err(group) => {
+                    self.forget_masters();
+                    unplaced.extend(group);
+                }
+            }
+        }
+        for (index, value) in self.query_by_slot(&conn, unplaced).await? {
+            replies[index] = Some(value);
+        }
+        replies
+            .into_iter()
+            .map(|reply| {
+                let reply = reply.ok_or_else(|| {
+                    MeshError::Corrupt("Redis left a pipelined command unanswered".into())
+                })?;
+                T::from_redis_value(reply).map_err(|err| {
+                    MeshError::Corrupt(BackendError::caused_by("Redis answered unexpectedly", err))
+                })
+            })
+            .collect()
+    }
+
+    /// Runs `commands` (with their places in the caller's list) as one pipeline per
+    /// slot, [`CROSS_SLOT_CONCURRENCY`] at a time.
+    async fn query_by_slot(
+        &self,
+        conn: &Connection,
+        commands: Vec<(usize, redis::Cmd)>,
+    ) -> Result<Vec<(usize, redis::Value)>, MeshError> {
+        let mut by_slot: HashMap<Vec<u8>, (Vec<usize>, redis::Pipeline)> = HashMap::new();
+        for (index, command) in commands {
+            let tag = first_key(&command)
+                .map(keys::hash_tag)
+                .unwrap_or_default()
+                .to_vec();
+            let (indexes, pipe) = by_slot
+                .entry(tag)
+                .or_insert_with(|| (Vec::new(), redis::pipe()));
+            indexes.push(index);
+            pipe.add_command(command);
+        }
+        let mut runs = Vec::with_capacity(by_slot.len());
+        for (indexes, pipe) in by_slot.into_values() {
+            let mut conn = conn.clone();
+            runs.push(async move {
+                let replies: Vec<redis::Value> =
+                    pipe.query_async(&mut conn).await.map_err(redis_error)?;
+                Ok::<_, MeshError>(indexes.into_iter().zip(replies))
+            });
+        }
+        let mut answered = Vec::new();
+        let mut slots = futures_util::stream::iter(runs).buffer_unordered(CROSS_SLOT_CONCURRENCY);
+        while let Some(slot) = slots.next().await {
+            answered.extend(slot?);
+        }
+        Ok(answered)
+    }
+
+    /// Which master serves which slots, as last read (read now when unknown; empty when
+    /// it cannot be read, and then every read goes by slot).
+    async fn masters(&self, conn: &mut Connection) -> Arc<Vec<topology::SlotOwner>> {
+        if let Some(masters) = self
+            .shared
+            .masters
+            .lock()
+            .ok()
+            .filter(|masters| !masters.is_empty())
+            .map(|masters| Arc::clone(&masters))
+        {
+            return masters;
+        }
+        let read: Result<Vec<redis::Value>, _> =
+            redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await;
+        let masters = Arc::new(
+            read.map(|reply| topology::from_cluster_slots(&reply))
+                .unwrap_or_default(),
+        );
+        if let Ok(mut cached) = self.shared.masters.lock() {
+            *cached = Arc::clone(&masters);
+        }
+        masters
+    }
+
+    /// Drops the map of masters: a master answered for slots it no longer serves.
+    fn forget_masters(&self) {
+        if let Ok(mut cached) = self.shared.masters.lock() {
+            *cached = Arc::new(Vec::new());
+        }
     }
 
     /// Runs script `invocations` (each on its own slot) concurrently and returns their
@@ -768,6 +913,14 @@ async fn conflict_pause(attempt: u32) {
     let random = uuid::Uuid::new_v4().as_u128() as u64;
     let micros = u64::try_from(ceiling.as_micros()).unwrap_or(1).max(1);
     tokio::time::sleep(Duration::from_micros(random % micros)).await;
+}
+
+/// A command's key: its first argument after its name.
+fn first_key(command: &redis::Cmd) -> Option<&[u8]> {
+    match command.args_iter().nth(1) {
+        Some(redis::Arg::Simple(key)) => Some(key),
+        _ => None,
+    }
 }
 
 fn millis(duration: Duration) -> u64 {

@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::client::{cluster_builder, Client, TlsSettings};
 use super::keys::{Keys, PubSub};
+use super::topology::{self, SlotOwner};
 use super::{envelope, unavailable, RedisBackend, WeakBackend, OPERATION_TIMEOUT};
 use crate::backend::{Delivery, Inbox, Topic};
 use crate::error::MeshError;
@@ -316,9 +317,6 @@ struct ClusterSubscriptions {
     topology: Vec<SlotOwner>,
 }
 
-/// A slot range and the master serving it: `(first, last, host, port, node id)`.
-type SlotOwner = (i64, i64, String, i64, String);
-
 impl ClusterSubscriptions {
     /// A new cluster connection, subscribed to the instance's fixed channels and to
     /// every topic a local connection listens to.
@@ -366,9 +364,7 @@ impl ClusterSubscriptions {
             .query_async(&mut self.connection)
             .await
             .map_err(unavailable)?;
-        let mut owners: Vec<SlotOwner> = slots.iter().filter_map(slot_owner).collect();
-        owners.sort_unstable();
-        Ok(owners)
+        Ok(topology::from_cluster_slots(&slots))
     }
 
     /// Whether a node now reports other masters than those the subscriptions were made
@@ -435,34 +431,6 @@ impl ClusterSubscriptions {
             }
         }
     }
-}
-
-/// One entry of `CLUSTER SLOTS`: `[first, last, [host, port, id, ...], replicas...]`.
-fn slot_owner(entry: &redis::Value) -> Option<SlotOwner> {
-    use redis::Value;
-    let Value::Array(entry) = entry else {
-        return None;
-    };
-    let (Some(Value::Int(first)), Some(Value::Int(last)), Some(Value::Array(master))) =
-        (entry.first(), entry.get(1), entry.get(2))
-    else {
-        return None;
-    };
-    let text = |value: Option<&Value>| match value {
-        Some(Value::BulkString(bytes)) => String::from_utf8(bytes.clone()).ok(),
-        Some(Value::SimpleString(text)) => Some(text.clone()),
-        _ => None,
-    };
-    let Some(Value::Int(port)) = master.get(1) else {
-        return None;
-    };
-    Some((
-        *first,
-        *last,
-        text(master.first())?,
-        *port,
-        text(master.get(2)).unwrap_or_default(),
-    ))
 }
 
 /// Whether a local connection listens to `topic` again: an unsubscribe that raced a new
