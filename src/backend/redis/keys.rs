@@ -115,6 +115,19 @@ impl Keys {
             bucket_of(connection_id)
         )
     }
+    /// The bucket of a connection's keys.
+    pub(super) fn connection_bucket(&self, connection_id: &str) -> u32 {
+        bucket_of(connection_id)
+    }
+    /// A connection's metadata (JSON text): a key of its own, so that the metadata of
+    /// many connections is one `MGET` per bucket.
+    pub(super) fn connection_metadata(&self, connection_id: &str) -> String {
+        format!(
+            "{}{{conns:{}}}:conn-meta:{connection_id}",
+            self.prefix,
+            bucket_of(connection_id)
+        )
+    }
     pub(super) fn connection_rooms(&self, connection_id: &str) -> String {
         format!(
             "{}{{conns:{}}}:conn-rooms:{connection_id}",
@@ -333,6 +346,10 @@ mod tests {
         );
         let cid = "abc";
         assert_eq!(tag(&keys.connection(cid)), tag(&keys.connection_rooms(cid)));
+        assert_eq!(
+            tag(&keys.connection(cid)),
+            tag(&keys.connection_metadata(cid))
+        );
         assert_eq!(tag(&keys.instances()), tag(&keys.instance_connections("i")));
         assert_eq!(tag(&keys.instances()), tag(&keys.connections()));
         assert_eq!(tag(&keys.instances()), tag(&keys.dead_instances()));

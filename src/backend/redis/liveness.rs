@@ -169,6 +169,7 @@ impl RedisBackend {
         redis::cmd("DEL")
             .arg(keys.connection(connection_id))
             .arg(keys.connection_rooms(connection_id))
+            .arg(keys.connection_metadata(connection_id))
             .query_async::<()>(&mut conn)
             .await
             .map_err(redis_error)?;

@@ -1,7 +1,7 @@
-//! Connection and room metadata: JSON in field `meta` of a hash (the connection's hash,
-//! beside the `instance` routing field; the room's `room-meta` hash in its bucket), merged
-//! in Rust and written back by compare-and-set (`merge_json`, the `metadata_cas` Lua
-//! script).
+//! Connection and room metadata: JSON text at a key of its own (the connection's
+//! `conn-meta` in its bucket, written only while its hash holds the `instance` routing
+//! field; the room's `room-meta` in its bucket), merged in Rust and written back by
+//! compare-and-set (`merge_json`, the `metadata_cas` Lua script).
 
 use serde_json::Value;
 
@@ -45,7 +45,7 @@ impl RedisBackend {
         &self,
         connection_id: &str,
     ) -> Result<Option<Value>, MeshError> {
-        self.read_json(&self.shared.keys.connection(connection_id))
+        self.read_json(&self.shared.keys.connection_metadata(connection_id))
             .await
     }
 
@@ -54,9 +54,16 @@ impl RedisBackend {
         connection_id: &str,
         write: &MetadataWrite,
     ) -> Result<bool, MeshError> {
-        let key = self.shared.keys.connection(connection_id);
+        let keys = &self.shared.keys;
+        let holder = keys.connection(connection_id);
         // A connection's metadata may only be set while it is registered.
-        self.merge_json(&key, Some("instance"), write, None).await
+        self.merge_json(
+            &keys.connection_metadata(connection_id),
+            Some((&holder, "instance")),
+            write,
+            None,
+        )
+        .await
     }
 
     async fn list_connection_metadata(&self) -> Result<Vec<(String, Value)>, MeshError> {
@@ -121,44 +128,51 @@ impl RedisBackend {
         Ok(all)
     }
 
-    /// The JSON in field `meta` of hash `key`; `None` when there is none.
+    /// The JSON at `key`; `None` when there is none.
     async fn read_json(&self, key: &str) -> Result<Option<Value>, MeshError> {
-        let mut conn = self.connection().await?;
-        let raw: Option<String> = redis::cmd("HGET")
-            .arg(key)
-            .arg("meta")
-            .query_async(&mut conn)
-            .await
-            .map_err(redis_error)?;
+        let raw: Option<String> = self.query_one(redis::cmd("GET").arg(key)).await?;
         raw.map(|raw| parse_json(&raw)).transpose()
     }
 
-    /// Read-modify-write of the JSON in field `meta` of hash `key`: read it, merge in
-    /// Rust (deepMerge is not worth re-implementing in Lua), then write it back (and add
-    /// `index`'s member to its set) only if no other writer got in, else merge again on
-    /// what that writer stored. With `require`, the update happens only while that field
-    /// exists (the answer is then whether it did). Retries end with the operation timeout.
+    /// Read-modify-write of the JSON at `key`: read it, merge in Rust (deepMerge is not
+    /// worth re-implementing in Lua), then write it back (and add `index`'s member to its
+    /// set) only if no other writer got in, else merge again on what that writer stored.
+    /// With `require` (a hash in the same slot and a field), the update happens only
+    /// while that field exists (the answer is then whether it did). Retries end with the
+    /// operation timeout.
     async fn merge_json(
         &self,
         key: &str,
-        require: Option<&str>,
+        require: Option<(&str, &str)>,
         write: &MetadataWrite,
         index: Option<(&str, &str)>,
     ) -> Result<bool, MeshError> {
         let mut conn = self.connection().await?;
         let (index_key, index_member) = index.unwrap_or(("", ""));
+        let (holder, field) = require.unwrap_or((key, ""));
         let mut attempt = 0;
         loop {
-            let (required, stored): (Option<String>, Option<String>) = redis::cmd("HMGET")
-                .arg(key)
-                .arg(require.unwrap_or("meta"))
-                .arg("meta")
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            if require.is_some() && required.is_none() {
-                return Ok(false);
-            }
+            let stored: Option<String> = if require.is_some() {
+                let (stored, required): (Option<String>, bool) = redis::pipe()
+                    .cmd("GET")
+                    .arg(key)
+                    .cmd("HEXISTS")
+                    .arg(holder)
+                    .arg(field)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(redis_error)?;
+                if !required {
+                    return Ok(false);
+                }
+                stored
+            } else {
+                redis::cmd("GET")
+                    .arg(key)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(redis_error)?
+            };
             let old = stored.as_deref().map(parse_json).transpose()?;
             let (_, merged) = write.apply(old)?;
             let written: i64 = self
@@ -166,9 +180,10 @@ impl RedisBackend {
                 .scripts
                 .metadata_cas
                 .key(key)
+                .key(holder)
                 .arg(if stored.is_some() { "1" } else { "0" })
                 .arg(stored.as_deref().unwrap_or_default())
-                .arg(require.unwrap_or_default())
+                .arg(field)
                 .arg(merged)
                 .arg(index_key)
                 .arg(index_member)

@@ -27,11 +27,12 @@
 //! | `P{registry}:dead-instances` | sorted set | instances past their deadline whose connections are still being forgotten |
 //! | `P{registry}:instance:IID` | set | the connection ids instance `IID` holds |
 //! | `P{registry}:connections` | sorted set | every connection id, scored by registration time (for ordered listings) |
-//! | `P{conns:N}:conn:CID` | hash | `instance`: the holder's id (routing); `meta`: the metadata JSON |
+//! | `P{conns:N}:conn:CID` | hash | `instance`: the holder's id (routing) |
+//! | `P{conns:N}:conn-meta:CID` | string | a connection's metadata JSON (written only while its `instance` field exists) |
 //! | `P{conns:N}:conn-rooms:CID` | set | the rooms a connection is in |
 //! | `P{rooms:N}:room:ROOM` | sorted set | a room's members, scored by join order (`P{rooms:N}:join-order` counts) |
 //! | `P{rooms:N}:rooms` | set | the bucket's rooms with at least one member |
-//! | `P{rooms:N}:room-meta:ROOM` | hash | `meta`: a room's metadata JSON |
+//! | `P{rooms:N}:room-meta:ROOM` | string | a room's metadata JSON |
 //! | `P{rooms:N}:rooms-with-meta` | set | the bucket's rooms that have metadata |
 //! | `P{rooms:N}:presence:ROOM` | sorted set | a tracked room's present connections, scored by presence deadline |
 //! | `P{rooms:N}:presence-states:ROOM` | hash | connection id -> presence state JSON |
@@ -43,8 +44,8 @@
 //! | `P{records:N}:record:ID` | hash | `value`: a record's JSON; `version`: its version; `token`: renewed by every write (the compare-and-set key) |
 //! | `P{records:N}:record-ids` | sorted set, every score 0 | the bucket's record ids, in byte order: prefix listings read a range of each bucket (`ZRANGEBYLEX`) |
 //!
-//! Routing and metadata are two fields of one hash, written by different commands, so
-//! setting metadata can never redirect a connection's pushes (mesh's fault, docs/protocol.md §6).
+//! Routing and metadata are separate keys, written by different commands, so setting
+//! metadata can never redirect a connection's pushes (mesh's fault, docs/protocol.md §6).
 //!
 //! | channel | pub/sub on a Cluster | carries |
 //! |---|---|---|

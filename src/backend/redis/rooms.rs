@@ -5,6 +5,7 @@
 //! leave are steps of one script each, ordered so that a connection forgotten in between
 //! never stays a member (see "Steps across slots" in the module docs of `mod.rs`).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -153,22 +154,37 @@ impl RedisBackend {
         self.with_connection_metadata(members).await
     }
 
-    /// Each connection with its metadata (`null` when it has none), read from each
-    /// connection's own slot.
+    /// Each connection with its metadata (`null` when it has none): one `MGET` per
+    /// connection bucket.
     pub(super) async fn with_connection_metadata(
         &self,
         ids: Vec<String>,
     ) -> Result<Vec<(String, Value)>, MeshError> {
         let keys = &self.shared.keys;
-        let reads = ids
-            .iter()
-            .map(|id| {
-                let mut read = redis::cmd("HGET");
-                read.arg(keys.connection(id)).arg("meta");
-                read
-            })
-            .collect();
-        let metadata: Vec<Option<String>> = self.query_each(reads).await?;
+        let mut by_bucket: HashMap<u32, Vec<usize>> = HashMap::new();
+        for (index, id) in ids.iter().enumerate() {
+            by_bucket
+                .entry(keys.connection_bucket(id))
+                .or_default()
+                .push(index);
+        }
+        let mut places = Vec::with_capacity(by_bucket.len());
+        let mut reads = Vec::with_capacity(by_bucket.len());
+        for indexes in by_bucket.into_values() {
+            let mut read = redis::cmd("MGET");
+            for &index in &indexes {
+                read.arg(keys.connection_metadata(&ids[index]));
+            }
+            reads.push(read);
+            places.push(indexes);
+        }
+        let buckets: Vec<Vec<Option<String>>> = self.query_each(reads).await?;
+        let mut metadata: Vec<Option<String>> = vec![None; ids.len()];
+        for (indexes, values) in places.into_iter().zip(buckets) {
+            for (index, value) in indexes.into_iter().zip(values) {
+                metadata[index] = value;
+            }
+        }
         ids.into_iter()
             .zip(metadata)
             .map(|(id, raw)| Ok((id, parse_json_or_null(raw.as_deref())?)))

@@ -224,7 +224,7 @@ impl Scripts {
                 local b = KEYS[1]
                 local out = {}
                 for _, room in ipairs(redis.call('SMEMBERS', b .. 'rooms-with-meta')) do
-                  local meta = redis.call('HGET', b .. 'room-meta:' .. room, 'meta')
+                  local meta = redis.call('GET', b .. 'room-meta:' .. room)
                   if meta then
                     out[#out + 1] = room
                     out[#out + 1] = meta
@@ -475,24 +475,25 @@ impl Scripts {
                 return 1
                 ",
             ),
-            // KEYS[1] the hash holding `meta`; ARGV[1] '1' when the writer read a
-            // `meta`, else '0'; ARGV[2] the `meta` it read; ARGV[3] a field that must exist
-            // ('' for none); ARGV[4] the new `meta`; ARGV[5] a set to add ARGV[6] to ('' for
-            // none). Compare-and-set on the value itself: a `meta` written back unchanged
-            // in between merges to the same result. Returns -1, changing nothing, when the
-            // required field is missing, 0 when another write got in since the read.
+            // KEYS[1] the metadata (JSON text), KEYS[2] a hash that must hold field
+            // ARGV[3] ('' for none; KEYS[2] is then KEYS[1] again); ARGV[1] '1' when the
+            // writer read metadata, else '0'; ARGV[2] the metadata it read; ARGV[4] the new
+            // metadata; ARGV[5] a set to add ARGV[6] to ('' for none). Compare-and-set on
+            // the value itself: metadata written back unchanged in between merges to the
+            // same result. Returns -1, changing nothing, when the required field is
+            // missing, 0 when another write got in since the read.
             metadata_cas: script(
                 r"
-                if ARGV[3] ~= '' and redis.call('HEXISTS', KEYS[1], ARGV[3]) == 0 then
+                if ARGV[3] ~= '' and redis.call('HEXISTS', KEYS[2], ARGV[3]) == 0 then
                   return -1
                 end
-                local current = redis.call('HGET', KEYS[1], 'meta')
+                local current = redis.call('GET', KEYS[1])
                 if ARGV[1] == '1' then
                   if current ~= ARGV[2] then return 0 end
                 elseif current then
                   return 0
                 end
-                redis.call('HSET', KEYS[1], 'meta', ARGV[4])
+                redis.call('SET', KEYS[1], ARGV[4])
                 if ARGV[5] ~= '' then redis.call('SADD', ARGV[5], ARGV[6]) end
                 return 1
                 ",
