@@ -373,7 +373,7 @@ impl Drop for RedisCluster {
 
 /// `count` ports on 127.0.0.1 that are free, and whose bus port (+10000) is free too.
 /// Every socket stays bound until all are picked, so that no two picks overlap.
-fn free_ports(count: usize) -> Vec<u16> {
+pub(super) fn free_ports(count: usize) -> Vec<u16> {
     let mut held = Vec::new();
     let mut ports = Vec::new();
     for _ in 0..1000 {
@@ -396,7 +396,7 @@ fn free_ports(count: usize) -> Vec<u16> {
 
 /// Runs `redis-cli args` within [`CLUSTER_WAIT`] (it waits for the nodes to agree with no
 /// deadline of its own); its output goes to a log in `dir`, shown when it fails.
-fn redis_cli(dir: &Path, args: &[String]) {
+pub(super) fn redis_cli<A: AsRef<std::ffi::OsStr> + std::fmt::Debug>(dir: &Path, args: &[A]) {
     let binary = std::env::var("REDIS_CLI").unwrap_or_else(|_| "redis-cli".into());
     let log_path = dir.join("redis-cli.log");
     let log = File::create(&log_path).expect("redis-cli's log");
@@ -426,7 +426,7 @@ fn redis_cli(dir: &Path, args: &[String]) {
     }
     let output = std::fs::read_to_string(&log_path).unwrap_or_default();
     let outcome = status.map_or_else(|| "timed out".to_owned(), |status| status.to_string());
-    panic!("{binary} {} failed ({outcome}):\n{output}", args.join(" "));
+    panic!("{binary} {args:?} failed ({outcome}):\n{output}");
 }
 
 /// Asks `cmd` of the node on `port`, on a fresh connection with short timeouts: a dead or
@@ -448,7 +448,7 @@ fn cluster_state_ok(port: u16) -> Result<(), String> {
 }
 
 /// The value of `field` in an INFO-style reply (`field:value` lines).
-fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
+pub(super) fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
     info.lines().find_map(|line| {
         line.trim_end()
             .strip_prefix(field)

@@ -16,8 +16,6 @@
 //! [`RedisCluster`]: super::RedisCluster
 
 use std::ffi::OsString;
-use std::fs::File;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use redis::FromRedisValue;
 
+use super::redis_cluster::{free_ports, info_field, redis_cli};
 use super::{TlsFiles, WAIT};
 
 /// How long the cluster gets to form: `redis-cli` takes a second or two, and the machine
@@ -207,7 +206,7 @@ impl RedisTlsCluster {
                 .map(|port| format!("127.0.0.1:{port}").into()),
         );
         args.extend(["--cluster-replicas", "0", "--cluster-yes"].map(OsString::from));
-        run_redis_cli(&self.dir, &args);
+        redis_cli(&self.dir, &args);
         let deadline = Instant::now() + CLUSTER_WAIT;
         loop {
             match self.unhealthy() {
@@ -276,71 +275,4 @@ impl Drop for RedisTlsCluster {
         self.kill_all();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// `count` ports on 127.0.0.1 that are free, and whose bus port (+10000) is free too.
-/// Every socket stays bound until all are picked, so that no two picks overlap.
-fn free_ports(count: usize) -> Vec<u16> {
-    let mut held = Vec::new();
-    let mut ports = Vec::new();
-    for _ in 0..1000 {
-        if ports.len() == count {
-            return ports;
-        }
-        let listener = TcpListener::bind("127.0.0.1:0").expect("a free port");
-        let port = listener.local_addr().expect("a bound address").port();
-        held.push(listener);
-        let Some(bus) = port.checked_add(BUS_PORT_OFFSET) else {
-            continue;
-        };
-        if let Ok(bus_listener) = TcpListener::bind(("127.0.0.1", bus)) {
-            held.push(bus_listener);
-            ports.push(port);
-        }
-    }
-    panic!("found no {count} free ports whose bus ports are free too");
-}
-
-/// Runs `redis-cli args` within [`CLUSTER_WAIT`] (it waits for the nodes to agree with no
-/// deadline of its own); its output goes to a log in `dir`, shown when it fails.
-fn run_redis_cli(dir: &Path, args: &[OsString]) {
-    let binary = std::env::var("REDIS_CLI").unwrap_or_else(|_| "redis-cli".into());
-    let log_path = dir.join("redis-cli.log");
-    let log = File::create(&log_path).expect("redis-cli's log");
-    let mut child = Command::new(&binary)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("redis-cli's log"))
-        .stderr(log)
-        .spawn()
-        .unwrap_or_else(|err| {
-            panic!("cannot start {binary} (install redis-tools or set REDIS_CLI): {err}")
-        });
-    let deadline = Instant::now() + CLUSTER_WAIT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("redis-cli's status") {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(POLL);
-    };
-    if status.is_some_and(|status| status.success()) {
-        return;
-    }
-    let output = std::fs::read_to_string(&log_path).unwrap_or_default();
-    let outcome = status.map_or_else(|| "timed out".to_owned(), |status| status.to_string());
-    panic!("{binary} {args:?} failed ({outcome}):\n{output}");
-}
-
-/// The value of `field` in an INFO-style reply (`field:value` lines).
-fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
-    info.lines().find_map(|line| {
-        line.trim_end()
-            .strip_prefix(field)
-            .and_then(|rest| rest.strip_prefix(':'))
-    })
 }
