@@ -38,8 +38,10 @@ pub(super) fn config() -> AsyncConnectionConfig {
         .set_response_timeout(Some(OPERATION_TIMEOUT))
 }
 
-/// A Cluster client on `seeds`, with the backend's timeouts and TLS settings. Retries of a
-/// redirected or failed command stay within the operation timeout.
+/// A Cluster client on `seeds`, with the backend's timeouts and TLS settings. The crate
+/// retries a redirected or failed command a few times; the backend's operation timeout
+/// ends the wait for it, though a command already sent may still run after that (as on a
+/// single Redis whose reply is late).
 pub(super) fn cluster_builder(
     seeds: &[String],
     tls: &TlsSettings,

@@ -114,6 +114,10 @@ impl Connection {
     /// A failure blocks on nothing: when the slot is busy (another caller connecting or
     /// taking a handle), a later failure on the same connection retires it.
     fn retire_after(&self, err: &RedisError) {
+        // A cluster connection too: the redis crate reconnects a node it lost only to
+        // the same address, and refreshes its slot map only on a redirection, so after a
+        // failover or a Cluster restarted anew only a new connection (which reads the
+        // topology from the seeds) finds the masters again.
         if !(err.is_unrecoverable_error() || err.is_io_error() || err.is_connection_dropped()) {
             return;
         }

@@ -93,9 +93,9 @@ impl Keys {
     pub(super) fn instances(&self) -> String {
         format!("{}instances", self.registry())
     }
-    /// Instances past their deadline whose connections are still being forgotten.
-    pub(super) fn dead_instances(&self) -> String {
-        format!("{}dead-instances", self.registry())
+    /// Connections of instances past their deadline, not forgotten yet.
+    pub(super) fn dead_connections(&self) -> String {
+        format!("{}dead-connections", self.registry())
     }
     pub(super) fn instance_connections(&self, instance_id: &str) -> String {
         format!("{}instance:{instance_id}", self.registry())
@@ -352,7 +352,7 @@ mod tests {
         );
         assert_eq!(tag(&keys.instances()), tag(&keys.instance_connections("i")));
         assert_eq!(tag(&keys.instances()), tag(&keys.connections()));
-        assert_eq!(tag(&keys.instances()), tag(&keys.dead_instances()));
+        assert_eq!(tag(&keys.instances()), tag(&keys.dead_connections()));
         // A channel whose name holds braces still keeps its keys in one slot.
         let channel = "a}b{c";
         let history = keys.channel_history(channel);

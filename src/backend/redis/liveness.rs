@@ -105,15 +105,23 @@ impl RedisBackend {
     ) -> Result<(), MeshError> {
         let keys = &self.shared.keys;
         let mut conn = self.connection().await?;
-        self.shared
+        let registered: i64 = self
+            .shared
             .scripts
             .register
             .key(keys.instance_connections(instance_id))
             .key(keys.connections())
+            .key(keys.instances())
             .arg(connection_id)
-            .invoke_async::<()>(&mut conn)
+            .arg(instance_id)
+            .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
+        if registered == 0 {
+            return Err(MeshError::Unavailable(
+                "this instance is not registered in Redis (it is registering again)".into(),
+            ));
+        }
         redis::cmd("HSET")
             .arg(keys.connection(connection_id))
             .arg("instance")
@@ -131,15 +139,24 @@ impl RedisBackend {
         connection_id: &str,
     ) -> Result<(), MeshError> {
         self.forget(connection_id).await?;
-        let keys = &self.shared.keys;
+        self.drop_from_registry(
+            &self.shared.keys.instance_connections(instance_id),
+            connection_id,
+        )
+        .await
+    }
+
+    /// Takes a forgotten connection out of `set` (its instance's, or the dead ones) and
+    /// out of the ordered listing.
+    async fn drop_from_registry(&self, set: &str, connection_id: &str) -> Result<(), MeshError> {
         let mut conn = self.connection().await?;
         redis::pipe()
             .cmd("SREM")
-            .arg(keys.instance_connections(instance_id))
+            .arg(set)
             .arg(connection_id)
             .ignore()
             .cmd("ZREM")
-            .arg(keys.connections())
+            .arg(self.shared.keys.connections())
             .arg(connection_id)
             .ignore()
             .query_async::<()>(&mut conn)
@@ -185,45 +202,59 @@ impl RedisBackend {
 
     /// Sweeps what lapsed: dead instances' connections (forgotten as `unregister` does)
     /// and, in every room bucket, presence and states past their deadline. Returns when
-    /// the next deadline is due.
+    /// the next deadline is due. The two parts run side by side, and a connection that
+    /// cannot be forgotten now (its room's slot unreachable, say) is left for the next
+    /// sweep without holding up the other part.
     pub(super) async fn sweep_expired(&self) -> Result<Duration, MeshError> {
         let keys = &self.shared.keys;
-        let mut conn = self.connection().await?;
-        let (instances_due, orphans): (i64, Vec<(String, String)>) = self
-            .shared
-            .scripts
-            .sweep_instances
-            .key(keys.instances())
-            .key(keys.dead_instances())
-            .arg(keys.registry())
-            .arg(SWEEP_BATCH)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(redis_error)?;
-        let mut unregisters: Vec<BoxFuture<'_, Result<(), MeshError>>> = Vec::new();
-        for (instance_id, connection_id) in orphans {
-            unregisters.push(Box::pin(async move {
-                self.unregister(&instance_id, &connection_id).await
-            }));
-        }
-        futures_util::stream::iter(unregisters)
-            .buffer_unordered(super::CROSS_SLOT_CONCURRENCY)
-            .try_collect::<()>()
-            .await?;
-        let buckets = keys
-            .room_buckets()
-            .map(|bucket| {
-                let mut sweep = self.shared.scripts.sweep_rooms.prepare_invoke();
-                sweep.key(bucket).arg(SWEEP_BATCH);
-                sweep
-            })
-            .collect();
-        let rooms_due: Vec<i64> = self.invoke_each(buckets).await?;
+        let instances = async {
+            let mut conn = self.connection().await?;
+            let (due, dead): (i64, Vec<String>) = self
+                .shared
+                .scripts
+                .sweep_instances
+                .key(keys.instances())
+                .key(keys.dead_connections())
+                .arg(keys.registry())
+                .arg(SWEEP_BATCH)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(redis_error)?;
+            let dead_set = keys.dead_connections();
+            let mut forgets: Vec<BoxFuture<'_, Result<(), MeshError>>> = Vec::new();
+            for connection_id in dead {
+                let dead_set = &dead_set;
+                forgets.push(Box::pin(async move {
+                    self.forget(&connection_id).await?;
+                    self.drop_from_registry(dead_set, &connection_id).await
+                }));
+            }
+            let mut forgotten =
+                futures_util::stream::iter(forgets).buffer_unordered(super::CROSS_SLOT_CONCURRENCY);
+            while let Some(outcome) = forgotten.next().await {
+                if let Err(err) = outcome {
+                    tracing::warn!(%err, "could not forget a dead instance's connection; the next sweep retries");
+                }
+            }
+            Ok::<_, MeshError>(due)
+        };
+        let rooms = async {
+            let buckets = keys
+                .room_buckets()
+                .map(|bucket| {
+                    let mut sweep = self.shared.scripts.sweep_rooms.prepare_invoke();
+                    sweep.key(bucket).arg(SWEEP_BATCH);
+                    sweep
+                })
+                .collect();
+            self.invoke_each::<i64>(buckets).await
+        };
+        let (instances_due, rooms_due) = futures_util::join!(instances, rooms);
         // Negative: nothing is due. Entries made by other instances after this sweep are
         // caught by their own sweepers, or by this one within a heartbeat interval if
         // they die.
-        let next_due = std::iter::once(instances_due)
-            .chain(rooms_due)
+        let next_due = std::iter::once(instances_due?)
+            .chain(rooms_due?)
             .filter_map(|due| u64::try_from(due).ok())
             .min();
         Ok(next_due

@@ -24,12 +24,12 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `P{registry}:instances` | sorted set | instance id, scored by its liveness deadline (Redis server time, ms) |
-//! | `P{registry}:dead-instances` | sorted set | instances past their deadline whose connections are still being forgotten |
+//! | `P{registry}:dead-connections` | set | connections of instances past their deadline, not forgotten yet |
 //! | `P{registry}:instance:IID` | set | the connection ids instance `IID` holds |
 //! | `P{registry}:connections` | sorted set | every connection id, scored by registration time (for ordered listings) |
 //! | `P{conns:N}:conn:CID` | hash | `instance`: the holder's id (routing) |
 //! | `P{conns:N}:conn-meta:CID` | string | a connection's metadata JSON (written only while its `instance` field exists) |
-//! | `P{conns:N}:conn-rooms:CID` | set | the rooms a connection is in |
+//! | `P{conns:N}:conn-rooms:CID` | set | the rooms a connection noted joining (a superset of its rooms: reads check each against the room's members) |
 //! | `P{rooms:N}:room:ROOM` | sorted set | a room's members, scored by join order (`P{rooms:N}:join-order` counts) |
 //! | `P{rooms:N}:rooms` | set | the bucket's rooms with at least one member |
 //! | `P{rooms:N}:room-meta:ROOM` | string | a room's metadata JSON |
@@ -88,12 +88,15 @@
 //! delivered by the node that wrote.) On a single Redis every channel is classic (so
 //! Redis 5 and 6 keep working there).
 //!
-//! **Recovery.** The redis crate's cluster connection follows `MOVED` and `ASK`,
-//! refreshes its slot map after a failover, reconnects to nodes that come back, and
-//! subscribes again on whichever node now serves each channel. While a slot is
-//! unreachable its operations fail with `EUNAVAILABLE` after the operation timeout, as
-//! on a single Redis that is down; the instance reports each pub/sub outage to the engine
-//! once the subscriptions are back, so that records and collections catch up.
+//! **Recovery.** The redis crate's cluster connection follows `MOVED` and `ASK` for
+//! commands and refreshes its slot map when a command meets a redirection. Subscriptions
+//! it does not move by itself (a pub/sub connection sends no commands to be redirected):
+//! each instance's subscriber probes `CLUSTER SLOTS` every second and, when a node's
+//! connection drops or the masters change (a failover, a node restarted empty), makes a
+//! new cluster connection and subscribes to everything again, with backoff, then reports
+//! the outage to the engine so that records and collections catch up, as on a single
+//! Redis. While a slot is unreachable its operations fail with `EUNAVAILABLE` after the
+//! operation timeout.
 //!
 //! # Steps across slots
 //!
@@ -172,11 +175,13 @@
 //! Everything that can lapse is a score in a sorted set: instance deadlines, presence
 //! deadlines and state expiries (one set each per room bucket). Any instance may sweep at
 //! any time, and each lapsed entry is removed and announced exactly once:
-//! - A lapsed instance is claimed by one sweeper (`ZREM` succeeds once) and moved to
-//!   `P{registry}:dead-instances`. Its connections stay in its set until each has been
-//!   forgotten (see "Steps across slots"), a bounded batch per sweep, handed to any
-//!   sweeper that asks; two sweepers may forget one connection together, which announces
-//!   each leave once all the same. An instance whose set is empty is done.
+//! - A lapsed instance is claimed by one sweeper (`ZREM` succeeds once), and its
+//!   connections are moved to `P{registry}:dead-connections` (so that, should the
+//!   instance come back, its new connections are not taken for dead). They stay there
+//!   until each has been forgotten (see "Steps across slots"), a bounded batch per sweep,
+//!   handed to any sweeper that asks; two sweepers may forget one connection together,
+//!   which announces each leave once all the same. A connection can register only while
+//!   its instance is in the instances, so none is left in a set no sweep reads.
 //! - In each room bucket, one script claims lapsed presence and states with `ZREM`, which
 //!   succeeds for exactly one sweeper, removes what hangs on them and publishes each
 //!   `leave` or cleared state from inside the script, in order with every other presence
@@ -186,7 +191,8 @@
 //! the layout Centrifugo uses for presence; it needs no keyspace notifications, which
 //! Redis Cluster and many managed services do not deliver reliably, and it still works
 //! when the instance that owned a connection is gone. A dead instance's connections are
-//! removed within `instance_ttl + heartbeat_interval`.
+//! removed from `instance_ttl + heartbeat_interval` on, 256 per sweep (a sweep follows at
+//! once while work is left).
 //!
 //! Scripts write after reading `TIME`, which needs Redis 5 or newer (script effects
 //! replication); sharded pub/sub on a Cluster needs Redis 7.
@@ -233,7 +239,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, TryStreamExt};
-use redis::cluster_routing::SingleNodeRoutingInfo;
+use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -337,7 +343,7 @@ enum Target {
 }
 
 impl RedisBackendBuilder {
-    /// Prefix of every key and channel. Default `mesh:`.
+    /// Prefix of every key and channel. Default `mesh:`. It may not hold `{` or `}`.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
         self
@@ -421,8 +427,14 @@ impl RedisBackendBuilder {
     /// needs the `redis-tls-rustls` feature; without it, this fails.
     ///
     /// Fails too when [`plain_channels`](Self::plain_channels) were given with an empty
-    /// prefix.
+    /// prefix, or when the prefix holds `{` or `}` (hash-tag characters, which decide
+    /// which keys share a Cluster slot).
     pub fn build(self) -> Result<RedisBackend, MeshError> {
+        if self.prefix.contains(['{', '}']) {
+            return Err(MeshError::Unavailable(BackendError::new(
+                "the key prefix may not hold `{` or `}`: they decide which keys share a Redis Cluster slot",
+            )));
+        }
         if self.prefix.is_empty() && !self.plain_channels.is_empty() {
             return Err(MeshError::Unavailable(BackendError::new(
                 "plain channels need a non-empty key prefix, to keep them apart from the mesh's own channels",
@@ -561,7 +573,14 @@ impl RedisBackend {
             }
         }
         let mut runs = Vec::with_capacity(by_master.len());
-        for ((host, port), group) in by_master {
+        for group in by_master.into_values() {
+            // Sent where the cluster connection's own map places the first key (never to
+            // an address it may have dropped): a key served elsewhere answers with a
+            // redirection, and the group goes again by slot.
+            let slot = group
+                .first()
+                .and_then(|(_, command)| first_key(command))
+                .map_or(0, topology::slot_of);
             let mut conn = conn.clone();
             runs.push(async move {
                 let mut pipe = redis::pipe();
@@ -576,7 +595,7 @@ impl RedisBackend {
                         pipe,
                         0,
                         group.len(),
-                        SingleNodeRoutingInfo::ByAddress { host, port },
+                        SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master)),
                     )
                     .await
                 {

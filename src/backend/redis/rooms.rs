@@ -61,25 +61,47 @@ impl RedisBackend {
         if noted == 0 {
             return Ok(false);
         }
-        scripts
-            .join
-            .key(keys.room_base(room))
-            .arg(connection_id)
-            .arg(room)
-            .arg(presence_ttl.map_or(0, millis))
-            .invoke_async::<()>(&mut conn)
-            .await
-            .map_err(redis_error)?;
-        let registered: bool = redis::cmd("HEXISTS")
-            .arg(keys.connection(connection_id))
-            .arg("instance")
-            .query_async(&mut conn)
-            .await
-            .map_err(redis_error)?;
-        if !registered {
-            self.leave_part(connection_id, &[room], Part::All).await?;
+        let joined = async {
+            scripts
+                .join
+                .key(keys.room_base(room))
+                .arg(connection_id)
+                .arg(room)
+                .arg(presence_ttl.map_or(0, millis))
+                .invoke_async::<()>(&mut conn.clone())
+                .await
+                .map_err(redis_error)?;
+            redis::cmd("HEXISTS")
+                .arg(keys.connection(connection_id))
+                .arg("instance")
+                .query_async::<bool>(&mut conn.clone())
+                .await
+                .map_err(redis_error)
+        };
+        match joined.await {
+            Ok(true) => Ok(true),
+            // Not registered any more: a forget ran in between and may have missed the
+            // member. Failed: the member may have arrived (a lost reply) with nobody to
+            // check the registration; the caller reports the join failed. Either way the
+            // join is undone, note included, so that nothing is left that no forget will
+            // remove; what cannot be undone now is for a later forget or the sweep.
+            outcome => {
+                if let Err(err) = self.undo_join(connection_id, room).await {
+                    tracing::warn!(%err, "could not undo an interrupted join");
+                }
+                outcome
+            }
         }
-        Ok(registered)
+    }
+
+    async fn undo_join(&self, connection_id: &str, room: &str) -> Result<(), MeshError> {
+        self.leave_part(connection_id, &[room], Part::All).await?;
+        self.query_one::<()>(
+            redis::cmd("SREM")
+                .arg(self.shared.keys.connection_rooms(connection_id))
+                .arg(room),
+        )
+        .await
     }
 
     /// Leaves in steps: the membership, then the connection's note of the room, and last
@@ -94,15 +116,24 @@ impl RedisBackend {
         else {
             return Err(MeshError::Corrupt("a leave answered for no room".into()));
         };
-        self.query_one::<()>(
-            redis::cmd("SREM")
-                .arg(self.shared.keys.connection_rooms(connection_id))
-                .arg(room),
-        )
-        .await?;
-        if present {
-            self.leave_part(connection_id, &[room], Part::Presence)
-                .await?;
+        // The membership is gone: the leave has happened. What follows is tidying that a
+        // later forget (the note) or the sweep (the presence) finishes if it fails now.
+        let noted = self
+            .query_one::<()>(
+                redis::cmd("SREM")
+                    .arg(self.shared.keys.connection_rooms(connection_id))
+                    .arg(room),
+            )
+            .await;
+        if let Err(err) = noted {
+            tracing::warn!(%err, "a leave could not remove its note; the connection's forget will");
+        } else if present {
+            if let Err(err) = self
+                .leave_part(connection_id, &[room], Part::Presence)
+                .await
+            {
+                tracing::warn!(%err, "a leave could not end its presence; the sweep will");
+            }
         }
         Ok(was_member)
     }
@@ -191,12 +222,39 @@ impl RedisBackend {
             .collect()
     }
 
+    /// The rooms a connection is a member of: its notes, checked against the rooms'
+    /// members (a note can outlive a leave or a join that was cut short).
     pub(super) async fn rooms_of(&self, connection_id: &str) -> Result<Vec<String>, MeshError> {
-        let mut rooms: Vec<String> = self
+        let noted: Vec<String> = self
             .query_one(redis::cmd("SMEMBERS").arg(self.shared.keys.connection_rooms(connection_id)))
             .await?;
+        let mut rooms = self.members_of(&noted, &[connection_id]).await?;
         rooms.sort_unstable();
         Ok(rooms)
+    }
+
+    /// Those of `rooms` that every one of `connections` is a member of.
+    async fn members_of(
+        &self,
+        rooms: &[String],
+        connections: &[&str],
+    ) -> Result<Vec<String>, MeshError> {
+        // ZSCORE, not ZMSCORE: Redis 5 and 6.0 have no ZMSCORE.
+        let mut checks = Vec::with_capacity(rooms.len() * connections.len());
+        for room in rooms {
+            for &connection in connections {
+                let mut check = redis::cmd("ZSCORE");
+                check.arg(self.shared.keys.room(room)).arg(connection);
+                checks.push(check);
+            }
+        }
+        let scores: Vec<Option<f64>> = self.query_each(checks).await?;
+        Ok(rooms
+            .iter()
+            .zip(scores.chunks(connections.len().max(1)))
+            .filter(|(_, scores)| scores.iter().all(Option::is_some))
+            .map(|(room, _)| room.clone())
+            .collect())
     }
 
     /// Every room with a member: the union of the buckets' room sets.
@@ -217,6 +275,9 @@ impl RedisBackend {
         Ok(rooms)
     }
 
+    /// Whether two connections share a room: the rooms both noted, checked against the
+    /// rooms' members (a note can outlive a cut-short join, which must not open anyone's
+    /// metadata).
     pub(super) async fn in_a_common_room(&self, a: &str, b: &str) -> Result<bool, MeshError> {
         let keys = &self.shared.keys;
         let mut of_a = redis::cmd("SMEMBERS");
@@ -227,6 +288,13 @@ impl RedisBackend {
             self.query_one::<Vec<String>>(&of_a),
             self.query_one::<Vec<String>>(&of_b),
         )?;
-        Ok(rooms_of_a.iter().any(|room| rooms_of_b.contains(room)))
+        let common: Vec<String> = rooms_of_a
+            .into_iter()
+            .filter(|room| rooms_of_b.contains(room))
+            .collect();
+        if common.is_empty() {
+            return Ok(false);
+        }
+        Ok(!self.members_of(&common, &[a, b]).await?.is_empty())
     }
 }

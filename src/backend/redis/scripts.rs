@@ -155,10 +155,15 @@ impl Scripts {
                 return 1
                 ",
             ),
-            // KEYS[1] the instance's connections, KEYS[2] every connection; ARGV[1]
-            // connection id. The registry's half of registering a connection.
+            // KEYS[1] the instance's connections, KEYS[2] every connection, KEYS[3]
+            // instances; ARGV[1] connection id, ARGV[2] instance id. The registry's half of
+            // registering a connection: returns 0, changing nothing, when the instance is
+            // not registered (it was swept, or Redis restarted empty: its heartbeat is
+            // about to close its connections), so that no connection is kept in a set
+            // that no sweep will ever read.
             register: script(
                 r"
+                if not redis.call('ZSCORE', KEYS[3], ARGV[2]) then return 0 end
                 local t = redis.call('TIME')
                 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
                 redis.call('SADD', KEYS[1], ARGV[1])
@@ -306,13 +311,13 @@ impl Scripts {
                 return 1
                 ",
             ),
-            // KEYS[1] instances, KEYS[2] dead instances; ARGV[1] the registry's base,
-            // ARGV[2] most connections to hand out. Moves lapsed instances to the dead
-            // ones (ZREM succeeds for exactly one sweeper), and hands out connections of
-            // dead instances to forget: {ms until the next deadline (0: work is left, -1:
-            // none), {instance id, connection id, ...}}. A dead instance whose set is
-            // empty is done. Connections stay in their set until forgotten, so a sweeper
-            // that stops half-way leaves them to the next.
+            // KEYS[1] instances, KEYS[2] dead connections; ARGV[1] the registry's base,
+            // ARGV[2] most connections to hand out. Claims lapsed instances (ZREM succeeds
+            // for exactly one sweeper) and moves their connections to the dead ones, so
+            // that an instance that comes back starts with an empty set. Hands out dead
+            // connections to forget: {ms until the next deadline (0: work is left, -1:
+            // none), {connection id, ...}}. They stay in the set until forgotten, so a
+            // sweeper that stops half-way leaves them to the next.
             sweep_instances: script(
                 r"
                 local instances, dead, base = KEYS[1], KEYS[2], ARGV[1]
@@ -320,24 +325,16 @@ impl Scripts {
                 local now = now_ms()
                 for _, iid in ipairs(redis.call('ZRANGEBYSCORE', instances, '-inf', now, 'LIMIT', 0, limit)) do
                   if redis.call('ZREM', instances, iid) == 1 then
-                    redis.call('ZADD', dead, 0, iid)
+                    local set = base .. 'instance:' .. iid
+                    if redis.call('EXISTS', set) == 1 then
+                      redis.call('SUNIONSTORE', dead, dead, set)
+                      redis.call('DEL', set)
+                    end
                   end
                 end
-                local out = {}
-                for _, iid in ipairs(redis.call('ZRANGE', dead, 0, limit - 1)) do
-                  local left = limit - #out / 2
-                  if left <= 0 then break end
-                  local cids = redis.call('SRANDMEMBER', base .. 'instance:' .. iid, left)
-                  if #cids == 0 then
-                    redis.call('ZREM', dead, iid)
-                  end
-                  for _, cid in ipairs(cids) do
-                    out[#out + 1] = iid
-                    out[#out + 1] = cid
-                  end
-                end
-                if #out > 0 then return {0, out} end
-                return {next_due({instances}, now), out}
+                local cids = redis.call('SRANDMEMBER', dead, limit)
+                if #cids > 0 then return {0, cids} end
+                return {next_due({instances}, now), cids}
                 ",
             ),
             // KEYS[1] room bucket; ARGV[1] most entries of each kind per run. Claims

@@ -351,9 +351,26 @@ impl ClusterSubscriptions {
                     .flat_map(|topic| keys.topic_channels(topic)),
             );
         }
-        for (channel, pubsub) in channels {
-            subscriptions.subscribe(channel, pubsub).await?;
+        // Side by side (an instance may listen to thousands of channels, each subscribed
+        // on its own slot's node), within the caller's timeout.
+        let mut subscribes = Vec::with_capacity(channels.len());
+        for (channel, pubsub) in &channels {
+            let mut connection = subscriptions.connection.clone();
+            subscribes.push(async move {
+                match pubsub {
+                    PubSub::Classic => connection.subscribe(channel).await,
+                    PubSub::Sharded => connection.ssubscribe(channel).await,
+                }
+            });
         }
+        let mut subscribed = futures_util::stream::iter(subscribes).buffer_unordered(64);
+        while let Some(outcome) = subscribed.next().await {
+            outcome.map_err(unavailable)?;
+        }
+        drop(subscribed);
+        subscriptions
+            .channels
+            .extend(channels.into_iter().map(|(channel, _)| channel));
         Ok(subscriptions)
     }
 
@@ -371,20 +388,31 @@ impl ClusterSubscriptions {
     /// on. A node that does not answer says nothing (it may be the one that failed: a
     /// dropped connection is reported apart).
     async fn topology_changed(&mut self) -> bool {
+        // Slots and node ids only: nodes may name one master by different addresses.
+        let owners = |topology: &[SlotOwner]| -> Vec<(u16, u16, String)> {
+            topology
+                .iter()
+                .map(|owner| (owner.first, owner.last, owner.node_id.clone()))
+                .collect()
+        };
         match tokio::time::timeout(OPERATION_TIMEOUT, self.read_topology()).await {
-            Ok(Ok(topology)) => topology != self.topology,
+            Ok(Ok(topology)) => owners(&topology) != owners(&self.topology),
             _ => false,
         }
     }
 
+    /// Subscribes to `channel`. It counts as subscribed from the start, so that a
+    /// subscribe cut short by a timeout is still undone by the next unsubscribe.
     async fn subscribe(&mut self, channel: String, pubsub: PubSub) -> Result<(), MeshError> {
+        self.channels.insert(channel.clone());
         let subscribed = match pubsub {
             PubSub::Classic => self.connection.subscribe(&channel).await,
             PubSub::Sharded => self.connection.ssubscribe(&channel).await,
         };
-        subscribed.map_err(unavailable)?;
-        self.channels.insert(channel);
-        Ok(())
+        if subscribed.is_err() {
+            self.channels.remove(&channel);
+        }
+        subscribed.map_err(unavailable)
     }
 
     /// Applies one subscription change. A failed subscribe is answered with its error:
