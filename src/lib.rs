@@ -1,5 +1,7 @@
 #![doc = include_str!("../docs/crate.md")]
 #![warn(missing_docs)]
+// docs.rs (nightly, `--cfg docsrs`) marks which feature each gated item needs.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 // The backend seam serves networked backends (reconnects, catch-up, channel names): built
 // with the in-memory backend alone, those parts have no caller.
 #![cfg_attr(not(feature = "redis"), allow(dead_code))]
