@@ -71,7 +71,7 @@ pub use connection::{CloseReason, Connection, SendError};
 pub use error::{BackendError, BoxError, CommandError, MeshError};
 pub use layer::{MeshBody, MeshFuture, MeshLayer, MeshService};
 pub use merge::MergeStrategy;
-pub use mesh::{Mesh, MeshStats};
+pub use mesh::{Health, Mesh, MeshStats};
 pub use presence::{PresenceOptions, MAX_STATE_EXPIRY};
 pub use records::{Record, RecordEvent};
 /// Regular expressions for name patterns (`track_presence(Regex::new("^game:")?, ..)`).

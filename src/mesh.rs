@@ -118,6 +118,27 @@ pub struct MeshStats {
     pub dropped_channel_messages: u64,
 }
 
+/// What [`Mesh::health`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Health {
+    /// Whether the backend answered (always, in memory).
+    pub backend_reachable: bool,
+    /// Whether the backend knows this instance as a live one. `false` after Redis
+    /// restarted empty or swept the instance during a stall: the instance closes its
+    /// connections (1012) and registers again within a heartbeat interval.
+    pub registered: bool,
+    /// What is wrong, for a log line or a health endpoint's body; `None` when healthy.
+    pub problem: Option<String>,
+}
+
+impl Health {
+    /// Whether the instance can serve: the backend answers and knows it.
+    pub fn is_healthy(&self) -> bool {
+        self.backend_reachable && self.registered
+    }
+}
+
 impl std::fmt::Debug for Mesh {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Mesh")
@@ -211,6 +232,54 @@ impl Mesh {
     /// One connection held by this instance.
     pub fn connection(&self, id: &str) -> Option<Connection> {
         self.inner.registry.get(id)
+    }
+
+    /// A cheap health check, for a health endpoint: is the backend reachable, and does it
+    /// know this instance? One round trip on Redis (bounded by its operation timeout);
+    /// immediate in memory.
+    ///
+    /// ```no_run
+    /// # async fn handler(mesh: tower_mesh::Mesh) -> (u16, String) {
+    /// let health = mesh.health().await;
+    /// match health.problem {
+    ///     None => (200, "ok".to_owned()),
+    ///     Some(problem) => (503, problem),
+    /// }
+    /// # }
+    /// ```
+    ///
+    /// An instance joins its backend on first use; a health check is a use, so a fresh
+    /// instance behind a load balancer joins before its first client arrives.
+    pub async fn health(&self) -> Health {
+        let registered = match self.ready().await {
+            Ok(()) => {
+                self.inner
+                    .backend
+                    .instance_registered(&self.inner.instance_id)
+                    .await
+            }
+            Err(err) => Err(err),
+        };
+        match registered {
+            Ok(true) => Health {
+                backend_reachable: true,
+                registered: true,
+                problem: None,
+            },
+            Ok(false) => Health {
+                backend_reachable: true,
+                registered: false,
+                problem: Some(
+                    "the backend lost this instance's registration; it is registering again"
+                        .to_owned(),
+                ),
+            },
+            Err(err) => Health {
+                backend_reachable: false,
+                registered: false,
+                problem: Some(format!("the backend is unreachable: {err}")),
+            },
+        }
     }
 
     /// Counters of this instance.

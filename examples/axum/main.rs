@@ -2,7 +2,8 @@
 //!
 //! What it shows:
 //! - mesh served as a tower `Layer` on `/ws`, next to ordinary routes (`/` serves a chat
-//!   page, `GET /health` answers `ok`);
+//!   page, `GET /health` answers `ok`, or `503` with the reason while Redis is
+//!   unreachable: `Mesh::health`);
 //! - HTTP auth reused for WebSockets: an `axum::middleware::from_fn` layer in front of the
 //!   mesh layer requires `?token=...` on `/ws` and answers `401` before any upgrade; a good
 //!   token puts a `User` in the request extensions, which every command then reads with the
@@ -32,6 +33,8 @@
 //! `REDIS_URL` switches to the Redis backend, so several instances serve one chat;
 //! `HEADER_READ_TIMEOUT_MS` the time a client has to send a request head (default 30 000).
 
+#[path = "../common/health.rs"]
+mod health;
 #[path = "../common/serve.rs"]
 mod serve;
 #[path = "../common/shutdown.rs"]
@@ -180,7 +183,7 @@ async fn main() -> std::io::Result<()> {
 
     let app = Router::new()
         .route("/", get(|| async { Html(INDEX_HTML) }))
-        .route("/health", get(|| async { "ok" }))
+        .route("/health", get(health::health))
         // Layers added later run first: `auth` sees every request before the mesh layer.
         .layer(mesh_layer)
         .layer(middleware::from_fn(auth));

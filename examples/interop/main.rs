@@ -4,7 +4,8 @@
 //! `MESH_PREFIX`, default `mesh:`), and `REDIS_CLUSTER_URLS` (comma-separated seed URLs
 //! of a Redis Cluster) the Redis backend on a Cluster; otherwise the in-memory backend
 //! runs; `GET /health`
-//! answers `200 ok` through the inner router; mesh is mounted on `/`; command `echo`
+//! answers `200 ok` through the inner router, or `503` with the reason while the backend
+//! is unreachable or has lost this instance (`Mesh::health`); mesh is mounted on `/`; command `echo`
 //! replies with its payload; `broadcast-room {room, message}` pushes `room-message` with
 //! `message` to every member of `room` and replies `{success: true}`; presence is tracked
 //! in every room. Every channel (but the reserved `mesh:` ones), every record (writable by
@@ -38,6 +39,8 @@
 //!     cargo run --example interop --features redis-tls-rustls
 //! ```
 
+#[path = "../common/health.rs"]
+mod health;
 #[path = "../common/serve.rs"]
 mod serve;
 #[path = "../common/shutdown.rs"]
@@ -254,7 +257,7 @@ async fn main() -> std::io::Result<()> {
     let (mesh_layer, mesh) = builder.build();
 
     let app = Router::new()
-        .route("/health", get(|| async { "ok" }))
+        .route("/health", get(health::health))
         .layer(mesh_layer);
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
     tracing::info!("interop server on port {port}");

@@ -109,6 +109,15 @@ pub trait Backend: Send + Sync + 'static {
     /// long until the next sweep is due.
     fn sweep(&self) -> BackendFuture<'_, Duration>;
 
+    /// Whether the store answers, and whether it still knows `instance_id` as a live
+    /// instance (`false`: it lost the instance, which is about to register again). A cheap
+    /// check, for health endpoints. The default answers `true`: a store in the process is
+    /// always reachable and never forgets an instance.
+    fn instance_registered<'a>(&'a self, instance_id: &'a str) -> BackendFuture<'a, bool> {
+        let _ = instance_id;
+        Box::pin(std::future::ready(Ok(true)))
+    }
+
     // Delivery.
 
     /// Routes a delivery to the instance(s) that hold its connections, or that listen to

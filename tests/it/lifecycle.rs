@@ -498,7 +498,9 @@ impl ExampleProcess {
         command
             .env("PORT", port.to_string())
             .env("RUST_LOG", "info")
+            // The example prefers a Cluster to a single Redis: only what `env` names.
             .env_remove("REDIS_URL")
+            .env_remove("REDIS_CLUSTER_URLS")
             .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
@@ -715,4 +717,61 @@ fn example_binary(name: &str) -> std::path::PathBuf {
         binary.display()
     );
     binary
+}
+
+/// Issue 16: the interop example's `GET /health` reports `Mesh::health`. It answers 200
+/// while Redis answers, 503 with the reason once Redis is gone, and 200 again within a
+/// few seconds of Redis's return (an empty Redis: the instance registers again first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_interop_examples_health_follows_redis() {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let server = ExampleProcess::start_interop(
+        &[("REDIS_URL", url.as_str()), ("MESH_PREFIX", "health-test:")],
+        None,
+    )
+    .await;
+    let health = || async {
+        raw_http(
+            server.addr(),
+            "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
+    };
+    let first = health().await;
+    assert_eq!(first.status, 200, "{first:?}");
+
+    redis.kill();
+    // Each check waits at most the backend's operation timeout (3 s) for Redis.
+    let down = wait_for_status(&health, 503, Duration::from_secs(20)).await;
+    assert!(
+        down.body.contains("unreachable"),
+        "the reason names the backend: {down:?}"
+    );
+
+    redis.restart();
+    // Redis is back empty: the heartbeat (every 2 s) finds the instance missing and
+    // registers it again; until then /health says so.
+    wait_for_status(&health, 200, Duration::from_secs(20)).await;
+}
+
+/// Polls `health` until it answers `status` (each poll is one request; there is no event
+/// to await), failing after `limit`. Returns that response.
+async fn wait_for_status<F, Fut>(health: &F, status: u16, limit: Duration) -> RawResponse
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = RawResponse>,
+{
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let response = health().await;
+        if response.status == status {
+            return response;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/health did not answer {status} within {limit:?}; last: {response:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -872,6 +872,19 @@ impl Backend for RedisBackend {
         Box::pin(self.run(self.sweep_expired()))
     }
 
+    fn instance_registered<'a>(&'a self, instance_id: &'a str) -> BackendFuture<'a, bool> {
+        Box::pin(self.run(async move {
+            let deadline: Option<f64> = self
+                .query_one(
+                    redis::cmd("ZSCORE")
+                        .arg(self.shared.keys.instances())
+                        .arg(instance_id),
+                )
+                .await?;
+            Ok(deadline.is_some())
+        }))
+    }
+
     fn write_channel<'a>(
         &'a self,
         channel: &'a str,
