@@ -356,12 +356,7 @@ impl ClusterSubscriptions {
         let mut subscribes = Vec::with_capacity(channels.len());
         for (channel, pubsub) in &channels {
             let mut connection = subscriptions.connection.clone();
-            subscribes.push(async move {
-                match pubsub {
-                    PubSub::Classic => connection.subscribe(channel).await,
-                    PubSub::Sharded => connection.ssubscribe(channel).await,
-                }
-            });
+            subscribes.push(async move { subscribe_on(&mut connection, channel, *pubsub).await });
         }
         let mut subscribed = futures_util::stream::iter(subscribes).buffer_unordered(64);
         while let Some(outcome) = subscribed.next().await {
@@ -405,10 +400,7 @@ impl ClusterSubscriptions {
     /// subscribe cut short by a timeout is still undone by the next unsubscribe.
     async fn subscribe(&mut self, channel: String, pubsub: PubSub) -> Result<(), MeshError> {
         self.channels.insert(channel.clone());
-        let subscribed = match pubsub {
-            PubSub::Classic => self.connection.subscribe(&channel).await,
-            PubSub::Sharded => self.connection.ssubscribe(&channel).await,
-        };
+        let subscribed = subscribe_on(&mut self.connection, &channel, pubsub).await;
         if subscribed.is_err() {
             self.channels.remove(&channel);
         }
@@ -458,6 +450,18 @@ impl ClusterSubscriptions {
                 }
             }
         }
+    }
+}
+
+/// Subscribes a cluster connection to `channel` on the pub/sub it is on.
+async fn subscribe_on(
+    connection: &mut redis::cluster_async::ClusterConnection,
+    channel: &str,
+    pubsub: PubSub,
+) -> redis::RedisResult<()> {
+    match pubsub {
+        PubSub::Classic => connection.subscribe(channel).await,
+        PubSub::Sharded => connection.ssubscribe(channel).await,
     }
 }
 
