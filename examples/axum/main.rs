@@ -188,7 +188,7 @@ async fn main() -> std::io::Result<()> {
         .layer(mesh_layer)
         .layer(middleware::from_fn(auth));
 
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    let listener = serve::bind("127.0.0.1", port).await?;
     tracing::info!("chat on http://127.0.0.1:{port}/?token=alice-token (or bob-token)");
     serve(
         listener,

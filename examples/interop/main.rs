@@ -259,7 +259,7 @@ async fn main() -> std::io::Result<()> {
     let app = Router::new()
         .route("/health", get(health::health))
         .layer(mesh_layer);
-    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
+    let listener = serve::bind("0.0.0.0", port).await?;
     tracing::info!("interop server on port {port}");
     serve(
         listener,

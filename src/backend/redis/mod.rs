@@ -744,7 +744,10 @@ impl RedisBackend {
     {
         tokio::time::timeout(OPERATION_TIMEOUT, operation)
             .await
-            .unwrap_or_else(|_| Err(MeshError::Unavailable("Redis operation timed out".into())))
+            .unwrap_or_else(|_| {
+                self.shared.commands.operation_timed_out();
+                Err(MeshError::Unavailable("Redis operation timed out".into()))
+            })
     }
 }
 
