@@ -33,7 +33,7 @@ const POLL_EVERY: Duration = Duration::from_millis(50);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_page_on_memory() {
     let server = ExampleProcess::start_axum(&[]).await;
-    chat_page("memory", server, None).await;
+    chat_page("memory", server, None, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -43,19 +43,27 @@ async fn chat_page_on_two_instances_on_redis() {
     let url = redis.url();
     let alices = ExampleProcess::start_axum(&[("REDIS_URL", url.as_str())]).await;
     let bobs = ExampleProcess::start_axum(&[("REDIS_URL", url.as_str())]).await;
-    chat_page("redis", alices, Some(bobs)).await;
-    drop(redis);
+    chat_page("redis", alices, Some(bobs), Some(redis)).await;
 }
 
-/// The whole story, with alice on `alices` and bob on `bobs` (or on `alices` too).
-async fn chat_page(backend: &str, mut alices: ExampleProcess, bobs: Option<ExampleProcess>) {
+/// The whole story, with alice on `alices` and bob on `bobs` (or on `alices` too), and,
+/// when the backend is Redis, its server `redis`.
+async fn chat_page(
+    backend: &str,
+    mut alices: ExampleProcess,
+    bobs: Option<ExampleProcess>,
+    redis: Option<RedisServer>,
+) {
     let screenshots = Screenshots::new(backend);
     let driver = ChromeDriver::start().await;
-    let bob_url = |path: &str| bobs.as_ref().unwrap_or(&alices).http_url(path);
+    let bobs_root = bobs.as_ref().unwrap_or(&alices).http_url("");
+    let bob_url = |path: &str| format!("{bobs_root}{path}");
 
     let alice = driver.open(&alices.http_url("/?token=alice-token")).await;
     let alice = Page::new(alice, "alice", &screenshots);
-    alice.wait_until("alice is connected", |page| page.state == "connected").await;
+    alice
+        .wait_until("alice is connected", |page| page.state == "connected")
+        .await;
     alice
         .wait_until("alice sees herself online", |page| {
             page.online == ["alice (you)"]
@@ -64,7 +72,8 @@ async fn chat_page(backend: &str, mut alices: ExampleProcess, bobs: Option<Examp
 
     let bob = driver.open(&bob_url("/?token=bob-token")).await;
     let bob = Page::new(bob, "bob", &screenshots);
-    bob.wait_until("bob is connected", |page| page.state == "connected").await;
+    bob.wait_until("bob is connected", |page| page.state == "connected")
+        .await;
 
     // Each sees the other come online, by name; alice is told bob joined, bob who was there.
     alice
@@ -85,7 +94,9 @@ async fn chat_page(backend: &str, mut alices: ExampleProcess, bobs: Option<Examp
     .await;
     bob.say("hi alice").await;
     alice
-        .wait_until("alice sees bob's message", |page| page.logged("bob: hi alice"))
+        .wait_until("alice sees bob's message", |page| {
+            page.logged("bob: hi alice")
+        })
         .await;
 
     // The page has an icon: no 404 on load.
@@ -146,15 +157,28 @@ async fn chat_page(backend: &str, mut alices: ExampleProcess, bobs: Option<Examp
                 .any(|line| line.contains("going away (1001: server shutting down)"))
         })
         .await;
-    alices
-        .exits_cleanly_within(Duration::from_secs(15))
-        .await;
+    alices.exits_cleanly_within(Duration::from_secs(15)).await;
     alice
         .wait_until("alice's page says the server is unavailable", |page| {
             page.state == "unavailable" && page.status.contains("retrying")
         })
         .await;
     alice.screenshot("alice-after-shutdown").await;
+
+    // With Redis gone, bob's server is up but cannot serve: a page opened now says the
+    // server is unavailable (not that the token is wrong), and keeps retrying.
+    if let Some(mut redis) = redis {
+        redis.kill();
+        bob.client
+            .goto(&bob_url("/?token=bob-token"))
+            .await
+            .expect("open the page again");
+        bob.wait_until("bob's page says the server is unavailable", |page| {
+            page.state == "unavailable" && page.status.contains("retrying")
+        })
+        .await;
+        bob.screenshot("bob-without-redis").await;
+    }
 
     alice.close().await;
     bob.close().await;
@@ -179,7 +203,7 @@ impl PageView {
     }
 }
 
-const READ_PAGE: &str = r#"
+const READ_PAGE: &str = r##"
 const status = document.getElementById("status");
 const texts = (selector) => [...document.querySelectorAll(selector)].map((e) => e.textContent);
 return {
@@ -188,7 +212,7 @@ return {
   online: texts("#online li"),
   log: texts("#log div"),
 };
-"#;
+"##;
 
 /// One user's browser session on the chat page.
 struct Page<'a> {
@@ -345,7 +369,7 @@ impl ChromeDriver {
                     "--disable-dev-shm-usage",
                     "--disable-gpu",
                     "--no-first-run",
-                    "--window-size=960,720",
+                    "--window-size=1000,820",
                 ],
             },
         });

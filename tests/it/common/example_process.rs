@@ -101,7 +101,11 @@ impl ExampleProcess {
 
     /// Sends SIGTERM (what orchestrators send to stop a server).
     pub(crate) fn terminate(&self) {
-        let pid = self.process.id().expect("the example is running").to_string();
+        let pid = self
+            .process
+            .id()
+            .expect("the example is running")
+            .to_string();
         let status = std::process::Command::new("kill")
             .args(["-TERM", &pid])
             .status()
