@@ -301,6 +301,18 @@ impl Screenshots {
             .expect("the target directory");
         let dir = target.join("browser-screenshots");
         std::fs::create_dir_all(&dir).expect("create the screenshot folder");
+        // An earlier run's pictures of this backend (a failure's included) would mislead.
+        let earlier = format!("{backend}-");
+        for entry in std::fs::read_dir(&dir).expect("read the screenshot folder") {
+            let path = entry.expect("a folder entry").path();
+            let name = path
+                .file_name()
+                .and_then(|name| name.to_str())
+                .unwrap_or("");
+            if name.starts_with(&earlier) && name.ends_with(".png") {
+                std::fs::remove_file(&path).expect("remove an earlier screenshot");
+            }
+        }
         Screenshots {
             dir,
             backend: backend.to_owned(),
