@@ -3,8 +3,10 @@
 //! checks what a person would see: each sees the other come online, a message typed by
 //! one appears for the other, a closed tab becomes a leave with the user's name, a bad
 //! token is told apart from an unavailable server, and a server shutdown (SIGTERM) shows
-//! the 1001 notice. It runs on the memory backend (one example process) and on Redis
-//! (two example processes on a private redis-server, one user on each).
+//! the 1001 notice and then that the server is unavailable. It runs on the memory backend
+//! (one example process) and on Redis (two example processes on a private redis-server,
+//! one user on each; there a page opened while Redis is down says the server is
+//! unavailable too).
 //!
 //! Waits poll the page (there is no event to await across WebDriver) with a deadline.
 //! Screenshots of the pages go to `<target>/browser-screenshots/<backend>-<page>.png`.
@@ -30,12 +32,14 @@ const PAGE_WAIT: Duration = Duration::from_secs(30);
 /// How often a wait reads the page.
 const POLL_EVERY: Duration = Duration::from_millis(50);
 
+/// alice and bob on one example process, memory backend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_page_on_memory() {
     let server = ExampleProcess::start_axum(&[]).await;
     chat_page("memory", server, None, None).await;
 }
 
+/// alice on one example process and bob on another, both on one Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_page_on_two_instances_on_redis() {
     // A private Redis: nothing shared with other tests, and nothing left behind.
