@@ -27,9 +27,9 @@
 //! rejected token from an unavailable server: a browser cannot see the `401` that refused
 //! its upgrade, so after a failed connection the page asks `GET /ws?token=...` without the
 //! upgrade headers (the auth layer answers `401` to a bad token; with a good one the request
-//! passes through mesh, being no upgrade, and the router answers `404`) and `GET /health`. A `1001` close (the server shutting
-//! down) and a `1013` (Redis unreachable) are shown as such; the page then reconnects with
-//! a growing delay.
+//! passes through mesh, being no upgrade, and the router answers `404`) and `GET /health`.
+//! A `1001` close (the server shutting down) and a `1013` (Redis unreachable) are shown as
+//! such; the page then reconnects with a growing delay.
 //!
 //! ```text
 //! cargo run --example axum
