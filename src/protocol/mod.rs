@@ -164,11 +164,22 @@ pub(crate) fn presence_update(
 struct ChannelMessage<'a> {
     channel: &'a str,
     message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
 }
 
-/// The payload of a `mesh/subscription-message` push, as JSON text.
-pub(crate) fn subscription_message_payload(channel: &str, message: &str) -> String {
-    to_json(&ChannelMessage { channel, message })
+/// The payload of a `mesh/subscription-message` push, as JSON text: with the message's
+/// offset when its channel has positions.
+pub(crate) fn subscription_message_payload(
+    channel: &str,
+    message: &str,
+    offset: Option<u64>,
+) -> String {
+    to_json(&ChannelMessage {
+        channel,
+        message,
+        offset,
+    })
 }
 
 /// The JSON text of a `mesh/subscription-message` push.
@@ -176,7 +187,7 @@ pub(crate) fn subscription_message_payload(channel: &str, message: &str) -> Stri
 fn subscription_message(channel: &str, message: &str) -> String {
     push_with_json(
         SUBSCRIPTION_MESSAGE,
-        &subscription_message_payload(channel, message),
+        &subscription_message_payload(channel, message, None),
     )
 }
 
