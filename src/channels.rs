@@ -268,10 +268,17 @@ pub(crate) async fn subscribe_channel(
         .await;
     let history = mesh.unless_failed(&connection, &topic, history).await?;
     // Only messages after the read's position follow the reply; `exact` is false when
-    // some were sent before the position was known (and may repeat the history).
-    let exact = listen
-        .channel_snapshot
-        .is_none_or(|snapshot| snapshot.taken(history.position.clone()));
+    // some were sent before the position was known (and may repeat the history). A
+    // connection that was subscribed already keeps its stream whole: what it holds
+    // follows as it is, and the reply recovers nothing.
+    let exact = match listen.channel_snapshot {
+        Some(snapshot) if listen.new => snapshot.taken(history.position.clone()),
+        Some(snapshot) => {
+            drop(snapshot);
+            false
+        }
+        None => true,
+    };
     Ok(history_reply(&mesh, history, since.is_some(), limit, exact))
 }
 

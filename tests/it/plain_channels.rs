@@ -68,6 +68,7 @@ on_redis_and_cluster!(
     outside_text_on_the_engines_channels_injects_nothing,
     a_channel_that_is_not_plain_works_as_before,
     oversize_outside_messages_are_not_delivered,
+    a_plain_channel_has_no_positions_and_never_recovers,
 );
 
 const MESSAGE: &str = "mesh/subscription-message";
@@ -745,6 +746,53 @@ async fn a_channel_that_is_not_plain_works_as_before(backend: Backend) {
     // Its history keeps no length mark: only plain channels need one.
     let length_key = format!("{}history-length:{{{channel}}}", plain.prefix);
     assert_eq!(plain.get(&length_key).await, None);
+}
+
+/// Outside publishers carry no offsets, so a plain channel has no positions: replies
+/// carry no `epoch` or `offset`, messages no `offset`, and `since` never recovers.
+async fn a_plain_channel_has_no_positions_and_never_recovers(backend: Backend) {
+    let plain = Plain::new(backend).await;
+    let a = serve(plain.builder()).await;
+    let b = serve(plain.builder()).await;
+    let channel = plain.channel(true, "ticks");
+    let mut client = subscribed(&a, &channel).await;
+    b.mesh
+        .write_channel(&channel, "from the mesh", 10)
+        .await
+        .expect("write_channel");
+    assert_eq!(
+        message(&mut client).await,
+        json!({"channel": channel, "message": "from the mesh"})
+    );
+    for publisher in &plain.publishers {
+        publisher.publish(&channel, "from outside").await;
+        assert_eq!(
+            message(&mut client).await,
+            json!({"channel": channel, "message": "from outside"})
+        );
+    }
+    let mut late = RawClient::connect(&b.url()).await;
+    assert_eq!(
+        call(
+            &mut late,
+            1,
+            "mesh/subscribe-channel",
+            json!({"channel": channel, "historyLimit": 1,
+                   "since": {"epoch": "any", "offset": 0}})
+        )
+        .await,
+        json!({"success": true, "history": ["from the mesh"], "recovered": false})
+    );
+    assert_eq!(
+        call(
+            &mut late,
+            2,
+            "mesh/get-channel-history",
+            json!({"channel": channel, "limit": 1, "since": 0})
+        )
+        .await,
+        json!({"success": true, "history": ["from the mesh"], "recovered": false})
+    );
 }
 
 async fn oversize_outside_messages_are_not_delivered(backend: Backend) {
