@@ -3,10 +3,14 @@
 //! `mesh/get-channel-history`.
 //!
 //! A channel is exposed with [`MeshBuilder::expose_channel`](crate::MeshBuilder::expose_channel)
-//! and written by the server ([`Mesh::write_channel`]); the message is kept and published
-//! in one atomic step, so no message is in the history but missed live, or the reverse. A
-//! subscriber listens before it reads the history, so a message written at that moment
-//! may reach it twice: in the history and live.
+//! and written by the server ([`Mesh::write_channel`]); the message is kept, given the
+//! next offset of the channel's stream and published in one atomic step, so no message
+//! is in the history but missed live, or the reverse. A subscriber listens before it
+//! reads the history (with the newest message's position), and its stream
+//! ([`crate::channel_stream`]) then drops what the read covered: a message written at
+//! that moment reaches it once. With `since`, the read returns exactly the messages after
+//! the client's position when the history still holds them all: recovery after a
+//! reconnect (docs/protocol.md §7.3).
 //! Names starting with the reserved prefix (`mesh:` by default) are never open to clients
 //! (docs/protocol.md §6), and stay apart from the engine's own channels in Redis anyway.
 //!

@@ -6,7 +6,7 @@
 //! subscribes again with `since` that position: when the server still holds every message
 //! published meanwhile, they reach the streams first, in order, and the live ones follow
 //! without gap or repeat. Whether that worked is told to the application as
-//! [`ClientEvent::ChannelRestored`](super::ClientEvent::ChannelRestored). A message
+//! [`ClientEvent::ChannelRestored`]. A message
 //! whose offset is not the next one (a loss on the way, or a stream that was reset)
 //! makes the position unknown, so the next reconnect reports the channel as not
 //! recovered instead of claiming a gapless stream.
@@ -115,7 +115,7 @@ impl MeshClient {
     /// renewed). On a tower-mesh server the messages published while disconnected reach
     /// the stream first, in order, when its history still holds them all; each renewal
     /// says whether that was so with
-    /// [`ClientEvent::ChannelRestored`](super::ClientEvent::ChannelRestored). A channel
+    /// [`ClientEvent::ChannelRestored`]. A channel
     /// that is not exposed, or whose guard refuses, is [`ClientError::Refused`].
     pub async fn subscribe_channel(
         &self,
