@@ -254,6 +254,13 @@ impl Plain {
             .query(::redis::cmd("GET").arg(key), "GET")
             .await
     }
+
+    /// A key's `PTTL`: -1 without expiry, -2 when absent.
+    async fn pttl(&self, key: &str) -> i64 {
+        self.keyspace
+            .query(::redis::cmd("PTTL").arg(key), "PTTL")
+            .await
+    }
 }
 
 /// A single-node connection to every master of the Cluster. The seeds must be the
@@ -746,6 +753,32 @@ async fn a_channel_that_is_not_plain_works_as_before(backend: Backend) {
     // Its history keeps no length mark: only plain channels need one.
     let length_key = format!("{}history-length:{{{channel}}}", plain.prefix);
     assert_eq!(plain.get(&length_key).await, None);
+    // Its position lasts as long as its history. One of a channel that keeps nothing
+    // expires (within a day), and so does the one a read of a channel never written
+    // makes: names nobody keeps leave no key behind for good. A plain channel has none.
+    let position = |channel: &str| format!("{}history-position:{{{channel}}}", plain.prefix);
+    assert_eq!(plain.pttl(&position(&channel)).await, -1);
+    let unkept = plain.channel(false, "unkept");
+    b.mesh
+        .write_channel(&unkept, "not kept", 0)
+        .await
+        .expect("write_channel");
+    let day = 24 * 60 * 60 * 1000;
+    assert!((1..=day).contains(&plain.pttl(&position(&unkept)).await));
+    let read_only = plain.channel(false, "read-only");
+    let _ = subscribe(&mut client, 2, &read_only).await;
+    assert!((1..=day).contains(&plain.pttl(&position(&read_only)).await));
+    b.mesh
+        .write_channel(&read_only, "kept", 10)
+        .await
+        .expect("write_channel");
+    assert_eq!(plain.pttl(&position(&read_only)).await, -1);
+    let plain_channel = plain.channel(true, "ticks");
+    b.mesh
+        .write_channel(&plain_channel, "kept", 10)
+        .await
+        .expect("write_channel");
+    assert_eq!(plain.pttl(&position(&plain_channel)).await, -2);
 }
 
 /// Outside publishers carry no offsets, so a plain channel has no positions: replies

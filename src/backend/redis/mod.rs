@@ -41,7 +41,7 @@
 //! | `P history:{CHANNEL}` | list | a channel's kept messages, newest first (for a plain channel, other processes may read it and `LPUSH` to it) |
 //! | `P history-bytes:{CHANNEL}` | string | the total size in bytes of a channel's kept messages (absent when none are kept) |
 //! | `P history-length:{CHANNEL}` | string | plain channels only: the list's length as mesh's last write left it |
-//! | `P history-position:{CHANNEL}` | hash | not for plain channels: `epoch` (made by the first write or read, so a Redis that lost it makes a new one), `offset` of the newest message published, `gap` the offset of the newest published without being kept; the kept messages after `gap` are `offset`, `offset - 1`, … in list order |
+//! | `P history-position:{CHANNEL}` | hash | not for plain channels: `epoch` (made by the first write or read, so a Redis that lost it makes a new one), `offset` of the newest message published, `gap` the offset of the newest published without being kept; the kept messages after `gap` are `offset`, `offset - 1`, … in list order. While the channel keeps no message (and when a read made it) it expires a day after it was last written |
 //! | `P{records:N}:record:ID` | hash | `value`: a record's JSON; `version`: its version; `token`: renewed by every write (the compare-and-set key) |
 //! | `P{records:N}:record-ids` | sorted set, every score 0 | the bucket's record ids, in byte order: prefix listings read a range of each bucket (`ZRANGEBYLEX`) |
 //!

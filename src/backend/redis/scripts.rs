@@ -103,6 +103,10 @@ local function next_due(keys, now)
 end
 "#;
 
+/// How long a channel's position outlives its last write when nothing of the channel is
+/// kept, or a read of a channel never written: a day.
+const POSITION_TTL_MS: u64 = 24 * 60 * 60 * 1000;
+
 /// Every script, loaded once per backend.
 pub(super) struct Scripts {
     pub(super) heartbeat: Script,
@@ -131,7 +135,7 @@ impl Scripts {
     /// The scripts, publishing topics on `topics` pub/sub.
     pub(super) fn new(topics: PubSub) -> Self {
         let library = format!(
-            "local PUBLISH_TOPIC = '{}'\n{LIBRARY}",
+            "local PUBLISH_TOPIC = '{}'\nlocal POSITION_TTL_MS = {POSITION_TTL_MS}\n{LIBRARY}",
             topics.publish_command()
         );
         let script = |body: &str| Script::new(&format!("{library}\n{body}"));
@@ -429,6 +433,16 @@ impl Scripts {
                     redis.call('SET', length_key, length)
                   end
                 end
+                if not plain then
+                  -- A stream that keeps nothing lasts a day after its last write: its
+                  -- position only ever says 'nothing missed', and channels written that
+                  -- way (one per user, say) must not leave a key each forever.
+                  if redis.call('EXISTS', list) == 1 then
+                    redis.call('PERSIST', position)
+                  else
+                    redis.call('PEXPIRE', position, POSITION_TTL_MS)
+                  end
+                end
                 if plain then
                   redis.call(ARGV[4], ARGV[5], message)
                 else
@@ -452,13 +466,19 @@ impl Scripts {
             // first, up to and including the one that takes the total past ARGV[3]: the
             // caller sees that older ones were left out. Reads in chunks, so that a long
             // list written by others is never copied whole.
-            read_history: Script::new(
+            read_history: Script::new(&format!(
+                "local POSITION_TTL_MS = {POSITION_TTL_MS}\n{}",
                 r"
                 local list, position = KEYS[1], KEYS[2]
                 local limit, longest, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
                 local epoch, offset, gap = '', 0, 0
                 if ARGV[8] ~= '1' then
-                  redis.call('HSETNX', position, 'epoch', ARGV[7])
+                  -- A reader of a channel never written makes its epoch (so that a
+                  -- recovery from offset 0 knows the stream it started in), for a day:
+                  -- reads of names nobody writes leave no key behind for good.
+                  if redis.call('HSETNX', position, 'epoch', ARGV[7]) == 1 then
+                    redis.call('PEXPIRE', position, POSITION_TTL_MS)
+                  end
                   local stored = redis.call('HMGET', position, 'epoch', 'offset', 'gap')
                   epoch, offset, gap = stored[1], tonumber(stored[2] or '0'), tonumber(stored[3] or '0')
                   local since = tonumber(ARGV[4])
@@ -498,8 +518,8 @@ impl Scripts {
                   if #chunk < step then return {epoch, offset, 0, out} end
                   start = start + step
                 end
-                ",
-            ),
+                "
+            )),
             // KEYS[1] the record, KEYS[2] its bucket's id index; ARGV[1] record id, ARGV[2]
             // the write token the writer read ('' for no record), ARGV[3] the new value JSON
             // ('' deletes), ARGV[4] the new version, ARGV[5] a fresh token, then (publish
