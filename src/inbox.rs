@@ -18,9 +18,13 @@ impl Inbox for MeshInner {
             } => self
                 .topics
                 .fan_out(&topic, &render(&push), &exclude, &self.registry),
-            Delivery::ChannelMessage { channel, message } => {
+            Delivery::ChannelMessage {
+                channel,
+                message,
+                position,
+            } => {
                 if let Some(mesh) = Mesh::from_weak(&self.this) {
-                    mesh.deliver_outside_channel_message(channel, &message);
+                    mesh.deliver_channel_message(channel, &message, position.as_ref());
                 }
             }
             Delivery::Presence {

@@ -17,6 +17,7 @@ mod backend;
 mod builder;
 mod builtin;
 mod calls;
+mod channel_stream;
 mod channels;
 mod collections;
 pub mod command;

@@ -14,7 +14,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::backend::Topic;
+use crate::backend::{ChannelPosition, Topic};
+use crate::channel_stream::{ChannelSnapshot, ChannelStream};
 
 use crate::connection::{Connection, Registry};
 use crate::protocol::Frame;
@@ -41,6 +42,8 @@ pub(crate) struct Listener {
     via_collections: u32,
     /// For a record topic: where its stream of updates stands.
     stream: Option<Arc<RecordStream>>,
+    /// For a channel topic: where its stream of messages stands.
+    channel: Option<Arc<ChannelStream>>,
 }
 
 impl Listener {
@@ -55,18 +58,30 @@ impl Listener {
         self.direct
     }
 
+    /// Ends its streams: a delivery that raced with the end of the listen is dropped.
+    fn end(&self) {
+        if let Some(stream) = &self.stream {
+            stream.end();
+        }
+        if let Some(stream) = &self.channel {
+            stream.end();
+        }
+    }
+
     /// For a record topic: its stream of updates, which never goes backwards.
     pub(crate) fn record_stream(&self) -> Option<&RecordStream> {
         self.stream.as_deref()
     }
 }
 
-/// A listen that started (or was already there), and for a record topic the snapshot
-/// the caller must now read and report (see [`crate::record_stream`]).
+/// A listen that started (or was already there), and for a record or channel topic the
+/// snapshot the caller must now read and report (see [`crate::record_stream`] and
+/// [`crate::channel_stream`]).
 pub(crate) struct Listen {
     /// The connection was not listening before.
     pub(crate) new: bool,
     pub(crate) snapshot: Option<Snapshot>,
+    pub(crate) channel_snapshot: Option<ChannelSnapshot>,
 }
 
 /// Local listeners by topic, and topics by connection.
@@ -92,6 +107,7 @@ impl Index {
     ) -> Listen {
         let id = connection.shared_id();
         let is_record = matches!(topic, Topic::Record(_));
+        let is_channel = matches!(topic, Topic::Channel(_));
         let members = self.listeners.entry(topic.clone()).or_default();
         let new = !members.contains_key(&id);
         let listener = members.entry(id.clone()).or_insert_with(|| Listener {
@@ -100,14 +116,23 @@ impl Index {
             direct: false,
             via_collections: 0,
             stream: is_record.then(Default::default),
+            channel: is_channel.then(Default::default),
         });
         change(listener);
         let snapshot = listener
             .stream
             .as_ref()
             .map(|stream| stream.begin_snapshot(connection));
+        let channel_snapshot = listener
+            .channel
+            .as_ref()
+            .map(|stream| stream.begin_snapshot(connection));
         self.by_connection.entry(id).or_default().insert(topic);
-        Listen { new, snapshot }
+        Listen {
+            new,
+            snapshot,
+            channel_snapshot,
+        }
     }
 
     /// Applies `change` to a listener and drops it when nothing holds it any more.
@@ -128,8 +153,8 @@ impl Index {
         if listener.direct || listener.via_collections > 0 {
             return (true, false);
         }
-        if let Some(stream) = members.remove(connection_id).and_then(|gone| gone.stream) {
-            stream.end();
+        if let Some(gone) = members.remove(connection_id) {
+            gone.end();
         }
         let emptied = members.is_empty();
         if emptied {
@@ -207,10 +232,8 @@ impl LocalTopics {
             .map(|topic| {
                 let emptied = match listeners.get_mut(&topic) {
                     Some(members) => {
-                        if let Some(stream) =
-                            members.remove(connection_id).and_then(|gone| gone.stream)
-                        {
-                            stream.end();
+                        if let Some(gone) = members.remove(connection_id) {
+                            gone.end();
                         }
                         members.is_empty()
                     }
@@ -245,6 +268,25 @@ impl LocalTopics {
             let connection = &listener.connection;
             if !exclude.iter().any(|id| **id == *connection.id()) {
                 let _ = registry.send_frame(connection, frame.clone());
+            }
+        }
+    }
+
+    /// Sends a channel message's `frame` to every local listener of `channel` through its
+    /// stream, which drops what the listener has already.
+    pub(crate) fn fan_out_channel(
+        &self,
+        channel: &Topic,
+        position: Option<&ChannelPosition>,
+        frame: &Frame,
+        registry: &Registry,
+    ) {
+        for listener in self.listeners(channel) {
+            match &listener.channel {
+                Some(stream) => stream.offer(&listener.connection, position, frame.clone()),
+                None => {
+                    let _ = registry.send_frame(&listener.connection, frame.clone());
+                }
             }
         }
     }

@@ -93,17 +93,20 @@ pub enum Delivery {
         /// The record that changed: only collections that can hold it re-resolve.
         record_id: Arc<str>,
     },
-    /// A channel message as its bare text, for the channel's listeners on every instance:
-    /// what a store that carries channel messages unwrapped hands over (the Redis
-    /// backend's plain channels, which processes outside the mesh publish to). The
-    /// receiving instance checks it against its own limits (a message over
-    /// `max_channel_message_bytes` reaches nobody) and renders the push itself, as it
-    /// would have been rendered for [`Delivery::Topic`].
+    /// A channel message, for the channel's listeners on every instance: what
+    /// [`Backend::write_channel`](super::Backend::write_channel) announces, and what a
+    /// store that carries channel messages unwrapped hands over (the Redis backend's
+    /// plain channels, which processes outside the mesh publish to). The receiving
+    /// instance checks it against its own limits (a message over
+    /// `max_channel_message_bytes` reaches nobody) and renders the push itself.
     ChannelMessage {
         /// The channel's name, as clients know it.
         channel: Arc<str>,
         /// The message text.
         message: Arc<str>,
+        /// Its place in the channel's stream; `None` on a channel without positions (a
+        /// Redis plain channel).
+        position: Option<super::ChannelPosition>,
     },
     /// An operation on a connection, for the instance that holds it to run; it answers
     /// with [`Delivery::Answer`] to instance `from`.

@@ -40,8 +40,8 @@ pub use self::delivery::{ConnectionOp, Delivery, Inbox, PresenceChange, Push, To
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisBackend, RedisBackendBuilder};
 pub use self::stored::{
-    MetadataKind, MetadataOf, MetadataWrite, PresenceRefresh, PresenceView, RecordRemover,
-    RecordUpdater, RecordWrite, StoredRecord,
+    ChannelHistory, ChannelPosition, HistoryRead, MetadataKind, MetadataOf, MetadataWrite,
+    PresenceRefresh, PresenceView, RecordRemover, RecordUpdater, RecordWrite, Since, StoredRecord,
 };
 pub use memory::MemoryBackend;
 
@@ -51,6 +51,12 @@ pub type BackendFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, MeshError>
 /// A ready [`BackendFuture`], for operations that complete without waiting.
 fn ready<'a, T: Send + 'a>(value: T) -> BackendFuture<'a, T> {
     Box::pin(std::future::ready(Ok(value)))
+}
+
+/// A fresh channel epoch: random, so that no two streams (processes, lifetimes of a
+/// Redis) share one.
+pub(crate) fn new_epoch() -> String {
+    format!("{:016x}", uuid::Uuid::new_v4().as_u128() as u64)
 }
 
 /// Milliseconds since the Unix epoch: the clock events are stamped with.
@@ -71,8 +77,8 @@ pub(crate) fn now_ms() -> u64 {
 /// under its lock). So announcements are exactly as ordered as the changes, whichever
 /// instances make them, and a change whose reply is lost is still announced.
 ///
-/// The announcements the engine hands to channel and record writes are always addressed
-/// to topics ([`Delivery::Topic`], [`Delivery::Record`], [`Delivery::RecordDeleted`],
+/// The announcements the engine hands to record writes are always addressed
+/// to topics ([`Delivery::Record`], [`Delivery::RecordDeleted`],
 /// [`Delivery::RecordsChanged`]), never to one connection or instance; a backend may
 /// refuse anything else.
 ///
@@ -234,28 +240,36 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Keeps `message` as the channel's newest (with at most `history` messages and
     /// `history_bytes` bytes kept, the oldest going first; nothing is kept when `history`
-    /// is 0) and publishes `announcement`, in one atomic step.
+    /// is 0) and announces it to the channel's listeners as [`Delivery::ChannelMessage`],
+    /// in one atomic step. The message takes the next offset of the channel's stream,
+    /// which the announcement carries; that position is returned. A channel without
+    /// positions (a Redis plain channel) announces and returns none.
     fn write_channel<'a>(
         &'a self,
         channel: &'a str,
         message: &'a str,
         history: usize,
         history_bytes: usize,
-        announcement: Delivery,
-    ) -> BackendFuture<'a, ()>;
+    ) -> BackendFuture<'a, Option<ChannelPosition>>;
 
-    /// The newest `limit` messages of a channel, newest first, bounded in bytes: a message
-    /// longer than `max_message_bytes` is left out (only a writer other than the mesh,
-    /// such as another process appending to a Redis backend's plain channel, can keep
-    /// one), and the read stops after the message that takes the total past `max_bytes`
-    /// (that one is returned, so the caller can tell that older ones were left out).
+    /// Reads a channel's kept messages, newest first, with the position of the newest
+    /// message published (in one atomic step, so the position is exactly the newest
+    /// message's that the read could see).
+    ///
+    /// With [`since`](HistoryRead::since) in the current epoch, when every message after
+    /// its offset is still kept (none was published with `history` 0, none was trimmed),
+    /// there are at most `at_most` of them and they fit in the bounds, exactly those are
+    /// returned, with `recovered`. Otherwise, and without `since`, the newest `limit`:
+    /// a message longer than `max_message_bytes` is left out (only a writer other than
+    /// the mesh, such as another process appending to a Redis backend's plain channel,
+    /// can keep one), and the read stops after the message that takes the total past
+    /// `max_bytes` (that one is returned, so the caller can tell that older ones were
+    /// left out). A channel never written still has an epoch, kept from then on.
     fn channel_history<'a>(
         &'a self,
         channel: &'a str,
-        limit: usize,
-        max_message_bytes: usize,
-        max_bytes: usize,
-    ) -> BackendFuture<'a, Vec<String>>;
+        read: HistoryRead<'a>,
+    ) -> BackendFuture<'a, ChannelHistory>;
 
     // Records.
 

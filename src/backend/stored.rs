@@ -119,3 +119,58 @@ impl MetadataWrite {
         Ok((merged, json))
     }
 }
+
+/// Where a channel's stream stands: its `epoch` (which changes whenever the stored stream
+/// is reset or lost, so positions of another epoch mean nothing) and the `offset` of a
+/// message in it (1 for the first, one more for each message published after it).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ChannelPosition {
+    /// The stream's identity.
+    pub epoch: Arc<str>,
+    /// A message's place in the stream; 0 is the place before the first.
+    pub offset: u64,
+}
+
+/// A channel history read: the newest `limit` messages, or with `since` every message
+/// after a position, bounded in bytes (see [`Backend::channel_history`]).
+///
+/// [`Backend::channel_history`]: super::Backend::channel_history
+#[derive(Debug, Clone, Copy)]
+pub struct HistoryRead<'a> {
+    /// How many of the newest messages to return when there is no `since`, or when the
+    /// messages after it cannot all be returned.
+    pub limit: usize,
+    /// The position the reader holds: when every message after it is kept, exactly those
+    /// are returned.
+    pub since: Option<Since<'a>>,
+    /// Longer messages are left out (only a writer other than the mesh can keep one);
+    /// a recovery that would leave one out fails.
+    pub max_message_bytes: usize,
+    /// The read stops after the message that takes the total past this; a recovery whose
+    /// messages add up to more fails.
+    pub max_bytes: usize,
+}
+
+/// The position a reader holds, for [`HistoryRead::since`].
+#[derive(Debug, Clone, Copy)]
+pub struct Since<'a> {
+    /// The epoch the offset belongs to; `None` takes the offset as the current epoch's.
+    pub epoch: Option<&'a str>,
+    /// The offset of the newest message the reader has (0: none).
+    pub offset: u64,
+    /// A recovery of more messages than this fails.
+    pub at_most: usize,
+}
+
+/// What a channel history read found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChannelHistory {
+    /// The messages, newest first.
+    pub messages: Vec<String>,
+    /// The position of the newest message published on the channel (offset 0 when there
+    /// is none), read with the messages; `None` for a channel without positions (a Redis
+    /// plain channel, which other processes publish to).
+    pub position: Option<ChannelPosition>,
+    /// `messages` are exactly every message after [`HistoryRead::since`].
+    pub recovered: bool,
+}

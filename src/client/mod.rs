@@ -134,6 +134,18 @@ pub enum ClientEvent {
     },
     /// The connection dropped; the client reconnects unless it was closed.
     Disconnected,
+    /// A channel subscription was renewed on a new connection (before
+    /// [`Reconnected`](ClientEvent::Reconnected)). With `recovered`, every message
+    /// published while disconnected has reached the subscription's streams, in order,
+    /// and the live ones follow. Without, some may be missing (the server's history no
+    /// longer holds them all, the channel's stream was reset, or the server does not
+    /// support recovery): read what the channel describes again.
+    ChannelRestored {
+        /// The channel's name.
+        channel: String,
+        /// Whether nothing was missed.
+        recovered: bool,
+    },
     /// A new connection is up and the reconnect hooks have run.
     Reconnected {
         /// The new connection's id.

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use super::channels::ChannelState;
 use super::collections::CollectionState;
 use super::records::RecordState;
 use super::{channels, collections, lock, records, Inner, MeshClient};
@@ -29,8 +30,7 @@ pub(super) struct State {
 /// Every live subscription, by name.
 #[derive(Default)]
 pub(super) struct Subscriptions {
-    /// Channel -> its subscribers' queues.
-    pub(super) channels: BTreeMap<String, Vec<mpsc::UnboundedSender<String>>>,
+    pub(super) channels: BTreeMap<String, ChannelState>,
     pub(super) records: BTreeMap<String, RecordState>,
     pub(super) collections: BTreeMap<String, CollectionState>,
     /// Tells apart successive subscriptions to one name.
@@ -98,6 +98,7 @@ pub(super) fn run_followups(inner: &Arc<Inner>, followups: Vec<Followup>) {
 
 /// Subscribes a new connection (which holds nothing) to every channel, record and
 /// collection again, except those whose every stream was dropped (they are forgotten).
+/// Channels recover what they missed where the server can (see `channels.rs`).
 /// Records whose value changed meanwhile announce it; collections announce a fresh
 /// snapshot. Failures are logged: the next reconnect tries again.
 pub(super) async fn restore(client: &MeshClient) {
@@ -107,7 +108,7 @@ pub(super) async fn restore(client: &MeshClient) {
         let mut subscriptions = lock(&sync.subscriptions);
         subscriptions
             .channels
-            .retain(|_, sinks| sinks.iter().any(|sink| !sink.is_closed()));
+            .retain(|_, channel| channel.is_heard());
         subscriptions.records.retain(|_, record| record.is_heard());
         subscriptions
             .collections
@@ -123,9 +124,7 @@ pub(super) async fn restore(client: &MeshClient) {
         )
     };
     for channel in channels {
-        if let Err(err) = client.request_channel(&channel, None).await {
-            tracing::warn!(%err, channel, "could not subscribe to a channel again");
-        }
+        channels::restore(client, &channel).await;
     }
     for record_id in records {
         records::restore(client, &record_id).await;

@@ -164,19 +164,30 @@ pub(crate) fn presence_update(
 struct ChannelMessage<'a> {
     channel: &'a str,
     message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
 }
 
-/// The payload of a `mesh/subscription-message` push, as JSON text.
-pub(crate) fn subscription_message_payload(channel: &str, message: &str) -> String {
-    to_json(&ChannelMessage { channel, message })
+/// The payload of a `mesh/subscription-message` push, as JSON text: with the message's
+/// offset when its channel has positions.
+pub(crate) fn subscription_message_payload(
+    channel: &str,
+    message: &str,
+    offset: Option<u64>,
+) -> String {
+    to_json(&ChannelMessage {
+        channel,
+        message,
+        offset,
+    })
 }
 
 /// The JSON text of a `mesh/subscription-message` push.
 #[cfg(test)]
-fn subscription_message(channel: &str, message: &str) -> String {
+fn subscription_message(channel: &str, message: &str, offset: Option<u64>) -> String {
     push_with_json(
         SUBSCRIPTION_MESSAGE,
-        &subscription_message_payload(channel, message),
+        &subscription_message_payload(channel, message, offset),
     )
 }
 
@@ -326,8 +337,13 @@ mod tests {
             r#"{"command":"mesh/presence-update","payload":{"type":"state","connectionId":"c1","roomName":"r","state":{"status":"typing"},"timestamp":5}}"#
         );
         assert_eq!(
-            subscription_message("smoke-channel", r#"{"text":"hello channel"}"#),
-            r#"{"command":"mesh/subscription-message","payload":{"channel":"smoke-channel","message":"{\"text\":\"hello channel\"}"}}"#
+            subscription_message("smoke-channel", r#"{"text":"hello channel"}"#, Some(1)),
+            r#"{"command":"mesh/subscription-message","payload":{"channel":"smoke-channel","message":"{\"text\":\"hello channel\"}","offset":1}}"#
+        );
+        // A Redis plain channel's message has no position.
+        assert_eq!(
+            subscription_message("ext:news", "hi", None),
+            r#"{"command":"mesh/subscription-message","payload":{"channel":"ext:news","message":"hi"}}"#
         );
         assert_eq!(
             record_update("smoke-record", Some(r#"{"count":1}"#), None, 1),

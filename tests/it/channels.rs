@@ -42,24 +42,29 @@ conformance!(
 
 const MESSAGE: &str = "mesh/subscription-message";
 
+/// Subscribes; the reply without its position (tests/it/recovery.rs is about that).
 async fn subscribe(client: &mut RawClient, id: u64, channel: &str) -> Value {
-    call(
-        client,
-        id,
-        "mesh/subscribe-channel",
-        json!({ "channel": channel }),
+    without_position(
+        call(
+            client,
+            id,
+            "mesh/subscribe-channel",
+            json!({ "channel": channel }),
+        )
+        .await,
     )
-    .await
 }
 
 async fn subscribe_with_history(client: &mut RawClient, id: u64, channel: &str, n: u64) -> Value {
-    call(
-        client,
-        id,
-        "mesh/subscribe-channel",
-        json!({ "channel": channel, "historyLimit": n }),
+    without_position(
+        call(
+            client,
+            id,
+            "mesh/subscribe-channel",
+            json!({ "channel": channel, "historyLimit": n }),
+        )
+        .await,
     )
-    .await
 }
 
 async fn unsubscribe(client: &mut RawClient, id: u64, channel: &str) -> Value {
@@ -76,9 +81,9 @@ async fn history(client: &mut RawClient, id: u64, payload: Value) -> Value {
     call(client, id, "mesh/get-channel-history", payload).await
 }
 
-/// The next channel message's payload.
+/// The next channel message's payload, without its offset.
 async fn message(client: &mut RawClient) -> Value {
-    client.push_within(MESSAGE).await["payload"].clone()
+    without_position(client.push_within(MESSAGE).await["payload"].clone())
 }
 
 /// Asserts that no channel message came before the marker, for each client.
@@ -108,13 +113,21 @@ async fn subscribe_and_unsubscribe_golden_replies(backend: Backend) {
     let server = serve(backend.builder().expose_channel("news", Access::open())).await;
     let mut client = RawClient::connect(&server.url()).await;
 
-    // Exact bytes on the wire.
+    // Exact bytes on the wire: mesh's reply, then tower-mesh's position (the channel's
+    // epoch, and offset 0 before its first message).
     client
         .send_text(r#"{"id":1,"command":"mesh/subscribe-channel","payload":{"channel":"news"}}"#)
         .await;
+    let reply = within("the subscribe reply", client.next_text()).await;
+    let epoch = serde_json::from_str::<Value>(&reply).expect("JSON")["payload"]["epoch"]
+        .as_str()
+        .expect("an epoch")
+        .to_owned();
     assert_eq!(
-        within("the subscribe reply", client.next_text()).await,
-        r#"{"id":1,"command":"mesh/subscribe-channel","payload":{"success":true,"history":[]}}"#
+        reply,
+        format!(
+            r#"{{"id":1,"command":"mesh/subscribe-channel","payload":{{"success":true,"history":[],"epoch":"{epoch}","offset":0}}}}"#
+        )
     );
     // Subscribing again is still a success.
     assert_eq!(
@@ -122,7 +135,7 @@ async fn subscribe_and_unsubscribe_golden_replies(backend: Backend) {
             .command_within(2, "mesh/subscribe-channel", json!({"channel": "news"}))
             .await,
         json!({"id": 2, "command": "mesh/subscribe-channel",
-               "payload": {"success": true, "history": []}})
+               "payload": {"success": true, "history": [], "epoch": epoch, "offset": 0}})
     );
     assert_eq!(
         client
@@ -436,12 +449,13 @@ async fn server_writes_reach_subscribers_on_every_instance(backend: Backend) {
         assert_eq!(subscribe(client, 1, "news").await["success"], true);
     }
 
-    // Written through B: every subscriber, on A and on B, gets the exact push.
+    // Written through B: every subscriber, on A and on B, gets the exact push, with the
+    // message's offset (the channel's first).
     write(&b.mesh, "news", "Hello, Redis!", 0).await;
     for client in [&mut on_a, &mut also_on_a, &mut on_b] {
         assert_eq!(
             push_text(client, MESSAGE).await,
-            r#"{"command":"mesh/subscription-message","payload":{"channel":"news","message":"Hello, Redis!"}}"#
+            r#"{"command":"mesh/subscription-message","payload":{"channel":"news","message":"Hello, Redis!","offset":1}}"#
         );
     }
     // Written through A: the same, in write order.
@@ -549,16 +563,21 @@ async fn history_is_newest_first_and_limited(backend: Backend) {
         write(&b.mesh, "chat", &format!("Message {n}"), 10).await;
     }
     let mut client = RawClient::connect(&a.url()).await;
+    let reply = client
+        .command_within(
+            1,
+            "mesh/subscribe-channel",
+            json!({"channel": "chat", "historyLimit": 3}),
+        )
+        .await;
+    // The position is the newest message's, whichever instance wrote it.
+    let epoch = reply["payload"]["epoch"].clone();
+    assert!(epoch.is_string(), "{reply}");
     assert_eq!(
-        client
-            .command_within(
-                1,
-                "mesh/subscribe-channel",
-                json!({"channel": "chat", "historyLimit": 3}),
-            )
-            .await,
+        reply,
         json!({"id": 1, "command": "mesh/subscribe-channel", "payload": {
-            "success": true, "history": ["Message 5", "Message 4", "Message 3"]}})
+            "success": true, "history": ["Message 5", "Message 4", "Message 3"],
+            "epoch": epoch, "offset": 5}})
     );
     // Every instance sees the same history.
     for mesh in [&a.mesh, &b.mesh] {
@@ -1143,7 +1162,8 @@ async fn history_replies_hold_the_newest_messages_that_fit_in_a_frame(backend: B
             .await;
         let text = reply_text(&mut client, id).await;
         assert!(text.len() <= FRAME, "{} bytes: {text}", text.len());
-        let reply: Value = serde_json::from_str(&text).expect("JSON");
+        let mut reply: Value = serde_json::from_str(&text).expect("JSON");
+        reply["payload"] = without_position(reply["payload"].take());
         assert_eq!(
             reply,
             json!({"id": id, "command": command, "payload": truncated}),

@@ -146,7 +146,7 @@ async fn channels_history_live_messages_and_unsubscribe(backend: Backend) {
     let push = within("a push", pushes.recv()).await.expect("push");
     assert_eq!(
         push.payload,
-        json!({"channel": "sports", "message": "second goal"})
+        json!({"channel": "sports", "message": "second goal", "offset": 2})
     );
 
     for channel in ["unexposed", "secret", "mesh:internal"] {

@@ -26,6 +26,7 @@ mod plain_channels;
 mod presence;
 mod protocol;
 mod records;
+mod recovery;
 mod redis_cluster_faults;
 mod redis_cluster_harness;
 mod redis_faults;

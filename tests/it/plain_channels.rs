@@ -68,6 +68,7 @@ on_redis_and_cluster!(
     outside_text_on_the_engines_channels_injects_nothing,
     a_channel_that_is_not_plain_works_as_before,
     oversize_outside_messages_are_not_delivered,
+    a_plain_channel_has_no_positions_and_never_recovers,
 );
 
 const MESSAGE: &str = "mesh/subscription-message";
@@ -253,6 +254,13 @@ impl Plain {
             .query(::redis::cmd("GET").arg(key), "GET")
             .await
     }
+
+    /// A key's `PTTL`: -1 without expiry, -2 when absent.
+    async fn pttl(&self, key: &str) -> i64 {
+        self.keyspace
+            .query(::redis::cmd("PTTL").arg(key), "PTTL")
+            .await
+    }
 }
 
 /// A single-node connection to every master of the Cluster. The seeds must be the
@@ -353,14 +361,20 @@ async fn plain_channels_look_like_any_other_to_clients(backend: Backend) {
             format!("ext:{prefix}news")
         }
     };
-    let mut client = subscribed(&a, &channel).await;
+    // In memory the channel has positions, as any other; a plain one has none (see
+    // tests/it/recovery.rs): they are left out here.
+    let mut client = RawClient::connect(&a.url()).await;
+    assert_eq!(
+        without_position(subscribe(&mut client, 1, &channel).await),
+        json!({"success": true, "history": []})
+    );
     for n in 1..=3 {
         b.mesh
             .write_channel(&channel, &format!("message {n}"), 2)
             .await
             .expect("write_channel");
         assert_eq!(
-            message(&mut client).await,
+            without_position(message(&mut client).await),
             json!({"channel": channel, "message": format!("message {n}")})
         );
     }
@@ -376,13 +390,15 @@ async fn plain_channels_look_like_any_other_to_clients(backend: Backend) {
     );
     let mut late = RawClient::connect(&b.url()).await;
     assert_eq!(
-        call(
-            &mut late,
-            1,
-            "mesh/subscribe-channel",
-            json!({"channel": channel, "historyLimit": 1})
-        )
-        .await,
+        without_position(
+            call(
+                &mut late,
+                1,
+                "mesh/subscribe-channel",
+                json!({"channel": channel, "historyLimit": 1})
+            )
+            .await
+        ),
         json!({"success": true, "history": ["message 3"]})
     );
     assert_eq!(
@@ -400,7 +416,7 @@ async fn plain_channels_look_like_any_other_to_clients(backend: Backend) {
         .await
         .expect("write_channel");
     assert_eq!(
-        message(&mut late).await,
+        without_position(message(&mut late).await),
         json!({"channel": channel, "message": "after"})
     );
     for frames in pushes_before_marker(&a.mesh, "marker", &mut [&mut client]).await {
@@ -631,7 +647,7 @@ async fn outside_text_on_the_engines_channels_injects_nothing(backend: Backend) 
     let other_channel = plain.channel(false, "feed");
     let mut client = subscribed(&a, &plain_channel).await;
     assert_eq!(
-        subscribe(&mut client, 2, &other_channel).await,
+        without_position(subscribe(&mut client, 2, &other_channel).await),
         json!({"success": true, "history": []})
     );
     let p = &plain.prefix;
@@ -703,7 +719,7 @@ async fn outside_text_on_the_engines_channels_injects_nothing(backend: Backend) 
         .await
         .expect("write_channel");
     assert_eq!(
-        message(&mut client).await,
+        without_position(message(&mut client).await),
         json!({"channel": other_channel, "message": "still enveloped"})
     );
 }
@@ -713,7 +729,9 @@ async fn a_channel_that_is_not_plain_works_as_before(backend: Backend) {
     let a = serve(plain.builder()).await;
     let b = serve(plain.builder()).await;
     let channel = plain.channel(false, "news");
-    let mut client = subscribed(&a, &channel).await;
+    let mut client = RawClient::connect(&a.url()).await;
+    let reply = subscribe(&mut client, 1, &channel).await;
+    assert_eq!(reply["offset"], 0, "it has positions: {reply}");
     // Nobody subscribes to its bare name: an outside publish there reaches nobody, on
     // any node.
     assert_eq!(plain.subscribers(&channel).await, 0);
@@ -726,7 +744,7 @@ async fn a_channel_that_is_not_plain_works_as_before(backend: Backend) {
         .expect("write_channel");
     assert_eq!(
         message(&mut client).await,
-        json!({"channel": channel, "message": "from the mesh"})
+        json!({"channel": channel, "message": "from the mesh", "offset": 1})
     );
     assert_eq!(
         plain.lrange(&plain.history_key(&channel)).await,
@@ -735,6 +753,79 @@ async fn a_channel_that_is_not_plain_works_as_before(backend: Backend) {
     // Its history keeps no length mark: only plain channels need one.
     let length_key = format!("{}history-length:{{{channel}}}", plain.prefix);
     assert_eq!(plain.get(&length_key).await, None);
+    // Its position lasts as long as its history. One of a channel that keeps nothing
+    // expires (within a day), and so does the one a read of a channel never written
+    // makes: names nobody keeps leave no key behind for good. A plain channel has none.
+    let position = |channel: &str| format!("{}history-position:{{{channel}}}", plain.prefix);
+    assert_eq!(plain.pttl(&position(&channel)).await, -1);
+    let unkept = plain.channel(false, "unkept");
+    b.mesh
+        .write_channel(&unkept, "not kept", 0)
+        .await
+        .expect("write_channel");
+    let day = 24 * 60 * 60 * 1000;
+    assert!((1..=day).contains(&plain.pttl(&position(&unkept)).await));
+    let read_only = plain.channel(false, "read-only");
+    let _ = subscribe(&mut client, 2, &read_only).await;
+    assert!((1..=day).contains(&plain.pttl(&position(&read_only)).await));
+    b.mesh
+        .write_channel(&read_only, "kept", 10)
+        .await
+        .expect("write_channel");
+    assert_eq!(plain.pttl(&position(&read_only)).await, -1);
+    let plain_channel = plain.channel(true, "ticks");
+    b.mesh
+        .write_channel(&plain_channel, "kept", 10)
+        .await
+        .expect("write_channel");
+    assert_eq!(plain.pttl(&position(&plain_channel)).await, -2);
+}
+
+/// Outside publishers carry no offsets, so a plain channel has no positions: replies
+/// carry no `epoch` or `offset`, messages no `offset`, and `since` never recovers.
+async fn a_plain_channel_has_no_positions_and_never_recovers(backend: Backend) {
+    let plain = Plain::new(backend).await;
+    let a = serve(plain.builder()).await;
+    let b = serve(plain.builder()).await;
+    let channel = plain.channel(true, "ticks");
+    let mut client = subscribed(&a, &channel).await;
+    b.mesh
+        .write_channel(&channel, "from the mesh", 10)
+        .await
+        .expect("write_channel");
+    assert_eq!(
+        message(&mut client).await,
+        json!({"channel": channel, "message": "from the mesh"})
+    );
+    for publisher in &plain.publishers {
+        publisher.publish(&channel, "from outside").await;
+        assert_eq!(
+            message(&mut client).await,
+            json!({"channel": channel, "message": "from outside"})
+        );
+    }
+    let mut late = RawClient::connect(&b.url()).await;
+    assert_eq!(
+        call(
+            &mut late,
+            1,
+            "mesh/subscribe-channel",
+            json!({"channel": channel, "historyLimit": 1,
+                   "since": {"epoch": "any", "offset": 0}})
+        )
+        .await,
+        json!({"success": true, "history": ["from the mesh"], "recovered": false})
+    );
+    assert_eq!(
+        call(
+            &mut late,
+            2,
+            "mesh/get-channel-history",
+            json!({"channel": channel, "limit": 1, "since": 0})
+        )
+        .await,
+        json!({"success": true, "history": ["from the mesh"], "recovered": false})
+    );
 }
 
 async fn oversize_outside_messages_are_not_delivered(backend: Backend) {

@@ -668,3 +668,54 @@ async fn an_instance_swept_while_its_heartbeat_reply_is_lost_closes_its_connecti
         vec![member.id.clone()]
     );
 }
+
+/// A Redis that restarts empty has lost every channel's stream: the channel gets a new
+/// epoch, so a position from before the restart is not recovered (the messages written
+/// after the restart are not all the client missed).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_redis_changes_the_channels_epoch() {
+    let mut redis = RedisServer::start();
+    let server = serve(
+        builder(&redis.url(), "mesh:epoch:").expose_channel("news", tower_mesh::Access::open()),
+    )
+    .await;
+    let mut client = RawClient::connect(&server.url()).await;
+    for n in 1..=3 {
+        server
+            .mesh
+            .write_channel("news", &format!("m{n}"), 10)
+            .await
+            .expect("write_channel");
+    }
+    let before = client
+        .command(1, "mesh/subscribe-channel", json!({"channel": "news"}))
+        .await["payload"]
+        .clone();
+    assert_eq!(before["offset"], 3, "{before}");
+
+    redis.kill();
+    redis.restart();
+    // The instance notices the loss and closes its connections (see above).
+    assert_eq!(client.closed().await.0, 1012);
+
+    let mut client = RawClient::connect(&server.url()).await;
+    server
+        .mesh
+        .write_channel("news", "after", 10)
+        .await
+        .expect("write_channel");
+    let reply = client
+        .command(
+            1,
+            "mesh/subscribe-channel",
+            json!({"channel": "news", "historyLimit": 5,
+                   "since": {"epoch": before["epoch"], "offset": 0}}),
+        )
+        .await["payload"]
+        .clone();
+    assert_ne!(reply["epoch"], before["epoch"], "{reply}");
+    assert!(reply["epoch"].is_string(), "{reply}");
+    assert_eq!(reply["offset"], 1, "{reply}");
+    assert_eq!(reply["recovered"], false, "{reply}");
+    assert_eq!(reply["history"], json!(["after"]));
+}

@@ -143,7 +143,7 @@ async fn two_instances_share_rooms_channels_and_records_over_tls() {
         .expect("write_channel");
     assert_eq!(
         client.push_within("mesh/subscription-message").await["payload"],
-        json!({ "channel": "news", "message": "over TLS" })
+        json!({ "channel": "news", "message": "over TLS", "offset": 1 })
     );
 
     let version = a
@@ -264,7 +264,7 @@ async fn two_instances_share_rooms_channels_and_records_over_a_tls_cluster() {
         .expect("write_channel");
     assert_eq!(
         client.push_within("mesh/subscription-message").await["payload"],
-        json!({ "channel": "news", "message": "over TLS" })
+        json!({ "channel": "news", "message": "over TLS", "offset": 1 })
     );
     b.mesh
         .send(&client.id, "direct", &json!(1))

@@ -104,6 +104,7 @@ where
         channels::count_bound,
         channels::byte_bound,
         channels::read_bounds,
+        channels::positions,
         records::writes,
         records::concurrent_writers,
         records::ids_and_deletes,

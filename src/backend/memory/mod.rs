@@ -29,10 +29,11 @@ use tokio::time::Instant;
 
 use serde_json::Value;
 
-use self::channels::History;
+use self::channels::{Epoch, History};
 use super::{
-    now_ms, Backend, BackendFuture, Delivery, Inbox, MetadataKind, MetadataOf, MetadataWrite,
-    PresenceChange, PresenceRefresh, PresenceView, RecordRemover, RecordUpdater, StoredRecord,
+    now_ms, Backend, BackendFuture, ChannelHistory, ChannelPosition, Delivery, HistoryRead, Inbox,
+    MetadataKind, MetadataOf, MetadataWrite, PresenceChange, PresenceRefresh, PresenceView,
+    RecordRemover, RecordUpdater, StoredRecord,
 };
 use crate::error::MeshError;
 
@@ -64,7 +65,9 @@ struct MemoryState {
     /// Room -> connection -> (state, expiry).
     states: HashMap<String, HashMap<String, (Value, Option<Instant>)>>,
     state_expiry: BTreeSet<(Instant, String, String)>,
-    /// Channel -> its kept messages, newest first.
+    /// Every channel's epoch.
+    epoch: Epoch,
+    /// Channel -> its stream: kept messages, newest first, and offsets.
     channel_history: HashMap<String, History>,
     records: BTreeMap<String, StoredRecord>,
     /// Announcements of the operation in progress, delivered before its lock is released
@@ -267,20 +270,21 @@ impl Backend for MemoryBackend {
         message: &'a str,
         history: usize,
         history_bytes: usize,
-        announcement: Delivery,
-    ) -> BackendFuture<'a, ()> {
-        self.append_to_channel(channel, message, history, history_bytes, announcement);
-        ready(())
+    ) -> BackendFuture<'a, Option<ChannelPosition>> {
+        ready(Some(self.append_to_channel(
+            channel,
+            message,
+            history,
+            history_bytes,
+        )))
     }
 
     fn channel_history<'a>(
         &'a self,
         channel: &'a str,
-        limit: usize,
-        max_message_bytes: usize,
-        max_bytes: usize,
-    ) -> BackendFuture<'a, Vec<String>> {
-        ready(self.read_channel_history(channel, limit, max_message_bytes, max_bytes))
+        read: HistoryRead<'a>,
+    ) -> BackendFuture<'a, ChannelHistory> {
+        ready(self.read_channel_history(channel, read))
     }
 
     fn records<'a>(&'a self, ids: &'a [String]) -> BackendFuture<'a, Vec<Option<StoredRecord>>> {

@@ -6,13 +6,14 @@
 
 use std::sync::Arc;
 
-use crate::backend::{ConnectionOp, Delivery, PresenceChange, Push, Topic};
+use crate::backend::{ChannelPosition, ConnectionOp, Delivery, PresenceChange, Push, Topic};
 
 const TO_CONNECTION: u8 = b'c';
 const BROADCAST: u8 = b'b';
 const CLOSE: u8 = b'x';
 const TOPIC: u8 = b't';
-/// A channel message as bare text (a plain channel carries it without any envelope).
+/// A channel message: channel, text, then its epoch and offset (a plain channel carries
+/// the bare text instead, without any envelope). Written by the `write_channel` script.
 const CHANNEL_MESSAGE: u8 = b'h';
 const CALL: u8 = b'k';
 const ANSWER: u8 = b'a';
@@ -119,10 +120,20 @@ pub(super) fn encode(delivery: &Delivery) -> Vec<u8> {
             }
             writer
         }
-        Delivery::ChannelMessage { channel, message } => {
-            Writer::new(CHANNEL_MESSAGE, 8 + channel.len() + message.len())
+        Delivery::ChannelMessage {
+            channel,
+            message,
+            position,
+        } => {
+            let writer = Writer::new(CHANNEL_MESSAGE, 32 + channel.len() + message.len())
                 .field(channel.as_bytes())
-                .field(message.as_bytes())
+                .field(message.as_bytes());
+            match position {
+                Some(position) => writer
+                    .field(position.epoch.as_bytes())
+                    .field(position.offset.to_string().as_bytes()),
+                None => writer,
+            }
         }
         Delivery::Presence {
             room,
@@ -239,6 +250,14 @@ pub(super) fn decode(bytes: &[u8]) -> Option<Delivery> {
         CHANNEL_MESSAGE => Delivery::ChannelMessage {
             channel: fields.id()?,
             message: fields.id()?,
+            position: if fields.is_empty() {
+                None
+            } else {
+                Some(ChannelPosition {
+                    epoch: fields.id()?,
+                    offset: fields.number()?,
+                })
+            },
         },
         PRESENCE => {
             let room = fields.id()?;
@@ -336,6 +355,15 @@ mod tests {
             Delivery::ChannelMessage {
                 channel: Arc::from("ext:news"),
                 message: Arc::from("{\"a\":1}"),
+                position: None,
+            },
+            Delivery::ChannelMessage {
+                channel: Arc::from("news"),
+                message: Arc::from("hi"),
+                position: Some(ChannelPosition {
+                    epoch: Arc::from("e1"),
+                    offset: 9_007_199_254_740_993,
+                }),
             },
             Delivery::Presence {
                 room: Arc::from("lobby"),

@@ -191,6 +191,13 @@ impl Keys {
         format!("{}history-length:{{{channel}}}", self.prefix)
     }
 
+    /// Where a channel's stream stands (not for plain channels): its `epoch`, the
+    /// `offset` of the newest message published, and `gap`, the offset of the newest one
+    /// published without being kept.
+    pub(super) fn channel_position(&self, channel: &str) -> String {
+        format!("{}history-position:{{{channel}}}", self.prefix)
+    }
+
     // Pub/sub channels.
 
     /// An instance's own channel: deliveries for the connections it holds, and calls
@@ -358,6 +365,7 @@ mod tests {
         let history = keys.channel_history(channel);
         assert_eq!(tag(&history), tag(&keys.channel_history_bytes(channel)));
         assert_eq!(tag(&history), tag(&keys.channel_history_length(channel)));
+        assert_eq!(tag(&history), tag(&keys.channel_position(channel)));
         assert_eq!(
             tag(&history),
             tag(&keys.topic_channel(&Topic::Channel(channel.into())))

@@ -41,6 +41,7 @@
 //! | `P history:{CHANNEL}` | list | a channel's kept messages, newest first (for a plain channel, other processes may read it and `LPUSH` to it) |
 //! | `P history-bytes:{CHANNEL}` | string | the total size in bytes of a channel's kept messages (absent when none are kept) |
 //! | `P history-length:{CHANNEL}` | string | plain channels only: the list's length as mesh's last write left it |
+//! | `P history-position:{CHANNEL}` | hash | not for plain channels: `epoch` (made by the first write or read, so a Redis that lost it makes a new one), `offset` of the newest message published, `gap` the offset of the newest published without being kept; the kept messages after `gap` are `offset`, `offset - 1`, … in list order. While the channel keeps no message (and when a read made it) it expires a day after it was last written |
 //! | `P{records:N}:record:ID` | hash | `value`: a record's JSON; `version`: its version; `token`: renewed by every write (the compare-and-set key) |
 //! | `P{records:N}:record-ids` | sorted set, every score 0 | the bucket's record ids, in byte order: prefix listings read a range of each bucket (`ZRANGEBYLEX`) |
 //!
@@ -250,8 +251,9 @@ use self::keys::{Keys, PubSub};
 use self::scripts::Scripts;
 use self::subscriber::Command;
 use super::{
-    Backend, BackendFuture, Delivery, Inbox, MetadataKind, MetadataOf, MetadataWrite,
-    PresenceRefresh, PresenceView, RecordRemover, RecordUpdater, StoredRecord, Topic,
+    Backend, BackendFuture, ChannelHistory, ChannelPosition, Delivery, HistoryRead, Inbox,
+    MetadataKind, MetadataOf, MetadataWrite, PresenceRefresh, PresenceView, RecordRemover,
+    RecordUpdater, StoredRecord, Topic,
 };
 use crate::access::Pattern;
 use crate::error::{BackendError, MeshError};
@@ -894,25 +896,16 @@ impl Backend for RedisBackend {
         message: &'a str,
         history: usize,
         history_bytes: usize,
-        announcement: Delivery,
-    ) -> BackendFuture<'a, ()> {
-        Box::pin(self.run(self.append_to_channel(
-            channel,
-            message,
-            history,
-            history_bytes,
-            announcement,
-        )))
+    ) -> BackendFuture<'a, Option<ChannelPosition>> {
+        Box::pin(self.run(self.append_to_channel(channel, message, history, history_bytes)))
     }
 
     fn channel_history<'a>(
         &'a self,
         channel: &'a str,
-        limit: usize,
-        max_message_bytes: usize,
-        max_bytes: usize,
-    ) -> BackendFuture<'a, Vec<String>> {
-        Box::pin(self.run(self.read_channel_history(channel, limit, max_message_bytes, max_bytes)))
+        read: HistoryRead<'a>,
+    ) -> BackendFuture<'a, ChannelHistory> {
+        Box::pin(self.run(self.read_channel_history(channel, read)))
     }
 
     fn records<'a>(&'a self, ids: &'a [String]) -> BackendFuture<'a, Vec<Option<StoredRecord>>> {

@@ -12,9 +12,9 @@ impl RedisBackend {
     pub(super) async fn publish_delivery(&self, delivery: Delivery) -> Result<bool, MeshError> {
         let keys = &self.shared.keys;
         let envelope = match &delivery {
-            Delivery::ChannelMessage { channel, message } if keys.plain_channel(channel) => {
-                message.as_bytes().to_vec()
-            }
+            Delivery::ChannelMessage {
+                channel, message, ..
+            } if keys.plain_channel(channel) => message.as_bytes().to_vec(),
             Delivery::Topic {
                 topic: Topic::Channel(channel),
                 ..

@@ -103,6 +103,10 @@ local function next_due(keys, now)
 end
 "#;
 
+/// How long a channel's position outlives its last write when nothing of the channel is
+/// kept, or a read of a channel never written: a day.
+const POSITION_TTL_MS: u64 = 24 * 60 * 60 * 1000;
+
 /// Every script, loaded once per backend.
 pub(super) struct Scripts {
     pub(super) heartbeat: Script,
@@ -131,7 +135,7 @@ impl Scripts {
     /// The scripts, publishing topics on `topics` pub/sub.
     pub(super) fn new(topics: PubSub) -> Self {
         let library = format!(
-            "local PUBLISH_TOPIC = '{}'\n{LIBRARY}",
+            "local PUBLISH_TOPIC = '{}'\nlocal POSITION_TTL_MS = {POSITION_TTL_MS}\n{LIBRARY}",
             topics.publish_command()
         );
         let script = |body: &str| Script::new(&format!("{library}\n{body}"));
@@ -371,21 +375,32 @@ impl Scripts {
                 ",
             ),
             // KEYS[1] history list, KEYS[2] the kept messages' total size, KEYS[3] the
-            // list's length as the previous write left it (kept for plain channels only);
-            // ARGV[1] message, ARGV[2] how many to keep (0: none), ARGV[3] how many bytes
-            // to keep, ARGV[4] the publish command, ARGV[5] pub/sub channel, ARGV[6] its
-            // payload (an envelope, or a plain channel's bare text), ARGV[7] '1' for a
-            // plain channel. Keeps the message and publishes it in one step, so history
-            // and live messages never disagree. The oldest messages go while more than the
-            // count or the bytes are kept; each write pops only what it pushed out, so it
-            // costs O(1) amortised. Other processes may push to a plain channel's list:
-            // when its length is not what the previous write left, the size is counted
-            // again, in one pass.
+            // list's length as the previous write left it (kept for plain channels only),
+            // KEYS[4] the channel's position (not for plain channels); ARGV[1] message,
+            // ARGV[2] how many to keep (0: none), ARGV[3] how many bytes to keep, ARGV[4]
+            // the publish command, ARGV[5] pub/sub channel, ARGV[6] the channel's name,
+            // ARGV[7] '1' for a plain channel, ARGV[8] the epoch to start if the channel
+            // has none. Keeps the message, gives it the next offset and publishes it in
+            // one step, so history, positions and live messages never disagree: the
+            // envelope (tag 'h' in envelope.rs: channel, message, epoch, offset) is built
+            // here, a plain channel's payload is the bare text. The oldest messages go
+            // while more than the count or the bytes are kept; each write pops only what
+            // it pushed out, so it costs O(1) amortised. Other processes may push to a
+            // plain channel's list: when its length is not what the previous write left,
+            // the size is counted again, in one pass. Returns {epoch, offset}, or
+            // {'', 0} for a plain channel.
             write_channel: script(
                 r"
-                local list, bytes_key, length_key = KEYS[1], KEYS[2], KEYS[3]
+                local list, bytes_key, length_key, position = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
                 local plain = ARGV[7] == '1'
                 local message, keep, keep_bytes = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+                local epoch, offset = '', 0
+                if not plain then
+                  redis.call('HSETNX', position, 'epoch', ARGV[8])
+                  epoch = redis.call('HGET', position, 'epoch')
+                  offset = redis.call('HINCRBY', position, 'offset', 1)
+                  if keep == 0 then redis.call('HSET', position, 'gap', offset) end
+                end
                 if keep > 0 then
                   -- Absent: a history kept before sizes were counted, or a plain one
                   -- that only other processes wrote so far.
@@ -418,37 +433,93 @@ impl Scripts {
                     redis.call('SET', length_key, length)
                   end
                 end
-                redis.call(ARGV[4], ARGV[5], ARGV[6])
-                return 1
+                if not plain then
+                  -- A stream that keeps nothing lasts a day after its last write: its
+                  -- position only ever says 'nothing missed', and channels written that
+                  -- way (one per user, say) must not leave a key each forever.
+                  if redis.call('EXISTS', list) == 1 then
+                    redis.call('PERSIST', position)
+                  else
+                    redis.call('PEXPIRE', position, POSITION_TTL_MS)
+                  end
+                end
+                if plain then
+                  redis.call(ARGV[4], ARGV[5], message)
+                else
+                  local channel, at = ARGV[6], string.format('%.0f', offset)
+                  redis.call(ARGV[4], ARGV[5], 'h' .. u32(#channel) .. channel
+                    .. u32(#message) .. message .. u32(#epoch) .. epoch .. u32(#at) .. at)
+                end
+                return {epoch, offset}
                 ",
             ),
-            // KEYS[1] history list; ARGV[1] most messages to return, ARGV[2] the longest
-            // message to return (longer ones are skipped: only other processes, writing a
-            // plain channel's list, can keep one), ARGV[3] bytes after which to stop.
-            // Returns the newest messages, newest first, up to and including the one that
-            // takes the total past ARGV[3]: the caller sees that older ones were left out.
-            // Reads in chunks, so that a long list written by others is never copied whole.
-            read_history: Script::new(
+            // KEYS[1] history list, KEYS[2] the channel's position; ARGV[1] most messages
+            // to return, ARGV[2] the longest message to return (longer ones are skipped:
+            // only other processes, writing a plain channel's list, can keep one),
+            // ARGV[3] bytes after which to stop, ARGV[4] the offset the reader holds ('':
+            // none), ARGV[5] '=' and its epoch ('': the current one), ARGV[6] the most messages
+            // a recovery returns, ARGV[7] the epoch to start if the channel has none,
+            // ARGV[8] '1' for a plain channel (no positions).
+            // Returns {epoch, offset of the newest message, 1 when recovered, messages}.
+            // Recovered: the messages are exactly those after ARGV[4], all kept (none
+            // since the gap), within the bounds. Otherwise the newest messages, newest
+            // first, up to and including the one that takes the total past ARGV[3]: the
+            // caller sees that older ones were left out. Reads in chunks, so that a long
+            // list written by others is never copied whole.
+            read_history: Script::new(&format!(
+                "local POSITION_TTL_MS = {POSITION_TTL_MS}\n{}",
                 r"
+                local list, position = KEYS[1], KEYS[2]
                 local limit, longest, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+                local epoch, offset, gap = '', 0, 0
+                if ARGV[8] ~= '1' then
+                  -- A reader of a channel never written makes its epoch (so that a
+                  -- recovery from offset 0 knows the stream it started in), for a day:
+                  -- reads of names nobody writes leave no key behind for good.
+                  if redis.call('HSETNX', position, 'epoch', ARGV[7]) == 1 then
+                    redis.call('PEXPIRE', position, POSITION_TTL_MS)
+                  end
+                  local stored = redis.call('HMGET', position, 'epoch', 'offset', 'gap')
+                  epoch, offset, gap = stored[1], tonumber(stored[2] or '0'), tonumber(stored[3] or '0')
+                  local since = tonumber(ARGV[4])
+                  if since and (ARGV[5] == '' or ARGV[5] == '=' .. epoch) and since <= offset
+                    and since >= gap and offset - since <= tonumber(ARGV[6])
+                    and offset - since <= redis.call('LLEN', list) then
+                    local missed, out, total, start = offset - since, {}, 0, 0
+                    local complete = true
+                    while complete and start < missed do
+                      local last = math.min(start + 99, missed - 1)
+                      for _, message in ipairs(redis.call('LRANGE', list, start, last)) do
+                        total = total + #message
+                        if #message > longest or total > budget then
+                          complete = false
+                          break
+                        end
+                        out[#out + 1] = message
+                      end
+                      start = last + 1
+                    end
+                    if complete then return {epoch, offset, 1, out} end
+                  end
+                end
                 local out, total, start = {}, 0, 0
                 -- A step of 0 would never advance: no limit, nothing read.
-                if limit < 1 then return out end
+                if limit < 1 then return {epoch, offset, 0, out} end
                 local step = math.min(limit, 100)
                 while true do
-                  local chunk = redis.call('LRANGE', KEYS[1], start, start + step - 1)
+                  local chunk = redis.call('LRANGE', list, start, start + step - 1)
                   for _, message in ipairs(chunk) do
                     if #message <= longest then
                       out[#out + 1] = message
                       total = total + #message
-                      if #out >= limit or total > budget then return out end
+                      if #out >= limit or total > budget then return {epoch, offset, 0, out} end
                     end
                   end
-                  if #chunk < step then return out end
+                  if #chunk < step then return {epoch, offset, 0, out} end
                   start = start + step
                 end
-                ",
-            ),
+                "
+            )),
             // KEYS[1] the record, KEYS[2] its bucket's id index; ARGV[1] record id, ARGV[2]
             // the write token the writer read ('' for no record), ARGV[3] the new value JSON
             // ('' deletes), ARGV[4] the new version, ARGV[5] a fresh token, then (publish

@@ -574,6 +574,7 @@ fn read_message(keys: &Keys, channel: &str, payload: &[u8]) -> Option<Delivery> 
         return Some(Delivery::ChannelMessage {
             channel: Arc::from(channel),
             message: Arc::from(text),
+            position: None,
         });
     }
     envelope::decode(payload)

@@ -49,3 +49,18 @@ pub(crate) async fn subscribe_presence(client: &mut RawClient, id: u64, room: &s
 pub(crate) async fn presence_update(client: &mut RawClient) -> Value {
     client.push_within("mesh/presence-update").await["payload"].clone()
 }
+
+/// A channel reply or push payload without its stream position (tower-mesh's recovery
+/// extension: `epoch` and `offset` on subscribe replies, `offset` on messages), checking
+/// that what it carries has the right types: for suites about everything else.
+pub(crate) fn without_position(mut payload: Value) -> Value {
+    if let Some(fields) = payload.as_object_mut() {
+        if let Some(epoch) = fields.remove("epoch") {
+            assert!(epoch.is_string(), "epoch {epoch}");
+        }
+        if let Some(offset) = fields.remove("offset") {
+            assert!(offset.is_u64(), "offset {offset}");
+        }
+    }
+    payload
+}
