@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::backend::Topic;
 
 use crate::connection::{Connection, Registry};
+use crate::metrics::{self, FanOutKind, SubscriptionKind};
 use crate::protocol::Frame;
 use crate::record_stream::{RecordStream, Snapshot};
 
@@ -92,6 +93,9 @@ impl Index {
     ) -> Listen {
         let id = connection.shared_id();
         let is_record = matches!(topic, Topic::Record(_));
+        if !self.listeners.contains_key(&topic) && matches!(topic, Topic::Room(_)) {
+            metrics::rooms_changed(1);
+        }
         let members = self.listeners.entry(topic.clone()).or_default();
         let new = !members.contains_key(&id);
         let listener = members.entry(id.clone()).or_insert_with(|| Listener {
@@ -101,7 +105,9 @@ impl Index {
             via_collections: 0,
             stream: is_record.then(Default::default),
         });
+        let was_direct = listener.direct;
         change(listener);
+        direct_changed(&topic, was_direct, listener.direct);
         let snapshot = listener
             .stream
             .as_ref()
@@ -124,7 +130,9 @@ impl Index {
         let Some(listener) = members.get_mut(connection_id) else {
             return (false, false);
         };
+        let was_direct = listener.direct;
         change(listener);
+        direct_changed(topic, was_direct, listener.direct);
         if listener.direct || listener.via_collections > 0 {
             return (true, false);
         }
@@ -134,6 +142,9 @@ impl Index {
         let emptied = members.is_empty();
         if emptied {
             self.listeners.remove(topic);
+            if matches!(topic, Topic::Room(_)) {
+                metrics::rooms_changed(-1);
+            }
         }
         if let Some(topics) = self.by_connection.get_mut(connection_id) {
             topics.remove(topic);
@@ -143,6 +154,21 @@ impl Index {
         }
         (true, emptied)
     }
+}
+
+/// Counts a subscription that began or ended: a listener that became direct, or stopped
+/// being (joining a room is membership, not a subscription; collections count their own).
+fn direct_changed(topic: &Topic, was_direct: bool, is_direct: bool) {
+    if was_direct == is_direct {
+        return;
+    }
+    let kind = match topic {
+        Topic::Channel(_) => SubscriptionKind::Channel,
+        Topic::Record(_) => SubscriptionKind::Record,
+        Topic::Presence(_) => SubscriptionKind::Presence,
+        Topic::Room(_) | Topic::Collections(_) => return,
+    };
+    metrics::subscriptions_changed(kind, if is_direct { 1 } else { -1 });
 }
 
 impl LocalTopics {
@@ -207,17 +233,19 @@ impl LocalTopics {
             .map(|topic| {
                 let emptied = match listeners.get_mut(&topic) {
                     Some(members) => {
-                        if let Some(stream) =
-                            members.remove(connection_id).and_then(|gone| gone.stream)
-                        {
-                            stream.end();
+                        if let Some(gone) = members.remove(connection_id) {
+                            direct_changed(&topic, gone.direct, false);
+                            if let Some(stream) = gone.stream {
+                                stream.end();
+                            }
                         }
                         members.is_empty()
                     }
                     None => true,
                 };
-                if emptied {
-                    listeners.remove(&topic);
+                if emptied && listeners.remove(&topic).is_some() && matches!(topic, Topic::Room(_))
+                {
+                    metrics::rooms_changed(-1);
                 }
                 (topic, emptied)
             })
@@ -241,12 +269,23 @@ impl LocalTopics {
         exclude: &[Arc<str>],
         registry: &Registry,
     ) {
+        let mut recipients = 0;
         for listener in self.listeners(topic) {
             let connection = &listener.connection;
             if !exclude.iter().any(|id| **id == *connection.id()) {
                 let _ = registry.send_frame(connection, frame.clone());
+                recipients += 1;
             }
         }
+        let kind = match topic {
+            Topic::Room(_) => FanOutKind::Room,
+            Topic::Presence(_) => FanOutKind::Presence,
+            Topic::Channel(_) => FanOutKind::Channel,
+            Topic::Record(_) => FanOutKind::Record,
+            // Re-resolution notices never reach a client.
+            Topic::Collections(_) => return,
+        };
+        metrics::fanned_out(kind, recipients);
     }
 
     /// Whether any local connection listens to `topic`.
