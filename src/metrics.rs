@@ -185,7 +185,8 @@ pub(crate) struct CommandMetrics {
 
 struct CommandHandles {
     commands: Counter,
-    duration: Histogram,
+    /// Registered at the first command that runs: refused ones are not timed.
+    duration: OnceLock<Histogram>,
     /// By [`ERROR_CODES`] index, then `other`; registered at the first such error.
     errors: [OnceLock<Counter>; ERROR_CODES.len() + 1],
 }
@@ -202,7 +203,7 @@ impl CommandMetrics {
     fn handles(&self) -> &CommandHandles {
         self.handles.get_or_init(|| CommandHandles {
             commands: counter!(COMMANDS, "command" => shared(&self.label)),
-            duration: histogram!(COMMAND_DURATION, "command" => shared(&self.label)),
+            duration: OnceLock::new(),
             errors: Default::default(),
         })
     }
@@ -212,7 +213,10 @@ impl CommandMetrics {
     pub(crate) fn answered(&self, started: Stopwatch, error_code: Option<&str>) {
         let handles = self.handles();
         handles.commands.increment(1);
-        started.record(&handles.duration);
+        let duration = handles
+            .duration
+            .get_or_init(|| histogram!(COMMAND_DURATION, "command" => shared(&self.label)));
+        started.record(duration);
         if let Some(code) = error_code {
             self.error(handles, code).increment(1);
         }

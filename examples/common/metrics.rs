@@ -20,20 +20,17 @@ pub(crate) fn install() -> Option<PrometheusHandle> {
     // Buckets rather than the exporter's default summaries: histograms of several
     // instances can then be added up.
     let seconds = [
-        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
-        0.25, 0.5, 1.0, 2.5,
+        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+        0.5, 1.0, 2.5,
     ];
     let recipients = [
-        0.0, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
-        10000.0,
+        0.0, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
     ];
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
         .and_then(|builder| {
-            builder.set_buckets_for_metric(
-                Matcher::Full("mesh_fanout_recipients".into()),
-                &recipients,
-            )
+            builder
+                .set_buckets_for_metric(Matcher::Full("mesh_fanout_recipients".into()), &recipients)
         })
         .and_then(PrometheusBuilder::install_recorder);
     match handle {
