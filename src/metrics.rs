@@ -3,16 +3,23 @@
 //! happen. The application picks the exporter (Prometheus, StatsD, OpenTelemetry...) by
 //! installing a `metrics` recorder; with none installed every recording is a no-op.
 //!
+//! The table of metrics and labels users read is the crate docs' "Metrics" section
+//! (`docs/crate.md`, repeated in the README); each constant below names one of them.
 //! Labels are bounded: never a connection id, room, channel or record name. `command` is
 //! a registered command's name (a built-in `mesh/...` one or a route of the application);
 //! a client's unknown command is `unknown`. `code` is one of the engine's error codes, or
-//! `other` for a code a handler chose.
+//! `other` for a code a handler chose. Every other label value is a `&'static str` chosen
+//! here.
 //!
 //! Commands' handles are registered at each command's first run and kept beside its
 //! route, and the frame and byte counters' at the mesh's first connection, so the hot
 //! path neither hashes a key nor allocates a label; install the recorder before the
 //! first client connects.
 
+// Without the feature the recording macros drop their arguments, names and labels unread.
+#![cfg_attr(not(feature = "metrics"), allow(unused_variables, dead_code))]
+
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use crate::connection::CloseReason;
@@ -162,18 +169,49 @@ impl MeshMetrics {
         })
     }
 
-    /// One data frame of `bytes` read from a client.
-    pub(crate) fn frame_received(&self, bytes: usize) {
-        let wire = self.wire();
-        wire.frames_in.increment(1);
-        wire.bytes_in.increment(bytes as u64);
-    }
-
-    /// `frames` data frames of `bytes` in all written to a client.
-    pub(crate) fn frames_sent(&self, frames: usize, bytes: usize) {
+    /// `frames` data frames of `bytes` in all written to a client, and what its
+    /// `received` tally holds: counted together, once per write.
+    pub(crate) fn frames_sent(&self, frames: usize, bytes: usize, received: &Received) {
         let wire = self.wire();
         wire.frames_out.increment(frames as u64);
         wire.bytes_out.increment(bytes as u64);
+        self.count_received(received);
+    }
+
+    /// Counts what a connection's `received` tally holds, and empties it.
+    pub(crate) fn count_received(&self, received: &Received) {
+        let frames = received.frames.swap(0, Ordering::Relaxed);
+        if frames > 0 {
+            let wire = self.wire();
+            wire.frames_in.increment(frames);
+            wire.bytes_in
+                .increment(received.bytes.swap(0, Ordering::Relaxed));
+        }
+    }
+}
+
+/// The frames one connection read and has not counted yet. The shared counters are
+/// touched by every connection on every thread, and some exporters' increments are two
+/// atomic operations: a connection counts what it read when it next writes (every
+/// command gets a reply) or ends, once for a whole burst.
+#[derive(Default)]
+pub(crate) struct Received {
+    frames: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl Received {
+    /// One data frame of `bytes`. Only the connection's own task reads and writes the
+    /// tally, so a load and a store do (no locked instruction).
+    pub(crate) fn frame(&self, bytes: usize) {
+        let add = |counter: &AtomicU64, n: u64| {
+            counter.store(
+                counter.load(Ordering::Relaxed).wrapping_add(n),
+                Ordering::Relaxed,
+            );
+        };
+        add(&self.frames, 1);
+        add(&self.bytes, bytes as u64);
     }
 }
 
@@ -251,14 +289,14 @@ fn shared(label: &Arc<str>) -> ::metrics::SharedString {
 #[derive(Clone, Copy)]
 pub(crate) struct Stopwatch {
     #[cfg(feature = "metrics")]
-    started: std::time::Instant,
+    started: quanta::Instant,
 }
 
 impl Stopwatch {
     pub(crate) fn start() -> Self {
         Stopwatch {
             #[cfg(feature = "metrics")]
-            started: std::time::Instant::now(),
+            started: quanta::Instant::now(),
         }
     }
 

@@ -28,7 +28,7 @@ use super::Connection;
 use crate::command::{dispatch, RegisteredCommand};
 use crate::error::CommandError;
 use crate::mesh::Mesh;
-use crate::metrics::MeshMetrics;
+use crate::metrics::{MeshMetrics, Received};
 use crate::protocol::{self, Frame, Inbound};
 
 tokio::task_local! {
@@ -190,15 +190,17 @@ where
     R: Stream<Item = Result<Message, WsError>> + Unpin,
 {
     let mut running = None;
+    let received = Received::default();
     {
         let reader = read_loop(
             mesh,
             connection,
             stream,
+            &received,
             &mut running,
             |id, command, payload, cx| start_command(mesh, connection, id, command, payload, cx),
         );
-        let writer = write_loop(&mesh.inner().metrics, connection, sink);
+        let writer = write_loop(&mesh.inner().metrics, &received, connection, sink);
         // Side by side in one task, each polled only when it was woken: a broadcast
         // wakes the writer alone, and the reader is not asked to read a socket that
         // has nothing for it (tungstenite zeroes its read buffer on every attempt).
@@ -215,6 +217,7 @@ where
         // connection stayed: cancelling one midway could leave a change half made.
         tokio::spawn(async move { while running.next().await.is_some() {} }.in_current_span());
     }
+    mesh.inner().metrics.count_received(&received);
     // Whatever ended it, the handle now reports the connection as closed.
     connection.close_with(CloseReason::PeerClosed);
 }
@@ -383,6 +386,7 @@ async fn read_loop<R, Run, F>(
     mesh: &Mesh,
     connection: &Connection,
     stream: &mut R,
+    received: &Received,
     running: &mut Option<FuturesUnordered<Run>>,
     start_command: F,
 ) -> CloseReason
@@ -435,7 +439,7 @@ where
             Some(Ok(Message::Close(_))) => return CloseReason::PeerClosed,
             Some(Ok(_)) => continue,
         };
-        metrics.frame_received(text.len());
+        received.frame(text.len());
         match Inbound::parse(&text) {
             Inbound::Command {
                 id,
@@ -582,6 +586,7 @@ fn read_error(mesh: &Mesh, connection: &Connection, err: WsError) -> CloseReason
 /// Writes queued frames in batches (one flush per batch) until a close is due.
 async fn write_loop<W>(
     metrics: &MeshMetrics,
+    received: &Received,
     connection: &Connection,
     sink: &mut W,
 ) -> Result<(), WsError>
@@ -594,7 +599,7 @@ where
         match connection.outbound().next_batch(&mut batch).await {
             Batch::Frames => {
                 let bytes = batch.iter().map(|frame| frame.as_str().len()).sum();
-                metrics.frames_sent(batch.len(), bytes);
+                metrics.frames_sent(batch.len(), bytes, received);
                 for frame in batch.drain(..) {
                     sink.feed(Message::Text(frame)).await?;
                 }
