@@ -777,9 +777,9 @@ where
 }
 
 /// Issue 16: the interop example's `GET /metrics` answers the `mesh_*` metrics in
-/// Prometheus text, with bounded labels. One client's commands (an echo, a room join, a
-/// channel subscription, a broadcast to its room, a malformed payload and two unknown
-/// commands) are counted by command and error code, the frames and bytes it sent are
+/// Prometheus text, with bounded labels. One client's commands (an echo, a room join,
+/// channel, record, presence and collection subscriptions, a broadcast to its room, a
+/// malformed payload and two unknown commands) are counted by command and error code, the frames and bytes it sent are
 /// counted exactly, and the connection, room and subscription gauges go back to 0 after
 /// it closes, with the close counted by code and reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -820,6 +820,9 @@ async fn the_interop_example_answers_mesh_metrics() {
         // Names no route serves: both counted as `unknown`, never by their own name.
         r#"{"id":8,"command":"no-such-command","payload":null}"#,
         r#"{"id":9,"command":"another-made-up-name-42","payload":null}"#,
+        r#"{"id":10,"command":"mesh/subscribe-record","payload":{"recordId":"doc:1"}}"#,
+        r#"{"id":11,"command":"mesh/subscribe-presence","payload":{"roomName":"lobby"}}"#,
+        r#"{"id":12,"command":"mesh/subscribe-collection","payload":{"collectionId":"doc"}}"#,
     ];
     for frame in frames {
         client.send_text(frame).await;
@@ -840,11 +843,13 @@ async fn the_interop_example_answers_mesh_metrics() {
     let open = scrape().await;
     assert_eq!(open.value("mesh_connections", &[]), Some(1.0), "{open}");
     assert_eq!(open.value("mesh_rooms", &[]), Some(1.0), "{open}");
-    assert_eq!(
-        open.value("mesh_subscriptions", &[("kind", "channel")]),
-        Some(1.0),
-        "{open}"
-    );
+    for kind in ["channel", "record", "presence", "collection"] {
+        assert_eq!(
+            open.value("mesh_subscriptions", &[("kind", kind)]),
+            Some(1.0),
+            "{kind}: {open}"
+        );
+    }
     for (command, count) in [
         ("echo", 3.0),
         ("mesh/join-room", 1.0),
@@ -907,11 +912,11 @@ async fn the_interop_example_answers_mesh_metrics() {
         Some(sent_bytes as f64),
         "{open}"
     );
-    // The id, the nine replies and the room broadcast's push, at least.
+    // The id, a reply per frame and the room broadcast's push, at least.
     let frames_out = open
         .value("mesh_frames_total", &[("direction", "out")])
         .unwrap_or_default();
-    assert!(frames_out >= 11.0, "{open}");
+    assert!(frames_out >= (frames.len() + 2) as f64, "{open}");
     // The broadcast reached its one member.
     assert_eq!(
         open.value("mesh_fanout_recipients_count", &[("kind", "room")]),
@@ -939,11 +944,13 @@ async fn the_interop_example_answers_mesh_metrics() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(closed.value("mesh_rooms", &[]), Some(0.0), "{closed}");
-    assert_eq!(
-        closed.value("mesh_subscriptions", &[("kind", "channel")]),
-        Some(0.0),
-        "{closed}"
-    );
+    for kind in ["channel", "record", "presence", "collection"] {
+        assert_eq!(
+            closed.value("mesh_subscriptions", &[("kind", kind)]),
+            Some(0.0),
+            "{kind}: {closed}"
+        );
+    }
     assert_eq!(
         closed.value(
             "mesh_closes_total",
