@@ -78,3 +78,9 @@ pub use records::{Record, RecordEvent};
 /// Regular expressions for name patterns (`track_presence(Regex::new("^game:")?, ..)`).
 pub use regex::Regex;
 pub use rooms::{Room, RoomBroadcast};
+
+/// The README's Rust snippets, compiled (and the self-contained ones run) as doc tests, so
+/// the README cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

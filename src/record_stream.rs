@@ -38,7 +38,7 @@ struct StreamState {
     delivered: u64,
     /// Snapshots being read: while any is, events wait in `held`.
     snapshots_pending: u32,
-    held: VecDeque<(Event, Frame)>,
+    held: VecDeque<(Event, Option<Frame>)>,
     /// The listener stopped listening: a delivery that raced with its end is dropped.
     ended: bool,
 }
@@ -59,12 +59,15 @@ impl RecordStream {
     /// Offers the update to `version`; it is sent to `connection` unless it is not newer
     /// than what the listener has, or held until a pending snapshot is read.
     pub(crate) fn offer_update(&self, connection: &Connection, version: u64, frame: Frame) {
-        self.lock().offer(connection, Event::Update(version), frame);
+        self.lock()
+            .offer(connection, Event::Update(version), Some(frame));
     }
 
-    /// Offers a deletion notice: always sent, in order with the updates.
-    pub(crate) fn offer_deleted(&self, connection: &Connection, frame: Frame) {
-        self.lock().offer(connection, Event::Deleted, frame);
+    /// Offers a deletion: the next incarnation of the record starts again from version 1.
+    /// The notice (`None` for a listener that mesh's clients do not tell, one only a
+    /// collection holds) is always sent, in order with the updates.
+    pub(crate) fn offer_deleted(&self, connection: &Connection, notice: Option<Frame>) {
+        self.lock().offer(connection, Event::Deleted, notice);
     }
 
     /// Stops the stream: nothing offered from now on is sent through it. What a pending
@@ -85,7 +88,7 @@ impl RecordStream {
 }
 
 impl StreamState {
-    fn offer(&mut self, connection: &Connection, event: Event, frame: Frame) {
+    fn offer(&mut self, connection: &Connection, event: Event, frame: Option<Frame>) {
         if self.ended {
             return;
         }
@@ -99,7 +102,7 @@ impl StreamState {
         self.deliver(connection, event, frame);
     }
 
-    fn deliver(&mut self, connection: &Connection, event: Event, frame: Frame) {
+    fn deliver(&mut self, connection: &Connection, event: Event, frame: Option<Frame>) {
         match event {
             Event::Update(version) if version <= self.delivered => {
                 tracing::trace!(
@@ -114,12 +117,19 @@ impl StreamState {
         }
         // Sent under the stream's lock, so a concurrent delivery cannot overtake the
         // events a snapshot releases.
-        send(connection, frame);
+        if let Some(frame) = frame {
+            send(connection, frame);
+        }
     }
 
-    fn snapshot_done(&mut self, connection: &Connection, version: Option<u64>) {
-        if let Some(version) = version {
-            self.delivered = self.delivered.max(version);
+    fn snapshot_done(&mut self, connection: &Connection, read: Option<(u64, Option<Frame>)>) {
+        match read {
+            // The snapshot's own update, first (unless the listener has that version).
+            Some((version, Some(frame))) => {
+                self.deliver(connection, Event::Update(version), Some(frame))
+            }
+            Some((version, None)) => self.delivered = self.delivered.max(version),
+            None => {}
         }
         self.snapshots_pending = self.snapshots_pending.saturating_sub(1);
         if self.snapshots_pending == 0 {
@@ -157,7 +167,21 @@ impl Snapshot {
     /// has it, and only newer updates follow.
     pub(crate) fn taken(mut self, version: u64) {
         if let Some(stream) = self.stream.take() {
-            stream.lock().snapshot_done(&self.connection, Some(version));
+            stream
+                .lock()
+                .snapshot_done(&self.connection, Some((version, None)));
+        }
+    }
+
+    /// As [`Snapshot::taken`], and sends `update` (the record at `version`) before
+    /// anything newer: mesh follows a collection diff that adds a record just written
+    /// with that record's `mesh/record-update`. It is not sent to a listener that already
+    /// has that version.
+    pub(crate) fn taken_with_update(mut self, version: u64, update: Frame) {
+        if let Some(stream) = self.stream.take() {
+            stream
+                .lock()
+                .snapshot_done(&self.connection, Some((version, Some(update))));
         }
     }
 }
@@ -225,9 +249,33 @@ mod tests {
         let connection = connection();
         let stream = Arc::new(RecordStream::default());
         stream.begin_snapshot(&connection).taken(7);
-        stream.offer_deleted(&connection, Frame::from("deleted"));
+        stream.offer_deleted(&connection, Some(Frame::from("deleted")));
         stream.offer_update(&connection, 1, Frame::from("1"));
         assert_eq!(sent(&connection).await, ["deleted", "1"]);
+    }
+
+    #[tokio::test]
+    async fn an_untold_deletion_still_restarts_the_versions() {
+        let connection = connection();
+        let stream = Arc::new(RecordStream::default());
+        stream.begin_snapshot(&connection).taken(7);
+        stream.offer_deleted(&connection, None);
+        stream.offer_update(&connection, 1, Frame::from("1"));
+        assert_eq!(sent(&connection).await, ["1"]);
+    }
+
+    #[tokio::test]
+    async fn a_snapshots_own_update_comes_before_newer_ones_and_only_once() {
+        let connection = connection();
+        let stream = Arc::new(RecordStream::default());
+        let snapshot = stream.begin_snapshot(&connection);
+        for version in [3, 4, 5] {
+            stream.offer_update(&connection, version, Frame::from(version.to_string()));
+        }
+        snapshot.taken_with_update(4, Frame::from("4 whole"));
+        let again = stream.begin_snapshot(&connection);
+        again.taken_with_update(5, Frame::from("5 whole"));
+        assert_eq!(sent(&connection).await, ["4 whole", "5"]);
     }
 
     #[tokio::test]
@@ -247,7 +295,7 @@ mod tests {
         let connection = connection();
         let stream = Arc::new(RecordStream::default());
         let snapshot = stream.begin_snapshot(&connection);
-        stream.offer_deleted(&connection, Frame::from("deleted"));
+        stream.offer_deleted(&connection, Some(Frame::from("deleted")));
         stream.end();
         stream.offer_update(&connection, 1, Frame::from("1"));
         snapshot.taken(0);

@@ -278,9 +278,11 @@ pub(crate) fn deliver_update(
     }
 }
 
-/// Tells a deleted record's local listeners, and ends the direct subscriptions to it (the
-/// client drops its subscription on the notice; what the connection's collections hold
-/// stays). Returns the topic when no local listener is left, to unsubscribe from.
+/// Tells a deleted record's direct subscribers, and ends their subscriptions (the client
+/// drops its subscription on the notice; what the connection's collections hold stays).
+/// A listener only collections hold is not told, as with mesh: its collections' diffs
+/// say the record left. Returns the topic when no local listener is left, to unsubscribe
+/// from.
 pub(crate) fn deliver_deletion(
     topics: &LocalTopics,
     record_id: &Arc<str>,
@@ -291,7 +293,8 @@ pub(crate) fn deliver_deletion(
     let mut emptied = false;
     for listener in topics.listeners(&topic) {
         if let Some(stream) = listener.record_stream() {
-            stream.offer_deleted(&listener.connection, frame.clone());
+            let notice = listener.is_direct().then(|| frame.clone());
+            stream.offer_deleted(&listener.connection, notice);
         }
         if listener.is_direct() {
             emptied |= topics.remove(&topic, listener.connection.id()).1;

@@ -2,8 +2,8 @@
 //!
 //! What it shows:
 //! - mesh served as a tower `Layer` on `/ws`, next to ordinary routes (`/` serves a chat
-//!   page, `GET /health` answers `ok`, or `503` with the reason while Redis is
-//!   unreachable: `Mesh::health`);
+//!   page, `/favicon.ico` its icon, `GET /health` answers `ok`, or `503` with the reason
+//!   while Redis is unreachable: `Mesh::health`);
 //! - HTTP auth reused for WebSockets: an `axum::middleware::from_fn` layer in front of the
 //!   mesh layer requires `?token=...` on `/ws` and answers `401` before any upgrade; a good
 //!   token puts a `User` in the request extensions, which every command then reads with the
@@ -22,6 +22,14 @@
 //!   a going-away frame, HTTP requests in flight finish.
 //!
 //! The page speaks the mesh wire protocol with the browser's own `WebSocket`, no library.
+//! It keeps an "online" list from presence (a snapshot when it subscribes, then every join
+//! and leave), remembers names by connection id (a leave carries only the id), and tells a
+//! rejected token from an unavailable server: a browser cannot see the `401` that refused
+//! its upgrade, so after a failed connection the page asks `GET /ws?token=...` without the
+//! upgrade headers (the auth layer answers `401` to a bad token; with a good one the request
+//! passes through mesh, being no upgrade, and the router answers `404`) and `GET /health`.
+//! A `1001` close (the server shutting down) and a `1013` (Redis unreachable) are shown as
+//! such; the page then reconnects with a growing delay.
 //!
 //! ```text
 //! cargo run --example axum
@@ -46,7 +54,7 @@ mod shutdown;
 use std::time::Duration;
 
 use axum::extract::{Query, Request};
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -62,6 +70,9 @@ use shutdown::shutdown_signal;
 
 /// The chat page: plain HTML and JavaScript, no external scripts.
 const INDEX_HTML: &str = include_str!("index.html");
+
+/// The page's icon, an SVG (browsers accept one at `/favicon.ico` given its content type).
+const FAVICON_SVG: &str = include_str!("favicon.svg");
 
 /// The room everyone chats in.
 const LOBBY: &str = "lobby";
@@ -187,13 +198,17 @@ async fn main() -> std::io::Result<()> {
 
     let app = Router::new()
         .route("/", get(|| async { Html(INDEX_HTML) }))
+        .route(
+            "/favicon.ico",
+            get(|| async { ([(header::CONTENT_TYPE, "image/svg+xml")], FAVICON_SVG) }),
+        )
         .route("/health", get(health::health))
         .route("/metrics", get(move || metrics::render(prometheus.clone())))
         // Layers added later run first: `auth` sees every request before the mesh layer.
         .layer(mesh_layer)
         .layer(middleware::from_fn(auth));
 
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    let listener = serve::bind("127.0.0.1", port).await?;
     tracing::info!("chat on http://127.0.0.1:{port}/?token=alice-token (or bob-token)");
     serve(
         listener,

@@ -57,6 +57,22 @@ pub(crate) fn header_read_timeout() -> Duration {
         .map_or(DEFAULT_HEADER_READ_TIMEOUT, Duration::from_millis)
 }
 
+/// Listens on `host:port`, or ends the process with a message a person can act on when
+/// the port is taken (rather than `Error: Os { code: 98, .. }`).
+pub(crate) async fn bind(host: &str, port: u16) -> io::Result<TcpListener> {
+    match TcpListener::bind((host, port)).await {
+        Err(err) if err.kind() == io::ErrorKind::AddrInUse => {
+            eprintln!(
+                "error: port {port} is already in use (is another copy of this example \
+                 running?). Stop it, or pick another port: PORT={} cargo run --example ...",
+                port.wrapping_add(1)
+            );
+            std::process::exit(2);
+        }
+        bound => bound,
+    }
+}
+
 /// Serves `service` (an axum `Router`, or any tower HTTP service with the mesh layer in
 /// it) on `listener` until `signal` resolves, then shuts down gracefully (see the module's
 /// documentation).

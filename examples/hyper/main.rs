@@ -35,7 +35,6 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use serde_json::Value;
-use tokio::net::TcpListener;
 use tower::{service_fn, Layer};
 use tower_mesh::extract::Payload;
 use tower_mesh::Mesh;
@@ -87,7 +86,7 @@ async fn main() -> std::io::Result<()> {
     // Mesh on `/`; every other request reaches `routes`.
     let service = mesh_layer.layer(service_fn(routes));
 
-    let listener = TcpListener::bind(("127.0.0.1", port)).await?;
+    let listener = serve::bind("127.0.0.1", port).await?;
     tracing::info!("mesh on ws://127.0.0.1:{port}/, health on http://127.0.0.1:{port}/health");
 
     serve(

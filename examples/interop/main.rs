@@ -268,7 +268,7 @@ async fn main() -> std::io::Result<()> {
         .route("/health", get(health::health))
         .route("/metrics", get(move || metrics::render(prometheus.clone())))
         .layer(mesh_layer);
-    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
+    let listener = serve::bind("0.0.0.0", port).await?;
     tracing::info!("interop server on port {port}");
     serve(
         listener,

@@ -40,7 +40,9 @@ pub enum CollectionChange {
         /// The collection's new version.
         version: u64,
     },
-    /// A member record has a new value.
+    /// A member record has a new value. A record that joined because it was written
+    /// also comes this way, right after the `Diff` that added it (the server tells it
+    /// twice, as mesh does).
     RecordUpdated {
         /// The record's id.
         id: String,

@@ -23,6 +23,37 @@ pub(super) struct Group {
     pub(super) subscribers: HashSet<Arc<str>>,
     /// A re-resolution is scheduled and has not started.
     pub(super) pending: bool,
+    /// The records written since the last re-resolution started.
+    pub(super) written: Written,
+}
+
+/// The records written during a burst. A record that joins a collection because it was
+/// written is followed by its `mesh/record-update`, as mesh does; one that joins for any
+/// other reason (a resolver's own logic, a catch-up) is not.
+#[derive(Default)]
+pub(super) struct Written {
+    ids: HashSet<Arc<str>>,
+    /// More distinct records were written in one burst than a collection may hold: treat
+    /// every record as written (at worst, a client is told a value it already has).
+    overflowed: bool,
+}
+
+impl Written {
+    pub(super) fn note(&mut self, record_id: &str, cap: usize) {
+        if self.overflowed || self.ids.contains(record_id) {
+            return;
+        }
+        if self.ids.len() >= cap {
+            self.ids = HashSet::new();
+            self.overflowed = true;
+        } else {
+            self.ids.insert(Arc::from(record_id));
+        }
+    }
+
+    pub(super) fn contains(&self, record_id: &str) -> bool {
+        self.overflowed || self.ids.contains(record_id)
+    }
 }
 
 /// Every local collection subscription: by connection, then collection id; and the
@@ -67,6 +98,7 @@ impl Index {
                 exposure,
                 subscribers: HashSet::new(),
                 pending: false,
+                written: Written::default(),
             })
             .subscribers
             .insert(connection_id);

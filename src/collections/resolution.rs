@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::index::Scheduled;
+use super::index::{Scheduled, Written};
 use super::{member_as_added, CollectionExposure, Resolve, DEBOUNCE};
 use crate::backend::Topic;
 use crate::connection::{Connection, MembershipGuard};
@@ -47,6 +47,7 @@ impl Mesh {
     /// once for all its local subscribers. Collections that cannot hold it cost one check
     /// each, whatever their size.
     pub(crate) fn collections_changed(&self, exposure: &str, record_id: &str) {
+        let cap = self.config().max_collection_members;
         let due: Vec<Arc<str>> = {
             let mut index = self.inner().collections.subscriptions.lock();
             let Some(groups) = index.groups.get_mut(exposure) else {
@@ -55,11 +56,11 @@ impl Mesh {
             groups
                 .iter_mut()
                 .filter(|(collection_id, group)| {
-                    !group.pending && group.exposure.collection.can_hold(collection_id, record_id)
+                    group.exposure.collection.can_hold(collection_id, record_id)
                 })
-                .map(|(collection_id, group)| {
-                    group.pending = true;
-                    collection_id.clone()
+                .filter_map(|(collection_id, group)| {
+                    group.written.note(record_id, cap);
+                    (!std::mem::replace(&mut group.pending, true)).then(|| collection_id.clone())
                 })
                 .collect()
         };
@@ -294,7 +295,7 @@ impl Mesh {
     /// connection's membership lock, so it is ordered with the subscription's start and
     /// end and with other re-resolutions.
     async fn re_resolve(&self, exposure_key: &str, collection_id: &Arc<str>) {
-        let (exposure, subscribers) = {
+        let (exposure, subscribers, written) = {
             let mut index = self.inner().collections.subscriptions.lock();
             let Some(group) = index
                 .groups
@@ -308,6 +309,7 @@ impl Mesh {
             (
                 group.exposure.clone(),
                 group.subscribers.iter().cloned().collect::<Vec<_>>(),
+                std::mem::take(&mut group.written),
             )
         };
         let shared = match &exposure.collection.resolve {
@@ -336,8 +338,14 @@ impl Mesh {
             };
             let applied = match resolved {
                 Ok(members) => {
-                    self.apply_resolution(&membership, &connection, collection_id, members)
-                        .await
+                    self.apply_resolution(
+                        &membership,
+                        &connection,
+                        collection_id,
+                        members,
+                        &written,
+                    )
+                    .await
                 }
                 Err(err) => Err(err),
             };
@@ -355,6 +363,7 @@ impl Mesh {
         connection: &Connection,
         collection_id: &Arc<str>,
         members: Vec<String>,
+        written: &Written,
     ) -> Result<(), CommandError> {
         let (joined, left) = {
             let mut index = self.inner().collections.subscriptions.lock();
@@ -402,19 +411,28 @@ impl Mesh {
             subscription.version
         };
         let stored = match self.inner().backend.records(&joined).await {
-            Ok(stored) => {
-                for (snapshot, stored) in snapshots.into_iter().zip(&stored) {
-                    snapshot.taken(stored.as_ref().map_or(0, |stored| stored.version));
-                }
-                stored
-            }
+            Ok(stored) => stored,
             Err(err) => {
                 // The members are held and the version counted: send the diff without
                 // values rather than leave a gap the client would have to resync over.
+                // (The snapshots are taken at version 0: what they held follows as it is.)
                 tracing::warn!(%err, "could not read the records that joined a collection");
                 vec![None; joined.len()]
             }
         };
+        let versions: Vec<u64> = stored
+            .iter()
+            .map(|stored| stored.as_ref().map_or(0, |stored| stored.version))
+            .collect();
+        // The whole value of each record that joined because it was written.
+        let written_values: Vec<Option<String>> = joined
+            .iter()
+            .zip(&stored)
+            .map(|(id, stored)| match stored {
+                Some(stored) if written.contains(id) => Some(stored.value.to_string()),
+                _ => None,
+            })
+            .collect();
         let added: Vec<Value> = joined
             .iter()
             .zip(stored)
@@ -425,6 +443,25 @@ impl Mesh {
             reply_budget::for_entries(self).saturating_sub(reply_budget::json_len(&removed));
         let (added, truncated) =
             reply_budget::leading_that_fit(added, budget, reply_budget::json_len);
+        // Each member's stream takes its snapshot's version; a record that joined because
+        // it was written is then told as mesh tells it, a `mesh/record-update` with the
+        // whole value, after the diff (whose place in the queue is reserved) and before
+        // any newer update.
+        for (index, ((id, snapshot), (version, value))) in joined
+            .iter()
+            .zip(snapshots)
+            .zip(versions.into_iter().zip(written_values))
+            .enumerate()
+        {
+            match value {
+                // Only members the diff carries: the rest are left out below.
+                Some(value) if index < added.len() => {
+                    let update = protocol::record_update(id, Some(&value), None, version);
+                    snapshot.taken_with_update(version, Frame::from(update));
+                }
+                _ => snapshot.taken(version),
+            }
+        }
         if truncated {
             // What does not fit in the diff is not held: a later resolution adds it.
             self.leave_out(connection, collection_id, &joined[added.len()..]);

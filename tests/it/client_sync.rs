@@ -540,6 +540,15 @@ async fn collections_snapshot_diffs_and_member_updates(backend: Backend) {
         .await,
         added
     );
+    // As with mesh's client: a record that joined because it was written then comes as
+    // an update too.
+    let joined_update = CollectionChange::RecordUpdated {
+        id: "task:3".to_owned(),
+        value: json!({"n": 3}),
+        version: 1,
+    };
+    assert_eq!(collection_change(&mut tasks).await, joined_update);
+    assert_eq!(recv_within(&mut by_callback).await, joined_update);
 
     write("task:1", json!({"n": 10})).await;
     assert_eq!(
@@ -745,6 +754,14 @@ async fn everything_is_restored_after_a_reconnect(backend: Backend) {
             added: vec![("task:2".to_owned(), json!({"n": 2}))],
             removed: vec![],
             version: 2
+        }
+    );
+    assert_eq!(
+        collection_change(&mut tasks).await,
+        CollectionChange::RecordUpdated {
+            id: "task:2".to_owned(),
+            value: json!({"n": 2}),
+            version: 1
         }
     );
     write("task:1", json!({"n": 11})).await;

@@ -102,6 +102,19 @@ async fn next_diff_text(client: &mut RawClient, collection: &str) -> (Vec<Value>
     .await
 }
 
+/// The next frame that is not noise.
+async fn next_frame(client: &mut RawClient) -> Value {
+    within("the next frame", async {
+        loop {
+            let frame: Value = serde_json::from_str(&client.next_text().await).expect("JSON");
+            if !is_noise(&frame) {
+                return frame;
+            }
+        }
+    })
+    .await
+}
+
 /// Like [`next_diff_text`], with the diff's payload.
 async fn next_diff(client: &mut RawClient, collection: &str) -> (Vec<Value>, Value) {
     let (before, text) = next_diff_text(client, collection).await;
@@ -115,6 +128,23 @@ async fn expect_only_diff(client: &mut RawClient, collection: &str, expected: Va
     let (before, diff) = next_diff(client, collection).await;
     assert_eq!(diff, expected);
     assert!(before.is_empty(), "frames before the diff: {before:?}");
+}
+
+/// Asserts that the next diff of `collection` is `expected`, with nothing before it, and
+/// that the update of the record it added, `record_id` at `version`, follows it: mesh
+/// tells a record that joins a collection because it was written twice, in that order.
+async fn expect_diff_then_update(
+    client: &mut RawClient,
+    collection: &str,
+    expected: Value,
+    (record_id, value, version): (&str, Value, u64),
+) {
+    expect_only_diff(client, collection, expected).await;
+    assert_eq!(
+        next_frame(client).await,
+        full(record_id, value, version),
+        "the update of the record that joined, after the diff"
+    );
 }
 
 /// Creates two probe records one after the other and awaits each one's diff on every
@@ -134,6 +164,13 @@ async fn settle(mesh: &Mesh, clients: &mut [&mut RawClient], tag: &str) -> Vec<V
                 diff["added"],
                 json!([{ "id": id, "round": round }]),
                 "probe diff: {diff}"
+            );
+            // As mesh does: a record that joins because it was written is followed by
+            // its update, with the whole value.
+            assert_eq!(
+                next_frame(client).await,
+                full(&id, json!({ "round": round }), 1),
+                "the probe's update after its diff"
             );
             seen.extend(before);
         }
@@ -218,8 +255,9 @@ async fn matching_collection_snapshot_and_diffs_across_instances(backend: Backen
         subscribe_probe(client, 2).await;
     }
 
-    // A matching record is created (through A): one diff on each instance, its record
-    // carrying its id first.
+    // A matching record is created (through A): on each instance one diff, its record
+    // carrying its id first, then (as mesh sends it) the record's update with its whole
+    // value and version. These two frames are the golden sequence of docs/protocol.md §4.6.
     write_record(&a.mesh, "task:4", json!({"title": "four", "done": false})).await;
     for client in [&mut on_a, &mut on_b] {
         let (before, text) = next_diff_text(client, "tasks").await;
@@ -228,21 +266,23 @@ async fn matching_collection_snapshot_and_diffs_across_instances(backend: Backen
             r#"{"command":"mesh/collection-diff","payload":{"collectionId":"tasks","added":[{"id":"task:4","title":"four","done":false}],"removed":[],"version":2}}"#
         );
         assert!(before.is_empty(), "{before:?}");
+        assert_eq!(
+            within("the update after the diff", client.next_text()).await,
+            r#"{"command":"mesh/record-update","payload":{"recordId":"task:4","full":{"title":"four","done":false},"version":1}}"#
+        );
     }
     assert_settled_quietly(&b.mesh, &mut [&mut on_a, &mut on_b], "created").await;
 
-    // A member is deleted (through B): its deletion notice, then a diff removing it.
+    // A member is deleted (through B): a diff removing it, and no deletion notice (as
+    // with mesh, which tells only the record's own subscribers).
     assert!(delete(&b.mesh, "task:2").await);
     for client in [&mut on_a, &mut on_b] {
-        let (before, diff_payload) = next_diff(client, "tasks").await;
-        assert_eq!(
-            diff_payload,
-            diff("tasks", json!([]), json!([{"id": "task:2"}]), 3)
-        );
-        assert_eq!(
-            before,
-            [json!({"command": DELETED, "payload": {"recordId": "task:2", "version": 1}})]
-        );
+        expect_only_diff(
+            client,
+            "tasks",
+            diff("tasks", json!([]), json!([{"id": "task:2"}]), 3),
+        )
+        .await;
     }
     assert_settled_quietly(&a.mesh, &mut [&mut on_a, &mut on_b], "deleted").await;
 
@@ -253,10 +293,11 @@ async fn matching_collection_snapshot_and_diffs_across_instances(backend: Backen
     assert!(!delete(&b.mesh, "task:missing").await);
     assert_settled_quietly(&a.mesh, &mut [&mut on_a, &mut on_b], "others").await;
 
-    // The removed member is no longer held: created again, it only joins by a diff.
+    // The removed member is no longer held: created again, it joins by a diff and its
+    // update, from version 1.
     write_record(&b.mesh, "task:2", json!({"title": "two again"})).await;
     for client in [&mut on_a, &mut on_b] {
-        expect_only_diff(
+        expect_diff_then_update(
             client,
             "tasks",
             diff(
@@ -265,6 +306,7 @@ async fn matching_collection_snapshot_and_diffs_across_instances(backend: Backen
                 json!([]),
                 4,
             ),
+            ("task:2", json!({"title": "two again"}), 1),
         )
         .await;
     }
@@ -317,10 +359,12 @@ async fn added_members_carry_their_id(backend: Backend) {
     ];
     for (n, (record_id, value, member)) in cases.into_iter().enumerate() {
         write_record(&b.mesh, record_id, value.clone()).await;
-        expect_only_diff(
+        // The update carries the value as stored (its own `id` too).
+        expect_diff_then_update(
             &mut client,
             "tasks",
             diff("tasks", json!([member]), json!([]), n as u64 + 2),
+            (record_id, value, 1),
         )
         .await;
     }
@@ -382,10 +426,11 @@ async fn member_updates_are_record_updates_without_diffs(backend: Backend) {
     // Membership changes still count on from version 1: no version was spent.
     write_record(&a.mesh, "task:2", json!({})).await;
     for client in [&mut on_a, &mut on_b] {
-        expect_only_diff(
+        expect_diff_then_update(
             client,
             "tasks",
             diff("tasks", json!([{"id": "task:2"}]), json!([]), 2),
+            ("task:2", json!({}), 1),
         )
         .await;
     }
@@ -463,7 +508,7 @@ async fn resolver_gets_the_collection_id_and_runs_only_for_records_it_can_hold(b
 
     // A write inside `holding` re-resolves each subscription once; only bob's changed.
     write_record(&a.mesh, "message:4", json!({"to": "bob", "text": "new"})).await;
-    expect_only_diff(
+    expect_diff_then_update(
         &mut bob,
         "inbox:bob",
         diff(
@@ -472,6 +517,7 @@ async fn resolver_gets_the_collection_id_and_runs_only_for_records_it_can_hold(b
             json!([]),
             2,
         ),
+        ("message:4", json!({"to": "bob", "text": "new"}), 1),
     )
     .await;
     assert_settled_quietly(&a.mesh, &mut [&mut ann, &mut bob], "inside").await;
@@ -479,15 +525,12 @@ async fn resolver_gets_the_collection_id_and_runs_only_for_records_it_can_hold(b
 
     // A deletion inside `holding` too.
     assert!(delete(&b.mesh, "message:3").await);
-    let (before, removed) = next_diff(&mut ann, "inbox:ann").await;
-    assert_eq!(
-        removed,
-        diff("inbox:ann", json!([]), json!([{"id": "message:3"}]), 2)
-    );
-    assert_eq!(
-        before,
-        [json!({"command": DELETED, "payload": {"recordId": "message:3", "version": 1}})]
-    );
+    expect_only_diff(
+        &mut ann,
+        "inbox:ann",
+        diff("inbox:ann", json!([]), json!([{"id": "message:3"}]), 2),
+    )
+    .await;
     assert_settled_quietly(&a.mesh, &mut [&mut ann, &mut bob], "deleted").await;
     assert_eq!(sorted(taken(&calls)), ["inbox:ann", "inbox:bob"]);
 }
@@ -529,7 +572,7 @@ async fn value_changes_move_members_between_resolved_collections(backend: Backen
         before,
         [full("message:1", json!({"to": "bob", "text": "edited"}), 3)]
     );
-    expect_only_diff(
+    expect_diff_then_update(
         &mut bob,
         "inbox:bob",
         diff(
@@ -538,6 +581,7 @@ async fn value_changes_move_members_between_resolved_collections(backend: Backen
             json!([]),
             2,
         ),
+        ("message:1", json!({"to": "bob", "text": "edited"}), 3),
     )
     .await;
     // From now on its changes reach bob, not ann.
@@ -712,16 +756,17 @@ async fn unsubscribe_returns_true_then_false_and_stops_everything(backend: Backe
         diff("tasks", json!([{"id": "task:2", "n": 2}]), json!([]), 2)
     );
     assert_eq!(before, [full("task:1", json!({"n": 11}), 2)]);
+    assert_eq!(
+        next_frame(&mut stayer).await,
+        full("task:2", json!({"n": 2}), 1)
+    );
     assert!(delete(&b.mesh, "task:1").await);
-    let (before, removed) = next_diff(&mut stayer, "tasks").await;
-    assert_eq!(
-        removed,
-        diff("tasks", json!([]), json!([{"id": "task:1"}]), 3)
-    );
-    assert_eq!(
-        before,
-        [json!({"command": DELETED, "payload": {"recordId": "task:1", "version": 2}})]
-    );
+    expect_only_diff(
+        &mut stayer,
+        "tasks",
+        diff("tasks", json!([]), json!([{"id": "task:1"}]), 3),
+    )
+    .await;
     let seen = settle(&b.mesh, &mut [&mut leaver, &mut stayer], "after").await;
     assert!(seen[0].is_empty(), "{:?}", seen[0]);
     assert!(seen[1].is_empty(), "{:?}", seen[1]);
@@ -733,10 +778,11 @@ async fn unsubscribe_returns_true_then_false_and_stops_everything(backend: Backe
                "records": [{"id": "task:2", "record": {"n": 2}}], "version": 1})
     );
     write_record(&a.mesh, "task:3", json!({})).await;
-    expect_only_diff(
+    expect_diff_then_update(
         &mut leaver,
         "tasks",
         diff("tasks", json!([{"id": "task:3"}]), json!([]), 2),
+        ("task:3", json!({}), 1),
     )
     .await;
 }
@@ -841,6 +887,27 @@ async fn patch_subscription_and_membership_on_one_connection(backend: Backend) {
         "unexpected frames: {:?}",
         before[0]
     );
+
+    // A deletion: a direct subscriber is told, then its collection's diff says the record
+    // left; a subscriber that only holds it through a collection gets the diff alone (as
+    // with mesh, whose client would ignore the notice).
+    let mut member_only = RawClient::connect(&a.url()).await;
+    assert_eq!(
+        subscribe(&mut member_only, 1, "tasks").await["ids"],
+        json!(["task:1"])
+    );
+    assert!(delete(&b.mesh, "task:1").await);
+    let removed = diff("tasks", json!([]), json!([{"id": "task:1"}]), 2);
+    let (before, diff_payload) = next_diff(&mut full_and_member, "tasks").await;
+    assert_eq!(diff_payload, removed);
+    assert_eq!(
+        before
+            .into_iter()
+            .filter(|frame| frame["command"] == DELETED || frame["command"] == DIFF)
+            .collect::<Vec<_>>(),
+        [json!({"command": DELETED, "payload": {"recordId": "task:1", "version": 5}})]
+    );
+    expect_only_diff(&mut member_only, "tasks", removed).await;
 }
 
 async fn subscriptions_end_when_the_connection_closes(backend: Backend) {
@@ -1338,11 +1405,10 @@ async fn a_diff_holds_the_leading_members_that_fit_and_the_rest_get_no_updates(b
     // The next re-resolution adds them; a diff that holds every change has no
     // `truncated` field at all.
     assert!(delete(&b.mesh, "big:1").await);
+    // No deletion notice for big:1 (the client never subscribed to it), and no updates
+    // for big:5 and big:6, which joined without being written in this burst.
     let (before, text) = next_diff_text(&mut client, "big").await;
-    assert_eq!(
-        before,
-        [json!({"command": DELETED, "payload": {"recordId": "big:1", "version": 1}})]
-    );
+    assert!(before.is_empty(), "frames before the diff: {before:?}");
     assert_eq!(
         text,
         json!({"command": DIFF, "payload": {"collectionId": "big", "added": [

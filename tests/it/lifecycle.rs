@@ -465,84 +465,6 @@ async fn on_disconnect_once_after_oversize_close(backend: Backend) {
     assert!(server.mesh.connections().is_empty());
 }
 
-/// An example binary running on a free port, with its log lines on a channel.
-struct ExampleProcess {
-    process: tokio::process::Child,
-    port: u16,
-    log: mpsc::UnboundedReceiver<String>,
-}
-
-impl ExampleProcess {
-    /// Starts the interop example with `env`, and with at most `fd_limit` open files when
-    /// given; returns once it listens.
-    async fn start_interop(env: &[(&str, &str)], fd_limit: Option<u32>) -> ExampleProcess {
-        use tokio::io::AsyncBufReadExt;
-
-        let binary = example_binary("interop");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("free port")
-            .port();
-        let mut command = match fd_limit {
-            // The shell sets the limit, then becomes the example (same pid).
-            Some(limit) => {
-                let mut command = tokio::process::Command::new("sh");
-                command
-                    .arg("-c")
-                    .arg(format!("ulimit -n {limit} && exec \"$0\""))
-                    .arg(&binary);
-                command
-            }
-            None => tokio::process::Command::new(&binary),
-        };
-        command
-            .env("PORT", port.to_string())
-            .env("RUST_LOG", "info")
-            // The example prefers a Cluster to a single Redis: only what `env` names.
-            .env_remove("REDIS_URL")
-            .env_remove("REDIS_CLUSTER_URLS")
-            .envs(env.iter().copied())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true);
-        let mut process = command
-            .spawn()
-            .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()));
-        // Every log line is forwarded, so the example never blocks on a full pipe.
-        let mut lines = tokio::io::BufReader::new(process.stdout.take().expect("stdout")).lines();
-        let (log_tx, log) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                let _ = log_tx.send(line);
-            }
-        });
-        let mut example = ExampleProcess { process, port, log };
-        example.logged("interop server on port").await;
-        example
-    }
-
-    /// Waits for a log line containing `text`.
-    async fn logged(&mut self, text: &str) {
-        within(&format!("the example to log {text:?}"), async {
-            while let Some(line) = self.log.recv().await {
-                if line.contains(text) {
-                    return;
-                }
-            }
-            panic!("the example exited without logging {text:?}");
-        })
-        .await;
-    }
-
-    fn addr(&self) -> std::net::SocketAddr {
-        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-
-    fn url(&self) -> String {
-        format!("ws://{}/", self.addr())
-    }
-}
-
 /// The example servers shut down on SIGTERM (what orchestrators send) as on Ctrl-C: with
 /// 1,000 clients connected to the interop example, every client gets a 1001 close frame
 /// and the process exits in time, cleanly.
@@ -563,12 +485,7 @@ async fn the_interop_example_shuts_down_gracefully_on_sigterm() {
         clients.extend(connected);
     }
 
-    let pid = server.process.id().expect("pid").to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill -TERM");
-    assert!(status.success());
+    server.terminate();
     let closes = futures_util::future::join_all(clients.iter_mut().map(RawClient::closed)).await;
     let going_away = closes
         .iter()
@@ -581,11 +498,7 @@ async fn the_interop_example_shuts_down_gracefully_on_sigterm() {
         &closes[..3]
     );
     // Within the mesh's shutdown timeout (10 s by default), with room to spare.
-    let exited = tokio::time::timeout(Duration::from_secs(15), server.process.wait())
-        .await
-        .expect("the example exits after SIGTERM")
-        .expect("exit status");
-    assert!(exited.success(), "{exited}");
+    server.exits_cleanly_within(Duration::from_secs(15)).await;
 }
 
 /// Reads (and drops) what the server sends until it closes the socket; returns when that
@@ -701,22 +614,6 @@ async fn the_interop_example_serves_again_once_idle_sockets_free_their_descripto
     let reply = client.command(1, "echo", json!("served")).await;
     assert_eq!(reply["payload"], "served");
     drop(idle);
-}
-
-/// The path of an example binary that `cargo test` built beside this test's own.
-fn example_binary(name: &str) -> std::path::PathBuf {
-    let test = std::env::current_exe().expect("the test's path");
-    let profile_dir = test
-        .parent()
-        .and_then(std::path::Path::parent)
-        .expect("target/<profile>/deps/<test>");
-    let binary = profile_dir.join("examples").join(name);
-    assert!(
-        binary.exists(),
-        "{} is missing: `cargo test` builds the examples (or run `cargo build --examples`)",
-        binary.display()
-    );
-    binary
 }
 
 /// Issue 16: the interop example's `GET /health` reports `Mesh::health`. It answers 200

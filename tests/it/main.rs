@@ -10,6 +10,7 @@ mod common;
 #[cfg(feature = "unstable-backend")]
 mod backend_conformance;
 mod bad_input;
+mod browser;
 mod channels;
 mod client;
 mod client_rooms;

@@ -64,14 +64,29 @@ fn instance(cluster: &RedisCluster, prefix: &str, fast: bool) -> MeshBuilder {
 
 /// A client that reconnects quickly, and whose commands wait longer than any Redis
 /// operation of the server (3 s), so that a server's answer, EUNAVAILABLE included, comes
-/// before the client gives up.
+/// before the client gives up. A server that cannot register a connection while a slot
+/// is between masters closes it with 1013 ("try again later"): that is an answer, and
+/// the connect is tried again, for up to 10 s.
 async fn connect(url: &str) -> MeshClient {
-    MeshClient::builder(url)
-        .backoff(Duration::from_millis(100), Duration::from_millis(400))
-        .command_timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .expect("connect")
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let connected = MeshClient::builder(url)
+            .backoff(Duration::from_millis(100), Duration::from_millis(400))
+            .command_timeout(Duration::from_secs(10))
+            .connect()
+            .await;
+        match connected {
+            Ok(client) => return client,
+            Err(ClientError::Connect(reason))
+                if reason.contains("server unavailable") && Instant::now() < deadline =>
+            {
+                eprintln!("connect answered 1013 ({reason}); trying again");
+                // A backoff between attempts, as the client's own reconnects have.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(err) => panic!("connect: {err}"),
+        }
+    }
 }
 
 /// The next presence update that `wanted` accepts, within `within`; panics with `what`

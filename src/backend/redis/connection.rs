@@ -6,7 +6,8 @@
 //!
 //! On a Cluster it is the redis crate's cluster connection: one multiplexed connection per
 //! node, each command routed by its first key's slot, following `MOVED` and `ASK`
-//! redirections and refreshing the slot map after a failover.
+//! redirections. After a failover its requests to the master that is gone fail or time
+//! out; either retires it, and the next connection reads the topology from the seeds.
 
 use std::sync::Arc;
 
@@ -42,6 +43,20 @@ impl SharedConnection {
         SharedConnection {
             client,
             current: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Called when an operation ran out of time: a cluster connection is replaced (its
+    /// slot map may name a master that is gone, and only a new connection reads the
+    /// topology again); a single Redis's is kept, its own failures retire it.
+    pub(super) fn operation_timed_out(&self) {
+        if let Ok(mut current) = self.current.try_lock() {
+            if current
+                .as_ref()
+                .is_some_and(|current| matches!(current.connection, Link::Cluster(_)))
+            {
+                *current = None;
+            }
         }
     }
 
@@ -118,7 +133,14 @@ impl Connection {
         // the same address, and refreshes its slot map only on a redirection, so after a
         // failover or a Cluster restarted anew only a new connection (which reads the
         // topology from the seeds) finds the masters again.
-        if !(err.is_unrecoverable_error() || err.is_io_error() || err.is_connection_dropped()) {
+        // On a Cluster a timeout counts too: after a failover the crate's requests go on
+        // timing out against the node that is gone.
+        let cluster_timeout = self.is_cluster() && err.is_timeout();
+        if !(err.is_unrecoverable_error()
+            || err.is_io_error()
+            || err.is_connection_dropped()
+            || cluster_timeout)
+        {
             return;
         }
         if let Ok(mut current) = self.slot.try_lock() {

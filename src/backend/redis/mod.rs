@@ -746,7 +746,10 @@ impl RedisBackend {
         let started = crate::metrics::Stopwatch::start();
         let outcome = tokio::time::timeout(OPERATION_TIMEOUT, operation)
             .await
-            .unwrap_or_else(|_| Err(MeshError::Unavailable("Redis operation timed out".into())));
+            .unwrap_or_else(|_| {
+                self.shared.commands.operation_timed_out();
+                Err(MeshError::Unavailable("Redis operation timed out".into()))
+            });
         crate::metrics::backend_operation(name, started, outcome.is_ok());
         outcome
     }

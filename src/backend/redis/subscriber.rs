@@ -15,11 +15,12 @@
 //! `Backend::subscribe` and `Backend::unsubscribe` hand their changes to this task (at the
 //! end of this file).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use tokio::sync::{mpsc, oneshot};
 
 use super::client::{cluster_builder, Client, TlsSettings};
@@ -235,12 +236,16 @@ async fn run_on_cluster(
                                         None => tracing::warn!("dropped a pub/sub message that does not parse"),
                                     }
                                 }
-                                redis::PushKind::Disconnection => break,
+                                redis::PushKind::Disconnection => {
+                                    tracing::warn!("Redis Cluster pub/sub connection lost; subscribing again");
+                                    break;
+                                }
                                 _ => {}
                             }
                         }
                         _ = check.tick() => {
-                            if subscriptions.topology_changed().await {
+                            if subscriptions.must_resubscribe().await {
+                                tracing::warn!("the Redis Cluster's masters changed; subscribing again");
                                 break;
                             }
                         }
@@ -250,7 +255,6 @@ async fn run_on_cluster(
                         }
                     }
                 }
-                tracing::warn!("Redis Cluster pub/sub connection lost or the Cluster changed; subscribing again");
             }
             Ok(Err(err)) => {
                 if let Some(first) = first.take() {
@@ -311,8 +315,8 @@ const TOPOLOGY_CHECK: Duration = Duration::from_secs(1);
 /// An instance's subscriptions on a Cluster.
 struct ClusterSubscriptions {
     connection: redis::cluster_async::ClusterConnection,
-    /// The channels subscribed to.
-    channels: HashSet<String>,
+    /// The channels subscribed to, and the pub/sub each is on.
+    channels: HashMap<String, PubSub>,
     /// Which master (address and node id) served each slot range when they were made.
     topology: Vec<SlotOwner>,
 }
@@ -335,7 +339,7 @@ impl ClusterSubscriptions {
             .map_err(unavailable)?;
         let mut subscriptions = ClusterSubscriptions {
             connection: client.get_async_connection().await.map_err(unavailable)?,
-            channels: HashSet::new(),
+            channels: HashMap::new(),
             topology: Vec::new(),
         };
         subscriptions.topology = subscriptions.read_topology().await?;
@@ -363,9 +367,7 @@ impl ClusterSubscriptions {
             outcome.map_err(unavailable)?;
         }
         drop(subscribed);
-        subscriptions
-            .channels
-            .extend(channels.into_iter().map(|(channel, _)| channel));
+        subscriptions.channels.extend(channels);
         Ok(subscriptions)
     }
 
@@ -379,10 +381,11 @@ impl ClusterSubscriptions {
         Ok(topology::from_cluster_slots(&slots))
     }
 
-    /// Whether a node now reports other masters than those the subscriptions were made
-    /// on. A node that does not answer says nothing (it may be the one that failed: a
-    /// dropped connection is reported apart).
-    async fn topology_changed(&mut self) -> bool {
+    /// Whether the subscriptions must be made again: a node reports other masters than
+    /// those they were made on, and the sharded ones are not where the new masters
+    /// would deliver them. A node that does not answer says nothing (it may be the one
+    /// that failed: a dropped connection is reported apart).
+    async fn must_resubscribe(&mut self) -> bool {
         // Slots and node ids only: nodes may name one master by different addresses.
         let owners = |topology: &[SlotOwner]| -> Vec<(u16, u16, String)> {
             topology
@@ -390,16 +393,75 @@ impl ClusterSubscriptions {
                 .map(|owner| (owner.first, owner.last, owner.node_id.clone()))
                 .collect()
         };
-        match tokio::time::timeout(OPERATION_TIMEOUT, self.read_topology()).await {
-            Ok(Ok(topology)) => owners(&topology) != owners(&self.topology),
-            _ => false,
+        let Ok(Ok(topology)) = tokio::time::timeout(OPERATION_TIMEOUT, self.read_topology()).await
+        else {
+            return false;
+        };
+        if owners(&topology) == owners(&self.topology) {
+            return false;
         }
+        let in_place = tokio::time::timeout(OPERATION_TIMEOUT, self.in_place_on(&topology))
+            .await
+            .unwrap_or(false);
+        if in_place {
+            // Typically a replica promoted after its master failed: the subscriptions
+            // made again when the master's connection dropped went to the replica, and
+            // deliver. Making them once more would drop what is published meanwhile.
+            tracing::info!(
+                "the Redis Cluster's masters changed; the subscriptions are already on them"
+            );
+            self.topology = topology;
+        }
+        !in_place
+    }
+
+    /// Whether every master of `topology` holds exactly the sharded subscriptions of
+    /// this connection whose slots it serves (`ssub` of `CLIENT INFO`, asked on this
+    /// connection's own link to that master). Classic subscriptions are heard on any
+    /// node, so only a dropped node moves them.
+    async fn in_place_on(&mut self, topology: &[SlotOwner]) -> bool {
+        let mut expected: HashMap<(&str, u16), usize> = topology
+            .iter()
+            .map(|owner| ((owner.host.as_str(), owner.port), 0))
+            .collect();
+        for (channel, pubsub) in &self.channels {
+            if *pubsub != PubSub::Sharded {
+                continue;
+            }
+            let Some(owner) = topology::owner_of(topology, channel.as_bytes()) else {
+                return false;
+            };
+            *expected
+                .entry((owner.host.as_str(), owner.port))
+                .or_default() += 1;
+        }
+        for ((host, port), count) in expected {
+            let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                host: host.to_owned(),
+                port,
+            });
+            let info = self
+                .connection
+                .route_command(redis::cmd("CLIENT").arg("INFO").clone(), routing)
+                .await;
+            let subscribed = match info {
+                Ok(redis::Value::BulkString(text)) => shard_subscriptions(&text),
+                Ok(redis::Value::VerbatimString { text, .. }) => {
+                    shard_subscriptions(text.as_bytes())
+                }
+                _ => None,
+            };
+            if subscribed != Some(count) {
+                return false;
+            }
+        }
+        true
     }
 
     /// Subscribes to `channel`. It counts as subscribed from the start, so that a
     /// subscribe cut short by a timeout is still undone by the next unsubscribe.
     async fn subscribe(&mut self, channel: String, pubsub: PubSub) -> Result<(), MeshError> {
-        self.channels.insert(channel.clone());
+        self.channels.insert(channel.clone(), pubsub);
         let subscribed = subscribe_on(&mut self.connection, &channel, pubsub).await;
         if subscribed.is_err() {
             self.channels.remove(&channel);
@@ -414,7 +476,7 @@ impl ClusterSubscriptions {
             Command::Subscribe(topic, done) => {
                 let subscribe = async {
                     for (channel, pubsub) in keys.topic_channels(&topic) {
-                        if !self.channels.contains(&channel) {
+                        if !self.channels.contains_key(&channel) {
                             self.subscribe(channel, pubsub).await?;
                         }
                     }
@@ -432,7 +494,7 @@ impl ClusterSubscriptions {
                     return;
                 }
                 for (channel, pubsub) in keys.topic_channels(&topic) {
-                    if !self.channels.remove(&channel) {
+                    if self.channels.remove(&channel).is_none() {
                         continue;
                     }
                     let unsubscribe = async {
@@ -451,6 +513,16 @@ impl ClusterSubscriptions {
             }
         }
     }
+}
+
+/// The `ssub` count of a `CLIENT INFO` reply: the connection's sharded subscriptions.
+fn shard_subscriptions(info: &[u8]) -> Option<usize> {
+    std::str::from_utf8(info)
+        .ok()?
+        .split_ascii_whitespace()
+        .find_map(|field| field.strip_prefix("ssub="))?
+        .parse()
+        .ok()
 }
 
 /// Subscribes a cluster connection to `channel` on the pub/sub it is on.
@@ -589,5 +661,19 @@ impl RedisBackend {
             Some(Ok(())) => Ok(()),
             _ => Err(MeshError::Unavailable("Redis subscriber stopped".into())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shard_subscriptions;
+
+    #[test]
+    fn shard_subscriptions_are_read_from_client_info() {
+        let info =
+            b"id=5 addr=127.0.0.1:43178 fd=8 name= db=0 sub=2 psub=0 ssub=17 multi=-1 resp=3\n";
+        assert_eq!(shard_subscriptions(info), Some(17));
+        assert_eq!(shard_subscriptions(b"id=5 sub=2 psub=0"), None);
+        assert_eq!(shard_subscriptions(b"ssub=x"), None);
     }
 }

@@ -1,12 +1,13 @@
 //! The harness every suite shares: servers on real sockets, raw WebSocket clients, the
-//! backends a conformance test runs on, private redis-servers, and waits that fail
-//! instead of hanging.
+//! backends a conformance test runs on, private redis-servers, the example binaries as
+//! processes, and waits that fail instead of hanging.
 
 use std::time::Duration;
 
 mod backend;
 mod byte_limits;
 mod commands;
+mod example_process;
 mod mesh_client;
 mod raw_client;
 mod records;
@@ -20,6 +21,7 @@ mod waiting;
 pub(crate) use backend::*;
 pub(crate) use byte_limits::*;
 pub(crate) use commands::*;
+pub(crate) use example_process::*;
 pub(crate) use mesh_client::*;
 pub(crate) use raw_client::*;
 pub(crate) use records::*;

@@ -241,8 +241,10 @@ impl RedisTlsCluster {
             format!("rediss://127.0.0.1:{port}"),
             self.certificates.clone(),
         )?;
-        let mut connection = client.get_connection_with_timeout(Duration::from_secs(1))?;
-        connection.set_read_timeout(Some(Duration::from_secs(2)))?;
+        // Generous: a TLS handshake on a loaded 2-core machine (the whole suite runs
+        // beside it) can take over a second.
+        let mut connection = client.get_connection_with_timeout(Duration::from_secs(5))?;
+        connection.set_read_timeout(Some(Duration::from_secs(5)))?;
         cmd.query(&mut connection)
     }
 
