@@ -15,7 +15,7 @@ use crate::access::{self, Access, Guard, Pattern, Rules};
 use crate::backend::{Backend, MemoryBackend};
 use crate::channels::Channels;
 use crate::collections::{Collection, CollectionExposure, Collections};
-use crate::command::{CommandRequest, CommandService, Handler, Route};
+use crate::command::{CommandRequest, CommandService, Handler, RegisteredCommand, Route};
 use crate::config::MeshConfig;
 use crate::connection::{Connection, Registry};
 use crate::error::{BoxError, CommandError};
@@ -534,8 +534,10 @@ impl MeshBuilder {
             .into_iter()
             .map(|(name, route)| {
                 let own_layers = command_layers.remove(&name).unwrap_or_default();
+                let name = Arc::<str>::from(name);
                 if own_layers.is_empty() && global_layers.is_empty() {
-                    return (Arc::<str>::from(name), route);
+                    let command = RegisteredCommand::new(Arc::clone(&name), route);
+                    return (name, Arc::new(command));
                 }
                 let mut service = route.into_service();
                 // First-added layers end up outermost, so they run first.
@@ -545,7 +547,8 @@ impl MeshBuilder {
                 for layer in global_layers.iter().rev() {
                     service = layer(service);
                 }
-                (Arc::<str>::from(name), Route::Service(service))
+                let command = RegisteredCommand::new(Arc::clone(&name), Route::Service(service));
+                (name, Arc::new(command))
             })
             .collect();
         for name in command_layers.keys() {
@@ -568,6 +571,7 @@ impl MeshBuilder {
             live_connections: watch::channel(0).0,
             next_connection: AtomicU64::new(1),
             stats: Default::default(),
+            metrics: Default::default(),
             topics: Default::default(),
             rooms: Rooms {
                 guards: room_guards,

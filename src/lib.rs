@@ -30,6 +30,7 @@ mod layer;
 mod merge;
 mod mesh;
 mod metadata;
+mod metrics;
 mod presence;
 mod protocol;
 mod read_on_demand;

@@ -16,7 +16,7 @@ use crate::builder::MeshBuilder;
 use crate::calls::Calls;
 use crate::channels::Channels;
 use crate::collections::Collections;
-use crate::command::Route;
+use crate::command::RegisteredCommand;
 use crate::config::MeshConfig;
 use crate::connection::{CloseReason, Connection, Registry};
 use crate::error::{CommandError, MeshError};
@@ -48,7 +48,7 @@ pub(crate) struct MeshInner {
     pub(crate) config: MeshConfig,
     // Looked up once per frame by a client-chosen name: a fast hash (still seeded per
     // process) instead of SipHash, which cost a tenth of a command's parsing.
-    pub(crate) commands: HashMap<Arc<str>, Route, foldhash::fast::RandomState>,
+    pub(crate) commands: HashMap<Arc<str>, Arc<RegisteredCommand>, foldhash::fast::RandomState>,
     pub(crate) backend: Arc<dyn Backend>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) on_connect: Option<OnConnect>,
@@ -60,6 +60,8 @@ pub(crate) struct MeshInner {
     pub(crate) live_connections: watch::Sender<usize>,
     pub(crate) next_connection: AtomicU64,
     pub(crate) stats: Counters,
+    /// The handles of the metrics every frame records.
+    pub(crate) metrics: crate::metrics::MeshMetrics,
     /// What local connections listen to.
     pub(crate) topics: LocalTopics,
     /// Who may join which rooms.
@@ -215,8 +217,8 @@ impl Mesh {
         &self.inner.config
     }
 
-    pub(crate) fn command(&self, name: &str) -> Option<(&Arc<str>, &Route)> {
-        self.inner.commands.get_key_value(name)
+    pub(crate) fn command(&self, name: &str) -> Option<&Arc<RegisteredCommand>> {
+        self.inner.commands.get(name)
     }
 
     /// A value registered with [`MeshBuilder::state`].
@@ -518,6 +520,7 @@ impl Mesh {
             .register_connection(&self.inner.instance_id, connection.id())
             .await?;
         self.inner.registry.insert(connection);
+        crate::metrics::connections_changed(1);
         Ok(())
     }
 
@@ -526,7 +529,9 @@ impl Mesh {
     /// closed, and the membership lock makes any change still running finish first.
     pub(crate) async fn unregister(&self, connection: &Connection) {
         let _membership = connection.lock_membership().await;
-        self.inner.registry.remove(connection.id());
+        if self.inner.registry.remove(connection.id()) {
+            crate::metrics::connections_changed(-1);
+        }
         self.forget_collections(connection.id());
         for (topic, unheard) in self.inner.topics.remove_connection(connection.id()) {
             if unheard {

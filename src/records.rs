@@ -260,7 +260,9 @@ pub(crate) fn deliver_update(
         ))
     };
     let (mut full, mut patched, mut both) = (None, None, None);
-    for listener in topics.listeners(&Topic::Record(record_id.clone())) {
+    let listeners = topics.listeners(&Topic::Record(record_id.clone()));
+    crate::metrics::fanned_out(crate::metrics::FanOutKind::Record, listeners.len());
+    for listener in listeners {
         let frame = match (
             listener.form,
             patch.is_some(),

@@ -18,6 +18,7 @@ use crate::backend::{ChannelPosition, Topic};
 use crate::channel_stream::{ChannelSnapshot, ChannelStream};
 
 use crate::connection::{Connection, Registry};
+use crate::metrics::{self, FanOutKind, SubscriptionKind};
 use crate::protocol::Frame;
 use crate::record_stream::{RecordStream, Snapshot};
 
@@ -108,6 +109,9 @@ impl Index {
         let id = connection.shared_id();
         let is_record = matches!(topic, Topic::Record(_));
         let is_channel = matches!(topic, Topic::Channel(_));
+        if !self.listeners.contains_key(&topic) && matches!(topic, Topic::Room(_)) {
+            metrics::rooms_changed(1);
+        }
         let members = self.listeners.entry(topic.clone()).or_default();
         let new = !members.contains_key(&id);
         let listener = members.entry(id.clone()).or_insert_with(|| Listener {
@@ -118,7 +122,9 @@ impl Index {
             stream: is_record.then(Default::default),
             channel: is_channel.then(Default::default),
         });
+        let was_direct = listener.direct;
         change(listener);
+        direct_changed(&topic, was_direct, listener.direct);
         let snapshot = listener
             .stream
             .as_ref()
@@ -149,7 +155,9 @@ impl Index {
         let Some(listener) = members.get_mut(connection_id) else {
             return (false, false);
         };
+        let was_direct = listener.direct;
         change(listener);
+        direct_changed(topic, was_direct, listener.direct);
         if listener.direct || listener.via_collections > 0 {
             return (true, false);
         }
@@ -159,6 +167,9 @@ impl Index {
         let emptied = members.is_empty();
         if emptied {
             self.listeners.remove(topic);
+            if matches!(topic, Topic::Room(_)) {
+                metrics::rooms_changed(-1);
+            }
         }
         if let Some(topics) = self.by_connection.get_mut(connection_id) {
             topics.remove(topic);
@@ -168,6 +179,21 @@ impl Index {
         }
         (true, emptied)
     }
+}
+
+/// Counts a subscription that began or ended: a listener that became direct, or stopped
+/// being (joining a room is membership, not a subscription; collections count their own).
+fn direct_changed(topic: &Topic, was_direct: bool, is_direct: bool) {
+    if was_direct == is_direct {
+        return;
+    }
+    let kind = match topic {
+        Topic::Channel(_) => SubscriptionKind::Channel,
+        Topic::Record(_) => SubscriptionKind::Record,
+        Topic::Presence(_) => SubscriptionKind::Presence,
+        Topic::Room(_) | Topic::Collections(_) => return,
+    };
+    metrics::subscriptions_changed(kind, if is_direct { 1 } else { -1 });
 }
 
 impl LocalTopics {
@@ -233,14 +259,16 @@ impl LocalTopics {
                 let emptied = match listeners.get_mut(&topic) {
                     Some(members) => {
                         if let Some(gone) = members.remove(connection_id) {
+                            direct_changed(&topic, gone.direct, false);
                             gone.end();
                         }
                         members.is_empty()
                     }
                     None => true,
                 };
-                if emptied {
-                    listeners.remove(&topic);
+                if emptied && listeners.remove(&topic).is_some() && matches!(topic, Topic::Room(_))
+                {
+                    metrics::rooms_changed(-1);
                 }
                 (topic, emptied)
             })
@@ -264,12 +292,23 @@ impl LocalTopics {
         exclude: &[Arc<str>],
         registry: &Registry,
     ) {
+        let mut recipients = 0;
         for listener in self.listeners(topic) {
             let connection = &listener.connection;
             if !exclude.iter().any(|id| **id == *connection.id()) {
                 let _ = registry.send_frame(connection, frame.clone());
+                recipients += 1;
             }
         }
+        let kind = match topic {
+            Topic::Room(_) => FanOutKind::Room,
+            Topic::Presence(_) => FanOutKind::Presence,
+            Topic::Channel(_) => FanOutKind::Channel,
+            Topic::Record(_) => FanOutKind::Record,
+            // Re-resolution notices never reach a client.
+            Topic::Collections(_) => return,
+        };
+        metrics::fanned_out(kind, recipients);
     }
 
     /// Sends a channel message's `frame` to every local listener of `channel` through its
@@ -281,7 +320,8 @@ impl LocalTopics {
         frame: &Frame,
         registry: &Registry,
     ) {
-        for listener in self.listeners(channel) {
+        let listeners = self.listeners(channel);
+        for listener in &listeners {
             match &listener.channel {
                 Some(stream) => stream.offer(&listener.connection, position, frame.clone()),
                 None => {
@@ -289,6 +329,7 @@ impl LocalTopics {
                 }
             }
         }
+        metrics::fanned_out(FanOutKind::Channel, listeners.len());
     }
 
     /// Whether any local connection listens to `topic`.

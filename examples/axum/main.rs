@@ -39,10 +39,13 @@
 //!
 //! `PORT` sets the port (default 3000); `RUST_LOG` the log filter (default `info`);
 //! `REDIS_URL` switches to the Redis backend, so several instances serve one chat;
-//! `HEADER_READ_TIMEOUT_MS` the time a client has to send a request head (default 30 000).
+//! `HEADER_READ_TIMEOUT_MS` the time a client has to send a request head (default 30 000);
+//! `METRICS=off` turns off `GET /metrics` (the `mesh_*` metrics in Prometheus text).
 
 #[path = "../common/health.rs"]
 mod health;
+#[path = "../common/metrics.rs"]
+mod metrics;
 #[path = "../common/serve.rs"]
 mod serve;
 #[path = "../common/shutdown.rs"]
@@ -159,6 +162,7 @@ async fn main() -> std::io::Result<()> {
         .and_then(|p| p.parse().ok())
         .unwrap_or(3000);
 
+    let prometheus = metrics::install();
     // In-memory by default; with REDIS_URL set, every instance on that Redis is one mesh.
     let mut builder = Mesh::builder();
     if let Ok(url) = std::env::var("REDIS_URL") {
@@ -199,6 +203,7 @@ async fn main() -> std::io::Result<()> {
             get(|| async { ([(header::CONTENT_TYPE, "image/svg+xml")], FAVICON_SVG) }),
         )
         .route("/health", get(health::health))
+        .route("/metrics", get(move || metrics::render(prometheus.clone())))
         // Layers added later run first: `auth` sees every request before the mesh layer.
         .layer(mesh_layer)
         .layer(middleware::from_fn(auth));

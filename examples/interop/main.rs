@@ -19,6 +19,10 @@
 //! socket that has not sent a complete request head within `HEADER_READ_TIMEOUT_MS`
 //! (default 30 000) is closed, and accept errors back off.
 //!
+//! `GET /metrics` answers the `mesh_*` metrics in Prometheus text
+//! (`metrics-exporter-prometheus`); `METRICS=off` installs no recorder (and `/metrics`
+//! answers 404), to measure what metrics cost.
+//!
 //! On Redis, channels whose names start with `ext:` are plain Redis channels, published on
 //! their own name with the bare message text, so that another process can
 //! `PUBLISH ext:news '{...}'` to their subscribers and read or `LPUSH` their history list
@@ -41,6 +45,8 @@
 
 #[path = "../common/health.rs"]
 mod health;
+#[path = "../common/metrics.rs"]
+mod metrics;
 #[path = "../common/serve.rs"]
 mod serve;
 #[path = "../common/shutdown.rs"]
@@ -221,6 +227,8 @@ async fn main() -> std::io::Result<()> {
         .and_then(|p| p.parse().ok())
         .unwrap_or(8787);
 
+    // Before the mesh serves anyone: it registers its metrics' handles at first use.
+    let prometheus = metrics::install();
     let every = || Regex::new("").expect("the empty regex is valid");
     let mut builder = Mesh::builder()
         .command("echo", echo)
@@ -258,6 +266,7 @@ async fn main() -> std::io::Result<()> {
 
     let app = Router::new()
         .route("/health", get(health::health))
+        .route("/metrics", get(move || metrics::render(prometheus.clone())))
         .layer(mesh_layer);
     let listener = serve::bind("0.0.0.0", port).await?;
     tracing::info!("interop server on port {port}");

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::mpsc;
 
 use super::CollectionExposure;
+use crate::metrics::{self, SubscriptionKind};
 
 /// One connection's subscription to one collection.
 pub(super) struct Subscription {
@@ -81,10 +82,14 @@ impl Index {
         subscription: Subscription,
     ) {
         let exposure = subscription.exposure.clone();
-        self.by_connection
+        let replaced = self
+            .by_connection
             .entry(connection_id.clone())
             .or_default()
             .insert(collection_id.clone(), subscription);
+        if replaced.is_none() {
+            metrics::subscriptions_changed(SubscriptionKind::Collection, 1);
+        }
         self.groups
             .entry(exposure.key.clone())
             .or_default()
@@ -107,6 +112,7 @@ impl Index {
     ) -> Option<Subscription> {
         let collections = self.by_connection.get_mut(connection_id)?;
         let removed = collections.remove(collection_id)?;
+        metrics::subscriptions_changed(SubscriptionKind::Collection, -1);
         if collections.is_empty() {
             self.by_connection.remove(connection_id);
         }
@@ -119,6 +125,7 @@ impl Index {
         for (collection_id, subscription) in
             self.by_connection.remove(connection_id).unwrap_or_default()
         {
+            metrics::subscriptions_changed(SubscriptionKind::Collection, -1);
             self.leave_group(&subscription.exposure.key, &collection_id, connection_id);
         }
     }

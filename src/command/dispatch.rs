@@ -10,10 +10,11 @@ use std::task::{Context, Poll};
 use futures_util::future::BoxFuture;
 use serde_json::Value;
 
-use super::{CommandRequest, Route};
+use super::{CommandRequest, RegisteredCommand};
 use crate::connection::Connection;
 use crate::error::{BoxError, CommandError};
 use crate::mesh::Mesh;
+use crate::metrics::Stopwatch;
 use crate::protocol::{self, Frame};
 
 /// One command on its way to its reply frame. Never fails: every failure, a panic
@@ -24,7 +25,8 @@ use crate::protocol::{self, Frame};
 /// into its set of running commands only when it did not.
 pub(crate) struct CommandRun {
     id: u64,
-    command: Arc<str>,
+    command: Arc<RegisteredCommand>,
+    started: Stopwatch,
     state: RunState,
 }
 
@@ -40,15 +42,21 @@ pub(crate) fn dispatch(
     mesh: Mesh,
     connection: Connection,
     id: u64,
-    (command, route): (Arc<str>, Route),
+    command: Arc<RegisteredCommand>,
     payload: Value,
 ) -> CommandRun {
-    let request = CommandRequest::new(Arc::clone(&command), payload, connection, mesh);
-    let state = match std::panic::catch_unwind(AssertUnwindSafe(|| route.run(request))) {
+    let started = Stopwatch::start();
+    let request = CommandRequest::new(Arc::clone(&command.name), payload, connection, mesh);
+    let state = match std::panic::catch_unwind(AssertUnwindSafe(|| command.route.run(request))) {
         Ok(run) => RunState::Running(run),
         Err(panic) => RunState::Panicked(panic),
     };
-    CommandRun { id, command, state }
+    CommandRun {
+        id,
+        command,
+        started,
+        state,
+    }
 }
 
 impl Future for CommandRun {
@@ -70,12 +78,18 @@ impl Future for CommandRun {
             RunState::Panicked(panic) => Err(panic),
             RunState::Done => return Poll::Pending,
         };
+        let name = &this.command.name;
+        let metrics = &this.command.metrics;
         let text = match outcome {
-            Ok(Ok(value)) => protocol::value_reply(this.id, &this.command, &value),
+            Ok(Ok(value)) => {
+                metrics.answered(this.started, None);
+                protocol::value_reply(this.id, name, &value)
+            }
             Ok(Err(err)) => {
                 let err = CommandError::from_box(err);
                 tracing::debug!(code = err.code(), error = err.message(), "command failed");
-                protocol::error_reply(this.id, &*this.command, &err)
+                metrics.answered(this.started, Some(err.code()));
+                protocol::error_reply(this.id, &**name, &err)
             }
             Err(panic) => {
                 let detail = panic
@@ -86,11 +100,13 @@ impl Future for CommandRun {
                 // The command span is debug-level, so this names the command itself.
                 tracing::error!(
                     panic = %detail,
-                    command = %this.command,
+                    command = %name,
                     request = this.id,
                     "command handler panicked"
                 );
-                protocol::error_reply(this.id, &*this.command, &CommandError::internal())
+                let err = CommandError::internal();
+                metrics.answered(this.started, Some(err.code()));
+                protocol::error_reply(this.id, &**name, &err)
             }
         };
         Poll::Ready(Frame::from(text))

@@ -18,7 +18,7 @@ use serde_json::Value;
 use tower::util::BoxCloneSyncService;
 
 pub(crate) use dispatch::dispatch;
-pub(crate) use route::Route;
+pub(crate) use route::{RegisteredCommand, Route};
 
 use crate::connection::Connection;
 use crate::error::BoxError;

@@ -10,6 +10,25 @@ use tower::{Service, ServiceExt};
 use super::handler::{Handler, HandlerService};
 use super::{CommandRequest, CommandService};
 use crate::error::BoxError;
+use crate::metrics::CommandMetrics;
+
+/// A command as the mesh keeps it: its name, what it leads to, and its metrics. One
+/// `Arc` of it travels with each run, instead of clones of its name and service.
+pub(crate) struct RegisteredCommand {
+    pub(crate) name: Arc<str>,
+    pub(crate) route: Route,
+    pub(crate) metrics: CommandMetrics,
+}
+
+impl RegisteredCommand {
+    pub(crate) fn new(name: Arc<str>, route: Route) -> Self {
+        RegisteredCommand {
+            metrics: CommandMetrics::new(Arc::clone(&name)),
+            name,
+            route,
+        }
+    }
+}
 
 /// A registered command. An async-fn handler that no layer wraps is called directly:
 /// going through a tower stack would clone a boxed service and wait for readiness on
@@ -55,17 +74,17 @@ impl Route {
     }
 
     /// Runs the command on one request (a service is cloned per request, as tower
-    /// expects: readiness belongs to the clone that is called).
+    /// expects: readiness belongs to the clone that is called; a handler is not).
     ///
     /// The future is boxed either way: a connection keeps every running command's future
     /// side by side, and a boxed one keeps that slot small.
     pub(crate) fn run(
-        self,
+        &self,
         request: CommandRequest,
     ) -> BoxFuture<'static, Result<Value, BoxError>> {
         match self {
             Route::Handler(handler, _) => handler.call(request),
-            Route::Service(service) => Box::pin(service.oneshot(request)),
+            Route::Service(service) => Box::pin(service.clone().oneshot(request)),
         }
     }
 }

@@ -25,9 +25,10 @@ use tracing::Instrument;
 
 use super::outbound::{Batch, CloseReason};
 use super::Connection;
-use crate::command::{dispatch, Route};
+use crate::command::{dispatch, RegisteredCommand};
 use crate::error::CommandError;
 use crate::mesh::Mesh;
+use crate::metrics::{MeshMetrics, Received};
 use crate::protocol::{self, Frame, Inbound};
 
 tokio::task_local! {
@@ -105,12 +106,16 @@ where
     R: Stream<Item = Result<Message, WsError>> + Unpin,
 {
     let _live = mesh.connection_started();
+    mesh.inner().metrics.connection_started();
     // Setting up and cleaning up await the backend and the hooks, whose futures are far
     // larger than the running loop's. Boxed, they are on the heap only while they run:
     // inline, the task would keep room for the largest of them for the connection's whole
     // life, idle or not.
     let accepted = match Box::pin(set_up(&mesh, &connection, &mut sink, &mut stream)).await {
-        SetUp::NotRegistered => return,
+        SetUp::NotRegistered => {
+            crate::metrics::connection_closed(&closed_for(&connection));
+            return;
+        }
         SetUp::Refused => false,
         SetUp::Accepted => {
             run(&mesh, &connection, &mut sink, &mut stream).await;
@@ -125,6 +130,12 @@ where
         accepted,
     ))
     .await;
+    crate::metrics::connection_closed(&closed_for(&connection));
+}
+
+/// Why a connection that ended did.
+fn closed_for(connection: &Connection) -> CloseReason {
+    connection.close_reason().unwrap_or(CloseReason::PeerClosed)
 }
 
 /// How setting a connection up went.
@@ -179,15 +190,17 @@ where
     R: Stream<Item = Result<Message, WsError>> + Unpin,
 {
     let mut running = None;
+    let received = Received::default();
     {
         let reader = read_loop(
             mesh,
             connection,
             stream,
+            &received,
             &mut running,
             |id, command, payload, cx| start_command(mesh, connection, id, command, payload, cx),
         );
-        let writer = write_loop(connection, sink);
+        let writer = write_loop(&mesh.inner().metrics, &received, connection, sink);
         // Side by side in one task, each polled only when it was woken: a broadcast
         // wakes the writer alone, and the reader is not asked to read a socket that
         // has nothing for it (tungstenite zeroes its read buffer on every attempt).
@@ -204,6 +217,7 @@ where
         // connection stayed: cancelling one midway could leave a change half made.
         tokio::spawn(async move { while running.next().await.is_some() {} }.in_current_span());
     }
+    mesh.inner().metrics.count_received(&received);
     // Whatever ended it, the handle now reports the connection as closed.
     connection.close_with(CloseReason::PeerClosed);
 }
@@ -372,15 +386,17 @@ async fn read_loop<R, Run, F>(
     mesh: &Mesh,
     connection: &Connection,
     stream: &mut R,
+    received: &Received,
     running: &mut Option<FuturesUnordered<Run>>,
     start_command: F,
 ) -> CloseReason
 where
     R: Stream<Item = Result<Message, WsError>> + Unpin,
     Run: Future<Output = ()>,
-    F: Fn(u64, (Arc<str>, Route), Value, &mut Context<'_>) -> Option<Run>,
+    F: Fn(u64, Arc<RegisteredCommand>, Value, &mut Context<'_>) -> Option<Run>,
 {
     let max_in_flight = mesh.config().max_in_flight;
+    let metrics = &mesh.inner().metrics;
     let outbound = connection.outbound();
     // Made once: registering for the close notification on every frame would take the
     // notifier's lock twice per frame.
@@ -423,20 +439,22 @@ where
             Some(Ok(Message::Close(_))) => return CloseReason::PeerClosed,
             Some(Ok(_)) => continue,
         };
+        received.frame(text.len());
         match Inbound::parse(&text) {
             Inbound::Command {
                 id,
                 command,
                 payload,
             } => match mesh.command(&command) {
-                Some((name, route)) => {
-                    let mut command = Some((Arc::clone(name), route.clone(), payload));
-                    let unfinished = poll_fn(|cx| {
-                        Poll::Ready(command.take().and_then(|(name, route, payload)| {
-                            start_command(id, (name, route), payload, cx)
-                        }))
-                    })
-                    .await;
+                Some(registered) => {
+                    let mut command = Some((Arc::clone(registered), payload));
+                    let unfinished =
+                        poll_fn(|cx| {
+                            Poll::Ready(command.take().and_then(|(command, payload)| {
+                                start_command(id, command, payload, cx)
+                            }))
+                        })
+                        .await;
                     if let Some(unfinished) = unfinished {
                         running
                             .get_or_insert_with(FuturesUnordered::new)
@@ -446,12 +464,17 @@ where
                 // Unknown commands are answered before any middleware runs (docs/protocol.md §1).
                 None => {
                     let error = CommandError::not_found(&command);
+                    metrics.unknown_command().refused(error.code());
                     let reply = protocol::error_reply(id, &*command, &error);
                     connection.push_reply(None, Frame::from(reply));
                 }
             },
             Inbound::Invalid { id, command, error } => {
                 tracing::debug!(id, error = error.message(), "invalid frame");
+                match command.as_str().and_then(|name| mesh.command(name)) {
+                    Some(registered) => registered.metrics.refused(error.code()),
+                    None => metrics.unknown_command().refused(error.code()),
+                }
                 connection.push_reply(
                     None,
                     Frame::from(protocol::error_reply(id, &command, &error)),
@@ -489,11 +512,11 @@ fn start_command(
     mesh: &Mesh,
     connection: &Connection,
     id: u64,
-    command: (Arc<str>, Route),
+    command: Arc<RegisteredCommand>,
     payload: Value,
     cx: &mut Context<'_>,
 ) -> Option<impl Future<Output = ()> + Send + 'static> {
-    let span = tracing::debug_span!("command", command = %command.0, id);
+    let span = tracing::debug_span!("command", command = %command.name, id);
     let (mut run, first_poll, place) = span.in_scope(|| {
         let mut run = dispatch(mesh.clone(), connection.clone(), id, command, payload);
         REPLY_PLACE.sync_scope(Cell::new(None), || {
@@ -561,7 +584,12 @@ fn read_error(mesh: &Mesh, connection: &Connection, err: WsError) -> CloseReason
 }
 
 /// Writes queued frames in batches (one flush per batch) until a close is due.
-async fn write_loop<W>(connection: &Connection, sink: &mut W) -> Result<(), WsError>
+async fn write_loop<W>(
+    metrics: &MeshMetrics,
+    received: &Received,
+    connection: &Connection,
+    sink: &mut W,
+) -> Result<(), WsError>
 where
     W: Sink<Message, Error = WsError> + Unpin,
 {
@@ -570,6 +598,8 @@ where
     loop {
         match connection.outbound().next_batch(&mut batch).await {
             Batch::Frames => {
+                let bytes = batch.iter().map(|frame| frame.as_str().len()).sum();
+                metrics.frames_sent(batch.len(), bytes, received);
                 for frame in batch.drain(..) {
                     sink.feed(Message::Text(frame)).await?;
                 }

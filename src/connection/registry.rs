@@ -32,8 +32,9 @@ impl Registry {
             .insert(connection.shared_id(), connection.clone());
     }
 
-    pub(crate) fn remove(&self, id: &str) {
-        self.write().remove(id);
+    /// Forgets a connection; returns whether it was here.
+    pub(crate) fn remove(&self, id: &str) -> bool {
+        self.write().remove(id).is_some()
     }
 
     pub(crate) fn get(&self, id: &str) -> Option<Connection> {
@@ -104,9 +105,12 @@ impl Registry {
             }
             Delivery::Broadcast { push } => {
                 let frame = crate::mesh::render(&push);
+                let mut recipients = 0;
                 self.for_each(|connection| {
                     let _ = self.send_frame(connection, frame.clone());
+                    recipients += 1;
                 });
+                crate::metrics::fanned_out(crate::metrics::FanOutKind::Broadcast, recipients);
             }
             Delivery::Close {
                 connection_id,

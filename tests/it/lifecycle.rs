@@ -672,3 +672,238 @@ where
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Issue 16: the interop example's `GET /metrics` answers the `mesh_*` metrics in
+/// Prometheus text, with bounded labels. One client's commands (an echo, a room join,
+/// channel, record, presence and collection subscriptions, a broadcast to its room, a
+/// malformed payload and two unknown commands) are counted by command and error code, the frames and bytes it sent are
+/// counted exactly, and the connection, room and subscription gauges go back to 0 after
+/// it closes, with the close counted by code and reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_interop_example_answers_mesh_metrics() {
+    let server = ExampleProcess::start_interop(
+        // No pings or latency probes: every frame in is one this test sent.
+        &[
+            ("PING_INTERVAL_MS", "600000"),
+            ("LATENCY_INTERVAL_MS", "600000"),
+        ],
+        None,
+    )
+    .await;
+    let scrape = || async {
+        let response = raw_http(
+            server.addr(),
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(response.status, 200, "{response:?}");
+        assert!(
+            response.head.contains("text/plain"),
+            "Prometheus text: {response:?}"
+        );
+        Scrape(response.body)
+    };
+
+    let mut client = RawClient::connect(&server.url()).await;
+    let frames = [
+        r#"{"id":1,"command":"echo","payload":"one"}"#,
+        r#"{"id":2,"command":"echo","payload":"two"}"#,
+        r#"{"id":3,"command":"echo","payload":"three"}"#,
+        r#"{"id":4,"command":"mesh/join-room","payload":{"roomName":"lobby"}}"#,
+        r#"{"id":5,"command":"mesh/subscribe-channel","payload":{"channel":"news"}}"#,
+        r#"{"id":6,"command":"broadcast-room","payload":{"room":"lobby","message":"hi"}}"#,
+        // A payload the handler's extractor refuses: EINVALID.
+        r#"{"id":7,"command":"write-record","payload":{"nope":true}}"#,
+        // Names no route serves: both counted as `unknown`, never by their own name.
+        r#"{"id":8,"command":"no-such-command","payload":null}"#,
+        r#"{"id":9,"command":"another-made-up-name-42","payload":null}"#,
+        r#"{"id":10,"command":"mesh/subscribe-record","payload":{"recordId":"doc:1"}}"#,
+        r#"{"id":11,"command":"mesh/subscribe-presence","payload":{"roomName":"lobby"}}"#,
+        r#"{"id":12,"command":"mesh/subscribe-collection","payload":{"collectionId":"doc"}}"#,
+    ];
+    for frame in frames {
+        client.send_text(frame).await;
+    }
+    let replies = client.replies(frames.len()).await;
+    assert_eq!(replies[&4]["payload"]["success"], true, "{:?}", replies[&4]);
+    assert_eq!(
+        replies[&7]["payload"]["code"], "EINVALID",
+        "{:?}",
+        replies[&7]
+    );
+    assert_eq!(
+        replies[&8]["payload"]["code"], "ENOTFOUND",
+        "{:?}",
+        replies[&8]
+    );
+
+    let open = scrape().await;
+    assert_eq!(open.value("mesh_connections", &[]), Some(1.0), "{open}");
+    assert_eq!(open.value("mesh_rooms", &[]), Some(1.0), "{open}");
+    for kind in ["channel", "record", "presence", "collection"] {
+        assert_eq!(
+            open.value("mesh_subscriptions", &[("kind", kind)]),
+            Some(1.0),
+            "{kind}: {open}"
+        );
+    }
+    for (command, count) in [
+        ("echo", 3.0),
+        ("mesh/join-room", 1.0),
+        ("mesh/subscribe-channel", 1.0),
+        ("broadcast-room", 1.0),
+        ("write-record", 1.0),
+        ("unknown", 2.0),
+    ] {
+        assert_eq!(
+            open.value("mesh_commands_total", &[("command", command)]),
+            Some(count),
+            "{command}: {open}"
+        );
+    }
+    assert_eq!(
+        open.value(
+            "mesh_command_duration_seconds_count",
+            &[("command", "echo")]
+        ),
+        Some(3.0),
+        "{open}"
+    );
+    assert_eq!(
+        open.value(
+            "mesh_command_errors_total",
+            &[("command", "write-record"), ("code", "EINVALID")]
+        ),
+        Some(1.0),
+        "{open}"
+    );
+    assert_eq!(
+        open.value(
+            "mesh_command_errors_total",
+            &[("command", "unknown"), ("code", "ENOTFOUND")]
+        ),
+        Some(2.0),
+        "{open}"
+    );
+    assert_eq!(
+        open.value("mesh_command_errors_total", &[("command", "echo")]),
+        None,
+        "no error series for a command that did not fail: {open}"
+    );
+    for name in [
+        "no-such-command",
+        "another-made-up-name-42",
+        "lobby",
+        &client.id,
+    ] {
+        assert!(!open.0.contains(name), "{name} is not a label: {open}");
+    }
+    let sent_bytes: usize = frames.iter().map(|frame| frame.len()).sum();
+    assert_eq!(
+        open.value("mesh_frames_total", &[("direction", "in")]),
+        Some(frames.len() as f64),
+        "{open}"
+    );
+    assert_eq!(
+        open.value("mesh_bytes_total", &[("direction", "in")]),
+        Some(sent_bytes as f64),
+        "{open}"
+    );
+    // The id, a reply per frame and the room broadcast's push, at least.
+    let frames_out = open
+        .value("mesh_frames_total", &[("direction", "out")])
+        .unwrap_or_default();
+    assert!(frames_out >= (frames.len() + 2) as f64, "{open}");
+    // The broadcast reached its one member.
+    assert_eq!(
+        open.value("mesh_fanout_recipients_count", &[("kind", "room")]),
+        Some(1.0),
+        "{open}"
+    );
+    assert_eq!(
+        open.value("mesh_fanout_recipients_sum", &[("kind", "room")]),
+        Some(1.0),
+        "{open}"
+    );
+
+    client.close().await;
+    // The server unregisters the connection after its close handshake: poll for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let closed = loop {
+        let scraped = scrape().await;
+        if scraped.value("mesh_connections", &[]) == Some(0.0) {
+            break scraped;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mesh_connections did not return to 0: {scraped}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(closed.value("mesh_rooms", &[]), Some(0.0), "{closed}");
+    for kind in ["channel", "record", "presence", "collection"] {
+        assert_eq!(
+            closed.value("mesh_subscriptions", &[("kind", kind)]),
+            Some(0.0),
+            "{kind}: {closed}"
+        );
+    }
+    assert_eq!(
+        closed.value(
+            "mesh_closes_total",
+            &[("code", "1000"), ("reason", "peer_closed")]
+        ),
+        Some(1.0),
+        "{closed}"
+    );
+    assert_eq!(
+        closed.value("mesh_slow_consumer_closes_total", &[]),
+        None,
+        "{closed}"
+    );
+}
+
+/// One `GET /metrics` body, in Prometheus text.
+struct Scrape(String);
+
+impl Scrape {
+    /// The value of the series `name` whose labels are exactly `labels` (in any order).
+    fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let mut wanted: Vec<(String, String)> = labels
+            .iter()
+            .map(|(key, value)| (key.to_string(), value.to_string()))
+            .collect();
+        wanted.sort();
+        self.0
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .find_map(|line| {
+                let (series, value) = line.rsplit_once(' ')?;
+                let (series_name, mut series_labels) = match series.split_once('{') {
+                    Some((series_name, rest)) => {
+                        let labels = rest.strip_suffix('}')?;
+                        let parsed: Option<Vec<(String, String)>> = labels
+                            .split(',')
+                            .filter(|pair| !pair.is_empty())
+                            .map(|pair| {
+                                let (key, value) = pair.split_once('=')?;
+                                Some((key.to_owned(), value.trim_matches('"').to_owned()))
+                            })
+                            .collect();
+                        (series_name, parsed?)
+                    }
+                    None => (series, Vec::new()),
+                };
+                series_labels.sort();
+                (series_name == name && series_labels == wanted)
+                    .then(|| value.parse().ok())
+                    .flatten()
+            })
+    }
+}
+
+impl std::fmt::Display for Scrape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}

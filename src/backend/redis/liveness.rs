@@ -27,7 +27,7 @@ impl RedisBackend {
         instance_id: Arc<str>,
         inbox: Weak<dyn Inbox>,
     ) -> Result<(), MeshError> {
-        self.run(self.enter(&instance_id)).await?;
+        self.run("attach", self.enter(&instance_id)).await?;
         let (first, subscribed) = oneshot::channel();
         let (commands, receiver) = mpsc::unbounded_channel();
         let subscriber = tokio::spawn(subscriber::run(
@@ -66,12 +66,19 @@ impl RedisBackend {
         }
         let keys = &self.shared.keys;
         let connections: Vec<String> = self
-            .run(self.query_one(redis::cmd("SMEMBERS").arg(keys.instance_connections(instance_id))))
+            .run(
+                "detach",
+                self.query_one(redis::cmd("SMEMBERS").arg(keys.instance_connections(instance_id))),
+            )
             .await?;
         let mut unregisters: Vec<BoxFuture<'_, Result<(), MeshError>>> = Vec::new();
         for connection_id in connections {
             unregisters.push(Box::pin(async move {
-                self.run(self.unregister(instance_id, &connection_id)).await
+                self.run(
+                    "unregister_connection",
+                    self.unregister(instance_id, &connection_id),
+                )
+                .await
             }));
         }
         futures_util::stream::iter(unregisters)
@@ -79,7 +86,7 @@ impl RedisBackend {
             .try_collect::<()>()
             .await?;
         // Last, so that a detach cut short leaves the connections to the sweep.
-        self.run(async {
+        self.run("detach", async {
             let mut conn = self.connection().await?;
             redis::pipe()
                 .cmd("ZREM")
@@ -311,7 +318,10 @@ async fn run_heartbeat(backend: WeakBackend, instance_id: Arc<str>, inbox: Weak<
         let (Some(local), Some(backend)) = (inbox.upgrade(), backend.upgrade()) else {
             return;
         };
-        match backend.run(backend.heartbeat(&instance_id)).await {
+        match backend
+            .run("heartbeat", backend.heartbeat(&instance_id))
+            .await
+        {
             Ok(true) => {}
             Ok(false) => {
                 // Its connections were forgotten with it: they are closed first, and
@@ -319,7 +329,7 @@ async fn run_heartbeat(backend: WeakBackend, instance_id: Arc<str>, inbox: Weak<
                 // back, a heartbeat that ran late, after a sweep, and whose reply was
                 // lost would leave them open with nothing stored for them.
                 local.registration_lost();
-                if let Err(err) = backend.run(backend.enter(&instance_id)).await {
+                if let Err(err) = backend.run("attach", backend.enter(&instance_id)).await {
                     tracing::warn!(%err, "could not register the instance again; will retry");
                 }
             }

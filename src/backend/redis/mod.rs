@@ -739,17 +739,21 @@ impl RedisBackend {
             .await
     }
 
-    /// Runs one Redis operation under the operation timeout.
-    async fn run<T, F>(&self, operation: F) -> Result<T, MeshError>
+    /// Runs one Redis operation under the operation timeout, recording its duration and
+    /// failure under `name` (the `Backend` method's).
+    async fn run<T, F>(&self, name: &'static str, operation: F) -> Result<T, MeshError>
     where
         F: std::future::Future<Output = Result<T, MeshError>>,
     {
-        tokio::time::timeout(OPERATION_TIMEOUT, operation)
+        let started = crate::metrics::Stopwatch::start();
+        let outcome = tokio::time::timeout(OPERATION_TIMEOUT, operation)
             .await
             .unwrap_or_else(|_| {
                 self.shared.commands.operation_timed_out();
                 Err(MeshError::Unavailable("Redis operation timed out".into()))
-            })
+            });
+        crate::metrics::backend_operation(name, started, outcome.is_ok());
+        outcome
     }
 }
 
@@ -767,7 +771,10 @@ impl Backend for RedisBackend {
         instance_id: &'a str,
         connection_id: &'a str,
     ) -> BackendFuture<'a, ()> {
-        Box::pin(self.run(self.register(instance_id, connection_id)))
+        Box::pin(self.run(
+            "register_connection",
+            self.register(instance_id, connection_id),
+        ))
     }
 
     fn unregister_connection<'a>(
@@ -775,15 +782,18 @@ impl Backend for RedisBackend {
         instance_id: &'a str,
         connection_id: &'a str,
     ) -> BackendFuture<'a, ()> {
-        Box::pin(self.run(self.unregister(instance_id, connection_id)))
+        Box::pin(self.run(
+            "unregister_connection",
+            self.unregister(instance_id, connection_id),
+        ))
     }
 
     fn publish(&self, delivery: Delivery) -> BackendFuture<'_, bool> {
-        Box::pin(self.run(self.publish_delivery(delivery)))
+        Box::pin(self.run("publish", self.publish_delivery(delivery)))
     }
 
     fn subscribe<'a>(&'a self, instance_id: &'a str, topic: &'a Topic) -> BackendFuture<'a, ()> {
-        Box::pin(self.subscribe_topic(instance_id, topic))
+        Box::pin(self.run("subscribe", self.subscribe_topic(instance_id, topic)))
     }
 
     fn unsubscribe(&self, instance_id: &str, topic: &Topic) {
@@ -796,38 +806,41 @@ impl Backend for RedisBackend {
         room: &'a str,
         presence_ttl: Option<Duration>,
     ) -> BackendFuture<'a, bool> {
-        Box::pin(self.run(self.join(connection_id, room, presence_ttl)))
+        Box::pin(self.run("join_room", self.join(connection_id, room, presence_ttl)))
     }
 
     fn leave_room<'a>(&'a self, connection_id: &'a str, room: &'a str) -> BackendFuture<'a, bool> {
-        Box::pin(self.run(self.leave(connection_id, room)))
+        Box::pin(self.run("leave_room", self.leave(connection_id, room)))
     }
 
     fn room_members<'a>(&'a self, room: &'a str) -> BackendFuture<'a, Vec<String>> {
-        Box::pin(self.run(self.members(room)))
+        Box::pin(self.run("room_members", self.members(room)))
     }
 
     fn room_members_with_metadata<'a>(
         &'a self,
         room: &'a str,
     ) -> BackendFuture<'a, Vec<(String, Value)>> {
-        Box::pin(self.run(self.members_with_metadata(room)))
+        Box::pin(self.run(
+            "room_members_with_metadata",
+            self.members_with_metadata(room),
+        ))
     }
 
     fn connection_rooms<'a>(&'a self, connection_id: &'a str) -> BackendFuture<'a, Vec<String>> {
-        Box::pin(self.run(self.rooms_of(connection_id)))
+        Box::pin(self.run("connection_rooms", self.rooms_of(connection_id)))
     }
 
     fn rooms(&self) -> BackendFuture<'_, Vec<String>> {
-        Box::pin(self.run(self.list_rooms()))
+        Box::pin(self.run("rooms", self.list_rooms()))
     }
 
     fn share_a_room<'a>(&'a self, a: &'a str, b: &'a str) -> BackendFuture<'a, bool> {
-        Box::pin(self.run(self.in_a_common_room(a, b)))
+        Box::pin(self.run("share_a_room", self.in_a_common_room(a, b)))
     }
 
     fn metadata<'a>(&'a self, of: MetadataOf<'a>) -> BackendFuture<'a, Option<Value>> {
-        Box::pin(self.run(self.read_metadata(of)))
+        Box::pin(self.run("metadata", self.read_metadata(of)))
     }
 
     fn set_metadata<'a>(
@@ -835,23 +848,23 @@ impl Backend for RedisBackend {
         of: MetadataOf<'a>,
         write: &'a MetadataWrite,
     ) -> BackendFuture<'a, bool> {
-        Box::pin(self.run(self.write_metadata(of, write)))
+        Box::pin(self.run("set_metadata", self.write_metadata(of, write)))
     }
 
     fn delete_room_metadata<'a>(&'a self, room: &'a str) -> BackendFuture<'a, ()> {
-        Box::pin(self.run(self.remove_room_metadata(room)))
+        Box::pin(self.run("delete_room_metadata", self.remove_room_metadata(room)))
     }
 
     fn all_metadata(&self, kind: MetadataKind) -> BackendFuture<'_, Vec<(String, Value)>> {
-        Box::pin(self.run(self.list_metadata(kind)))
+        Box::pin(self.run("all_metadata", self.list_metadata(kind)))
     }
 
     fn refresh_presence<'a>(&'a self, refreshes: &'a [PresenceRefresh]) -> BackendFuture<'a, ()> {
-        Box::pin(self.run(self.extend_presence(refreshes)))
+        Box::pin(self.run("refresh_presence", self.extend_presence(refreshes)))
     }
 
     fn presence<'a>(&'a self, room: &'a str) -> BackendFuture<'a, PresenceView> {
-        Box::pin(self.run(self.presence_view(room)))
+        Box::pin(self.run("presence", self.presence_view(room)))
     }
 
     fn set_presence_state<'a>(
@@ -862,7 +875,7 @@ impl Backend for RedisBackend {
         expire_after: Option<Duration>,
         silent: bool,
     ) -> BackendFuture<'a, bool> {
-        Box::pin(self.run(async move {
+        Box::pin(self.run("set_presence_state", async move {
             match state {
                 Some(state) => {
                     self.write_presence_state(connection_id, room, state, expire_after, silent)
@@ -874,11 +887,11 @@ impl Backend for RedisBackend {
     }
 
     fn sweep(&self) -> BackendFuture<'_, Duration> {
-        Box::pin(self.run(self.sweep_expired()))
+        Box::pin(self.run("sweep", self.sweep_expired()))
     }
 
     fn instance_registered<'a>(&'a self, instance_id: &'a str) -> BackendFuture<'a, bool> {
-        Box::pin(self.run(async move {
+        Box::pin(self.run("instance_registered", async move {
             let deadline: Option<f64> = self
                 .query_one(
                     redis::cmd("ZSCORE")
@@ -897,7 +910,10 @@ impl Backend for RedisBackend {
         history: usize,
         history_bytes: usize,
     ) -> BackendFuture<'a, Option<ChannelPosition>> {
-        Box::pin(self.run(self.append_to_channel(channel, message, history, history_bytes)))
+        Box::pin(self.run(
+            "write_channel",
+            self.append_to_channel(channel, message, history, history_bytes),
+        ))
     }
 
     fn channel_history<'a>(
@@ -905,15 +921,15 @@ impl Backend for RedisBackend {
         channel: &'a str,
         read: HistoryRead<'a>,
     ) -> BackendFuture<'a, ChannelHistory> {
-        Box::pin(self.run(self.read_channel_history(channel, read)))
+        Box::pin(self.run("channel_history", self.read_channel_history(channel, read)))
     }
 
     fn records<'a>(&'a self, ids: &'a [String]) -> BackendFuture<'a, Vec<Option<StoredRecord>>> {
-        Box::pin(self.run(self.read_records(ids)))
+        Box::pin(self.run("records", self.read_records(ids)))
     }
 
     fn record_ids<'a>(&'a self, prefix: &'a str) -> BackendFuture<'a, Vec<String>> {
-        Box::pin(self.run(self.list_record_ids(prefix)))
+        Box::pin(self.run("record_ids", self.list_record_ids(prefix)))
     }
 
     fn update_record<'a>(
@@ -921,7 +937,7 @@ impl Backend for RedisBackend {
         id: &'a str,
         update: &'a RecordUpdater,
     ) -> BackendFuture<'a, Option<StoredRecord>> {
-        Box::pin(self.run(self.write_record(id, update)))
+        Box::pin(self.run("update_record", self.write_record(id, update)))
     }
 
     fn delete_record<'a>(
@@ -929,7 +945,7 @@ impl Backend for RedisBackend {
         id: &'a str,
         announce: &'a RecordRemover,
     ) -> BackendFuture<'a, Option<StoredRecord>> {
-        Box::pin(self.run(self.remove_record(id, announce)))
+        Box::pin(self.run("delete_record", self.remove_record(id, announce)))
     }
 }
 
