@@ -10,6 +10,7 @@
 //! out; either retires it, and the next connection reads the topology from the seeds.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::cluster_async::ClusterConnection;
@@ -29,6 +30,8 @@ pub(super) struct SharedConnection {
 struct Current {
     generation: u64,
     connection: Link,
+    /// When it was made: only a connection older than a timed-out operation is blamed.
+    made: tokio::time::Instant,
 }
 
 /// A connection to a single Redis or to a Cluster.
@@ -48,13 +51,15 @@ impl SharedConnection {
 
     /// Called when an operation ran out of time: a cluster connection is replaced (its
     /// slot map may name a master that is gone, and only a new connection reads the
-    /// topology again); a single Redis's is kept, its own failures retire it.
-    pub(super) fn operation_timed_out(&self) {
+    /// topology again); a single Redis's is kept, its own failures retire it. Only a
+    /// connection made before the operation started is blamed: one made meanwhile (by
+    /// another caller, after an earlier timeout) did not fail it, and retiring it would
+    /// make every caller wait for yet another connection, and time out in turn.
+    pub(super) fn operation_timed_out(&self, timeout: Duration) {
         if let Ok(mut current) = self.current.try_lock() {
-            if current
-                .as_ref()
-                .is_some_and(|current| matches!(current.connection, Link::Cluster(_)))
-            {
+            if current.as_ref().is_some_and(|current| {
+                matches!(current.connection, Link::Cluster(_)) && current.made.elapsed() >= timeout
+            }) {
                 *current = None;
             }
         }
@@ -91,6 +96,7 @@ impl SharedConnection {
         *current = Some(Current {
             generation,
             connection: connection.clone(),
+            made: tokio::time::Instant::now(),
         });
         Ok(Connection {
             generation,

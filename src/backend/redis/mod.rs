@@ -749,7 +749,7 @@ impl RedisBackend {
         let outcome = tokio::time::timeout(OPERATION_TIMEOUT, operation)
             .await
             .unwrap_or_else(|_| {
-                self.shared.commands.operation_timed_out();
+                self.shared.commands.operation_timed_out(OPERATION_TIMEOUT);
                 Err(MeshError::Unavailable("Redis operation timed out".into()))
             });
         crate::metrics::backend_operation(name, started, outcome.is_ok());

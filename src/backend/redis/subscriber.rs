@@ -319,6 +319,8 @@ struct ClusterSubscriptions {
     channels: HashMap<String, PubSub>,
     /// Which master (address and node id) served each slot range when they were made.
     topology: Vec<SlotOwner>,
+    /// Another topology read once: it counts when the next reading agrees.
+    unconfirmed: Option<Vec<SlotOwner>>,
 }
 
 impl ClusterSubscriptions {
@@ -341,8 +343,17 @@ impl ClusterSubscriptions {
             connection: client.get_async_connection().await.map_err(unavailable)?,
             channels: HashMap::new(),
             topology: Vec::new(),
+            unconfirmed: None,
         };
         subscriptions.topology = subscriptions.read_topology().await?;
+        // A Cluster still forming (or restarted and not yet whole) routes some slots
+        // nowhere or to masters it is about to drop: subscriptions made now would have to
+        // be made again, losing what is published in between. Wait for a whole one.
+        if !topology::covers_every_slot(&subscriptions.topology) {
+            return Err(MeshError::Unavailable(
+                "the Redis Cluster does not serve every slot yet".into(),
+            ));
+        }
         let mut channels: Vec<(String, PubSub)> = vec![
             (keys.instance_channel(instance_id), keys.instance_pubsub()),
             (keys.broadcast_channel(), PubSub::Classic),
@@ -398,6 +409,19 @@ impl ClusterSubscriptions {
             return false;
         };
         if owners(&topology) == owners(&self.topology) {
+            self.unconfirmed = None;
+            return false;
+        }
+        // While a Cluster forms or fails over, its nodes disagree for a while, and each
+        // reading asks any of them: a view that leaves slots without a master, or that
+        // the next reading does not confirm, says nothing yet. (Acting on it would make
+        // the subscriptions again, and lose what is published meanwhile, for nothing.)
+        let confirmed = self
+            .unconfirmed
+            .take()
+            .is_some_and(|earlier| owners(&earlier) == owners(&topology));
+        if !topology::covers_every_slot(&topology) || !confirmed {
+            self.unconfirmed = Some(topology);
             return false;
         }
         let in_place = tokio::time::timeout(OPERATION_TIMEOUT, self.in_place_on(&topology))

@@ -50,6 +50,21 @@ fn slot_owner(entry: &Value) -> Option<SlotOwner> {
     })
 }
 
+/// How many slots a Cluster has.
+const SLOTS: u32 = 16384;
+
+/// Whether `owners` (sorted) gives every slot of the Cluster a master.
+pub(super) fn covers_every_slot(owners: &[SlotOwner]) -> bool {
+    let mut next: u32 = 0;
+    for owner in owners {
+        if u32::from(owner.first) > next {
+            return false;
+        }
+        next = next.max(u32::from(owner.last) + 1);
+    }
+    next == SLOTS
+}
+
 /// The master serving `key`'s slot, if `owners` (sorted) covers it.
 pub(super) fn owner_of<'a>(owners: &'a [SlotOwner], key: &[u8]) -> Option<&'a SlotOwner> {
     let slot = slot_of(key);
@@ -101,5 +116,9 @@ mod tests {
         ];
         assert_eq!(owner_of(&owners, b"foo").map(|o| o.port), Some(3));
         assert_eq!(owner_of(&owners[..1], b"foo").map(|o| o.port), None);
+        assert!(covers_every_slot(&owners));
+        assert!(!covers_every_slot(&owners[..2]));
+        assert!(!covers_every_slot(&[owners[0].clone(), owners[2].clone()]));
+        assert!(!covers_every_slot(&[]));
     }
 }

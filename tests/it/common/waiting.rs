@@ -116,20 +116,33 @@ pub(crate) async fn frames_before_push(
     .await
 }
 
-/// Broadcasts `marker` to every connection of the mesh (it is ordered after anything
-/// published before it) and returns, per client, the frames that came before it.
+/// Broadcasts `marker` to every connection of the mesh and returns, per client, the
+/// frames that came before it.
+///
+/// On one Redis and in memory a broadcast is ordered after anything published before it.
+/// On a Cluster it is not (docs/protocol.md §5): a broadcast travels on classic pub/sub,
+/// while a room's, channel's or record's pushes travel on their shard, over another
+/// connection. So the marker goes out twice: the second only once every client has the
+/// first, which gives a push published before the first a whole round trip more to
+/// arrive. The frames before the second marker count (the first is left out).
 pub(crate) async fn frames_before_marker(
     mesh: &Mesh,
     marker: &str,
     clients: &mut [&mut RawClient],
     noise: Noise,
 ) -> Vec<Vec<Value>> {
+    let mut all = Vec::new();
     mesh.broadcast(marker, &json!(null))
         .await
         .expect("broadcast marker");
-    let mut all = Vec::new();
     for client in clients.iter_mut() {
         all.push(frames_before_push(client, marker, noise).await);
+    }
+    mesh.broadcast(marker, &json!(null))
+        .await
+        .expect("broadcast marker");
+    for (client, before) in clients.iter_mut().zip(all.iter_mut()) {
+        before.extend(frames_before_push(client, marker, noise).await);
     }
     all
 }
