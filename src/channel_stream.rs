@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::backend::ChannelPosition;
 use crate::connection::Connection;
 use crate::protocol::Frame;
+use crate::record_stream::send;
 
 /// Messages held while a history is read are one read's worth of writes. Beyond this many
 /// the stream stops holding and sends them all as they come: nothing is lost, but the
@@ -150,17 +151,6 @@ impl StreamState {
             }
         }
         exact
-    }
-}
-
-fn send(connection: &Connection, frame: Frame) {
-    match connection.mesh() {
-        Some(mesh) => {
-            let _ = mesh.registry().send_frame(connection, frame);
-        }
-        None => {
-            let _ = connection.push_frame(frame);
-        }
     }
 }
 

@@ -142,7 +142,10 @@ impl StreamState {
     }
 }
 
-fn send(connection: &Connection, frame: Frame) {
+/// Sends a stream's frame to its listener: through the registry (which counts it against
+/// the push budget) while the mesh is alive, else straight onto the connection's queue.
+/// Shared with the channel streams.
+pub(crate) fn send(connection: &Connection, frame: Frame) {
     match connection.mesh() {
         Some(mesh) => {
             let _ = mesh.registry().send_frame(connection, frame);
